@@ -1,0 +1,156 @@
+"""Gated linear attention (GLA) kernels in plain PyTorch.
+
+Conventions follow flash-linear-attention: sequence-first tensors, log-space gates,
+functions return ``(o, final_state)``.
+
+Shapes: ``q`` is ``[B, T, H, K]``; ``k`` and ``g`` are ``[B, T, Hkv, K]``; ``v`` is
+``[B, T, Hkv, V]`` with ``H % Hkv == 0`` (grouped heads: query head ``h`` reads key/value
+head ``h // (H // Hkv)``). ``g`` is the log of the per-key-channel decay (``g <= 0``).
+The recurrence for every key/value head is
+
+    S_t = diag(exp(g_t)) S_{t-1} + k_t^T v_t,        o_t = scale * q_t S_t
+
+so the state is ``[B, Hkv, K, V]``: query heads of one group share it, which is exactly
+what repeating k, v and g over the group (as the SpikingBrain release does) computes,
+with ``H / Hkv`` times less state. States are always fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["naive_gla", "chunk_gla", "recurrent_gla"]
+
+
+def _check_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor) -> tuple[int, ...]:
+    """Validate GLA input shapes and return ``(B, T, H, Hkv, K, V)``."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or g.dim() != 4:
+        raise ValueError("GLA inputs must be 4-D [batch, time, heads, dim]")
+    B, T, H, K = q.shape
+    Hkv = k.shape[2]
+    if k.shape != (B, T, Hkv, K) or g.shape != k.shape:
+        raise ValueError(f"k and g must be [B, T, Hkv, K] = {(B, T, Hkv, K)}, got k {tuple(k.shape)}, g {tuple(g.shape)}")
+    if v.shape[:3] != (B, T, Hkv):
+        raise ValueError(f"v must be [B, T, Hkv, V] with B, T, Hkv = {(B, T, Hkv)}, got {tuple(v.shape)}")
+    if H % Hkv:
+        raise ValueError(f"query heads ({H}) must be a multiple of key/value heads ({Hkv})")
+    return B, T, H, Hkv, K, v.shape[3]
+
+
+def _acc(x: torch.Tensor) -> torch.Tensor:
+    """Cast to the accumulation dtype: fp32, or fp64 for fp64 inputs."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def _initial_state(initial_state, B, Hkv, K, V, like: torch.Tensor) -> torch.Tensor:
+    if initial_state is None:
+        return torch.zeros(B, Hkv, K, V, dtype=_acc(like).dtype, device=like.device)
+    if initial_state.shape != (B, Hkv, K, V):
+        raise ValueError(f"initial_state must be [B, Hkv, K, V] = {(B, Hkv, K, V)}, got {tuple(initial_state.shape)}")
+    return _acc(initial_state)
+
+
+def naive_gla(q, k, v, g, scale=None, initial_state=None, output_final_state=False):
+    """Token-by-token GLA reference: repeats k, v, g over head groups and loops over time."""
+    B, T, H, Hkv, K, V = _check_shapes(q, k, v, g)
+    G = H // Hkv
+    scale = K**-0.5 if scale is None else scale
+    qf = _acc(q)
+    kf, vf, gf = (_acc(x).repeat_interleave(G, dim=2) for x in (k, v, g))
+    S = _initial_state(initial_state, B, Hkv, K, V, q).repeat_interleave(G, dim=1)
+    outputs = []
+    for t in range(T):
+        S = gf[:, t].exp().unsqueeze(-1) * S + kf[:, t].unsqueeze(-1) * vf[:, t].unsqueeze(-2)
+        outputs.append(torch.einsum("bhk,bhkv->bhv", qf[:, t] * scale, S))
+    o = torch.stack(outputs, dim=1) if outputs else qf.new_zeros(B, 0, H, V)
+    final = S.view(B, Hkv, G, K, V)[:, :, 0] if output_final_state else None
+    return o.to(v.dtype), final
+
+
+def recurrent_gla(q, k, v, g, scale=None, initial_state=None, output_final_state=False):
+    """Step-by-step GLA for decoding (a few tokens): state per key/value head, no repeats."""
+    B, T, H, Hkv, K, V = _check_shapes(q, k, v, g)
+    G = H // Hkv
+    scale = K**-0.5 if scale is None else scale
+    S = _initial_state(initial_state, B, Hkv, K, V, q)
+    qg = _acc(q).view(B, T, Hkv, G, K) * scale
+    kf, vf, decay = _acc(k), _acc(v), _acc(g).exp()
+    outputs = []
+    for t in range(T):
+        S = torch.baddbmm(
+            (decay[:, t].unsqueeze(-1) * S).view(B * Hkv, K, V),
+            kf[:, t].reshape(B * Hkv, K, 1),
+            vf[:, t].reshape(B * Hkv, 1, V),
+        ).view(B, Hkv, K, V)
+        outputs.append(torch.matmul(qg[:, t], S))  # [B, Hkv, G, V]
+    o = torch.stack(outputs, dim=1).reshape(B, T, H, V)
+    return o.to(v.dtype), (S if output_final_state else None)
+
+
+def _intra_chunk_scores(q: torch.Tensor, k: torch.Tensor, b: torch.Tensor, sub: int) -> torch.Tensor:
+    """Causal in-chunk scores ``A[i, j] = sum_d q_i k_j exp(b_i - b_j)`` for ``j <= i``.
+
+    ``q``: [B, Hkv, N, G, C, K]; ``k``, ``b``: [B, Hkv, N, C, K] (``b`` = in-chunk cumulative
+    log decay). Every exponent that is evaluated is <= 0: blocks below the diagonal are
+    factored through the log decay at the end of the previous sub-chunk, diagonal blocks are
+    computed elementwise, so strong decays underflow to zero instead of overflowing.
+    """
+    C = q.shape[-2]
+    A = q.new_zeros(*q.shape[:-1], C)
+    causal = torch.ones(sub, sub, dtype=torch.bool, device=q.device).tril()
+    for start in range(0, C, sub):
+        rows = slice(start, start + sub)
+        q_rows, b_rows = q[..., rows, :], b[..., rows, :]
+        if start:
+            ref = b[..., start - 1 : start, :]
+            q_scaled = q_rows * (b_rows - ref).exp().unsqueeze(3)
+            k_scaled = k[..., :start, :] * (ref - b[..., :start, :]).exp()
+            A[..., rows, :start] = torch.matmul(q_scaled, k_scaled.unsqueeze(3).transpose(-1, -2))
+        diff = b_rows.unsqueeze(-2) - b_rows.unsqueeze(-3)  # [.., i, j, K]: b_i - b_j
+        decay = diff.masked_fill(~causal.unsqueeze(-1), float("-inf")).exp()
+        weighted_k = decay * k[..., rows, :].unsqueeze(-3)  # [.., i, j, K]
+        # A[g, i, j] = sum_k q[g, i, k] * weighted_k[i, j, k], batched over i
+        diag = torch.matmul(q_rows.transpose(-2, -3), weighted_k.transpose(-1, -2))  # [.., i, G, j]
+        A[..., rows, rows] = diag.transpose(-2, -3)
+    return A
+
+
+def chunk_gla(q, k, v, g, scale=None, initial_state=None, output_final_state=False, chunk_size=64, sub_chunk_size=16):
+    """Chunked GLA: matmuls inside chunks, a state carried between chunks (prefill and training)."""
+    B, T, H, Hkv, K, V = _check_shapes(q, k, v, g)
+    if chunk_size % sub_chunk_size:
+        raise ValueError(f"chunk_size ({chunk_size}) must be a multiple of sub_chunk_size ({sub_chunk_size})")
+    G = H // Hkv
+    C = chunk_size
+    scale = K**-0.5 if scale is None else scale
+    S = _initial_state(initial_state, B, Hkv, K, V, q)
+    if T == 0:
+        return v.new_zeros(B, 0, H, V), (S if output_final_state else None)
+    pad = (-T) % C
+    N = (T + pad) // C
+
+    def blocks(x: torch.Tensor, heads: int) -> torch.Tensor:
+        # [B, T, heads, D] -> [B, heads, N, C, D]; zero padding leaves the state unchanged (k = 0, g = 0)
+        x = _acc(x)
+        if pad:
+            x = torch.nn.functional.pad(x, (0, 0, 0, 0, 0, pad))
+        return x.view(B, N, C, heads, -1).permute(0, 3, 1, 2, 4)
+
+    qb = blocks(q, H).reshape(B, Hkv, G, N, C, K).transpose(2, 3) * scale  # [B, Hkv, N, G, C, K]
+    kb, vb, gb = blocks(k, Hkv), blocks(v, Hkv), blocks(g, Hkv)
+    b = gb.cumsum(dim=3)  # [B, Hkv, N, C, K], non-increasing along C
+    b_last = b[..., -1:, :]
+    # State contribution of each chunk, decayed to the chunk's end.
+    chunk_updates = torch.matmul((kb * (b_last - b).exp()).transpose(-1, -2), vb)  # [B, Hkv, N, K, V]
+    chunk_decay = b_last.squeeze(-2).exp().unsqueeze(-1)  # [B, Hkv, N, K, 1]
+    states = S.new_empty(B, Hkv, N, K, V)
+    for n in range(N):
+        states[:, :, n] = S
+        S = torch.addcmul(chunk_updates[:, :, n], chunk_decay[:, :, n], S)
+    inter = torch.matmul((qb * b.exp().unsqueeze(3)).reshape(B, Hkv, N, G * C, K), states)
+    A = _intra_chunk_scores(qb, kb, b, sub_chunk_size).reshape(B, Hkv, N, G * C, C)
+    o = torch.baddbmm(
+        inter.reshape(-1, G * C, V), A.reshape(-1, G * C, C), vb.reshape(-1, C, V)
+    ).view(B, Hkv, N, G, C, V)
+    o = o.permute(0, 2, 4, 1, 3, 5).reshape(B, N * C, H, V)[:, :T]
+    return o.to(v.dtype), (S if output_final_state else None)
