@@ -1,0 +1,185 @@
+"""Inference cache: a constant-size GLA state, a rolling window of keys/values, or a growing KV cache per layer."""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache
+
+__all__ = ["GLAState", "WindowKV", "FullKV", "SpikingBrainCache"]
+
+
+class _LayerCache:
+    """Common interface of one layer's cache entry."""
+
+    supports_early_init = False
+    is_compileable = False
+    is_croppable = False
+    is_sliding = False
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors that make up this entry (empty before the first forward)."""
+        raise NotImplementedError
+
+    def map_tensors(self, fn) -> None:
+        """Replace every tensor ``t`` of this entry by ``fn(t)`` (batch reordering, device moves)."""
+        raise NotImplementedError
+
+    def nbytes(self) -> int:
+        """Bytes held by this entry."""
+        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+
+class GLAState(_LayerCache):
+    """Recurrent state ``[B, Hkv, K, V]`` (fp32) of a gated-linear-attention layer."""
+
+    def __init__(self):
+        self.state: torch.Tensor | None = None
+
+    def tensors(self):
+        return {} if self.state is None else {"state": self.state}
+
+    def map_tensors(self, fn):
+        if self.state is not None:
+            self.state = fn(self.state)
+
+
+class WindowKV(_LayerCache):
+    """The last ``window`` rotated keys and values ``[B, n, Hkv, D]`` of a sliding-window layer."""
+
+    is_sliding = True
+
+    def __init__(self, window: int):
+        self.window = window
+        self.keys: torch.Tensor | None = None
+        self.values: torch.Tensor | None = None
+
+    def extend(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return cached + new keys/values and keep only the last ``window`` of them."""
+        if self.keys is not None:
+            keys, values = torch.cat((self.keys, keys), 1), torch.cat((self.values, values), 1)
+        keep = max(0, keys.shape[1] - self.window)
+        self.keys, self.values = keys[:, keep:].contiguous(), values[:, keep:].contiguous()
+        return keys, values
+
+    @property
+    def length(self) -> int:
+        """Number of cached positions."""
+        return 0 if self.keys is None else self.keys.shape[1]
+
+    def tensors(self):
+        return {} if self.keys is None else {"keys": self.keys, "values": self.values}
+
+    def map_tensors(self, fn):
+        if self.keys is not None:
+            self.keys, self.values = fn(self.keys), fn(self.values)
+
+
+class FullKV(_LayerCache):
+    """All rotated keys and values ``[B, T, Hkv, D]`` of a full-attention layer (amortised growth)."""
+
+    def __init__(self):
+        self._keys: torch.Tensor | None = None
+        self._values: torch.Tensor | None = None
+        self.length = 0
+
+    def extend(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append new keys/values and return all of them."""
+        needed = self.length + keys.shape[1]
+        if self._keys is None or needed > self._keys.shape[1]:
+            capacity = max(needed, 2 * (0 if self._keys is None else self._keys.shape[1]))
+            shape = (keys.shape[0], capacity, *keys.shape[2:])
+            new_k, new_v = keys.new_empty(shape), values.new_empty(shape)
+            if self.length:
+                new_k[:, : self.length] = self._keys[:, : self.length]
+                new_v[:, : self.length] = self._values[:, : self.length]
+            self._keys, self._values = new_k, new_v
+        self._keys[:, self.length : needed] = keys
+        self._values[:, self.length : needed] = values
+        self.length = needed
+        return self._keys[:, :needed], self._values[:, :needed]
+
+    def tensors(self):
+        if self._keys is None:
+            return {}
+        return {"keys": self._keys[:, : self.length], "values": self._values[:, : self.length]}
+
+    def map_tensors(self, fn):
+        if self._keys is not None:
+            self._keys, self._values = fn(self._keys[:, : self.length]), fn(self._values[:, : self.length])
+
+
+def _layer_cache(mixer: str, window: int) -> _LayerCache:
+    if mixer == "gla":
+        return GLAState()
+    if mixer == "swa":
+        return WindowKV(window)
+    if mixer == "full":
+        return FullKV()
+    raise ValueError(f"no cache for mixer {mixer!r}")
+
+
+class SpikingBrainCache(Cache):
+    """Per-layer inference state of a SpikingBrain model, usable with ``generate()``.
+
+    GLA and sliding-window layers hold a constant amount of memory whatever the sequence
+    length; full-attention layers grow with it. ``seen_tokens`` counts processed positions.
+    """
+
+    def __init__(self, layer_mixers: list[str], window: int):
+        super().__init__(layers=[_layer_cache(m, window) for m in layer_mixers])
+        self.layer_mixers = list(layer_mixers)
+        self.window = window
+        self.seen_tokens = 0
+
+    @classmethod
+    def for_config(cls, config) -> "SpikingBrainCache":
+        """An empty cache shaped for ``config``."""
+        return cls(config.layer_mixers, config.attention_window)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.seen_tokens
+
+    def get_max_length(self, layer_idx: int | None = None) -> int:
+        return -1
+
+    @property
+    def is_compileable(self) -> bool:
+        return False
+
+    @property
+    def is_croppable(self) -> bool:
+        return False
+
+    @property
+    def batch_size(self) -> int:
+        for layer in self.layers:
+            for t in layer.tensors().values():
+                return t.shape[0]
+        return -1
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("a GLA state cannot be rolled back; snapshot the cache instead of cropping it")
+
+    def reset(self) -> None:
+        self.layers = [_layer_cache(m, self.window) for m in self.layer_mixers]
+        self.seen_tokens = 0
+
+    def _map(self, fn) -> None:
+        for layer in self.layers:
+            layer.map_tensors(fn)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._map(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map(lambda t: t[indices])
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def nbytes(self) -> int:
+        """Total bytes held by the cache."""
+        return sum(layer.nbytes() for layer in self.layers)
+
+    def __repr__(self) -> str:
+        return f"SpikingBrainCache(seen_tokens={self.seen_tokens}, layers={self.layer_mixers}, bytes={self.nbytes()})"
