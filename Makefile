@@ -1,0 +1,21 @@
+# Set-up, tests and demo. `make demo` and `make test` work on a fresh clone: both create
+# .venv first (see scripts/setup_env.sh), which is instant once it exists.
+
+PYTHON ?= python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+
+.PHONY: venv test demo clean
+
+venv:
+	@PYTHON="$(PYTHON)" VENV="$(VENV)" bash scripts/setup_env.sh
+
+test: venv
+	$(VPY) -m pytest -q $(PYTEST_ARGS)
+
+demo: venv
+	$(VPY) -m spikingbrain.cli demo
+
+clean:
+	rm -rf $(VENV) build dist .pytest_cache src/*.egg-info
+	find . -name __pycache__ -type d -prune -not -path './.git/*' -exec rm -rf {} +
