@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
@@ -10,6 +12,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 
 from ..ops import rotary_cos_sin, rotary_inv_freq
 from .cache import SpikingBrainCache
+from .checkpoint import CheckpointError, check_state_dict, read_config, read_shapes
 from .config import SpikingBrainConfig
 from .layers import RMSNorm, SwiGLU
 from .mixers import GatedLinearAttention, MixerInputs, build_mixer
@@ -40,6 +43,32 @@ class SpikingBrainPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["HybridBlock"]
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, strict: bool = True, **kwargs):
+        """Load like transformers, but from safetensors only, and (``strict``) fail on any weight mismatch."""
+        folder = Path(pretrained_model_name_or_path)
+        if folder.is_dir():
+            read_config(folder)
+            shapes = read_shapes(folder)
+            if strict:
+                config = kwargs.get("config") or cls.config_class.from_pretrained(folder)
+                with torch.device("meta"):
+                    expected = {n: p.shape for n, p in cls(config).state_dict().items()}
+                tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
+                check_state_dict(str(folder), {n: shapes[n] for n in set(shapes) - tied}, expected, allowed_missing=tied)
+        kwargs["use_safetensors"] = True
+        want_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
+        if strict:
+            problems = {k: sorted(map(str, info.get(k) or ())) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+            problems = {k: v for k, v in problems.items() if v}
+            if problems or info.get("error_msgs"):
+                raise CheckpointError(
+                    f"{pretrained_model_name_or_path}: weights do not match config.json: {problems or info['error_msgs']}; "
+                    "check that config.json belongs to these weights, or pass strict=False to initialise what is missing"
+                )
+        return (model, info) if want_info else model
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
@@ -151,6 +180,14 @@ class SpikingBrainForCausalLM(SpikingBrainPreTrainedModel, GenerationMixin):
 
     def set_output_embeddings(self, value: nn.Linear) -> None:
         self.lm_head = value
+
+    def save_pretrained(self, save_directory, *args, official_format: bool = False, **kwargs):
+        """Save in our format, or (``official_format=True``) in the released SpikingBrain-7B layout."""
+        if official_format:
+            from .official import save_official  # official.py builds on this module
+
+            return save_official(self, save_directory, max_shard_size=kwargs.get("max_shard_size", "5GB"))
+        return super().save_pretrained(save_directory, *args, **kwargs)
 
     def new_cache(self) -> SpikingBrainCache:
         """An empty inference cache for this model."""

@@ -1,0 +1,123 @@
+"""Reading checkpoint folders safely: config.json and safetensors shards, with errors that say what to do."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+__all__ = ["CheckpointError", "read_config", "read_shapes", "safetensors_files", "read_state_dict", "check_state_dict"]
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder or file that cannot be used, with the reason and the fix."""
+
+
+def read_config(folder: str | Path) -> dict:
+    """The parsed ``config.json`` of a model folder."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: not a folder; pass a model folder (with config.json) or 'default'")
+    path = folder / "config.json"
+    if not path.is_file():
+        raise CheckpointError(
+            f"{folder}: no config.json; a model folder needs config.json next to its *.safetensors weights"
+        )
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path}: not valid JSON ({err}); restore the file from the original checkpoint") from err
+    if not isinstance(config, dict) or "model_type" not in config:
+        raise CheckpointError(f"{path}: field 'model_type' is missing; add the model type (e.g. \"spikingbrain\")")
+    return config
+
+
+def safetensors_files(folder: str | Path) -> list[Path]:
+    """The weight files of a folder (from ``model.safetensors.index.json`` when present); never pickles."""
+    folder = Path(folder)
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise CheckpointError(f"{index}: unreadable index ({err}); it needs a 'weight_map' object") from err
+        files = [folder / name for name in sorted(set(weight_map.values()))]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise CheckpointError(f"{index}: lists shards that are not in the folder: {missing}; copy them there")
+        return files
+    files = sorted(folder.glob("*.safetensors"))
+    if files:
+        return files
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise CheckpointError(
+            f"{folder}: only pickle weights ({', '.join(pickles)}); they are never loaded here because unpickling "
+            "can run code. Convert them to safetensors (e.g. save_pretrained(..., safe_serialization=True)) first"
+        )
+    raise CheckpointError(f"{folder}: no *.safetensors weights found")
+
+
+def read_shapes(folder: str | Path) -> dict[str, torch.Size]:
+    """Tensor shapes from the safetensors headers of a folder (reads no tensor data)."""
+    shapes = {}
+    for path in safetensors_files(folder):
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for name in f.keys():
+                    shapes[name] = torch.Size(f.get_slice(name).get_shape())
+        except (SafetensorError, OSError, RuntimeError) as err:
+            raise CheckpointError(
+                f"{path}: corrupt or truncated safetensors file ({err}); re-copy or re-save the checkpoint"
+            ) from err
+    return shapes
+
+
+def read_state_dict(folder: str | Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """All tensors of a folder's safetensors files, optionally cast to ``dtype``."""
+    state = {}
+    for path in safetensors_files(folder):
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for name in f.keys():
+                    t = f.get_tensor(name)
+                    state[name] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+        except (SafetensorError, OSError, RuntimeError) as err:
+            raise CheckpointError(
+                f"{path}: corrupt or truncated safetensors file ({err}); re-copy or re-save the checkpoint"
+            ) from err
+    return state
+
+
+def check_state_dict(
+    source: str, found: dict[str, torch.Size], expected: dict[str, torch.Size], allowed_missing: set[str] = frozenset()
+) -> None:
+    """Raise naming every missing, unexpected or mis-shaped tensor of ``found`` shapes against ``expected`` ones."""
+    missing = sorted(set(expected) - set(found) - set(allowed_missing))
+    unexpected = sorted(set(found) - set(expected))
+    misshaped = sorted(
+        f"{name}: file {tuple(found[name])} vs model {tuple(expected[name])}"
+        for name in set(found) & set(expected)
+        if found[name] != expected[name]
+    )
+    problems = []
+    if missing:
+        problems.append(f"missing tensors {_short(missing)}")
+    if unexpected:
+        problems.append(f"unexpected tensors {_short(unexpected)}")
+    if misshaped:
+        problems.append(f"mis-shaped tensors {_short(misshaped)}")
+    if problems:
+        raise CheckpointError(
+            f"{source}: weights do not match config.json: " + "; ".join(problems)
+            + ". Check that config.json belongs to these weights (layer count, sizes, layer mixers)"
+        )
+
+
+def _short(items: list[str], limit: int = 8) -> str:
+    shown = ", ".join(items[:limit])
+    return f"[{shown}{', ...' if len(items) > limit else ''}] ({len(items)} in all)"

@@ -1,0 +1,55 @@
+"""Resolve a ``--model`` reference (``default``, a SpikingBrain folder, an official folder, a Llama-family folder)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from .checkpoint import CheckpointError, read_config
+from .config import SpikingBrainConfig
+from .hf_import import TRANSFORMER_FAMILIES, load_transformer
+from .modeling import SpikingBrainForCausalLM
+from .official import GLAswaConfig
+
+__all__ = ["resolve_folder", "load_model", "load_tokenizer", "NATIVE_TYPES"]
+
+#: model_type values loaded directly into our classes.
+NATIVE_TYPES = (SpikingBrainConfig.model_type, GLAswaConfig.model_type)
+
+
+def resolve_folder(ref: str | Path) -> Path:
+    """The folder behind a model reference; ``default`` is the embedded SmolLM2-135M-Instruct."""
+    if str(ref) == "default":
+        from .embedded import default_model_folder
+
+        return default_model_folder()
+    return Path(ref).expanduser()
+
+
+def load_model(ref: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> SpikingBrainForCausalLM:
+    """A SpikingBrain model (eval mode) for any supported reference; Llama-family folders load as all-``full`` layers."""
+    folder = resolve_folder(ref)
+    model_type = read_config(folder)["model_type"]
+    if model_type in NATIVE_TYPES:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    elif model_type in TRANSFORMER_FAMILIES:
+        model = load_transformer(folder, dtype=dtype)
+    else:
+        raise CheckpointError(
+            f"{folder / 'config.json'}: model_type {model_type!r} is not supported; "
+            f"use a folder of type {list(NATIVE_TYPES + TRANSFORMER_FAMILIES)} or 'default'"
+        )
+    return model.to(device).eval()
+
+
+def load_tokenizer(ref: str | Path):
+    """The tokenizer stored in a model folder, with a clear error when the folder has none."""
+    folder = resolve_folder(ref)
+    if not any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+        raise CheckpointError(
+            f"{folder}: no tokenizer files (tokenizer.json, tokenizer.model or vocab.json); "
+            "copy the tokenizer of the source model into this folder"
+        )
+    return AutoTokenizer.from_pretrained(folder)
