@@ -59,6 +59,17 @@ def test_missing_package_names_the_fix(monkeypatch, tmp_path):
     assert not (tmp_path / FOLDER_NAME).exists()
 
 
+def test_missing_accelerate_names_the_fix(monkeypatch, tmp_path):
+    real_find_spec = embedded.importlib.util.find_spec
+    monkeypatch.setattr(
+        embedded.importlib.util,
+        "find_spec",
+        lambda name, *args: None if name == "accelerate" else real_find_spec(name, *args),
+    )
+    with pytest.raises(EmbeddedModelError, match="pip install accelerate"):
+        embedded.load_gguf(tmp_path / "model.gguf")
+
+
 # ----------------------------------------------------------------------------- atomic conversion
 # A fake converter stands in for the 30 s GGUF conversion; the real one is tested further down.
 

@@ -86,6 +86,11 @@ def load_gguf(gguf: Path | None = None) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = Path(gguf) if gguf is not None else gguf_path()
+    if importlib.util.find_spec("accelerate") is None:
+        raise EmbeddedModelError(
+            f"transformers needs the package accelerate to load {gguf.name}. "
+            "Fix: `pip install accelerate` or `make venv`."
+        )
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     model.eval()
