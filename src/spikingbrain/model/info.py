@@ -50,13 +50,15 @@ def kv_cache_bytes(config: SpikingBrainConfig, length: int, kv_bytes_per_value: 
 def model_info(ref: str | Path, length: int = 131072) -> dict:
     """A summary of a model for ``spikingbrain info``."""
     config = load_config(ref)
+    source_type = read_config(resolve_folder(ref))["model_type"]
     with torch.device("meta"):
         model = SpikingBrainForCausalLM(config)
     params = sum(p.numel() for p in model.parameters())
     ours, theirs = state_bytes(config, length), kv_cache_bytes(config, length)
     return {
         "model": str(ref),
-        "model_type": config.model_type,
+        "model_type": source_type,
+        "loaded_as": "SpikingBrain" if source_type in NATIVE_TYPES else "SpikingBrain with all layers full (imported)",
         "layers": config.num_hidden_layers,
         "layer_mixers": dict(Counter(config.layer_mixers)),
         "layer_layout": "".join({"gla": "L", "swa": "S", "full": "F"}[m] for m in config.layer_mixers),
