@@ -73,7 +73,7 @@ else
 fi
 
 # 3. The embedded default model, converted once into the cache (about 30 s).
-model_key="$deps_key|${SPIKINGBRAIN_CACHE:-}|$HOME"
+model_key="$deps_key|${SPIKINGBRAIN_CACHE:-}|${HOME:-}"
 folder="$(sed -n 2p "$MODEL_STAMP" 2>/dev/null || true)"
 if [ "$(sed -n 1p "$MODEL_STAMP" 2>/dev/null || true)" = "$model_key" ] \
         && [ -n "$folder" ] && [ -f "$folder/spikingbrain_source.json" ]; then
