@@ -125,6 +125,8 @@ class SpikingBrainConfig(PretrainedConfig):
             problems.append(f"sliding_window must be >= 1, got {self.sliding_window}")
         if self.hidden_act not in ("silu", "swish"):
             problems.append(f"hidden_act={self.hidden_act!r}; only the SwiGLU MLP ('silu'/'swish') is implemented")
+        if self.gla_chunk_size < 1:
+            problems.append(f"gla_chunk_size must be >= 1, got {self.gla_chunk_size}")
         if self.streaming_chunk_size < 1:
             problems.append(f"streaming_chunk_size must be >= 1, got {self.streaming_chunk_size}")
         if problems:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -65,7 +66,9 @@ class GatedLinearAttention(nn.Module):
             k, v, g = (torch.where(keep, t, torch.zeros((), dtype=t.dtype)) for t in (k, v, g))
         initial = None if cache is None else cache.state
         kernel = recurrent_gla if T <= RECURRENT_MAX_TOKENS and not torch.is_grad_enabled() else chunk_gla
-        kwargs = {} if kernel is recurrent_gla else {"chunk_size": self.chunk_size}
+        kwargs = {}
+        if kernel is chunk_gla:  # any chunk size: the sub-chunk (at most 16) must divide it
+            kwargs = {"chunk_size": self.chunk_size, "sub_chunk_size": math.gcd(self.chunk_size, 16)}
         o, state = kernel(q, k, v, g, initial_state=initial, output_final_state=cache is not None, **kwargs)
         if cache is not None:
             cache.state = state

@@ -83,7 +83,7 @@ def recurrent_gla(q, k, v, g, scale=None, initial_state=None, output_final_state
             vf[:, t].reshape(B * Hkv, 1, V),
         ).view(B, Hkv, K, V)
         outputs.append(torch.matmul(qg[:, t], S))  # [B, Hkv, G, V]
-    o = torch.stack(outputs, dim=1).reshape(B, T, H, V)
+    o = torch.stack(outputs, dim=1).reshape(B, T, H, V) if outputs else qg.new_zeros(B, 0, H, V)
     return o.to(v.dtype), (S if output_final_state else None)
 
 
