@@ -1,0 +1,322 @@
+"""Independent fp64 references for the tests, written from the published equations (DESIGN.md).
+
+Nothing here imports ``spikingbrain``: the GLA recurrence, the dense masked softmax, the
+complex-number RoPE and the whole SpikingBrain-7B forward pass are written again from the
+formulas, and weights are read by their official names from a plain ``state_dict``. Also
+here: tiny random weights in the official layout and a writer of official-format folders
+(config.json + sharded safetensors + index), used by the loading and error tests.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+# ----------------------------------------------------------------------------- comparisons
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, rel: float, what: str = "") -> None:
+    """``max |actual - expected| <= rel * max(1, max |expected|)``, compared in fp64."""
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    actual, expected = actual.double(), expected.double()
+    assert torch.isfinite(actual).all(), f"{what}: non-finite values"
+    scale = max(1.0, expected.abs().max().item()) if expected.numel() else 1.0
+    err = (actual - expected).abs().max().item() if expected.numel() else 0.0
+    assert err <= rel * scale, f"{what}: max abs error {err:.3e} > {rel:.1e} x {scale:.3g}"
+
+
+# ----------------------------------------------------------------------------- kernels
+
+
+def gla_reference(q, k, v, g, scale=None, initial_state=None):
+    """The published GLA recurrence, token by token in fp64, with k, v, g repeated over head groups.
+
+    ``S_t = diag(exp g_t) S_{t-1} + k_t^T v_t``, ``o_t = scale * q_t S_t``. Inputs ``q`` [B, T, H, K],
+    ``k``, ``g`` [B, T, Hkv, K], ``v`` [B, T, Hkv, V], ``initial_state`` [B, Hkv, K, V]. Returns
+    ``(o [B, T, H, V], final_state [B, Hkv, K, V], per_head_state [B, H, K, V])``.
+    """
+    q, k, v, g = (x.double() for x in (q, k, v, g))
+    B, T, H, K = q.shape
+    Hkv, V = k.shape[2], v.shape[3]
+    G = H // Hkv
+    scale = K**-0.5 if scale is None else scale
+    group = [h // G for h in range(H)]  # query head h reads key/value head h // G
+    k, v, g = k[:, :, group], v[:, :, group], g[:, :, group]
+    S = torch.zeros(B, H, K, V, dtype=torch.float64)
+    if initial_state is not None:
+        S = initial_state.double()[:, group].clone()
+    out = torch.zeros(B, T, H, V, dtype=torch.float64)
+    for t in range(T):
+        S = torch.exp(g[:, t]).unsqueeze(-1) * S + k[:, t].unsqueeze(-1) * v[:, t].unsqueeze(-2)
+        out[:, t] = scale * (q[:, t].unsqueeze(-1) * S).sum(dim=-2)
+    return out, S[:, ::G].clone(), S
+
+
+def attention_reference(q, k, v, n_keys=None, scale=None, key_padding_mask=None):
+    """Dense masked softmax attention in fp64.
+
+    Query ``i`` sits at key position ``p = Tk - Tq + i`` and sees keys ``p - n_keys + 1 .. p``
+    (``n_keys=None``: all keys ``0 .. p``), minus keys where ``key_padding_mask`` is false.
+    Query head ``h`` reads key/value head ``h // (H / Hkv)``. Rows with no visible key are NaN.
+    """
+    B, Tq, H, D = q.shape
+    Tk, Hkv = k.shape[1], k.shape[2]
+    G = H // Hkv
+    scale = D**-0.5 if scale is None else scale
+    group = [h // G for h in range(H)]
+    qd, kd, vd = q.double(), k.double()[:, :, group], v.double()[:, :, group]
+    scores = torch.einsum("bihd,bjhd->bhij", qd, kd) * scale
+    p = torch.arange(Tk - Tq, Tk).unsqueeze(1)
+    j = torch.arange(Tk).unsqueeze(0)
+    allowed = j <= p
+    if n_keys is not None:
+        allowed = allowed & (j > p - n_keys)
+    allowed = allowed.expand(B, Tq, Tk)
+    if key_padding_mask is not None:
+        allowed = allowed & key_padding_mask.bool().unsqueeze(1)
+    scores = scores.masked_fill(~allowed.unsqueeze(1), float("-inf"))
+    weights = torch.softmax(scores, dim=-1)
+    return torch.einsum("bhij,bjhd->bihd", weights, vd)
+
+
+def rope_reference(x, positions, theta):
+    """Rotate pairs ``(x_i, x_{i+D/2})``, read as complex numbers, by ``pos * theta^(-2i/D)`` (fp64).
+
+    ``x`` is [B, T, H, D], ``positions`` [B, T].
+    """
+    D = x.shape[-1]
+    half = D // 2
+    xd = x.double()
+    z = torch.complex(xd[..., :half], xd[..., half:])
+    freq = float(theta) ** (-2.0 * torch.arange(half, dtype=torch.float64) / D)
+    angle = positions.double()[:, :, None, None] * freq
+    z = z * torch.polar(torch.ones_like(angle), angle)
+    return torch.cat((z.real, z.imag), dim=-1)
+
+
+# ----------------------------------------------------------------------------- SpikingBrain-7B forward
+
+
+@dataclass
+class RefSpec:
+    """What the reference forward needs beyond the weights."""
+
+    layers: list  # "gla", "swa" or "full" per layer
+    heads: int
+    kv_heads: int
+    head_dim: int
+    window_keys: int  # keys a sliding-window query sees, itself included
+    eps: float
+    rope_theta: float
+    gate_normalizer: float = 16.0
+
+
+def spec_for(config) -> RefSpec:
+    """A RefSpec from a config's plain fields (flash windows see W + 1 keys, sdpa windows W)."""
+    window = config.sliding_window + (1 if config.window_semantics == "flash" else 0)
+    return RefSpec(
+        layers=list(config.layer_mixers),
+        heads=config.num_attention_heads,
+        kv_heads=config.num_key_value_heads,
+        head_dim=config.head_dim,
+        window_keys=window,
+        eps=config.rms_norm_eps,
+        rope_theta=config.rope_theta,
+        gate_normalizer=config.gla_gate_normalizer,
+    )
+
+
+def _rms_norm(x, weight, eps):
+    return weight * x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
+def _linear(sd, name, x):
+    y = x @ sd[f"{name}.weight"].double().T
+    bias = sd.get(f"{name}.bias")
+    return y if bias is None else y + bias.double()
+
+
+def _gla_layer(sd, p, h, spec):
+    B, T, _ = h.shape
+    H, Hkv, D = spec.heads, spec.kv_heads, spec.head_dim
+    q = torch.relu(_linear(sd, p + "q_proj", h)).view(B, T, H, D)
+    k = torch.relu(_linear(sd, p + "k_proj", h)).view(B, T, Hkv, D)
+    v = _linear(sd, p + "v_proj", h).view(B, T, Hkv, D)
+    gk = _linear(sd, p + "gk_proj.1", _linear(sd, p + "gk_proj.0", h))
+    g = (-torch.log1p(torch.exp(-gk)) / spec.gate_normalizer).view(B, T, Hkv, D)  # logsigmoid
+    o, _, _ = gla_reference(q, k, v, g, scale=1 / math.sqrt(D))
+    o = _rms_norm(o, sd[p + "g_norm.weight"].double(), spec.eps)
+    return _linear(sd, p + "o_proj", o.reshape(B, T, H * D))
+
+
+def _softmax_layer(sd, p, h, spec, n_keys, positions):
+    B, T, _ = h.shape
+    H, Hkv, D = spec.heads, spec.kv_heads, spec.head_dim
+    q = rope_reference(_linear(sd, p + "q_proj", h).view(B, T, H, D), positions, spec.rope_theta)
+    k = rope_reference(_linear(sd, p + "k_proj", h).view(B, T, Hkv, D), positions, spec.rope_theta)
+    v = _linear(sd, p + "v_proj", h).view(B, T, Hkv, D)
+    o = attention_reference(q, k, v, n_keys=n_keys, scale=1 / math.sqrt(D))
+    return _linear(sd, p + "o_proj", o.reshape(B, T, H * D))
+
+
+def reference_logits(sd: dict, spec: RefSpec, ids: torch.Tensor) -> torch.Tensor:
+    """fp64 logits ``[B, T, vocab]`` of the SpikingBrain-7B equations with weights named as in the release."""
+    B, T = ids.shape
+    x = sd["model.embeddings.weight"].double()[ids]
+    positions = torch.arange(T).expand(B, T)
+    for i, kind in enumerate(spec.layers):
+        p = f"model.layers.{i}."
+        h = _rms_norm(x, sd[p + "attn_norm.weight"].double(), spec.eps)
+        if kind == "gla":
+            x = x + _gla_layer(sd, p + "attn.", h, spec)
+        else:
+            n_keys = spec.window_keys if kind == "swa" else None
+            x = x + _softmax_layer(sd, p + "attn.", h, spec, n_keys, positions)
+        h = _rms_norm(x, sd[p + "mlp_norm.weight"].double(), spec.eps)
+        gate, up = _linear(sd, p + "mlp.gate_proj", h), _linear(sd, p + "mlp.up_proj", h)
+        x = x + _linear(sd, p + "mlp.down_proj", gate * torch.sigmoid(gate) * up)
+    x = _rms_norm(x, sd["model.norm.weight"].double(), spec.eps)
+    head = sd.get("lm_head.weight", sd["model.embeddings.weight"])
+    return x @ head.double().T
+
+
+def greedy_reference(sd: dict, spec: RefSpec, ids: torch.Tensor, steps: int) -> torch.Tensor:
+    """Greedy continuation of ``ids`` [1, T] (``steps`` new tokens), recomputing the reference each step."""
+    for _ in range(steps):
+        nxt = reference_logits(sd, spec, ids)[:, -1].argmax(-1, keepdim=True)
+        ids = torch.cat((ids, nxt), dim=1)
+    return ids
+
+
+# ----------------------------------------------------------------------------- random weights
+
+
+def _random_value(name: str, shape, gen: torch.Generator) -> torch.Tensor:
+    """Weights that make every path matter: O(1) activations, varied gates, non-trivial norms."""
+    if name.endswith("norm.weight"):
+        return 1 + 0.2 * torch.randn(shape, generator=gen)
+    if name.endswith("gk_proj.1.bias"):
+        return 3 * torch.randn(shape, generator=gen)  # decays from ~1 down to exp(-1/2)-ish per step
+    if name.endswith("bias"):
+        return 0.3 * torch.randn(shape, generator=gen)
+    if "embeddings" in name:
+        return torch.randn(shape, generator=gen)
+    return torch.randn(shape, generator=gen) / math.sqrt(shape[1])
+
+
+def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Overwrite every parameter of ``model`` with seeded random values (see ``_random_value``)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            param.copy_(_random_value(name, param.shape, gen))
+    return model
+
+
+def official_shapes(vocab, hidden, layers, heads, kv_heads, intermediate, attn_layers) -> dict:
+    """Parameter names and shapes of the released SpikingBrain-7B layout (head_dim = hidden / heads)."""
+    D = hidden // heads
+    shapes = {"model.embeddings.weight": (vocab, hidden)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        shapes[p + "attn_norm.weight"] = (hidden,)
+        for proj, rows in (("q_proj", heads * D), ("k_proj", kv_heads * D), ("v_proj", kv_heads * D)):
+            shapes[p + f"attn.{proj}.weight"] = (rows, hidden)
+            shapes[p + f"attn.{proj}.bias"] = (rows,)
+        shapes[p + "attn.o_proj.weight"] = (hidden, heads * D)
+        if i not in attn_layers:
+            shapes[p + "attn.gk_proj.0.weight"] = (16, hidden)
+            shapes[p + "attn.gk_proj.1.weight"] = (kv_heads * D, 16)
+            shapes[p + "attn.gk_proj.1.bias"] = (kv_heads * D,)
+            shapes[p + "attn.g_norm.weight"] = (D,)
+        shapes[p + "mlp_norm.weight"] = (hidden,)
+        shapes[p + "mlp.gate_proj.weight"] = (intermediate, hidden)
+        shapes[p + "mlp.up_proj.weight"] = (intermediate, hidden)
+        shapes[p + "mlp.down_proj.weight"] = (hidden, intermediate)
+    shapes["model.norm.weight"] = (hidden,)
+    shapes["lm_head.weight"] = (vocab, hidden)
+    return shapes
+
+
+#: A tiny config.json in the release's layout (fields and values as in W8ASpike/config.json, sizes shrunk).
+TINY_OFFICIAL_CONFIG = {
+    "architectures": ["GLAswaForCausalLM"],
+    "auto_map": {
+        "AutoConfig": "configuration_gla_swa.GLAswaConfig",
+        "AutoModelForCausalLM": "modeling_gla_swa.GLAswaForCausalLM",
+    },
+    "model_type": "gla_swa",
+    "attn_layers": [1, 3],
+    "attn_mode": "chunk",
+    "attention_dropout": 0.0,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "conv_size": 4,
+    "elementwise_affine": True,
+    "fuse_cross_entropy": True,
+    "hidden_act": "swish",
+    "hidden_size": 32,
+    "initializer_range": 0.02,
+    "intermediate_size": 48,
+    "max_position_embeddings": 4096,
+    "norm_eps": 1e-6,
+    "num_attention_heads": 4,
+    "num_hidden_layers": 4,
+    "num_key_value_heads": 2,
+    "rope_theta": 10000.0,
+    "sliding_window": 6,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+    "use_cache": True,
+    "use_short_conv": False,
+    "vocab_size": 97,
+}
+
+
+def official_state_dict(config: dict, seed: int = 0, dtype=torch.bfloat16) -> dict:
+    """Random tensors for an official ``config`` dict, named and shaped as in the release."""
+    attn_layers = config.get("attn_layers", list(range(1, config["num_hidden_layers"], 2)))
+    shapes = official_shapes(
+        config["vocab_size"], config["hidden_size"], config["num_hidden_layers"], config["num_attention_heads"],
+        config["num_key_value_heads"], config["intermediate_size"], attn_layers,
+    )
+    gen = torch.Generator().manual_seed(seed)
+    return {name: _random_value(name, shape, gen).to(dtype) for name, shape in shapes.items()}
+
+
+def official_spec(config: dict) -> RefSpec:
+    """RefSpec of an official config dict: attn_layers are SWA (W + 1 keys, flash-attn), the rest GLA."""
+    layers = config["num_hidden_layers"]
+    attn_layers = config.get("attn_layers", list(range(1, layers, 2)))
+    return RefSpec(
+        layers=["swa" if i in attn_layers else "gla" for i in range(layers)],
+        heads=config["num_attention_heads"],
+        kv_heads=config["num_key_value_heads"],
+        head_dim=config["hidden_size"] // config["num_attention_heads"],
+        window_keys=config["sliding_window"] + 1,
+        eps=config["norm_eps"],
+        rope_theta=config["rope_theta"],
+    )
+
+
+def write_official_folder(folder: Path, config: dict, state: dict, shards: int = 2) -> Path:
+    """Write ``config.json``, ``model-0000i-of-0000n.safetensors`` shards and the index, like the release."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    names = list(state)
+    weight_map = {}
+    for s in range(shards):
+        filename = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
+        part = {n: state[n].contiguous() for n in names[s::shards]}
+        save_file(part, str(folder / filename), metadata={"format": "pt"})
+        weight_map.update({n: filename for n in part})
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    return folder
