@@ -47,17 +47,15 @@ def causal_attention(q, k, v, scale=None, key_padding_mask=None):
     return o.transpose(1, 2)
 
 
-def _blocks(x: torch.Tensor, B: int, Hkv: int, Nb: int, which: slice) -> torch.Tensor:
-    """Select blocks ``which`` of a ``[B*Hkv*Nb, 1, L, D]`` tensor, keeping that layout."""
-    return x.view(B, Hkv, Nb, *x.shape[1:])[:, :, which].reshape(-1, *x.shape[1:])
-
-
 def sliding_window_attention(q, k, v, window: int, scale=None, key_padding_mask=None, block_size: int = 256):
     """Causal attention where the query at position ``p`` sees keys ``p - window .. p``.
 
     ``window`` follows flash-attn's ``window_size=(window, 0)``: ``window + 1`` keys
     including the query's own. Queries are processed in blocks of ``block_size``; each
     block reads only its ``block_size + window`` keys, so cost is O(Tq * (window + block)).
+    Without a padding mask, queries at positions ``< window`` (nothing cut off yet) run as
+    plain causal attention and the rest as blocks that need one band mask shared by all
+    blocks, batch rows and heads.
     """
     B, Tq, H, Hkv, D, Tk = _check(q, k, v, key_padding_mask)
     if window < 0:
@@ -65,6 +63,61 @@ def sliding_window_attention(q, k, v, window: int, scale=None, key_padding_mask=
     if Tk <= window + 1:  # the window never cuts anything off
         return causal_attention(q, k, v, scale, key_padding_mask)
     scale = D**-0.5 if scale is None else scale
+    if key_padding_mask is not None:
+        return _sliding_window_masked(q, k, v, window, scale, key_padding_mask, block_size)
+    offset = Tk - Tq
+    n_causal = min(Tq, max(0, window - offset))  # queries at key positions < window
+    parts = []
+    if n_causal:
+        end = offset + n_causal
+        parts.append(causal_attention(q[:, :n_causal], k[:, :end], v[:, :end], scale))
+    if n_causal < Tq:
+        parts.append(_banded_attention(q[:, n_causal:], k, v, window, scale, offset + n_causal, block_size))
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
+def _band_mask(rows: int, block: int, keys: int, window: int, dtype, device) -> torch.Tensor:
+    """Additive mask ``[rows, keys]``: row ``r`` (query ``i = r % block`` of a block) sees columns ``i .. i + window``."""
+    row = torch.arange(rows, device=device).remainder(block).unsqueeze(1)
+    col = torch.arange(keys, device=device).unsqueeze(0)
+    band = (col >= row) & (col <= row + window)
+    return torch.zeros(rows, keys, dtype=dtype, device=device).masked_fill(~band, float("-inf"))
+
+
+def _banded_attention(q, k, v, window: int, scale: float, start: int, block_size: int) -> torch.Tensor:
+    """Sliding-window attention of queries at key positions ``start .. start + Tq - 1``, ``start >= window``.
+
+    Every query's window lies inside the keys, so blocks need no front padding: block ``n``
+    reads keys ``[start + n*Bq - window, start + (n+1)*Bq)`` as a strided view (no copy),
+    the query heads of one key/value head are stacked along the rows, and a single
+    ``[G*Bq, Bq + window]`` band mask serves every block, batch row and head.
+    """
+    B, Tq, H, D = q.shape
+    Hkv = k.shape[2]
+    G = H // Hkv
+    Bq = min(block_size, Tq)
+    Nb = math.ceil(Tq / Bq)
+    Lk = Bq + window
+    tail = Nb * Bq - Tq
+
+    def key_windows(x: torch.Tensor) -> torch.Tensor:
+        x = x[:, start - window :].transpose(1, 2)  # [B, Hkv, window + Tq, D]
+        x = F.pad(x, (0, 0, 0, tail)).contiguous()
+        L = x.shape[2]
+        return x.as_strided((B * Hkv, Nb, Lk, D), (L * D, Bq * D, D, 1))
+
+    kw, vw = key_windows(k), key_windows(v)
+    qw = F.pad(q, (0, 0, 0, 0, 0, tail)).view(B, Nb, Bq, Hkv, G, D).permute(0, 3, 1, 4, 2, 5)
+    qw = qw.reshape(B * Hkv, Nb, G * Bq, D)
+    mask = _band_mask(G * Bq, Bq, Lk, window, q.dtype, q.device)
+    o = F.scaled_dot_product_attention(qw, kw, vw, attn_mask=mask, scale=scale)  # [B*Hkv, Nb, G*Bq, D]
+    o = o.view(B, Hkv, Nb, G, Bq, D).permute(0, 2, 4, 1, 3, 5).reshape(B, Nb * Bq, H, D)
+    return o[:, :Tq]
+
+
+def _sliding_window_masked(q, k, v, window: int, scale: float, key_padding_mask, block_size: int) -> torch.Tensor:
+    """Sliding-window attention with a key padding mask (a mask per batch row and query block)."""
+    B, Tq, H, Hkv, D, Tk = _check(q, k, v, key_padding_mask)
     G, offset = H // Hkv, Tk - Tq
     Bq = min(block_size, Tq)
     Nb = math.ceil(Tq / Bq)
@@ -86,28 +139,13 @@ def sliding_window_attention(q, k, v, window: int, scale=None, key_padding_mask=
     row = torch.arange(Bq, device=q.device).repeat(G).unsqueeze(1)  # query index inside its block
     col = torch.arange(Lk, device=q.device).unsqueeze(0)
     band = (col >= row) & (col <= row + window)  # [G*Bq, Lk]
-    if key_padding_mask is None:
-        # Only the first blocks can see front padding; the band already hides the tail.
-        n_head = min(Nb, math.ceil(max(0, window - offset) / Bq))
-    else:
-        n_head = Nb
-    o = torch.empty(B, Hkv, Nb, G * Bq, D, dtype=q.dtype, device=q.device)
-    if n_head:
-        valid = torch.zeros(B, window + Tk + tail, dtype=torch.bool, device=q.device)
-        valid[:, window : window + Tk] = True if key_padding_mask is None else key_padding_mask.bool()
-        vs = valid.stride()
-        valid_w = valid.as_strided((B, n_head, Lk), (vs[0], Bq * vs[1], vs[1]), offset * vs[1])
-        diagonal = col == row + window
-        mask = band & (valid_w.unsqueeze(2) | diagonal)  # [B, n_head, G*Bq, Lk]
-        mask = mask.unsqueeze(1).expand(B, Hkv, n_head, G * Bq, Lk).reshape(-1, 1, G * Bq, Lk)
-        part = [_blocks(x, B, Hkv, Nb, slice(0, n_head)) for x in (qw, kw, vw)]
-        o[:, :, :n_head] = F.scaled_dot_product_attention(*part, attn_mask=mask, scale=scale).view(
-            B, Hkv, n_head, G * Bq, D
-        )
-    if n_head < Nb:
-        part = [_blocks(x, B, Hkv, Nb, slice(n_head, Nb)) for x in (qw, kw, vw)]
-        o[:, :, n_head:] = F.scaled_dot_product_attention(*part, attn_mask=band, scale=scale).view(
-            B, Hkv, Nb - n_head, G * Bq, D
-        )
+    valid = torch.zeros(B, window + Tk + tail, dtype=torch.bool, device=q.device)
+    valid[:, window : window + Tk] = key_padding_mask.bool()
+    vs = valid.stride()
+    valid_w = valid.as_strided((B, Nb, Lk), (vs[0], Bq * vs[1], vs[1]), offset * vs[1])
+    diagonal = col == row + window
+    mask = band & (valid_w.unsqueeze(2) | diagonal)  # [B, Nb, G*Bq, Lk]
+    mask = mask.unsqueeze(1).expand(B, Hkv, Nb, G * Bq, Lk).reshape(-1, 1, G * Bq, Lk)
+    o = F.scaled_dot_product_attention(qw, kw, vw, attn_mask=mask, scale=scale)
     o = o.view(B, Hkv, Nb, G, Bq, D).permute(0, 2, 4, 1, 3, 5).reshape(B, Nb * Bq, H, D)
     return o[:, :Tq]

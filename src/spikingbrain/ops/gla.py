@@ -87,13 +87,47 @@ def recurrent_gla(q, k, v, g, scale=None, initial_state=None, output_final_state
     return o.to(v.dtype), (S if output_final_state else None)
 
 
-def _intra_chunk_scores(q: torch.Tensor, k: torch.Tensor, b: torch.Tensor, sub: int) -> torch.Tensor:
-    """Causal in-chunk scores ``A[i, j] = sum_d q_i k_j exp(b_i - b_j)`` for ``j <= i``.
+#: chunk_gla processes longer inputs in segments of about this many tokens (bounded temporaries).
+SEGMENT_TOKENS = 8192
+
+#: Largest in-chunk cumulative log decay ``|b|`` (any position and channel) for which the scores
+#: of a whole chunk are factored through its start: factors stay within [e^-30, e^30], far from
+#: fp32 underflow and overflow, so the result equals the elementwise form within rounding.
+FACTORED_MAX_SPAN = 30.0
+
+
+def _intra_chunk_scores(
+    q: torch.Tensor, k: torch.Tensor, b: torch.Tensor, sub: int, q_decayed: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Causal in-chunk scores ``A[i, j] = sum_d q_i k_j exp(b_i - b_j)`` for ``j <= i``, zero above.
 
     ``q``: [B, Hkv, N, G, C, K]; ``k``, ``b``: [B, Hkv, N, C, K] (``b`` = in-chunk cumulative
-    log decay). Every exponent that is evaluated is <= 0: blocks below the diagonal are
-    factored through the log decay at the end of the previous sub-chunk, diagonal blocks are
-    computed elementwise, so strong decays underflow to zero instead of overflowing.
+    log decay, non-increasing). Chunks where ``|b|`` stays at most ``FACTORED_MAX_SPAN`` (the
+    usual case: the model's gates decay by ~0.05 per token) use one matmul of
+    ``q exp(b)`` and ``k exp(-b)``; the others are computed sub-chunk by sub-chunk with every
+    exponent <= 0 (:func:`_intra_chunk_scores_subchunked`), so strong decays underflow to zero
+    instead of overflowing. ``q_decayed`` may pass ``q * exp(b)`` when the caller has it.
+    """
+    C = q.shape[-2]
+    causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
+    factored = b.abs().amax((-2, -1)) <= FACTORED_MAX_SPAN  # [B, Hkv, N]
+    # The clamp only bites in chunks recomputed below; it keeps their factors (and gradients) finite.
+    q_down = q * b.exp().unsqueeze(-3) if q_decayed is None else q_decayed
+    k_up = k * (-b).clamp(max=FACTORED_MAX_SPAN).exp()
+    A = torch.matmul(q_down, k_up.unsqueeze(-3).transpose(-1, -2))  # [B, Hkv, N, G, C, C]
+    A = A.masked_fill(~causal, 0.0)
+    if not bool(factored.all()):
+        rows = (~factored).nonzero(as_tuple=True)
+        A = A.index_put(rows, _intra_chunk_scores_subchunked(q[rows], k[rows], b[rows], sub))
+    return A
+
+
+def _intra_chunk_scores_subchunked(q: torch.Tensor, k: torch.Tensor, b: torch.Tensor, sub: int) -> torch.Tensor:
+    """The scores of :func:`_intra_chunk_scores` with every evaluated exponent <= 0.
+
+    ``q``: [..., G, C, K]; ``k``, ``b``: [..., C, K]. Blocks below the diagonal are factored
+    through the log decay at the end of the previous sub-chunk, diagonal blocks are computed
+    elementwise.
     """
     C = q.shape[-2]
     A = q.new_zeros(*q.shape[:-1], C)
@@ -103,9 +137,9 @@ def _intra_chunk_scores(q: torch.Tensor, k: torch.Tensor, b: torch.Tensor, sub: 
         q_rows, b_rows = q[..., rows, :], b[..., rows, :]
         if start:
             ref = b[..., start - 1 : start, :]
-            q_scaled = q_rows * (b_rows - ref).exp().unsqueeze(3)
+            q_scaled = q_rows * (b_rows - ref).exp().unsqueeze(-3)
             k_scaled = k[..., :start, :] * (ref - b[..., :start, :]).exp()
-            A[..., rows, :start] = torch.matmul(q_scaled, k_scaled.unsqueeze(3).transpose(-1, -2))
+            A[..., rows, :start] = torch.matmul(q_scaled, k_scaled.unsqueeze(-3).transpose(-1, -2))
         diff = b_rows.unsqueeze(-2) - b_rows.unsqueeze(-3)  # [.., i, j, K]: b_i - b_j
         decay = diff.masked_fill(~causal.unsqueeze(-1), float("-inf")).exp()
         weighted_k = decay * k[..., rows, :].unsqueeze(-3)  # [.., i, j, K]
@@ -126,6 +160,16 @@ def chunk_gla(q, k, v, g, scale=None, initial_state=None, output_final_state=Fal
     S = _initial_state(initial_state, B, Hkv, K, V, q)
     if T == 0:
         return v.new_zeros(B, 0, H, V), (S if output_final_state else None)
+    segment = C * max(1, SEGMENT_TOKENS // C)
+    if T > segment:  # long inputs: chunk-aligned segments with the state carried between them
+        outputs = []
+        for start in range(0, T, segment):
+            part = slice(start, start + segment)
+            o, S = chunk_gla(
+                q[:, part], k[:, part], v[:, part], g[:, part], scale, S, True, chunk_size, sub_chunk_size
+            )
+            outputs.append(o)
+        return torch.cat(outputs, dim=1), (S if output_final_state else None)
     pad = (-T) % C
     N = (T + pad) // C
 
@@ -147,8 +191,9 @@ def chunk_gla(q, k, v, g, scale=None, initial_state=None, output_final_state=Fal
     for n in range(N):
         states[:, :, n] = S
         S = torch.addcmul(chunk_updates[:, :, n], chunk_decay[:, :, n], S)
-    inter = torch.matmul((qb * b.exp().unsqueeze(3)).reshape(B, Hkv, N, G * C, K), states)
-    A = _intra_chunk_scores(qb, kb, b, sub_chunk_size).reshape(B, Hkv, N, G * C, C)
+    q_decayed = qb * b.exp().unsqueeze(3)  # decayed to the chunk start: exponents <= 0
+    inter = torch.matmul(q_decayed.reshape(B, Hkv, N, G * C, K), states)
+    A = _intra_chunk_scores(qb, kb, b, sub_chunk_size, q_decayed).reshape(B, Hkv, N, G * C, C)
     o = torch.baddbmm(
         inter.reshape(-1, G * C, V), A.reshape(-1, G * C, C), vb.reshape(-1, C, V)
     ).view(B, Hkv, N, G, C, V)

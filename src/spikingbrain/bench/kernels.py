@@ -1,0 +1,442 @@
+"""``spikingbrain bench kernels``: GLA kernels side by side and long-context prefill against the matmul peak.
+
+One run measures, on the same machine and thread count:
+
+1. the fp32 GEMM peak (``--peak-size``, median of repeats; measured at the start and at
+   the end, the higher value is the reference, so a busy machine does not flatter the
+   efficiency figure);
+2. ``chunk_gla`` against the token-by-token ``naive_gla`` and the step-wise
+   ``recurrent_gla`` with the model's head shapes, time per call and speed-up ratios;
+3. prefill tokens/s of a randomly initialised hybrid model (SmolLM2-135M shapes by default)
+   through ``model(ids, use_cache=True, logits_to_keep=1)`` under ``torch.inference_mode()``
+   (streaming prefill in steps of ``--chunk`` tokens), and the achieved GFLOP/s from
+   :func:`spikingbrain.bench.flops.prefill_flops` as a fraction of the peak.
+
+It prints a table and the two targets (tokens/s at the longest length / at the reference
+length >= 0.90; achieved / peak at the longest length >= 0.50) with PASS/MISS, and writes
+``kernels.json`` and ``kernels.png`` to ``--out``.
+
+The default window is 2048 (``--window``): SmolLM2 was trained with an 8k context and
+long-context hybrids use 2K-4K windows (RecurrentGemma 2K, SpikingBrain-7B 4K at 7B scale).
+At this width a key costs ``4 * hidden`` FLOPs per query, so a 4096 window would make the
+window attention of the 15 SWA layers as costly as all projections together, and a
+query at 64k would cost 1.25x one at 4k by construction; 2048 keeps the attention share
+near a quarter and the 64k/4k work ratio at 0.94.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+__all__ = ["register", "run", "DEFAULT_LENGTHS", "QUICK_LENGTHS"]
+
+DEFAULT_LENGTHS = (1024, 4096, 16384, 65536)
+QUICK_LENGTHS = (1024, 4096)
+DEFAULT_GLA_LENGTHS = (512, 2048, 8192, 32768)
+QUICK_GLA_LENGTHS = (512, 2048)
+SCALING_TARGET = 0.90
+EFFICIENCY_TARGET = 0.50
+
+
+def _int_list(text: str) -> list[int]:
+    """Parse ``"1024,4k,64k"`` into integers (a ``k`` suffix multiplies by 1024)."""
+    values = []
+    for part in text.split(","):
+        part = part.strip().lower()
+        if not part:
+            continue
+        scale = 1024 if part.endswith("k") else 1
+        try:
+            values.append(int(part[:-1] if scale > 1 else part) * scale)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated integers like 1024,4k; got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    """Add the ``kernels`` subcommand to the ``spikingbrain bench`` group."""
+    p = subparsers.add_parser(
+        "kernels",
+        help="GLA kernels vs naive, and long-context prefill tokens/s and GFLOP/s against the matmul peak",
+        description=__doc__.split("\n\n")[0],
+    )
+    p.add_argument("--lengths", type=_int_list, default=None, help="prefill lengths (default 1k,4k,16k,64k; --quick: 1k,4k)")
+    p.add_argument("--ref-length", type=int, default=4096, help="length the longest one's tokens/s is compared with")
+    p.add_argument("--quick", action="store_true", help="short run: prefill 1k,4k, GLA kernels at 512,2048, fewer repeats")
+    p.add_argument("--window", type=int, default=2048, help="sliding window W (flash-attn semantics, W + 1 keys)")
+    p.add_argument("--chunk", type=int, default=None, help="streaming prefill step in tokens (default: the config's)")
+    p.add_argument("--gla-chunk", type=int, default=64, help="GLA chunk size (config.gla_chunk_size)")
+    p.add_argument("--gla-lengths", type=_int_list, default=None, help="lengths of the GLA kernel comparison")
+    p.add_argument("--naive-max-length", type=int, default=2048, help="run naive/recurrent GLA only up to this length")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats per measurement (median reported)")
+    p.add_argument("--max-seconds", type=float, default=20.0, help="stop repeating a measurement after this many seconds")
+    p.add_argument("--peak-size", type=_int_list, default=[4096, 2048, 2048], help="GEMM M,K,N of the matmul peak")
+    p.add_argument("--hidden", type=int, default=576, help="model hidden size")
+    p.add_argument("--layers", type=int, default=30, help="model layers (GLA on even, SWA on odd)")
+    p.add_argument("--heads", type=int, default=9, help="query heads")
+    p.add_argument("--kv-heads", type=int, default=3, help="key/value heads")
+    p.add_argument("--ffn", type=int, default=1536, help="MLP intermediate size")
+    p.add_argument("--vocab", type=int, default=49152, help="vocabulary size")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="runs/bench-kernels", help="folder for kernels.json and kernels.png")
+    p.add_argument("--no-plot", action="store_true", help="skip the PNG")
+    p.set_defaults(func=_cmd_kernels)
+    return p
+
+
+def _cmd_kernels(args: argparse.Namespace) -> int:
+    """Handler of ``spikingbrain bench kernels``."""
+    result = run(args)
+    print(format_report(result))
+    print(f"wrote {result['files']['json']}" + (f" and {result['files']['png']}" if result["files"].get("png") else ""))
+    return 0
+
+
+def _config(args: argparse.Namespace):
+    from ..model.config import SpikingBrainConfig
+
+    extra = {} if args.chunk is None else {"streaming_chunk_size": args.chunk}
+    return SpikingBrainConfig(
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=args.ffn,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads,
+        sliding_window=args.window,
+        gla_chunk_size=args.gla_chunk,
+        **extra,
+    )
+
+
+def _gla_inputs(length: int, heads: int, kv_heads: int, dim: int, seed: int):
+    """Random GLA inputs shaped like the model's: ReLU features, log-sigmoid gates / 16."""
+    import torch
+    import torch.nn.functional as F
+
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(1, length, heads, dim, generator=gen).relu()
+    k = torch.randn(1, length, kv_heads, dim, generator=gen).relu()
+    v = torch.randn(1, length, kv_heads, dim, generator=gen)
+    g = F.logsigmoid(torch.randn(1, length, kv_heads, dim, generator=gen)) / 16
+    return q, k, v, g
+
+
+def _bench_gla(args, config, lengths, bar) -> list[dict]:
+    """Time chunk / recurrent / naive GLA per length; speed-ups are naive (or recurrent) time over chunk time."""
+    import torch
+
+    from ..ops import chunk_gla, naive_gla, recurrent_gla
+
+    from .common import time_call
+    from .flops import gla_mixing_flops
+
+    H, Hkv, D = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    rows = []
+    for length in lengths:
+        q, k, v, g = _gla_inputs(length, H, Hkv, D, args.seed)
+        row: dict = {"length": length, "heads": H, "kv_heads": Hkv, "head_dim": D, "chunk_size": config.gla_chunk_size}
+        outputs = {}
+        C = config.gla_chunk_size
+        sub = math.gcd(C, 16)  # as the model's GLA layer does
+        kernels = [("chunk", lambda: chunk_gla(q, k, v, g, output_final_state=True, chunk_size=C, sub_chunk_size=sub))]
+        if length <= args.naive_max_length:
+            kernels += [
+                ("recurrent", lambda: recurrent_gla(q, k, v, g, output_final_state=True)),
+                ("naive", lambda: naive_gla(q, k, v, g, output_final_state=True)),
+            ]
+        with torch.inference_mode():
+            for name, fn in kernels:
+                bar.set_postfix_str(f"gla {name} T={length}")
+                start = time.perf_counter()
+                outputs[name] = fn()[0]  # the first call is timed too: the loops take seconds at 2k
+                first = time.perf_counter() - start
+                times = [first]
+                if args.repeats > 1 and first < args.max_seconds:
+                    more = time_call(fn, repeats=args.repeats - 1, warmup=0, max_seconds=args.max_seconds - first)
+                    times += more["times_s"]
+                row[f"{name}_s"] = statistics.median(times)
+                row[f"{name}_runs"] = len(times)
+                bar.update(1)
+        flops = gla_mixing_flops(length, H, Hkv, D, D, config.gla_chunk_size)
+        row["flops"] = flops
+        row["chunk_gflops"] = flops / row["chunk_s"] / 1e9
+        for name in ("naive", "recurrent"):
+            if name in outputs:
+                row[f"speedup_vs_{name}"] = row[f"{name}_s"] / row["chunk_s"]
+                row[f"max_abs_diff_vs_{name}"] = float((outputs["chunk"].float() - outputs[name].float()).abs().max())
+        rows.append(row)
+    return rows
+
+
+def _bench_prefill(args, config, lengths, bar) -> list[dict]:
+    """Prefill tokens/s and achieved GFLOP/s of a random model at each length.
+
+    The reference length is measured again after the longest one (when it is shorter) and
+    its figures use the median of all its runs, so a machine that slows down or speeds up
+    during the run does not bias the long/reference ratio.
+    """
+    import torch
+
+    from ..model.modeling import SpikingBrainForCausalLM
+    from .common import load_average, time_call
+    from .flops import prefill_flops
+
+    bar.set_postfix_str("building model")
+    torch.manual_seed(args.seed)
+    model = SpikingBrainForCausalLM(config).eval()
+    gen = torch.Generator().manual_seed(args.seed)
+    inputs = {length: torch.randint(0, config.vocab_size, (1, length), generator=gen) for length in lengths}
+    rows: dict[int, dict] = {}
+
+    def measure(length: int, warmup: int) -> dict:
+        bar.set_postfix_str(f"prefill T={length}")
+        ids = inputs[length]
+        timing = time_call(
+            lambda: model(ids, use_cache=True, logits_to_keep=1), repeats=args.repeats, warmup=warmup, max_seconds=args.max_seconds
+        )
+        bar.update(1)
+        return {**timing, "load_average": load_average()}
+
+    with torch.inference_mode():
+        model(inputs[min(lengths)], use_cache=True, logits_to_keep=1)
+        for length in lengths:
+            timing = measure(length, warmup=1 if length <= args.ref_length else 0)
+            rows[length] = {
+                "length": length,
+                "times_s": timing["times_s"],
+                "cpu_per_wall": timing["cpu_per_wall"],
+                "load_average": timing["load_average"],
+            }
+        if _bracketed(lengths, args.ref_length):
+            again = measure(args.ref_length, warmup=0)
+            row = rows[args.ref_length]
+            row["first_median_s"] = statistics.median(row["times_s"])
+            row["again_median_s"] = again["median_s"]
+            row["times_s"] = row["times_s"] + again["times_s"]
+            row["load_average_again"] = again["load_average"]
+    for length, row in rows.items():
+        flops = prefill_flops(config, length, logits_to_keep=1)
+        seconds = statistics.median(row["times_s"])
+        row.update(
+            seconds=seconds,
+            runs=len(row["times_s"]),
+            tokens_per_s=length / seconds,
+            flops=flops["total"],
+            flops_by_kind=flops,
+            gflops=flops["total"] / seconds / 1e9,
+        )
+    return [rows[length] for length in lengths]
+
+
+def _bracketed(lengths: list[int], ref_length: int) -> bool:
+    """Whether the reference length is measured a second time, after the longest length."""
+    return ref_length in lengths and max(lengths) > ref_length
+
+
+def _targets(prefill: list[dict], peak_gflops: float, ref_length: int) -> dict:
+    """The scaling and efficiency ratios with their targets."""
+    by_length = {row["length"]: row for row in prefill}
+    longest = max(by_length)
+    ref = ref_length if ref_length in by_length and ref_length != longest else min(by_length)
+    scaling = by_length[longest]["tokens_per_s"] / by_length[ref]["tokens_per_s"]
+    efficiency = by_length[longest]["gflops"] / peak_gflops
+    return {
+        "scaling": {
+            "name": f"tokens/s at {longest} / tokens/s at {ref}",
+            "long_length": longest,
+            "ref_length": ref,
+            "value": scaling,
+            "target": SCALING_TARGET,
+            "pass": bool(scaling >= SCALING_TARGET),
+        },
+        "efficiency": {
+            "name": f"achieved GFLOP/s at {longest} / matmul peak",
+            "length": longest,
+            "value": efficiency,
+            "target": EFFICIENCY_TARGET,
+            "pass": bool(efficiency >= EFFICIENCY_TARGET),
+        },
+    }
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Run the benchmark described by ``args`` and write its JSON (and PNG); return the result."""
+    import torch
+
+    from .common import load_average, machine_info, matmul_peak, progress, set_threads, write_json
+
+    threads = set_threads(args.threads)
+    lengths = sorted(set(args.lengths or (QUICK_LENGTHS if args.quick else DEFAULT_LENGTHS)))
+    gla_lengths = sorted(set(args.gla_lengths or (QUICK_GLA_LENGTHS if args.quick else DEFAULT_GLA_LENGTHS)))
+    if len(args.peak_size) != 3:
+        raise ValueError(f"--peak-size needs M,K,N (three integers), got {args.peak_size}")
+    repeats = min(args.repeats, 2) if args.quick else args.repeats
+    args = argparse.Namespace(**{**vars(args), "repeats": repeats})
+    config = _config(args)
+    n_gla_runs = sum(3 if t <= args.naive_max_length else 1 for t in gla_lengths)
+    started = time.time()
+    load_start = load_average()
+    n_prefill_runs = len(lengths) + _bracketed(lengths, args.ref_length)
+    with progress(2 + n_gla_runs + n_prefill_runs, "bench kernels") as bar:
+        bar.set_postfix_str("matmul peak")
+        peak_start = matmul_peak(*args.peak_size, repeats=5 if not args.quick else 3)
+        bar.update(1)
+        gla = _bench_gla(args, config, gla_lengths, bar)
+        prefill = _bench_prefill(args, config, lengths, bar)
+        bar.set_postfix_str("matmul peak")
+        peak_end = matmul_peak(*args.peak_size, repeats=5 if not args.quick else 3)
+        bar.update(1)
+    peak = max(peak_start["gflops"], peak_end["gflops"])
+    for row in prefill:
+        row["fraction_of_peak"] = row["gflops"] / peak
+    result = {
+        "benchmark": "kernels",
+        "argv": list(sys.argv),
+        "machine": {**machine_info(), "torch_threads": threads},
+        "wall_seconds": time.time() - started,
+        "load_average": {"start": load_start, "end": load_average()},
+        "settings": {
+            "quick": bool(args.quick),
+            "lengths": lengths,
+            "gla_lengths": gla_lengths,
+            "repeats": repeats,
+            "max_seconds": args.max_seconds,
+            "window": config.sliding_window,
+            "attention_window": config.attention_window,
+            "streaming_chunk_size": config.streaming_chunk_size,
+            "gla_chunk_size": config.gla_chunk_size,
+            "dtype": str(torch.get_default_dtype()).replace("torch.", ""),
+        },
+        "model": {
+            "hidden_size": config.hidden_size,
+            "num_hidden_layers": config.num_hidden_layers,
+            "num_attention_heads": config.num_attention_heads,
+            "num_key_value_heads": config.num_key_value_heads,
+            "head_dim": config.head_dim,
+            "intermediate_size": config.intermediate_size,
+            "vocab_size": config.vocab_size,
+            "layer_mixers": config.layer_mixers,
+        },
+        "peak": {"gflops": peak, "start": peak_start, "end": peak_end},
+        "gla_kernels": gla,
+        "prefill": prefill,
+        "targets": _targets(prefill, peak, args.ref_length),
+    }
+    out = Path(args.out)
+    result["files"] = {"json": str(out / "kernels.json")}
+    if not args.no_plot:
+        result["files"]["png"] = str(plot(result, out / "kernels.png"))
+    write_json(out / "kernels.json", result)
+    return result
+
+
+def plot(result: dict, path: Path) -> Path:
+    """Tokens/s and percent of the matmul peak against prefill length (log-x), as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["prefill"]
+    x = [r["length"] for r in rows]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    ax1.plot(x, [r["tokens_per_s"] for r in rows], "o-", color="tab:blue")
+    ax1.set_ylabel("prefill tokens/s")
+    ax1.set_ylim(bottom=0)
+    ax2.plot(x, [100 * r["fraction_of_peak"] for r in rows], "o-", color="tab:green", label="achieved")
+    ax2.axhline(100 * EFFICIENCY_TARGET, color="gray", ls="--", label="target 50 %")
+    ax2.set_ylabel("% of measured fp32 matmul peak")
+    ax2.set_ylim(0, 100)
+    ax2.legend(loc="lower right")
+    for ax in (ax1, ax2):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(x, [f"{n // 1024}k" if n % 1024 == 0 else str(n) for n in x])
+        ax.set_xlabel("prompt length (tokens)")
+        ax.grid(True, alpha=0.3)
+    m, s = result["machine"], result["settings"]
+    fig.suptitle(
+        f"SpikingBrain prefill, {result['model']['num_hidden_layers']} layers hidden {result['model']['hidden_size']}, "
+        f"window {s['window']}; {m['nproc']} cores, {m['torch_threads']} threads, peak {result['peak']['gflops']:.0f} GFLOP/s",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _fmt_len(n: int) -> str:
+    return f"{n // 1024}k" if n % 1024 == 0 else str(n)
+
+
+def format_report(result: dict) -> str:
+    """The readable table of a result from :func:`run`."""
+    m, s, peak = result["machine"], result["settings"], result["peak"]
+    lines = [
+        f"machine: {m['cpu']}, nproc {m['nproc']}, torch {m['torch']} with {m['torch_threads']} threads",
+        f"matmul peak (fp32 {'x'.join(map(str, peak['start']['shape']))}): {peak['gflops']:.1f} GFLOP/s "
+        f"(start {peak['start']['gflops']:.1f}, end {peak['end']['gflops']:.1f})",
+        "",
+        f"GLA kernels, H={result['model']['num_attention_heads']} Hkv={result['model']['num_key_value_heads']} "
+        f"D={result['model']['head_dim']}, chunk {s['gla_chunk_size']} (ms per call)",
+        f"{'T':>7} {'chunk':>10} {'recurrent':>10} {'naive':>10} {'chunk/naive':>12} {'chunk/recur':>12} {'chunk GF/s':>11}",
+    ]
+    for r in result["gla_kernels"]:
+        def ms(key):
+            return f"{1000 * r[key]:10.1f}" if key in r else f"{'-':>10}"
+
+        def ratio(key):
+            return f"{r[key]:11.1f}x" if key in r else f"{'-':>12}"
+
+        lines.append(
+            f"{_fmt_len(r['length']):>7} {ms('chunk_s')} {ms('recurrent_s')} {ms('naive_s')} "
+            f"{ratio('speedup_vs_naive')} {ratio('speedup_vs_recurrent')} {r['chunk_gflops']:11.2f}"
+        )
+    lines += [
+        "",
+        f"Prefill, random model: {result['model']['num_hidden_layers']} layers, hidden {result['model']['hidden_size']}, "
+        f"window {s['window']}, streaming step {s['streaming_chunk_size']}, logits_to_keep=1",
+        f"{'T':>7} {'seconds':>9} {'runs':>5} {'tokens/s':>10} {'GFLOP/token':>12} {'GFLOP/s':>9} {'% peak':>7} {'cpu/wall':>9}",
+    ]
+    for r in result["prefill"]:
+        lines.append(
+            f"{_fmt_len(r['length']):>7} {r['seconds']:9.2f} {r['runs']:5d} {r['tokens_per_s']:10.1f} "
+            f"{r['flops'] / r['length'] / 1e9:12.4f} {r['gflops']:9.1f} {100 * r['fraction_of_peak']:6.1f}% {r['cpu_per_wall']:9.2f}"
+        )
+    for r in result["prefill"]:
+        if "again_median_s" in r:
+            lines.append(
+                f"{_fmt_len(r['length'])} was measured before and after the longer lengths: "
+                f"{r['length'] / r['first_median_s']:.1f} and {r['length'] / r['again_median_s']:.1f} tokens/s; "
+                f"the table uses the median of all {r['runs']} runs"
+            )
+    load = result.get("load_average") or {}
+    lines.append(
+        f"cpu/wall: process CPU seconds per wall second ({m['torch_threads']} = all threads busy); "
+        f"load average at start {load.get('start')}, end {load.get('end')}"
+    )
+    lines += ["", f"{'target':<46} {'measured':>9} {'target':>8}  result"]
+    for t in result["targets"].values():
+        lines.append(f"{t['name']:<46} {t['value']:9.3f} {'>= ' + format(t['target'], '.2f'):>8}  {'PASS' if t['pass'] else 'MISS'}")
+    return "\n".join(lines)
+
+
+def _main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="spikingbrain bench")
+    register(parser.add_subparsers(dest="bench", required=True))
+    args = parser.parse_args(["kernels", *(argv if argv is not None else sys.argv[1:])])
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(_main())
