@@ -64,6 +64,8 @@ def test_quick_run_writes_json_and_plot(tmp_path, capsys):
         for key in ("seconds", "tokens_per_s", "flops", "gflops", "fraction_of_peak"):
             assert _positive(row[key]), key
         assert row["flops_by_kind"]["total"] == row["flops"]
+    assert len(prefill[160]["step_seconds"]) == 3 and all(_positive(t) for t in prefill[160]["step_seconds"])
+    assert prefill[48]["step_spread"] is None  # one step: nothing to compare
     # The reference length is measured again after the longest one; its figures use all runs.
     assert prefill[48]["runs"] == 2 and _positive(prefill[48]["again_median_s"])
     config = SpikingBrainConfig(

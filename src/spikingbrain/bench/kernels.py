@@ -182,7 +182,9 @@ def _bench_prefill(args, config, lengths, bar) -> list[dict]:
 
     The reference length is measured again after the longest one (when it is shorter) and
     its figures use the median of all its runs, so a machine that slows down or speeds up
-    during the run does not bias the long/reference ratio.
+    during the run does not bias the long/reference ratio. ``step_seconds`` are the times
+    of the streaming steps of the last run; ``step_spread`` (slowest / fastest full step after the
+    first, which also runs the causal prefix) is about 1 on a machine of constant speed.
     """
     import torch
 
@@ -197,14 +199,22 @@ def _bench_prefill(args, config, lengths, bar) -> list[dict]:
     inputs = {length: torch.randint(0, config.vocab_size, (1, length), generator=gen) for length in lengths}
     rows: dict[int, dict] = {}
 
+    # Start times of the inner model's calls: one per streaming step of a long prefill.
+    step_starts: list[float] = []
+    model.model.register_forward_pre_hook(lambda module, inputs: step_starts.append(time.perf_counter()))
+
+    def prefill(ids: torch.Tensor) -> None:
+        step_starts.clear()
+        model(ids, use_cache=True, logits_to_keep=1)
+        step_starts.append(time.perf_counter())
+
     def measure(length: int, warmup: int) -> dict:
         bar.set_postfix_str(f"prefill T={length}")
         ids = inputs[length]
-        timing = time_call(
-            lambda: model(ids, use_cache=True, logits_to_keep=1), repeats=args.repeats, warmup=warmup, max_seconds=args.max_seconds
-        )
+        timing = time_call(lambda: prefill(ids), repeats=args.repeats, warmup=warmup, max_seconds=args.max_seconds)
         bar.update(1)
-        return {**timing, "load_average": load_average()}
+        steps = [b - a for a, b in zip(step_starts, step_starts[1:])]  # of the last timed call
+        return {**timing, "load_average": load_average(), "step_seconds": steps}
 
     with torch.inference_mode():
         model(inputs[min(lengths)], use_cache=True, logits_to_keep=1)
@@ -215,6 +225,7 @@ def _bench_prefill(args, config, lengths, bar) -> list[dict]:
                 "times_s": timing["times_s"],
                 "cpu_per_wall": timing["cpu_per_wall"],
                 "load_average": timing["load_average"],
+                "step_seconds": timing["step_seconds"],
             }
         if _bracketed(lengths, args.ref_length):
             again = measure(args.ref_length, warmup=0)
@@ -226,6 +237,9 @@ def _bench_prefill(args, config, lengths, bar) -> list[dict]:
     for length, row in rows.items():
         flops = prefill_flops(config, length, logits_to_keep=1)
         seconds = statistics.median(row["times_s"])
+        full_steps = length // config.streaming_chunk_size if length > config.streaming_chunk_size else 1
+        steady = row["step_seconds"][1:full_steps]  # full steps after the first all do the same work
+        row["step_spread"] = max(steady) / min(steady) if len(steady) > 1 else None
         row.update(
             seconds=seconds,
             runs=len(row["times_s"]),
@@ -406,12 +420,13 @@ def format_report(result: dict) -> str:
         "",
         f"Prefill, random model: {result['model']['num_hidden_layers']} layers, hidden {result['model']['hidden_size']}, "
         f"window {s['window']}, streaming step {s['streaming_chunk_size']}, logits_to_keep=1",
-        f"{'T':>7} {'seconds':>9} {'runs':>5} {'tokens/s':>10} {'GFLOP/token':>12} {'GFLOP/s':>9} {'% peak':>7} {'cpu/wall':>9}",
+        f"{'T':>7} {'seconds':>9} {'runs':>5} {'tokens/s':>10} {'GFLOP/token':>12} {'GFLOP/s':>9} {'% peak':>7} {'cpu/wall':>9} {'step spread':>12}",
     ]
     for r in result["prefill"]:
         lines.append(
             f"{_fmt_len(r['length']):>7} {r['seconds']:9.2f} {r['runs']:5d} {r['tokens_per_s']:10.1f} "
-            f"{r['flops'] / r['length'] / 1e9:12.4f} {r['gflops']:9.1f} {100 * r['fraction_of_peak']:6.1f}% {r['cpu_per_wall']:9.2f}"
+            f"{r['flops'] / r['length'] / 1e9:12.4f} {r['gflops']:9.1f} {100 * r['fraction_of_peak']:6.1f}% {r['cpu_per_wall']:9.2f} "
+            f"{'-' if r['step_spread'] is None else format(r['step_spread'], '.2f'):>12}"
         )
     for r in result["prefill"]:
         if "again_median_s" in r:
@@ -420,6 +435,9 @@ def format_report(result: dict) -> str:
                 f"{r['length'] / r['first_median_s']:.1f} and {r['length'] / r['again_median_s']:.1f} tokens/s; "
                 f"the table uses the median of all {r['runs']} runs"
             )
+    lines.append(
+        "step spread: slowest / fastest streaming step of identical work (about 1.0 = the machine kept its speed)"
+    )
     load = result.get("load_average") or {}
     lines.append(
         f"cpu/wall: process CPU seconds per wall second ({m['torch_threads']} = all threads busy); "
