@@ -33,8 +33,8 @@ def _tail(mask: torch.Tensor | None, length: int) -> torch.Tensor | None:
     return None if mask is None else mask[:, mask.shape[1] - length :]
 
 
-class GatedLinearAttention(nn.Module):
-    """SpikingBrain-7B linear attention: ReLU features, low-rank log-sigmoid gate, per-head RMSNorm."""
+class _Projections(nn.Module):
+    """The q/k/v (optional bias) and o (no bias) projections every mixer reuses from a Transformer."""
 
     def __init__(self, config: SpikingBrainConfig):
         super().__init__()
@@ -44,11 +44,28 @@ class GatedLinearAttention(nn.Module):
         self.q_proj = nn.Linear(hidden, self.num_heads * D, bias=bias)
         self.k_proj = nn.Linear(hidden, self.num_kv_heads * D, bias=bias)
         self.v_proj = nn.Linear(hidden, self.num_kv_heads * D, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * D, hidden, bias=False)
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q ``[B, T, H, D]``, k and v ``[B, T, Hkv, D]``."""
+        B, T, _ = x.shape
+        return (
+            self.q_proj(x).view(B, T, self.num_heads, self.head_dim),
+            self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim),
+            self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim),
+        )
+
+
+class GatedLinearAttention(_Projections):
+    """SpikingBrain-7B linear attention: ReLU features, low-rank log-sigmoid gate, per-head RMSNorm."""
+
+    def __init__(self, config: SpikingBrainConfig):
+        super().__init__(config)
+        hidden, D = config.hidden_size, config.head_dim
         self.gk_proj = nn.Sequential(
             nn.Linear(hidden, config.gla_gate_rank, bias=False),
             nn.Linear(config.gla_gate_rank, self.num_kv_heads * D, bias=True),
         )
-        self.o_proj = nn.Linear(self.num_heads * D, hidden, bias=False)
         self.g_norm = RMSNorm(D, eps=config.rms_norm_eps) if config.gla_output_norm else nn.Identity()
         self.feature_map = nn.ReLU() if config.gla_feature_map == "relu" else nn.Identity()
         self.gate_normalizer = config.gla_gate_normalizer
@@ -56,9 +73,8 @@ class GatedLinearAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, inputs: MixerInputs, cache: GLAState | None) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.feature_map(self.q_proj(x)).view(B, T, self.num_heads, self.head_dim)
-        k = self.feature_map(self.k_proj(x)).view(B, T, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        q, k, v = self.project(x)
+        q, k = self.feature_map(q), self.feature_map(k)
         g = (F.logsigmoid(self.gk_proj(x).float()) / self.gate_normalizer).view(B, T, self.num_kv_heads, self.head_dim)
         mask = _tail(inputs.key_mask, T)
         if mask is not None:  # padded positions neither write to nor decay the state
@@ -76,25 +92,16 @@ class GatedLinearAttention(nn.Module):
         return self.o_proj(o)
 
 
-class SoftmaxAttention(nn.Module):
+class SoftmaxAttention(_Projections):
     """Qwen2-style attention with RoPE and GQA, over a sliding window (``swa``) or all keys (``full``)."""
 
     def __init__(self, config: SpikingBrainConfig, mixer: str):
-        super().__init__()
-        hidden, D = config.hidden_size, config.head_dim
-        self.num_heads, self.num_kv_heads, self.head_dim = config.num_attention_heads, config.num_key_value_heads, D
-        bias = config.attention_bias
-        self.q_proj = nn.Linear(hidden, self.num_heads * D, bias=bias)
-        self.k_proj = nn.Linear(hidden, self.num_kv_heads * D, bias=bias)
-        self.v_proj = nn.Linear(hidden, self.num_kv_heads * D, bias=bias)
-        self.o_proj = nn.Linear(self.num_heads * D, hidden, bias=False)
+        super().__init__(config)
         self.window = config.attention_window if mixer == "swa" else None
 
     def forward(self, x: torch.Tensor, inputs: MixerInputs, cache: WindowKV | FullKV | None) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        q, k, v = self.project(x)
         q, k = apply_rotary(q, inputs.cos, inputs.sin), apply_rotary(k, inputs.cos, inputs.sin)
         if cache is not None:
             k, v = cache.extend(k, v)

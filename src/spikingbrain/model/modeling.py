@@ -41,6 +41,7 @@ class SpikingBrainPreTrainedModel(PreTrainedModel):
 
     config_class = SpikingBrainConfig
     base_model_prefix = "model"
+    _input_embed_layer = "embeddings"  # the release's name (transformers' accessors look it up)
     supports_gradient_checkpointing = True
     _no_split_modules = ["HybridBlock"]
 
@@ -109,12 +110,6 @@ class SpikingBrainModel(SpikingBrainPreTrainedModel):
         self.gradient_checkpointing = False
         self.post_init()
 
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.embeddings
-
-    def set_input_embeddings(self, value: nn.Embedding) -> None:
-        self.embeddings = value
-
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -168,18 +163,6 @@ class SpikingBrainForCausalLM(SpikingBrainPreTrainedModel, GenerationMixin):
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
         return False  # the model builds its own SpikingBrainCache
-
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.model.embeddings
-
-    def set_input_embeddings(self, value: nn.Embedding) -> None:
-        self.model.embeddings = value
-
-    def get_output_embeddings(self) -> nn.Linear:
-        return self.lm_head
-
-    def set_output_embeddings(self, value: nn.Linear) -> None:
-        self.lm_head = value
 
     def save_pretrained(self, save_directory, *args, official_format: bool = False, **kwargs):
         """Save in our format, or (``official_format=True``) in the released SpikingBrain-7B layout."""
