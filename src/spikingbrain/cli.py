@@ -100,15 +100,20 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    import copy
+
     import torch
 
+    from .model import alternating_layers
+    from .model.info import kv_cache_bytes, state_bytes
     from .model.loading import load_model, load_tokenizer
 
     print("spikingbrain demo: the embedded SmolLM2-135M-Instruct through SpikingBrain's model code", file=sys.stderr)
     tokenizer = load_tokenizer("default")
     start = time.perf_counter()
     model = load_model("default")
-    print(f"loaded in {time.perf_counter() - start:.1f} s: layers {model.config.layer_mixers.count('full')} full", file=sys.stderr)
+    layers = model.config.num_hidden_layers
+    print(f"loaded in {time.perf_counter() - start:.1f} s ({layers} layers, all full attention, as imported)", file=sys.stderr)
     prompt = "What is the capital of France?"
     ids = tokenizer.apply_chat_template(
         [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
@@ -121,6 +126,14 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     print(f"prompt: {prompt}")
     print(f"answer: {tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()}")
     print(f"{new} tokens in {seconds:.2f} s ({new / seconds:.1f} tokens/s, prefill included)")
+    hybrid = copy.deepcopy(model.config)
+    hybrid.layer_mixers, hybrid.sliding_window = alternating_layers(layers), 2048
+    length = 131072
+    print(
+        f"memory per sequence at {length} tokens: KV cache of this model {kv_cache_bytes(model.config, length) / 2**20:.0f} MiB; "
+        f"the same shapes in the SpikingBrain-7B layout (GLA / 2048-token window, alternating) "
+        f"{state_bytes(hybrid, length) / 2**20:.1f} MiB"
+    )
     return 0
 
 
