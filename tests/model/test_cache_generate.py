@@ -46,6 +46,22 @@ def test_pieces_through_the_cache_equal_one_shot(tiny_model, pieces, grad):
     assert_close(logits, reference_logits(model.state_dict(), spec_for(model.config), ids), TOL, f"pieces {pieces}")
 
 
+@pytest.mark.parametrize("step", [5, 40], ids=["streamed", "one-shot"])
+def test_mask_of_only_the_new_tokens_continues_positions(tiny_model, step):
+    """With a cache, an all-ones mask that covers only the new tokens means an unpadded past."""
+    model = tiny_model(MIXED)
+    model.config.streaming_chunk_size = step
+    ids = random_ids(2, 40)
+    cache, logits = None, []
+    with torch.no_grad():
+        for start, size in ((0, 25), (25, 15)):
+            piece = ids[:, start : start + size]
+            out = model(piece, attention_mask=torch.ones_like(piece), cache=cache, use_cache=True)
+            cache = out.cache
+            logits.append(out.logits)
+    assert_close(torch.cat(logits, 1), reference_logits(model.state_dict(), spec_for(model.config), ids), TOL, "mask of new tokens")
+
+
 def test_cache_sizes(tiny_model):
     """GLA state and SWA window stop growing once the window is full; a full-attention cache grows linearly."""
     model = tiny_model(MIXED)  # 2 kv heads, head_dim 8, flash window 5 -> 5 cached keys

@@ -81,22 +81,22 @@ class SpikingBrainPreTrainedModel(PreTrainedModel):
                     init.zeros_(linear.bias)
 
 
-def _positions(attention_mask: torch.Tensor | None, past: int, length: int, batch: int, device) -> torch.Tensor:
+def _mask_over(attention_mask: torch.Tensor | None, total: int) -> torch.Tensor | None:
+    """The 2-D mask over all ``total`` positions (past + new): a mask that covers only the
+    newest positions is extended with ones on the left (the cached past was not padded)."""
+    if attention_mask is None or attention_mask.shape[1] == total:
+        return attention_mask
+    if attention_mask.shape[1] > total:
+        return attention_mask[:, attention_mask.shape[1] - total :]
+    ones = attention_mask.new_ones(attention_mask.shape[0], total - attention_mask.shape[1])
+    return torch.cat((ones, attention_mask), dim=1)
+
+
+def _positions(mask: torch.Tensor | None, past: int, length: int, batch: int, device) -> torch.Tensor:
     """Rotary positions of the new tokens: counted over real tokens when a padding mask is given."""
-    if attention_mask is None:
+    if mask is None:
         return torch.arange(past, past + length, device=device).expand(batch, length)
-    positions = attention_mask.long().cumsum(-1) - 1
-    return positions[:, -length:].clamp(min=0)
-
-
-def _key_mask(attention_mask: torch.Tensor | None, total: int) -> torch.Tensor | None:
-    """Boolean mask over all ``total`` positions (past + new), or None when nothing is padded."""
-    if attention_mask is None or bool(attention_mask.all()):
-        return None
-    mask = attention_mask.bool()
-    if mask.shape[1] < total:  # a mask that covers only the new tokens: the past was not padded
-        mask = torch.cat((mask.new_ones(mask.shape[0], total - mask.shape[1]), mask), dim=1)
-    return mask[:, mask.shape[1] - total :]
+    return (mask.long().cumsum(-1) - 1)[:, -length:].clamp(min=0)
 
 
 class SpikingBrainModel(SpikingBrainPreTrainedModel):
@@ -134,10 +134,12 @@ class SpikingBrainModel(SpikingBrainPreTrainedModel):
                 f"sequence of {past + T} tokens exceeds max_sequence_length={limit} in the model config; "
                 "shorten the input or raise max_sequence_length (null = unlimited)"
             )
+        mask = _mask_over(attention_mask, past + T)
         if position_ids is None:
-            position_ids = _positions(attention_mask, past, T, B, x.device)
+            position_ids = _positions(mask, past, T, B, x.device)
         cos, sin = rotary_cos_sin(position_ids, rotary_inv_freq(self.config.head_dim, self.config.rope_theta, x.device))
-        inputs = MixerInputs(cos=cos.to(x.dtype), sin=sin.to(x.dtype), key_mask=_key_mask(attention_mask, past + T))
+        key_mask = None if mask is None or bool(mask.all()) else mask.bool()
+        inputs = MixerInputs(cos=cos.to(x.dtype), sin=sin.to(x.dtype), key_mask=key_mask)
         for i, layer in enumerate(self.layers):
             layer_cache = None if cache is None else cache.layers[i]
             if self.gradient_checkpointing and self.training:
@@ -189,57 +191,40 @@ class SpikingBrainForCausalLM(SpikingBrainPreTrainedModel, GenerationMixin):
         past_key_values: SpikingBrainCache | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
-        """Logits (and loss with ``labels``); long inputs stream through the cache in inference mode."""
+        """Logits (and loss with ``labels``); long inputs stream through the cache in inference mode.
+
+        Under ``no_grad`` an input longer than ``config.streaming_chunk_size`` runs chunk by chunk
+        through the cache (a temporary one when ``use_cache`` is off), keeping only the hidden
+        states whose logits are asked for, so memory does not grow with the input's length.
+        """
         cache = past_key_values if cache is None else cache
         use_cache = self.config.use_cache if use_cache is None else use_cache
-        inputs = input_ids if input_ids is not None else inputs_embeds
-        T = 0 if inputs is None else inputs.shape[1]
+        source = input_ids if input_ids is not None else inputs_embeds
+        T = 0 if source is None else source.shape[1]
+        step = T
         if not torch.is_grad_enabled() and T > self.config.streaming_chunk_size:
-            hidden, cache = self._streaming_prefill(
-                input_ids, inputs_embeds, attention_mask, position_ids, cache, logits_to_keep, labels is not None
-            )
-        else:
+            step = self.config.streaming_chunk_size
+            cache = self.new_cache() if cache is None else cache
+        past = 0 if cache is None else cache.seen_tokens
+        mask = _mask_over(attention_mask, past + T)
+        first_kept = T - logits_to_keep if logits_to_keep and labels is None else 0
+        kept = []
+        for start in range(0, max(T, 1), max(step, 1)):
+            end = start + step
             out = self.model(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
+                input_ids=None if input_ids is None else input_ids[:, start:end],
+                inputs_embeds=None if inputs_embeds is None else inputs_embeds[:, start:end],
+                attention_mask=None if mask is None else mask[:, : past + min(end, T)],
+                position_ids=None if position_ids is None else position_ids[:, start:end],
                 cache=cache,
-                inputs_embeds=inputs_embeds,
-                use_cache=use_cache,
+                use_cache=use_cache or cache is not None,
             )
-            hidden, cache = out.last_hidden_state, out.cache
-            if logits_to_keep and labels is None:
-                hidden = hidden[:, -logits_to_keep:]
+            cache = out.cache
+            if end > first_kept:
+                kept.append(out.last_hidden_state[:, max(0, first_kept - start) :])
+        hidden = kept[0] if len(kept) == 1 else torch.cat(kept, dim=1)
         logits = self.lm_head(hidden)
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache if use_cache else None)
-
-    def _streaming_prefill(self, input_ids, inputs_embeds, attention_mask, position_ids, cache, logits_to_keep, keep_all):
-        """Run a long input chunk by chunk through the cache, keeping only the hidden states asked for."""
-        if cache is None:
-            cache = self.new_cache()
-        source = input_ids if input_ids is not None else inputs_embeds
-        B, T = source.shape[:2]
-        past = cache.seen_tokens
-        if attention_mask is not None and attention_mask.shape[1] < past + T:
-            attention_mask = torch.cat(
-                (attention_mask.new_ones(B, past + T - attention_mask.shape[1]), attention_mask), dim=1
-            )
-        first_kept = 0 if (keep_all or not logits_to_keep) else T - logits_to_keep
-        kept = []
-        step = self.config.streaming_chunk_size
-        for start in range(0, T, step):
-            end = min(T, start + step)
-            out = self.model(
-                input_ids=None if input_ids is None else input_ids[:, start:end],
-                inputs_embeds=None if inputs_embeds is None else inputs_embeds[:, start:end],
-                attention_mask=None if attention_mask is None else attention_mask[:, : past + end],
-                position_ids=None if position_ids is None else position_ids[:, start:end],
-                cache=cache,
-                use_cache=True,
-            )
-            if end > first_kept:
-                kept.append(out.last_hidden_state[:, max(0, first_kept - start) :])
-        return torch.cat(kept, dim=1), cache
