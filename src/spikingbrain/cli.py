@@ -29,8 +29,6 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     tokenizer = load_tokenizer(args.model)
     model = load_model(args.model)
-    if args.max_prompt_tokens is not None:
-        model.config.max_sequence_length = args.max_prompt_tokens + args.max_new_tokens
     if args.chat and tokenizer.chat_template:
         messages = [{"role": "user", "content": args.prompt}]
         ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]

@@ -8,24 +8,12 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig
 
-from .checkpoint import CheckpointError, read_config
 from .config import SpikingBrainConfig
-from .hf_import import TRANSFORMER_FAMILIES, config_from_transformer
-from .loading import NATIVE_TYPES, resolve_folder
+from .hf_import import config_from_transformer
+from .loading import read_source_config, resolve_folder
 from .modeling import SpikingBrainForCausalLM
 
-__all__ = ["load_config", "state_bytes", "kv_cache_bytes", "model_info"]
-
-
-def load_config(ref: str | Path) -> SpikingBrainConfig:
-    """The SpikingBrain config of a model reference (Llama-family folders as all-full layers)."""
-    folder = resolve_folder(ref)
-    raw = read_config(folder)
-    if raw["model_type"] in NATIVE_TYPES:
-        return AutoConfig.from_pretrained(folder)
-    if raw["model_type"] in TRANSFORMER_FAMILIES:
-        return config_from_transformer(raw, path=str(folder / "config.json"))
-    raise CheckpointError(f"{folder / 'config.json'}: model_type {raw['model_type']!r} is not supported")
+__all__ = ["state_bytes", "kv_cache_bytes", "model_info"]
 
 
 def state_bytes(config: SpikingBrainConfig, length: int, kv_bytes_per_value: int = 4) -> int:
@@ -49,8 +37,10 @@ def kv_cache_bytes(config: SpikingBrainConfig, length: int, kv_bytes_per_value: 
 
 def model_info(ref: str | Path, length: int = 131072) -> dict:
     """A summary of a model for ``spikingbrain info``."""
-    config = load_config(ref)
-    source_type = read_config(resolve_folder(ref))["model_type"]
+    folder = resolve_folder(ref)
+    raw, native = read_source_config(folder)
+    config = AutoConfig.from_pretrained(folder) if native else config_from_transformer(raw, path=str(folder / "config.json"))
+    source_type = raw["model_type"]
     with torch.device("meta"):
         model = SpikingBrainForCausalLM(config)
     params = sum(p.numel() for p in model.parameters())
@@ -58,7 +48,7 @@ def model_info(ref: str | Path, length: int = 131072) -> dict:
     return {
         "model": str(ref),
         "model_type": source_type,
-        "loaded_as": "SpikingBrain" if source_type in NATIVE_TYPES else "SpikingBrain with all layers full (imported)",
+        "loaded_as": "SpikingBrain" if native else "SpikingBrain with all layers full (imported)",
         "layers": config.num_hidden_layers,
         "layer_mixers": dict(Counter(config.layer_mixers)),
         "layer_layout": "".join({"gla": "L", "swa": "S", "full": "F"}[m] for m in config.layer_mixers),

@@ -13,7 +13,7 @@ from .hf_import import TRANSFORMER_FAMILIES, load_transformer
 from .modeling import SpikingBrainForCausalLM
 from .official import GLAswaConfig
 
-__all__ = ["resolve_folder", "load_model", "load_tokenizer", "NATIVE_TYPES"]
+__all__ = ["resolve_folder", "read_source_config", "load_model", "load_tokenizer", "NATIVE_TYPES"]
 
 #: model_type values loaded directly into our classes.
 NATIVE_TYPES = (SpikingBrainConfig.model_type, GLAswaConfig.model_type)
@@ -28,19 +28,22 @@ def resolve_folder(ref: str | Path) -> Path:
     return Path(ref).expanduser()
 
 
+def read_source_config(folder: Path) -> tuple[dict, bool]:
+    """A folder's parsed config.json and whether it is native (loaded as is) or a Llama-family import."""
+    raw = read_config(folder)
+    if raw["model_type"] in NATIVE_TYPES + TRANSFORMER_FAMILIES:
+        return raw, raw["model_type"] in NATIVE_TYPES
+    raise CheckpointError(
+        f"{folder / 'config.json'}: model_type {raw['model_type']!r} is not supported; "
+        f"use a folder of type {list(NATIVE_TYPES + TRANSFORMER_FAMILIES)} or 'default'"
+    )
+
+
 def load_model(ref: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> SpikingBrainForCausalLM:
     """A SpikingBrain model (eval mode) for any supported reference; Llama-family folders load as all-``full`` layers."""
     folder = resolve_folder(ref)
-    model_type = read_config(folder)["model_type"]
-    if model_type in NATIVE_TYPES:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
-    elif model_type in TRANSFORMER_FAMILIES:
-        model = load_transformer(folder, dtype=dtype)
-    else:
-        raise CheckpointError(
-            f"{folder / 'config.json'}: model_type {model_type!r} is not supported; "
-            f"use a folder of type {list(NATIVE_TYPES + TRANSFORMER_FAMILIES)} or 'default'"
-        )
+    _, native = read_source_config(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype) if native else load_transformer(folder, dtype=dtype)
     return model.to(device).eval()
 
 

@@ -153,7 +153,7 @@ def save_official(model: SpikingBrainForCausalLM, folder: str | Path, max_shard_
     config = official_config_dict(model.config)
     state = {name: t.detach().contiguous() for name, t in model.state_dict().items()}
     state["lm_head.weight"] = state["lm_head.weight"].clone()  # the release never ties embeddings
-    for i, mixer in enumerate(model.config.layer_mixers):  # the release has q/k/v biases everywhere
+    for i in range(model.config.num_hidden_layers):  # the release has q/k/v biases everywhere
         for proj in ("q_proj", "k_proj", "v_proj"):
             name = f"model.layers.{i}.attn.{proj}"
             if f"{name}.bias" not in state:
