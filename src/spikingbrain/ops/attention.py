@@ -76,12 +76,26 @@ def sliding_window_attention(q, k, v, window: int, scale=None, key_padding_mask=
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
-def _band_mask(rows: int, block: int, keys: int, window: int, dtype, device) -> torch.Tensor:
-    """Additive mask ``[rows, keys]``: row ``r`` (query ``i = r % block`` of a block) sees columns ``i .. i + window``."""
-    row = torch.arange(rows, device=device).remainder(block).unsqueeze(1)
+def _band(block: int, groups: int, keys: int, window: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Band ``[groups*block, keys]`` (row ``r`` = query ``i = r % block`` of a block sees columns
+    ``i .. i + window``) and the diagonal (column ``i + window``: the query's own key)."""
+    row = torch.arange(groups * block, device=device).remainder(block).unsqueeze(1)
     col = torch.arange(keys, device=device).unsqueeze(0)
-    band = (col >= row) & (col <= row + window)
-    return torch.zeros(rows, keys, dtype=dtype, device=device).masked_fill(~band, float("-inf"))
+    return (col >= row) & (col <= row + window), col == row + window
+
+
+def _stack_query_blocks(q: torch.Tensor, Hkv: int, Bq: int, Nb: int) -> torch.Tensor:
+    """``[B, Tq, H, D]`` -> ``[B, Hkv, Nb, G*Bq, D]``: query heads of one key/value head stacked on rows."""
+    B, Tq, H, D = q.shape
+    q = F.pad(q, (0, 0, 0, 0, 0, Nb * Bq - Tq)).view(B, Nb, Bq, Hkv, H // Hkv, D)
+    return q.permute(0, 3, 1, 4, 2, 5).reshape(B, Hkv, Nb, H // Hkv * Bq, D)
+
+
+def _unstack_query_blocks(o: torch.Tensor, B: int, Tq: int, H: int, Hkv: int, Bq: int, Nb: int) -> torch.Tensor:
+    """Inverse of :func:`_stack_query_blocks` (any leading layout of ``B*Hkv*Nb`` rows)."""
+    D = o.shape[-1]
+    o = o.reshape(B, Hkv, Nb, H // Hkv, Bq, D).permute(0, 2, 4, 1, 3, 5).reshape(B, Nb * Bq, H, D)
+    return o[:, :Tq]
 
 
 def _banded_attention(q, k, v, window: int, scale: float, start: int, block_size: int) -> torch.Tensor:
@@ -107,12 +121,11 @@ def _banded_attention(q, k, v, window: int, scale: float, start: int, block_size
         return x.as_strided((B * Hkv, Nb, Lk, D), (L * D, Bq * D, D, 1))
 
     kw, vw = key_windows(k), key_windows(v)
-    qw = F.pad(q, (0, 0, 0, 0, 0, tail)).view(B, Nb, Bq, Hkv, G, D).permute(0, 3, 1, 4, 2, 5)
-    qw = qw.reshape(B * Hkv, Nb, G * Bq, D)
-    mask = _band_mask(G * Bq, Bq, Lk, window, q.dtype, q.device)
+    qw = _stack_query_blocks(q, Hkv, Bq, Nb).reshape(B * Hkv, Nb, G * Bq, D)
+    band, _ = _band(Bq, G, Lk, window, q.device)
+    mask = torch.zeros(band.shape, dtype=q.dtype, device=q.device).masked_fill(~band, float("-inf"))
     o = F.scaled_dot_product_attention(qw, kw, vw, attn_mask=mask, scale=scale)  # [B*Hkv, Nb, G*Bq, D]
-    o = o.view(B, Hkv, Nb, G, Bq, D).permute(0, 2, 4, 1, 3, 5).reshape(B, Nb * Bq, H, D)
-    return o[:, :Tq]
+    return _unstack_query_blocks(o, B, Tq, H, Hkv, Bq, Nb)
 
 
 def _sliding_window_masked(q, k, v, window: int, scale: float, key_padding_mask, block_size: int) -> torch.Tensor:
@@ -133,19 +146,13 @@ def _sliding_window_masked(q, k, v, window: int, scale: float, key_padding_mask,
         return w.reshape(B * Hkv * Nb, 1, Lk, D)
 
     kw, vw = key_windows(k), key_windows(v)
-    qp = F.pad(q, (0, 0, 0, 0, 0, tail)).view(B, Nb, Bq, Hkv, G, D)
-    qw = qp.permute(0, 3, 1, 4, 2, 5).reshape(B * Hkv * Nb, 1, G * Bq, D)
-
-    row = torch.arange(Bq, device=q.device).repeat(G).unsqueeze(1)  # query index inside its block
-    col = torch.arange(Lk, device=q.device).unsqueeze(0)
-    band = (col >= row) & (col <= row + window)  # [G*Bq, Lk]
+    qw = _stack_query_blocks(q, Hkv, Bq, Nb).reshape(B * Hkv * Nb, 1, G * Bq, D)
+    band, diagonal = _band(Bq, G, Lk, window, q.device)  # [G*Bq, Lk]
     valid = torch.zeros(B, window + Tk + tail, dtype=torch.bool, device=q.device)
     valid[:, window : window + Tk] = key_padding_mask.bool()
     vs = valid.stride()
     valid_w = valid.as_strided((B, Nb, Lk), (vs[0], Bq * vs[1], vs[1]), offset * vs[1])
-    diagonal = col == row + window
     mask = band & (valid_w.unsqueeze(2) | diagonal)  # [B, Nb, G*Bq, Lk]
     mask = mask.unsqueeze(1).expand(B, Hkv, Nb, G * Bq, Lk).reshape(-1, 1, G * Bq, Lk)
     o = F.scaled_dot_product_attention(qw, kw, vw, attn_mask=mask, scale=scale)
-    o = o.view(B, Hkv, Nb, G, Bq, D).permute(0, 2, 4, 1, 3, 5).reshape(B, Nb * Bq, H, D)
-    return o[:, :Tq]
+    return _unstack_query_blocks(o, B, Tq, H, Hkv, Bq, Nb)
