@@ -9,15 +9,6 @@ from torch.nn import functional as F
 __all__ = ["RMSNorm", "SwiGLU"]
 
 
-def _plain_linear(module: nn.Module) -> bool:
-    """True for an ``nn.Linear`` without hooks (its own or global): nothing else sees its output."""
-    from torch.nn.modules import module as module_mod
-
-    hooks = [module._forward_hooks, module._forward_pre_hooks]
-    hooks += [getattr(module_mod, name, None) for name in ("_global_forward_hooks", "_global_forward_pre_hooks")]
-    return type(module) is nn.Linear and not any(hooks)
-
-
 class RMSNorm(nn.Module):
     """Root-mean-square normalisation over the last dimension, computed in fp32."""
 
@@ -43,9 +34,7 @@ class SwiGLU(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_proj(x), self.up_proj(x)
-        if torch.is_grad_enabled() or not (_plain_linear(self.gate_proj) and _plain_linear(self.up_proj)):
-            return self.down_proj(F.silu(gate) * up)
-        # Inference on plain linears (no hook can hold their outputs): the same arithmetic with the
-        # activation and the product in place, saving two [tokens, intermediate] temporaries.
-        return self.down_proj(F.silu(gate, inplace=True).mul_(up))
+        hidden = F.silu(self.gate_proj(x))
+        # Without autograd the product can overwrite silu's fresh output: one [tokens, intermediate] temporary less.
+        hidden = hidden * self.up_proj(x) if torch.is_grad_enabled() else hidden.mul_(self.up_proj(x))
+        return self.down_proj(hidden)
