@@ -447,14 +447,3 @@ def format_report(result: dict) -> str:
     for t in result["targets"].values():
         lines.append(f"{t['name']:<46} {t['value']:9.3f} {'>= ' + format(t['target'], '.2f'):>8}  {'PASS' if t['pass'] else 'MISS'}")
     return "\n".join(lines)
-
-
-def _main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="spikingbrain bench")
-    register(parser.add_subparsers(dest="bench", required=True))
-    args = parser.parse_args(["kernels", *(argv if argv is not None else sys.argv[1:])])
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(_main())
