@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -12,7 +13,14 @@ from .config import SpikingBrainConfig
 from .mixers import GatedLinearAttention
 from .modeling import SpikingBrainForCausalLM
 
-__all__ = ["TRANSFORMER_FAMILIES", "config_from_transformer", "map_transformer_weights", "load_transformer"]
+__all__ = [
+    "TRANSFORMER_FAMILIES",
+    "ImportReport",
+    "config_from_transformer",
+    "map_transformer_weights",
+    "import_transformer",
+    "load_transformer",
+]
 
 #: Source model types whose checkpoints map onto SpikingBrain blocks.
 TRANSFORMER_FAMILIES = ("llama", "qwen2", "mistral")
@@ -24,6 +32,23 @@ _RENAMES = [
     (r"^model\.layers\.(\d+)\.self_attn\.", r"model.layers.\1.attn."),
 ]
 _DROPPED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
+#: Names of parameters a Llama-family checkpoint provides (after renaming); any other parameter is new.
+_SOURCE_PARAMETER = re.compile(
+    r"^(model\.embeddings\.weight|model\.norm\.weight|lm_head\.weight"
+    r"|model\.layers\.\d+\.(attn_norm|mlp_norm)\.weight"
+    r"|model\.layers\.\d+\.attn\.[qkvo]_proj\.(weight|bias)"
+    r"|model\.layers\.\d+\.mlp\.(gate|up|down)_proj\.weight)$"
+)
+
+
+@dataclass
+class ImportReport:
+    """What happened to every tensor of a source checkpoint and which parameters are new."""
+
+    source: str
+    mapped: dict[str, str] = field(default_factory=dict)  # source name -> SpikingBrain name
+    dropped: dict[str, str] = field(default_factory=dict)  # source name -> reason
+    new: list[str] = field(default_factory=list)  # SpikingBrain parameters the source lacks
 
 
 def _rope_theta(src: dict, path: str) -> float:
@@ -37,11 +62,14 @@ def _rope_theta(src: dict, path: str) -> float:
     return float(theta)
 
 
-def config_from_transformer(src: dict, layer_mixers: list[str] | None = None, path: str = "config.json") -> SpikingBrainConfig:
+def config_from_transformer(
+    src: dict, layer_mixers: list[str] | None = None, path: str = "config.json", **overrides
+) -> SpikingBrainConfig:
     """SpikingBrain config with the shapes of a Llama/Qwen2/Mistral ``config.json`` dict.
 
     Without ``layer_mixers`` every layer is ``full`` (or ``swa`` with the source's window when
     the source uses sliding-window attention, e.g. Mistral-7B-v0.1), so outputs are unchanged.
+    ``overrides`` set further SpikingBrain config fields (e.g. ``sliding_window``).
     """
     family = src.get("model_type")
     if family not in TRANSFORMER_FAMILIES:
@@ -58,7 +86,7 @@ def config_from_transformer(src: dict, layer_mixers: list[str] | None = None, pa
     window = src.get("sliding_window") if family == "mistral" else None
     default_mixers = ["swa" if window else "full"] * layers
     heads = src["num_attention_heads"]
-    return SpikingBrainConfig(
+    fields = dict(
         vocab_size=src["vocab_size"],
         hidden_size=src["hidden_size"],
         intermediate_size=src["intermediate_size"],
@@ -78,6 +106,7 @@ def config_from_transformer(src: dict, layer_mixers: list[str] | None = None, pa
         bos_token_id=src.get("bos_token_id"),
         eos_token_id=src.get("eos_token_id"),
     )
+    return SpikingBrainConfig(**{**fields, **overrides})
 
 
 def map_transformer_weights(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
@@ -94,31 +123,46 @@ def map_transformer_weights(state: dict[str, torch.Tensor]) -> tuple[dict[str, t
     return mapped, dropped
 
 
-def load_transformer(
-    folder: str | Path, layer_mixers: list[str] | None = None, dtype: torch.dtype = torch.float32
-) -> SpikingBrainForCausalLM:
-    """A SpikingBrain model holding the weights of a Llama/Qwen2/Mistral folder.
+def import_transformer(
+    folder: str | Path, layer_mixers: list[str] | None = None, dtype: torch.dtype = torch.float32, **overrides
+) -> tuple[SpikingBrainForCausalLM, ImportReport]:
+    """A SpikingBrain model holding the weights of a Llama/Qwen2/Mistral folder, and what was mapped.
 
-    Parameters that the source lacks (GLA gates and output norms when ``layer_mixers`` has
-    ``gla`` layers) are freshly initialised; everything else must match exactly.
+    Parameters that the source lacks (e.g. GLA gates and output norms) are freshly
+    initialised and listed as new; every source tensor must be used or reported as dropped.
     """
     folder = Path(folder)
-    config = config_from_transformer(read_config(folder), layer_mixers, str(folder / "config.json"))
-    state, _ = map_transformer_weights(read_state_dict(folder, dtype))
-    if config.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
+    config = config_from_transformer(read_config(folder), layer_mixers, str(folder / "config.json"), **overrides)
+    source = read_state_dict(folder, dtype)
+    report = ImportReport(source=str(folder))
+    state, dropped = map_transformer_weights(source)
+    report.dropped = {name: "rotary frequencies are recomputed from rope_theta" for name in dropped}
+    renamed = [name for name in source if name not in dropped]
+    report.mapped = dict(zip(renamed, state))
+    if config.tie_word_embeddings and "lm_head.weight" in state:
+        state.pop("lm_head.weight")
+        source_name = next(s for s, t in report.mapped.items() if t == "lm_head.weight")
+        del report.mapped[source_name]
+        report.dropped[source_name] = "tied to the input embeddings (tie_word_embeddings)"
     with torch.device("meta"):
         model = SpikingBrainForCausalLM(config)
     expected = {n: p.shape for n, p in model.state_dict().items()}
     if config.tie_word_embeddings:
         expected.pop("lm_head.weight")
-    new_params = {n for n in expected if ".attn.gk_proj." in n or ".attn.g_norm." in n}
-    check_state_dict(str(folder), {n: t.shape for n, t in state.items()}, expected, allowed_missing=new_params)
+    report.new = sorted(n for n in expected if not _SOURCE_PARAMETER.match(n))
+    check_state_dict(str(folder), {n: t.shape for n, t in state.items()}, expected, allowed_missing=set(report.new))
     model.load_state_dict(state, strict=False, assign=True)
     _materialize_new_parameters(model, dtype)
     if config.tie_word_embeddings:
         model.tie_weights()
-    return model.eval()
+    return model.eval(), report
+
+
+def load_transformer(
+    folder: str | Path, layer_mixers: list[str] | None = None, dtype: torch.dtype = torch.float32, **overrides
+) -> SpikingBrainForCausalLM:
+    """A SpikingBrain model holding the weights of a Llama/Qwen2/Mistral folder (see ``import_transformer``)."""
+    return import_transformer(folder, layer_mixers, dtype, **overrides)[0]
 
 
 def _materialize_new_parameters(model: SpikingBrainForCausalLM, dtype: torch.dtype) -> None:
