@@ -170,6 +170,18 @@ def build_parser() -> argparse.ArgumentParser:
     from .bench import kernels
 
     kernels.register(bench_sub)
+
+    evaluate = sub.add_parser("eval", help="evaluation: perplexity")
+    eval_sub = evaluate.add_subparsers(dest="eval", required=True)
+    from .eval import perplexity
+
+    perplexity.register(eval_sub)
+
+    data = sub.add_parser("data", help="training data: sample text from a teacher, split off held-out text")
+    data_sub = data.add_subparsers(dest="data", required=True)
+    from .train import data as train_data
+
+    train_data.register(data_sub)
     return parser
 
 

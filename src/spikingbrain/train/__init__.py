@@ -1,0 +1,1 @@
+"""Conversion training: data loading, packing and synthesis, and the trainer."""

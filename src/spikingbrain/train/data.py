@@ -1,0 +1,464 @@
+"""Training text: loading documents, a held-out split, tokenising, packing, batches and teacher-sampled text.
+
+Sources are ``.txt`` / ``.md`` files (one document each), ``.jsonl`` files (one document per
+line, field ``text``), folders of them, or ``pydoc`` (Python's own ``pydoc_data.topics``,
+one document per topic). Documents are split by a hash of their names, so training never
+sees held-out text; packed rows join documents with a separator token after each one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import random
+import sys
+from dataclasses import dataclass
+from itertools import chain
+from pathlib import Path
+
+import torch
+
+__all__ = [
+    "Document",
+    "TEXT_SUFFIXES",
+    "read_text",
+    "load_documents",
+    "split_held_out",
+    "separator_for",
+    "tokenize_documents",
+    "pack",
+    "PackedBatches",
+    "synth_documents",
+    "write_jsonl",
+    "write_text",
+    "register",
+]
+
+#: File suffixes read as data: plain text (one document per file) and JSON lines.
+TEXT_SUFFIXES = (".txt", ".md", ".jsonl")
+PYDOC = "pydoc"
+
+
+@dataclass
+class Document:
+    """One training or evaluation document."""
+
+    name: str
+    text: str
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def read_text(path: str | Path) -> str:
+    """A file's UTF-8 text, with an error naming the file when it is missing, binary, not UTF-8 or empty."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: no such file; pass an existing UTF-8 text file")
+    data = path.read_bytes()
+    if b"\x00" in data:
+        raise ValueError(f"{path}: binary content (NUL bytes); give a UTF-8 text file (.txt, .md or .jsonl)")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise ValueError(
+            f"{path}: not UTF-8 text (byte {err.start}: {err.reason}); re-encode it as UTF-8, e.g. iconv -t UTF-8"
+        ) from None
+    if not text.strip():
+        raise ValueError(f"{path}: the file has no text; remove it or add text")
+    return text
+
+
+def _read_jsonl(path: Path) -> list[Document]:
+    """One document per line of a JSON-lines file (field ``text``); blank lines and blank texts are skipped."""
+    documents = []
+    for number, line in enumerate(read_text(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}, line {number}: invalid JSON ({err.msg}); write one JSON object per line") from None
+        text = record.get("text") if isinstance(record, dict) else None
+        if not isinstance(text, str):
+            raise ValueError(
+                f"{path}, line {number}: no string field 'text' (got {type(text).__name__}); "
+                'write each line as {"text": "..."}'
+            )
+        if text.strip():
+            documents.append(Document(f"{path}:{number}", text))
+    if not documents:
+        raise ValueError(f"{path}: no line has any text; add lines like {{\"text\": \"...\"}}")
+    return documents
+
+
+def _read_file(path: Path) -> list[Document]:
+    """The documents of one data file, chosen by its suffix."""
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        return _read_jsonl(path)
+    if suffix in (".txt", ".md"):
+        return [Document(str(path), read_text(path))]
+    raise ValueError(f"{path}: unsupported file type {path.suffix!r}; use {', '.join(TEXT_SUFFIXES)} files or a folder of them")
+
+
+def _pydoc_documents() -> list[Document]:
+    """Python's own documentation topics, one document per topic, sorted by topic."""
+    from pydoc_data.topics import topics
+
+    return [Document(f"pydoc:{name}", topics[name]) for name in sorted(topics)]
+
+
+def load_documents(sources: list[str | Path]) -> list[Document]:
+    """Documents from files, folders (recursively, sorted) and the short name ``pydoc``, in the order given."""
+    if not sources:
+        raise ValueError(f"no data sources given; pass files ({', '.join(TEXT_SUFFIXES)}), folders or '{PYDOC}'")
+    documents: list[Document] = []
+    for source in sources:
+        if str(source) == PYDOC:
+            documents += _pydoc_documents()
+            continue
+        path = Path(source).expanduser()
+        if path.is_dir():
+            files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES)
+            if not files:
+                raise ValueError(f"{path}: the folder has no {', '.join(TEXT_SUFFIXES)} files; add some or pass the files")
+            for file in files:
+                documents += _read_file(file)
+        elif path.is_file():
+            documents += _read_file(path)
+        else:
+            raise ValueError(f"{path}: no such file or folder; pass an existing file, a folder or '{PYDOC}'")
+    return documents
+
+
+# ----------------------------------------------------------------------------- held-out split
+
+
+def _unit_hash(name: str, seed: int) -> float:
+    """A value in [0, 1) fixed by ``name`` and ``seed`` (SHA-256, the same in every process)."""
+    digest = hashlib.sha256(f"{seed}\0{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def split_held_out(documents: list[Document], fraction: float = 0.1, seed: int = 0) -> tuple[list[Document], list[Document]]:
+    """``(train, held_out)``: whole documents by a hash of name and seed; a single document is cut in two."""
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"held-out fraction must be between 0 and 1 (exclusive), got {fraction}")
+    if not documents:
+        raise ValueError("no documents to split; load some text first")
+    if len(documents) == 1:
+        (doc,) = documents
+        if len(doc.text) < 2:
+            raise ValueError(f"{doc.name}: a single document of {len(doc.text)} character(s) cannot be split; add text")
+        cut = min(max(round(len(doc.text) * (1.0 - fraction)), 1), len(doc.text) - 1)
+        return [Document(f"{doc.name}#train", doc.text[:cut])], [Document(f"{doc.name}#held_out", doc.text[cut:])]
+    keys = [_unit_hash(doc.name, seed) for doc in documents]
+    held = [key < fraction for key in keys]
+    if not any(held):
+        held[keys.index(min(keys))] = True
+    if all(held):
+        held[keys.index(max(keys))] = False
+    train = [doc for doc, h in zip(documents, held) if not h]
+    return train, [doc for doc, h in zip(documents, held) if h]
+
+
+# ----------------------------------------------------------------------------- tokens and packing
+
+
+def separator_for(tokenizer) -> int:
+    """The tokenizer's end-of-sequence id, the default document separator."""
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no eos_token_id to separate documents; pass separator_id explicitly")
+    return int(tokenizer.eos_token_id)
+
+
+def tokenize_documents(documents: list[Document], tokenizer, separator_id: int | None = None) -> list[list[int]]:
+    """Token ids of each document, with no special tokens added and special-token text read as plain text.
+
+    A document that still contains ``separator_id`` (default: the tokenizer's EOS) is an error,
+    since packing uses that id to mark where documents end.
+    """
+    separator = separator_for(tokenizer) if separator_id is None else int(separator_id)
+    if not documents:
+        return []
+    encoded = tokenizer(
+        [doc.text for doc in documents], add_special_tokens=False, split_special_tokens=True, verbose=False
+    )["input_ids"]
+    for doc, ids in zip(documents, encoded):
+        if separator in ids:
+            raise ValueError(
+                f"{doc.name}: the text contains the separator token {separator} "
+                f"({tokenizer.convert_ids_to_tokens(separator)!r}); remove it or choose another separator_id"
+            )
+    return [list(ids) for ids in encoded]
+
+
+def pack(token_lists: list[list[int]], seq_len: int, separator_id: int) -> torch.LongTensor:
+    """Rows ``[N, seq_len]`` of the documents joined with ``separator_id`` after each; the incomplete tail is dropped."""
+    if seq_len < 2:
+        raise ValueError(f"seq_len must be >= 2, got {seq_len}")
+    total = sum(len(ids) + 1 for ids in token_lists)
+    if total < seq_len:
+        raise ValueError(
+            f"only {total} tokens ({len(token_lists)} documents with separators), fewer than one row of "
+            f"seq_len={seq_len}; add text or lower the sequence length"
+        )
+    flat = torch.tensor(list(chain.from_iterable(chain(ids, (separator_id,)) for ids in token_lists)), dtype=torch.long)
+    rows = total // seq_len
+    return flat[: rows * seq_len].view(rows, seq_len)
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    """The generator seed of one epoch's shuffle, fixed by ``(seed, epoch)``."""
+    return int.from_bytes(hashlib.sha256(f"{seed}\0{epoch}".encode()).digest()[:8], "big") >> 1
+
+
+class PackedBatches:
+    """Endless ``[batch_size, seq_len]`` batches of packed rows, reshuffled every epoch, with exact resume.
+
+    Batches run across epoch boundaries, so every row is used once per epoch whatever the
+    batch size. ``state_dict()`` after k batches and ``load_state_dict`` on a fresh instance
+    with the same rows give the same next batches as continuing.
+    """
+
+    def __init__(self, rows: torch.LongTensor, batch_size: int, seed: int):
+        if rows.dim() != 2 or rows.shape[0] < 1:
+            raise ValueError(f"rows must be a non-empty [N, seq_len] tensor, got shape {tuple(rows.shape)}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.rows, self.batch_size, self.seed = rows, batch_size, seed
+        self.epoch, self.position = 0, 0
+        self._order = self._permutation(0)
+
+    @property
+    def seq_len(self) -> int:
+        """Tokens per row."""
+        return self.rows.shape[1]
+
+    @property
+    def tokens_per_batch(self) -> int:
+        """Tokens in one batch."""
+        return self.batch_size * self.seq_len
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(_epoch_seed(self.seed, epoch))
+        return torch.randperm(self.rows.shape[0], generator=generator)
+
+    def __iter__(self) -> PackedBatches:
+        return self
+
+    def __next__(self) -> torch.LongTensor:
+        picked, count = [], 0
+        while count < self.batch_size:
+            take = min(self.batch_size - count, len(self._order) - self.position)
+            picked.append(self._order[self.position : self.position + take])
+            self.position, count = self.position + take, count + take
+            if self.position == len(self._order):
+                self.epoch, self.position = self.epoch + 1, 0
+                self._order = self._permutation(self.epoch)
+        return self.rows[torch.cat(picked)]
+
+    def state_dict(self) -> dict:
+        """Position in the stream: epoch, row position in the epoch, seed, and the shape it applies to."""
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "rows": self.rows.shape[0],
+                "seq_len": self.seq_len, "batch_size": self.batch_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from ``state_dict()`` of a stream over the same rows and batch size."""
+        mine = self.state_dict()
+        for key in ("rows", "seq_len", "batch_size"):
+            if state.get(key) != mine[key]:
+                raise ValueError(
+                    f"data state was saved for {key}={state.get(key)}, these batches have {key}={mine[key]}; "
+                    "resume with the same data, sequence length and batch size"
+                )
+        self.seed, self.epoch, self.position = state["seed"], state["epoch"], state["position"]
+        self._order = self._permutation(self.epoch)
+
+
+# ----------------------------------------------------------------------------- synthetic text
+
+SYNTH_TOPICS = (
+    "the ocean", "volcanoes", "the history of writing", "honey bees", "black holes", "the Roman Empire",
+    "photosynthesis", "a lighthouse keeper", "chess", "the invention of the printing press", "rainforests",
+    "friendship", "the water cycle", "electric cars", "ancient Egypt", "learning a new language", "the Moon",
+    "climate change", "a small bakery", "the human heart", "trains", "music and memory", "deserts",
+    "the internet", "a lost dog", "mountains", "recycling", "the Olympic Games", "dinosaurs", "gardening",
+    "computers", "a rainy day", "the solar system", "coffee", "bridges", "sleep", "robots", "birds", "maps",
+    "a school trip", "vaccines", "the Renaissance", "rivers", "kindness", "bicycles", "earthquakes", "time",
+)
+SYNTH_REQUESTS = (
+    "Write a short essay about {}.",
+    "Tell me a story about {}.",
+    "Explain {} to a curious student.",
+    "Write a blog post about {}.",
+    "What are some interesting facts about {}?",
+    "Describe {} in detail.",
+)
+
+
+def _default_prompts(tokenizer, seed: int) -> list[list[int]]:
+    """Prompt ids: chat-template requests over topics (shuffled by ``seed``), or BOS alone without a template."""
+    if not getattr(tokenizer, "chat_template", None):
+        start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        if start is None:
+            raise ValueError("the tokenizer has neither a chat template nor a BOS/EOS token to start from; pass prompts")
+        return [[int(start)]]
+    texts = [request.format(topic) for topic in SYNTH_TOPICS for request in SYNTH_REQUESTS]
+    random.Random(seed).shuffle(texts)
+    return [_chat_ids(tokenizer, text) for text in texts]
+
+
+def _chat_ids(tokenizer, text: str) -> list[int]:
+    """Ids of one user message in the chat template, ready for the assistant's answer."""
+    messages = [{"role": "user", "content": text}]
+    return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"])
+
+
+def synth_documents(
+    model,
+    tokenizer,
+    tokens: int,
+    batch_size: int = 8,
+    max_new_tokens: int = 256,
+    seed: int = 0,
+    prompts: list[str] | None = None,
+    progress: bool = True,
+) -> list[Document]:
+    """Text sampled from a teacher (temperature 1.0, top-p 0.95) in batches until about ``tokens`` tokens.
+
+    Prompts cycle through ``prompts`` (wrapped in the chat template when there is one) or
+    built-in requests for essays, stories and explanations; only the answers are kept.
+    Sampling is seeded by ``seed`` without touching the caller's random state.
+    """
+    from tqdm.auto import tqdm
+
+    if tokens < 1 or batch_size < 1 or max_new_tokens < 1:
+        raise ValueError(f"tokens, batch_size and max_new_tokens must be >= 1, got {tokens}, {batch_size}, {max_new_tokens}")
+    if prompts is None:
+        prompt_ids = _default_prompts(tokenizer, seed)
+    elif getattr(tokenizer, "chat_template", None):
+        prompt_ids = [_chat_ids(tokenizer, text) for text in prompts]
+    else:
+        prompt_ids = [tokenizer(text, add_special_tokens=True)["input_ids"] for text in prompts]
+    if not prompt_ids:
+        raise ValueError("prompts is empty; pass at least one prompt or None for the built-in ones")
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    documents: list[Document] = []
+    made, batch_index = 0, 0
+    bar = tqdm(total=tokens, desc="synth", unit="tok", file=sys.stderr, disable=not progress, dynamic_ncols=True)
+    with torch.random.fork_rng(devices=[]), torch.inference_mode():
+        torch.manual_seed(seed)
+        while made < tokens:
+            remaining = tokens - made
+            rows = min(batch_size, math.ceil(remaining / max_new_tokens))
+            new = min(max_new_tokens, remaining)
+            batch = [prompt_ids[(batch_index * batch_size + i) % len(prompt_ids)] for i in range(rows)]
+            width = max(len(ids) for ids in batch)
+            input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in batch], device=model.device)
+            mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch], device=model.device)
+            out = model.generate(
+                input_ids, attention_mask=mask, do_sample=True, temperature=1.0, top_p=0.95, top_k=0,
+                max_new_tokens=new, min_new_tokens=min(16, new), pad_token_id=pad, eos_token_id=eos,
+            )
+            added = 0
+            for row in out[:, width:].tolist():
+                if eos is not None and eos in row:
+                    row = row[: row.index(eos)]
+                text = tokenizer.decode(row, skip_special_tokens=True).strip()
+                if text:
+                    documents.append(Document(f"synth:{seed}:{len(documents)}", text))
+                    added += len(row)
+            if added == 0:
+                raise ValueError("the teacher produced no text for a whole batch; check the model, tokenizer and prompts")
+            bar.update(min(added, tokens - made))
+            made += added
+            batch_index += 1
+    bar.close()
+    return documents
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    """Write ``text`` to ``path`` atomically (a temporary file in the same folder, then ``os.replace``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_jsonl(path: str | Path, documents: list[Document]) -> Path:
+    """Write documents as JSON lines ``{"text": ...}`` atomically."""
+    return write_text(path, "".join(json.dumps({"text": doc.text}, ensure_ascii=False) + "\n" for doc in documents))
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def register(subparsers) -> None:
+    """Add ``synth`` and ``split`` to the ``spikingbrain data`` group."""
+    synth = subparsers.add_parser("synth", help="sample training text from a teacher model into a JSONL file")
+    synth.add_argument("out", help="output .jsonl file (written atomically)")
+    synth.add_argument("--teacher", default="default", help="teacher model folder or short name (default: the embedded model)")
+    synth.add_argument("--tokens", type=int, required=True, help="tokens of text to generate")
+    synth.add_argument("--batch-size", type=int, default=8, help="sequences sampled together")
+    synth.add_argument("--max-new-tokens", type=int, default=256, help="longest answer per prompt")
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    synth.set_defaults(func=_cmd_synth)
+
+    split = subparsers.add_parser("split", help="split documents into DIR/train.jsonl and DIR/held_out.txt")
+    split.add_argument("sources", nargs="+", help=f"files ({', '.join(TEXT_SUFFIXES)}), folders or '{PYDOC}'")
+    split.add_argument("--held-out-fraction", type=float, default=0.1, help="share of documents held out")
+    split.add_argument("--seed", type=int, default=0)
+    split.add_argument("--out", required=True, help="output folder")
+    split.set_defaults(func=_cmd_split)
+
+
+def _cmd_synth(args: argparse.Namespace) -> int:
+    """Handler of ``spikingbrain data synth``."""
+    from ..model.loading import load_model, load_tokenizer
+
+    if Path(args.out).suffix.lower() != ".jsonl":
+        raise ValueError(f"{args.out}: the output must be a .jsonl file; name it e.g. synth.jsonl")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    tokenizer = load_tokenizer(args.teacher)
+    model = load_model(args.teacher)
+    documents = synth_documents(
+        model, tokenizer, args.tokens, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, seed=args.seed
+    )
+    path = write_jsonl(args.out, documents)
+    print(json.dumps({"file": str(path), "documents": len(documents), "teacher": args.teacher}))
+    return 0
+
+
+def _cmd_split(args: argparse.Namespace) -> int:
+    """Handler of ``spikingbrain data split``."""
+    train, held_out = split_held_out(load_documents(args.sources), args.held_out_fraction, args.seed)
+    out = Path(args.out)
+    write_jsonl(out / "train.jsonl", train)
+    write_text(out / "held_out.txt", "\n\n".join(doc.text for doc in held_out) + "\n")
+    counts = {
+        "train_documents": len(train),
+        "held_out_documents": len(held_out),
+        "train_characters": sum(len(doc.text) for doc in train),
+        "held_out_characters": sum(len(doc.text) for doc in held_out),
+        "train": str(out / "train.jsonl"),
+        "held_out": str(out / "held_out.txt"),
+    }
+    print(json.dumps(counts))
+    return 0
