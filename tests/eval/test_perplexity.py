@@ -92,6 +92,8 @@ def test_our_model_matches_transformers_llama_on_pydoc(default_folder, default_t
     ours = perplexity(load_model(default_folder), ids, context=128)
     assert ours["tokens"] == count == 297
     assert ours["ppl"] == pytest.approx(math.exp(nll), rel=1e-4)
+    # The same function on transformers' model.
+    assert perplexity(teacher, ids, context=128)["ppl"] == pytest.approx(math.exp(nll), rel=1e-6)
     assert 1.5 < ours["ppl"] < 100  # real English documentation, not noise
 
 
