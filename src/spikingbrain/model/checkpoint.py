@@ -8,10 +8,24 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-__all__ = ["CheckpointError", "read_config", "read_shapes", "safetensors_files", "read_state_dict", "check_state_dict"]
+__all__ = ["TOKENIZER_FILES", "CheckpointError", "read_config", "read_shapes", "safetensors_files", "read_state_dict", "check_state_dict"]
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
+
+#: Files besides the weights that make a model folder usable (tokenizer, chat template, generation settings).
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
+)
 
 class CheckpointError(ValueError):
     """A checkpoint folder or file that cannot be used, with the reason and the fix."""

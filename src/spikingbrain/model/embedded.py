@@ -129,7 +129,7 @@ def _source_info() -> dict[str, Any] | None:
 
 def _same_source(a: dict[str, Any], b: dict[str, Any]) -> bool:
     """True when two source records describe the same GGUF content (path ignored)."""
-    keys = ("distribution", "version", "file", "size")
+    keys = ("distribution", "version", "file", "size", "sha256")
     return all(a.get(k) == b.get(k) for k in keys)
 
 
@@ -151,7 +151,9 @@ def _is_current(folder: Path, source: dict[str, Any] | None) -> bool:
 ConvertFn = Callable[[Path, Path], None]
 
 
-def _build_folder(target: Path, source: dict[str, Any], convert: ConvertFn, progress: bool) -> Path:
+def _build_folder(
+    target: Path, source: dict[str, Any], convert: ConvertFn, progress: bool, label: str = "the embedded SmolLM2-135M-Instruct"
+) -> Path:
     """Convert into a temporary sibling of `target`, then move it into place atomically, under a lock."""
     parent = target.parent
     parent.mkdir(parents=True, exist_ok=True)
@@ -164,7 +166,7 @@ def _build_folder(target: Path, source: dict[str, Any], convert: ConvertFn, prog
             start = time.monotonic()
             if progress:
                 print(
-                    f"spikingbrain: converting the embedded SmolLM2-135M-Instruct ({source['file']}) "
+                    f"spikingbrain: building {label} ({source['file']}) "
                     f"into {target} (once, about 30 s)...",
                     end="",
                     file=sys.stderr,

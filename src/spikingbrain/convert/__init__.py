@@ -1,0 +1,1 @@
+"""Conversion of pretrained Transformers into SpikingBrain models: layer plans, weight mapping, upcycling."""

@@ -1,0 +1,94 @@
+"""Closed-form start for converted GLA layers: decay and output-norm scales fitted to the teacher.
+
+For every GLA layer, from the teacher's own layer input ``x`` and attention output ``o`` (before
+``o_proj``): (1) each key-value head gets the constant gate bias, from a grid, whose per-head
+normalised output ``n`` best explains ``o`` after a least-squares scale per head and channel;
+(2) the output-norm weight of channel ``d`` becomes ``w_d = Σ n_d o_d / Σ n_d²`` over tokens and
+heads, the scale that minimises ``|w n - o|²`` (0 where the two are uncorrelated, so a layer
+never starts worse than skipping attention).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..model.mixers import GatedLinearAttention
+from ..model.modeling import SpikingBrainForCausalLM
+
+__all__ = ["calibrate_gla", "GATE_BIAS_GRID"]
+
+#: Gate biases tried per head: decay per step sigmoid(b)^(1/16) from 0.61 (b=-8) to 0.99998 (b=8).
+GATE_BIAS_GRID = (-8.0, -6.0, -4.0, -2.0, 0.0, 2.0, 4.0, 6.0, 8.0)
+
+
+def _teacher_attention(teacher: SpikingBrainForCausalLM, ids: torch.Tensor, layers: list[int]) -> dict[int, list]:
+    """``[x, mixer inputs, pre-o_proj output]`` of the teacher's attention in each of ``layers``."""
+    captured: dict[int, list] = {}
+
+    def hooks(i):
+        block = teacher.model.layers[i].attn
+
+        def layer_input(module, args):
+            captured[i] = [args[0], args[1]]
+
+        def attention_output(module, args):
+            captured[i].append(args[0])
+
+        return [block.register_forward_pre_hook(layer_input), block.o_proj.register_forward_pre_hook(attention_output)]
+
+    handles = [h for i in layers for h in hooks(i)]
+    try:
+        teacher.model(input_ids=ids, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return captured
+
+
+def _normalised_output(mixer: GatedLinearAttention, x, inputs) -> torch.Tensor:
+    """The mixer's per-head output after an RMSNorm of weight 1, ``[tokens, heads, D]`` in fp64."""
+    seen = {}
+    handle = mixer.o_proj.register_forward_pre_hook(lambda module, args: seen.setdefault("o", args[0]))
+    try:
+        mixer(x, inputs, None)
+    finally:
+        handle.remove()
+    return seen["o"].reshape(-1, mixer.num_heads, mixer.head_dim).double()
+
+
+def _fit_error(n: torch.Tensor, o: torch.Tensor, dims) -> torch.Tensor:
+    """Residual ``|w n - o|²`` with ``w`` the least-squares scale shared over ``dims``, summed over ``dims``."""
+    w = (n * o).sum(dims, keepdim=True) / (n * n).sum(dims, keepdim=True).clamp_min(1e-12)
+    return (w * n - o).pow(2).sum(dims)
+
+
+@torch.no_grad()
+def calibrate_gla(
+    student: SpikingBrainForCausalLM, teacher: SpikingBrainForCausalLM, ids: torch.Tensor, gate_grid=GATE_BIAS_GRID
+) -> dict[int, float]:
+    """Fit gate biases and output-norm weights of every GLA layer; returns each layer's relative error ``|w n - o|² / |o|²``."""
+    layers = [i for i, block in enumerate(student.model.layers) if isinstance(block.attn, GatedLinearAttention)]
+    captured = _teacher_attention(teacher, ids, layers)
+    errors = {}
+    for i in layers:
+        x, inputs, target = captured[i]
+        mixer = student.model.layers[i].attn
+        o = target.reshape(-1, mixer.num_heads, mixer.head_dim).double()
+        mixer.g_norm.weight.fill_(1.0)
+        bias = mixer.gk_proj[1].bias
+        if gate_grid:
+            group = mixer.num_heads // mixer.num_kv_heads
+            scores = []
+            for value in gate_grid:
+                bias.fill_(value)
+                per_head = _fit_error(_normalised_output(mixer, x, inputs), o, (0,)).sum(-1)  # [heads]
+                scores.append(per_head.view(mixer.num_kv_heads, group).sum(-1))
+            best = torch.stack(scores).argmin(0)  # per kv head
+            chosen = torch.tensor(gate_grid, dtype=bias.dtype)[best]
+            bias.copy_(chosen.repeat_interleave(mixer.head_dim))
+        n = _normalised_output(mixer, x, inputs).reshape(-1, mixer.head_dim)
+        flat = o.reshape(-1, mixer.head_dim)
+        weight = (n * flat).sum(0) / (n * n).sum(0).clamp_min(1e-12)
+        mixer.g_norm.weight.copy_(weight.to(mixer.g_norm.weight.dtype))
+        errors[i] = float(((n * weight - flat).pow(2).sum() / flat.pow(2).sum()).item())
+    return errors
