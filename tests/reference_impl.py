@@ -106,7 +106,7 @@ def rope_reference(x, positions, theta):
 class RefSpec:
     """What the reference forward needs beyond the weights."""
 
-    layers: list  # "gla", "swa" or "full" per layer
+    layers: list  # "gla", "swa", "full", "parallel-swa" or "parallel-full" per layer
     heads: int
     kv_heads: int
     head_dim: int
@@ -114,11 +114,24 @@ class RefSpec:
     eps: float
     rope_theta: float
     gate_normalizer: float = 16.0
+    feature_map: str = "relu"  # GLA q/k feature map: relu, identity or sigmoid
+    key_tied: bool = False  # GLA decay 1 - k instead of the low-rank gate
+    combine: str = "learned"  # parallel layers: sum, mean or learned
+    shared_projections: bool = True  # parallel layers: one q/k/v/o for both branches
+    num_sinks: int = 0
+    num_experts: int = 0
+    num_shared: int = 0
+    top_k: int = 1
+    router: str = "softmax"
+    norm_topk: bool = False
+    moe_layers: tuple = ()
 
 
 def spec_for(config) -> RefSpec:
     """A RefSpec from a config's plain fields (flash windows see W + 1 keys, sdpa windows W)."""
     window = config.sliding_window + (1 if config.window_semantics == "flash" else 0)
+    experts = getattr(config, "num_experts", 0)
+    dense = set(getattr(config, "dense_ffn_layers", []))
     return RefSpec(
         layers=list(config.layer_mixers),
         heads=config.num_attention_heads,
@@ -128,6 +141,17 @@ def spec_for(config) -> RefSpec:
         eps=config.rms_norm_eps,
         rope_theta=config.rope_theta,
         gate_normalizer=config.gla_gate_normalizer,
+        feature_map=config.gla_feature_map,
+        key_tied=getattr(config, "gla_gate", "lowrank") == "key_tied",
+        combine=getattr(config, "parallel_combine", "learned"),
+        shared_projections=getattr(config, "parallel_shared_projections", True),
+        num_sinks=getattr(config, "num_sink_tokens", 0),
+        num_experts=experts,
+        num_shared=getattr(config, "num_shared_experts", 0),
+        top_k=getattr(config, "num_experts_per_tok", 1),
+        router=getattr(config, "moe_router", "softmax"),
+        norm_topk=getattr(config, "norm_topk_prob", False),
+        moe_layers=tuple(i for i in range(config.num_hidden_layers) if experts and i not in dense),
     )
 
 
@@ -141,45 +165,139 @@ def _linear(sd, name, x):
     return y if bias is None else y + bias.double()
 
 
-def _gla_layer(sd, p, h, spec):
+def _qkv(sd, p, h, spec):
+    """q [B, T, H, D], k and v [B, T, Hkv, D] through the projections named ``p + "{q,k,v}_proj"``."""
     B, T, _ = h.shape
     H, Hkv, D = spec.heads, spec.kv_heads, spec.head_dim
-    q = torch.relu(_linear(sd, p + "q_proj", h)).view(B, T, H, D)
-    k = torch.relu(_linear(sd, p + "k_proj", h)).view(B, T, Hkv, D)
-    v = _linear(sd, p + "v_proj", h).view(B, T, Hkv, D)
-    gk = _linear(sd, p + "gk_proj.1", _linear(sd, p + "gk_proj.0", h))
-    g = (-torch.log1p(torch.exp(-gk)) / spec.gate_normalizer).view(B, T, Hkv, D)  # logsigmoid
-    o, _, _ = gla_reference(q, k, v, g, scale=1 / math.sqrt(D))
-    o = _rms_norm(o, sd[p + "g_norm.weight"].double(), spec.eps)
-    return _linear(sd, p + "o_proj", o.reshape(B, T, H * D))
+    return (
+        _linear(sd, p + "q_proj", h).view(B, T, H, D),
+        _linear(sd, p + "k_proj", h).view(B, T, Hkv, D),
+        _linear(sd, p + "v_proj", h).view(B, T, Hkv, D),
+    )
 
 
-def _softmax_layer(sd, p, h, spec, n_keys, positions):
+_FEATURES = {"relu": torch.relu, "identity": lambda x: x, "sigmoid": lambda x: 1 / (1 + torch.exp(-x))}
+
+
+def _gla_heads(sd, p, h, q, k, v, spec):
+    """GLA per-head outputs, RMS-normalised by ``p + "g_norm"``; gate parameters under ``p``."""
     B, T, _ = h.shape
-    H, Hkv, D = spec.heads, spec.kv_heads, spec.head_dim
-    q = rope_reference(_linear(sd, p + "q_proj", h).view(B, T, H, D), positions, spec.rope_theta)
-    k = rope_reference(_linear(sd, p + "k_proj", h).view(B, T, Hkv, D), positions, spec.rope_theta)
-    v = _linear(sd, p + "v_proj", h).view(B, T, Hkv, D)
-    o = attention_reference(q, k, v, n_keys=n_keys, scale=1 / math.sqrt(D))
-    return _linear(sd, p + "o_proj", o.reshape(B, T, H * D))
+    D = spec.head_dim
+    phi = _FEATURES[spec.feature_map]
+    if spec.key_tied:
+        g = torch.log(1 - phi(k))  # decay 1 - k_t, taken literally
+    else:
+        gk = _linear(sd, p + "gk_proj.1", _linear(sd, p + "gk_proj.0", h))
+        g = (-torch.log1p(torch.exp(-gk)) / spec.gate_normalizer).view(k.shape)  # logsigmoid
+    o, _, _ = gla_reference(phi(q), phi(k), v, g, scale=1 / math.sqrt(D))
+    return _rms_norm(o, sd[p + "g_norm.weight"].double(), spec.eps)
+
+
+def sink_attention_reference(q, k, v, sink_k, sink_v, n_keys=None, key_padding_mask=None):
+    """Dense softmax attention (fp64) over the sink rows prepended to the keys, with an explicit mask.
+
+    Keys/values are ``[sinks | real]``; real query ``i`` (at real key position ``Tk - Tq + i``) sees
+    every sink column and the real keys of :func:`attention_reference`'s rule. ``sink_k``/``sink_v``
+    are ``[n, Hkv, D]`` (shared by the batch). ``n_keys`` and ``key_padding_mask`` count real keys only.
+    """
+    B, Tq, H, D = q.shape
+    Tk, Hkv = k.shape[1], k.shape[2]
+    n = sink_k.shape[0]
+    group = [h // (H // Hkv) for h in range(H)]
+    keys = torch.cat((sink_k.double().expand(B, n, Hkv, D), k.double()), 1)[:, :, group]
+    values = torch.cat((sink_v.double().expand(B, n, Hkv, D), v.double()), 1)[:, :, group]
+    allowed = torch.zeros(B, Tq, n + Tk, dtype=torch.bool)
+    allowed[:, :, :n] = True
+    for i in range(Tq):
+        p = Tk - Tq + i
+        first = 0 if n_keys is None else max(0, p - n_keys + 1)
+        allowed[:, i, n + first : n + p + 1] = True
+    if key_padding_mask is not None:
+        allowed[:, :, n:] &= key_padding_mask.bool().unsqueeze(1)
+    scores = torch.einsum("bihd,bjhd->bhij", q.double(), keys) / math.sqrt(D)
+    weights = torch.softmax(scores.masked_fill(~allowed.unsqueeze(1), float("-inf")), dim=-1)
+    return torch.einsum("bhij,bjhd->bihd", weights, values)
+
+
+def _softmax_heads(sd, p, q, k, v, spec, n_keys, positions, proj):
+    """Softmax attention per-head outputs (RoPE on real tokens; sinks under ``p`` through ``proj``'s k/v)."""
+    q = rope_reference(q, positions, spec.rope_theta)
+    k = rope_reference(k, positions, spec.rope_theta)
+    if not spec.num_sinks:
+        return attention_reference(q, k, v, n_keys=n_keys, scale=1 / math.sqrt(spec.head_dim))
+    sinks = sd[p + "sinks"].double()
+    shape = (spec.num_sinks, spec.kv_heads, spec.head_dim)
+    sink_k, sink_v = _linear(sd, proj + "k_proj", sinks).view(shape), _linear(sd, proj + "v_proj", sinks).view(shape)
+    return sink_attention_reference(q, k, v, sink_k, sink_v, n_keys=n_keys)
+
+
+def _parallel_layer(sd, p, h, spec, n_keys, positions):
+    """Linear and softmax branches, each RMS-normalised, combined, then projected."""
+    B, T, _ = h.shape
+    w = {"sum": (1.0, 1.0), "mean": (0.5, 0.5)}.get(spec.combine)
+    if w is None:
+        w = sd[p + "branch_weights"].double().tolist()
+    if spec.shared_projections:
+        q, k, v = _qkv(sd, p, h, spec)
+        o_lin = _gla_heads(sd, p + "linear.", h, q, k, v, spec)
+        o_soft = _softmax_heads(sd, p + "softmax.", q, k, v, spec, n_keys, positions, p)
+        o_soft = _rms_norm(o_soft, sd[p + "softmax.norm.weight"].double(), spec.eps)
+        return _linear(sd, p + "o_proj", (w[0] * o_lin + w[1] * o_soft).reshape(B, T, -1))
+    lin, soft = p + "linear.", p + "softmax."
+    o_lin = _gla_heads(sd, lin, h, *_qkv(sd, lin, h, spec), spec)
+    o_soft = _softmax_heads(sd, soft, *_qkv(sd, soft, h, spec), spec, n_keys, positions, soft)
+    o_soft = _rms_norm(o_soft, sd[soft + "norm.weight"].double(), spec.eps)
+    return w[0] * _linear(sd, lin + "o_proj", o_lin.reshape(B, T, -1)) + w[1] * _linear(
+        sd, soft + "o_proj", o_soft.reshape(B, T, -1)
+    )
+
+
+def _swiglu(sd, p, x):
+    gate, up = _linear(sd, p + "gate_proj", x), _linear(sd, p + "up_proj", x)
+    return _linear(sd, p + "down_proj", gate * torch.sigmoid(gate) * up)
+
+
+def moe_reference(sd, p, x, spec):
+    """Mixture-of-Experts FFN token by token: shared experts plus the top-k routed experts (fp64)."""
+    out = torch.zeros_like(x)
+    flat_x, flat_out = x.reshape(-1, x.shape[-1]), out.view(-1, x.shape[-1])
+    for t in range(flat_x.shape[0]):
+        xt = flat_x[t : t + 1]
+        logits = _linear(sd, p + "router", xt)[0]
+        scores = torch.softmax(logits, -1) if spec.router == "softmax" else torch.sigmoid(logits)
+        chosen = sorted(range(spec.num_experts), key=lambda e: -scores[e].item())[: spec.top_k]
+        total = sum(scores[e] for e in chosen)
+        y = torch.zeros_like(xt)
+        for s in range(spec.num_shared):
+            y = y + _swiglu(sd, f"{p}shared_experts.{s}.", xt)
+        for e in chosen:
+            weight = scores[e] / total if spec.norm_topk else scores[e]
+            y = y + weight * _swiglu(sd, f"{p}experts.{e}.", xt)
+        flat_out[t] = y[0]
+    return out
 
 
 def reference_logits(sd: dict, spec: RefSpec, ids: torch.Tensor) -> torch.Tensor:
-    """fp64 logits ``[B, T, vocab]`` of the SpikingBrain-7B equations with weights named as in the release."""
+    """fp64 logits ``[B, T, vocab]`` of the SpikingBrain equations with weights named as in the release
+    (SpikingBrain-7B; plus our names for parallel layers, sinks and MoE FFNs)."""
     B, T = ids.shape
     x = sd["model.embeddings.weight"].double()[ids]
     positions = torch.arange(T).expand(B, T)
     for i, kind in enumerate(spec.layers):
         p = f"model.layers.{i}."
         h = _rms_norm(x, sd[p + "attn_norm.weight"].double(), spec.eps)
+        a = p + "attn."
+        n_keys = spec.window_keys if kind.endswith("swa") else None
         if kind == "gla":
-            x = x + _gla_layer(sd, p + "attn.", h, spec)
+            o = _gla_heads(sd, a, h, *_qkv(sd, a, h, spec), spec)
+            x = x + _linear(sd, a + "o_proj", o.reshape(B, T, -1))
+        elif kind in ("swa", "full"):
+            o = _softmax_heads(sd, a, *_qkv(sd, a, h, spec), spec, n_keys, positions, a)
+            x = x + _linear(sd, a + "o_proj", o.reshape(B, T, -1))
         else:
-            n_keys = spec.window_keys if kind == "swa" else None
-            x = x + _softmax_layer(sd, p + "attn.", h, spec, n_keys, positions)
+            x = x + _parallel_layer(sd, a, h, spec, n_keys, positions)
         h = _rms_norm(x, sd[p + "mlp_norm.weight"].double(), spec.eps)
-        gate, up = _linear(sd, p + "mlp.gate_proj", h), _linear(sd, p + "mlp.up_proj", h)
-        x = x + _linear(sd, p + "mlp.down_proj", gate * torch.sigmoid(gate) * up)
+        x = x + (moe_reference(sd, p + "mlp.", h, spec) if i in spec.moe_layers else _swiglu(sd, p + "mlp.", h))
     x = _rms_norm(x, sd["model.norm.weight"].double(), spec.eps)
     head = sd.get("lm_head.weight", sd["model.embeddings.weight"])
     return x @ head.double().T
@@ -200,6 +318,10 @@ def _random_value(name: str, shape, gen: torch.Generator) -> torch.Tensor:
     """Weights that make every path matter: O(1) activations, varied gates, non-trivial norms."""
     if name.endswith("norm.weight"):
         return 1 + 0.2 * torch.randn(shape, generator=gen)
+    if name.endswith("branch_weights"):
+        return 0.5 + 0.3 * torch.randn(shape, generator=gen)
+    if name.endswith("sinks"):
+        return torch.randn(shape, generator=gen)  # like normalised hidden states
     if name.endswith("gk_proj.1.bias"):
         return 3 * torch.randn(shape, generator=gen)  # decays from ~1 down to exp(-1/2)-ish per step
     if name.endswith("bias"):

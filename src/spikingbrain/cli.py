@@ -86,9 +86,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    from .model.info import model_info
+    from .model.info import model_info, preset_info
 
-    info = model_info(args.model, length=args.length)
+    info = preset_info(args.preset, length=args.length) if args.preset else model_info(args.model, length=args.length)
     if args.json:
         print(json.dumps(info, indent=2))
     else:
@@ -155,8 +155,16 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true", help="print the speed report as JSON")
     gen.set_defaults(func=_cmd_generate)
 
-    info = sub.add_parser("info", help="layers, parameter count and state size against a Transformer's KV cache")
-    _add_model_argument(info)
+    info = sub.add_parser("info", help="layers, parameter counts (total, active) and state size against a Transformer's KV cache")
+    source = info.add_mutually_exclusive_group()
+    _add_model_argument(source)
+    from .model.presets import PRESETS
+
+    source.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        help="a named configuration instead of a model folder (built on the meta device: no weights allocated)",
+    )
     info.add_argument("--length", type=int, default=131072, help="sequence length for the state/KV comparison")
     info.add_argument("--json", action="store_true")
     info.set_defaults(func=_cmd_info)

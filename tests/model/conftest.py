@@ -32,3 +32,16 @@ def tiny_model():
         return randomize_(SpikingBrainForCausalLM(config), seed).eval()
 
     return make
+
+
+@pytest.fixture
+def record_chunks(monkeypatch):
+    """``record_chunks(model)``: a list that collects the token count of every base-model call of ``model``."""
+
+    def start(model):
+        calls = []
+        inner = model.model.forward
+        monkeypatch.setattr(model.model, "forward", lambda *a, **kw: calls.append(kw["input_ids"].shape[1]) or inner(*a, **kw))
+        return calls
+
+    return start

@@ -92,14 +92,11 @@ def test_sdpa_window_caches_one_key_less(tiny_model):
     assert cache.nbytes() == 2 * 4 * 2 * 8 * 4
 
 
-def test_generate_greedy_equals_reference_loop(tiny_model):
+def test_generate_greedy_equals_reference_loop(tiny_model, record_chunks):
     model = tiny_model(MIXED)
     prompt = random_ids(1, 9, seed=1)
-    lengths = []
-    inner = model.model.forward
-    model.model.forward = lambda *a, **kw: lengths.append(kw["input_ids"].shape[1]) or inner(*a, **kw)
+    lengths = record_chunks(model)
     out = model.generate(prompt, max_new_tokens=12, do_sample=False)
-    model.model.forward = inner
     assert lengths == [9] + [1] * 11  # one prefill, then one token per step through the cache
     expected = greedy_reference(model.state_dict(), spec_for(model.config), prompt, 12)
     assert out.tolist() == expected.tolist()
@@ -192,12 +189,10 @@ def test_logits_to_keep_is_the_last_row(tiny_model, grad):
     assert_close(last, expected, TOL, "logits_to_keep=1")
 
 
-def test_streaming_prefill_long_prompt(tiny_model):
+def test_streaming_prefill_long_prompt(tiny_model, record_chunks):
     model = tiny_model(MIXED, streaming_chunk_size=16, sliding_window=12, gla_chunk_size=32)
     ids = random_ids(1, 300, seed=5)
-    calls = []
-    inner = model.model.forward
-    model.model.forward = lambda *a, **kw: calls.append(kw["input_ids"].shape[1]) or inner(*a, **kw)
+    calls = record_chunks(model)
     with torch.no_grad():
         out = model(ids)
     assert calls == [16] * 18 + [12]  # really streamed, in chunks of streaming_chunk_size

@@ -1,11 +1,16 @@
-"""Inference cache: a constant-size GLA state, a rolling window of keys/values, or a growing KV cache per layer."""
+"""Inference cache: a constant-size GLA state, a rolling window of keys/values, or a growing KV cache per layer.
+
+Parallel layers hold a GLA state and one of the two key/value caches. Softmax caches also
+keep the keys and values of the layer's sink tokens, computed once per cache: ``extend``
+returns them in front of the real keys, as the attention kernels expect (``num_sinks``).
+"""
 
 from __future__ import annotations
 
 import torch
 from transformers.cache_utils import Cache
 
-__all__ = ["GLAState", "WindowKV", "FullKV", "SpikingBrainCache"]
+__all__ = ["GLAState", "WindowKV", "FullKV", "ParallelState", "SpikingBrainCache"]
 
 
 class _LayerCache:
@@ -44,7 +49,11 @@ class GLAState(_LayerCache):
 
 
 class WindowKV(_LayerCache):
-    """The last ``window`` rotated keys and values ``[B, n, Hkv, D]`` of a sliding-window layer."""
+    """The last ``window`` rotated keys and values ``[B, n, Hkv, D]`` of a sliding-window layer.
+
+    Sink keys and values (``[1, num_sinks, Hkv, D]``, shared by the batch) are kept apart from
+    the rolling window and never leave it.
+    """
 
     is_sliding = True
 
@@ -52,18 +61,28 @@ class WindowKV(_LayerCache):
         self.window = window
         self.keys: torch.Tensor | None = None
         self.values: torch.Tensor | None = None
+        self.sinks: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def set_sinks(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Keep the sink keys/values ``[1, n, Hkv, D]`` that ``extend`` puts in front of the window."""
+        self.sinks = (keys, values)
 
     def extend(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return cached + new keys/values and keep only the last ``window`` of them."""
-        if self.keys is not None:
-            keys, values = torch.cat((self.keys, keys), 1), torch.cat((self.values, values), 1)
-        keep = max(0, keys.shape[1] - self.window)
+        """Return sinks + cached + new keys/values and keep only the last ``window`` real ones."""
+        front = [] if self.keys is None else [(self.keys, self.values)]
+        if self.sinks is not None:
+            front.insert(0, tuple(t.expand(keys.shape[0], *t.shape[1:]) for t in self.sinks))
+        if front:
+            keys = torch.cat([k for k, _ in front] + [keys], 1)
+            values = torch.cat([v for _, v in front] + [values], 1)
+        n = 0 if self.sinks is None else self.sinks[0].shape[1]
+        keep = n + max(0, keys.shape[1] - n - self.window)
         self.keys, self.values = keys[:, keep:].contiguous(), values[:, keep:].contiguous()
         return keys, values
 
     @property
     def length(self) -> int:
-        """Number of cached positions."""
+        """Number of cached real positions."""
         return 0 if self.keys is None else self.keys.shape[1]
 
     def tensors(self):
@@ -73,17 +92,34 @@ class WindowKV(_LayerCache):
         if self.keys is not None:
             self.keys, self.values = fn(self.keys), fn(self.values)
 
+    def nbytes(self) -> int:
+        sinks = 0 if self.sinks is None else sum(t.numel() * t.element_size() for t in self.sinks)
+        return super().nbytes() + sinks
+
 
 class FullKV(_LayerCache):
-    """All rotated keys and values ``[B, T, Hkv, D]`` of a full-attention layer (amortised growth)."""
+    """All rotated keys and values ``[B, T, Hkv, D]`` of a full-attention layer (amortised growth).
+
+    Sink keys and values are stored in the first slots of the buffer, so that decoding reads
+    them without a copy.
+    """
 
     def __init__(self):
         self._keys: torch.Tensor | None = None
         self._values: torch.Tensor | None = None
         self.length = 0
+        self.sinks: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def set_sinks(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Keep the sink keys/values ``[1, n, Hkv, D]``; the first ``extend`` writes them before the real keys."""
+        if self.length:
+            raise RuntimeError("sinks must be set before the first keys of a full-attention cache")
+        self.sinks = (keys, values)
 
     def extend(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append new keys/values and return all of them."""
+        """Append new keys/values and return all of them (sinks first)."""
+        if self.sinks is not None and not self.length:
+            keys, values = (torch.cat((s.expand(keys.shape[0], *s.shape[1:]), t), 1) for s, t in zip(self.sinks, (keys, values)))
         needed = self.length + keys.shape[1]
         if self._keys is None or needed > self._keys.shape[1]:
             capacity = max(needed, 2 * (0 if self._keys is None else self._keys.shape[1]))
@@ -108,6 +144,26 @@ class FullKV(_LayerCache):
             self._keys, self._values = fn(self._keys[:, : self.length]), fn(self._values[:, : self.length])
 
 
+class ParallelState(_LayerCache):
+    """Cache of a parallel layer: the GLA state of its linear branch and the keys/values of its softmax branch."""
+
+    def __init__(self, softmax: WindowKV | FullKV):
+        self.linear = GLAState()
+        self.softmax = softmax
+        self.is_sliding = softmax.is_sliding
+
+    def tensors(self):
+        parts = {"linear": self.linear.tensors(), "softmax": self.softmax.tensors()}
+        return {f"{branch}.{name}": t for branch, tensors in parts.items() for name, t in tensors.items()}
+
+    def map_tensors(self, fn):
+        self.linear.map_tensors(fn)
+        self.softmax.map_tensors(fn)
+
+    def nbytes(self) -> int:
+        return self.linear.nbytes() + self.softmax.nbytes()
+
+
 def _layer_cache(mixer: str, window: int) -> _LayerCache:
     if mixer == "gla":
         return GLAState()
@@ -115,6 +171,8 @@ def _layer_cache(mixer: str, window: int) -> _LayerCache:
         return WindowKV(window)
     if mixer == "full":
         return FullKV()
+    if mixer.startswith("parallel-"):
+        return ParallelState(_layer_cache(mixer.removeprefix("parallel-"), window))
     raise ValueError(f"no cache for mixer {mixer!r}")
 
 

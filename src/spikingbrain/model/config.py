@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import inspect
+
 from transformers import PretrainedConfig
 
-__all__ = ["SpikingBrainConfig", "MIXER_TYPES", "alternating_layers"]
+__all__ = ["SpikingBrainConfig", "MIXER_TYPES", "PARALLEL_MIXERS", "alternating_layers"]
 
-#: Token mixers a layer can use: gated linear attention, sliding-window attention, full attention.
-MIXER_TYPES = ("gla", "swa", "full")
-GLA_FEATURE_MAPS = ("relu", "identity")
+#: Mixers that run linear attention in parallel with a softmax branch (sliding-window or full).
+PARALLEL_MIXERS = ("parallel-swa", "parallel-full")
+#: Token mixers a layer can use: gated linear attention, sliding-window attention, full attention,
+#: or linear attention in parallel with one of the two softmax kinds.
+MIXER_TYPES = ("gla", "swa", "full", *PARALLEL_MIXERS)
+GLA_FEATURE_MAPS = ("relu", "identity", "sigmoid")
+GLA_GATES = ("lowrank", "key_tied")
+PARALLEL_COMBINES = ("sum", "mean", "learned")
+MOE_ROUTERS = ("softmax", "sigmoid")
 WINDOW_SEMANTICS = ("flash", "sdpa")
 
 
@@ -20,11 +28,24 @@ def alternating_layers(num_layers: int) -> list[str]:
 class SpikingBrainConfig(PretrainedConfig):
     """Shapes and per-layer mixers of a SpikingBrain model.
 
-    ``layer_mixers`` names the mixer of every layer (``gla``, ``swa`` or ``full``);
+    ``layer_mixers`` names the mixer of every layer: ``gla``, ``swa``, ``full`` (SpikingBrain-7B
+    style, one mixer per layer) or ``parallel-swa`` / ``parallel-full`` (SpikingBrain-76B style:
+    GLA in parallel with sliding-window / full attention in the same layer, each branch's
+    per-head output RMS-normalised, then combined by ``parallel_combine``: ``sum``, ``mean`` or
+    ``learned`` per-branch scalars initialised to 1/2; the branches share q/k/v/o unless
+    ``parallel_shared_projections`` is false).
     ``sliding_window`` is W in flash-attn's ``window_size=(W, 0)`` sense (W + 1 keys per
     query) unless ``window_semantics="sdpa"`` (W keys, as in the release's SDPA fallback).
-    GLA options: ``gla_feature_map`` on q and k, low-rank gate of rank ``gla_gate_rank``
-    with log decay ``logsigmoid(gate) / gla_gate_normalizer``, per-head output RMSNorm.
+    GLA options: ``gla_feature_map`` on q and k; ``gla_gate="lowrank"`` (7B: gate of rank
+    ``gla_gate_rank`` with log decay ``logsigmoid(gate) / gla_gate_normalizer``) or
+    ``"key_tied"`` (76B: decay ``1 - k`` with sigmoid features, no gate parameters); per-head
+    output RMSNorm. ``num_sink_tokens`` learnable sink states per layer give keys and values
+    that every query of every softmax attention sees (never in outputs, no position shift).
+    Mixture-of-Experts (``num_experts > 0``): every layer not in ``dense_ffn_layers`` (0-indexed)
+    has ``num_experts`` routed SwiGLU experts of ``moe_intermediate_size``, ``num_experts_per_tok``
+    of them per token (``moe_router`` softmax or sigmoid scores, top-k weights renormalised when
+    ``norm_topk_prob``), plus ``num_shared_experts`` always-on experts; the causal LM adds
+    ``router_aux_loss_coef`` times the load-balancing loss to the loss when given labels.
     ``streaming_chunk_size`` is the token count of one step of streaming prefill;
     ``max_sequence_length`` (None = unlimited) rejects longer inputs.
     """
@@ -45,10 +66,22 @@ class SpikingBrainConfig(PretrainedConfig):
         sliding_window: int = 4096,
         window_semantics: str = "flash",
         gla_feature_map: str = "relu",
+        gla_gate: str = "lowrank",
         gla_gate_rank: int = 16,
         gla_gate_normalizer: float = 16.0,
         gla_output_norm: bool = True,
         gla_chunk_size: int = 64,
+        parallel_combine: str = "learned",
+        parallel_shared_projections: bool = True,
+        num_sink_tokens: int = 0,
+        num_experts: int = 0,
+        num_experts_per_tok: int = 1,
+        num_shared_experts: int = 0,
+        moe_intermediate_size: int | None = None,
+        moe_router: str = "softmax",
+        norm_topk_prob: bool = False,
+        dense_ffn_layers: list[int] | None = None,
+        router_aux_loss_coef: float = 0.001,
         rope_theta: float = 10000.0,
         attention_bias: bool = True,
         hidden_act: str = "silu",
@@ -75,10 +108,22 @@ class SpikingBrainConfig(PretrainedConfig):
         self.sliding_window = sliding_window
         self.window_semantics = window_semantics
         self.gla_feature_map = gla_feature_map
+        self.gla_gate = gla_gate
         self.gla_gate_rank = gla_gate_rank
         self.gla_gate_normalizer = gla_gate_normalizer
         self.gla_output_norm = gla_output_norm
         self.gla_chunk_size = gla_chunk_size
+        self.parallel_combine = parallel_combine
+        self.parallel_shared_projections = parallel_shared_projections
+        self.num_sink_tokens = num_sink_tokens
+        self.num_experts = num_experts
+        self.num_experts_per_tok = num_experts_per_tok
+        self.num_shared_experts = num_shared_experts
+        self.moe_intermediate_size = intermediate_size if moe_intermediate_size is None else moe_intermediate_size
+        self.moe_router = moe_router
+        self.norm_topk_prob = norm_topk_prob
+        self.dense_ffn_layers = sorted(dense_ffn_layers or [])
+        self.router_aux_loss_coef = router_aux_loss_coef
         self.rope_theta = rope_theta
         self.attention_bias = attention_bias
         self.hidden_act = hidden_act
@@ -97,10 +142,25 @@ class SpikingBrainConfig(PretrainedConfig):
         )
         self.validate_layout()
 
+    @classmethod
+    def derived_from(cls, config: "SpikingBrainConfig", **changes) -> "SpikingBrainConfig":
+        """A plain SpikingBrainConfig with the fields of ``config`` (any subclass) and ``changes`` applied."""
+        names = inspect.signature(cls.__init__).parameters
+        fields = {k: v for k, v in SpikingBrainConfig.to_dict(config).items() if k in names}
+        return cls(**{**fields, **changes})
+
     @property
     def attention_window(self) -> int:
         """Previous keys a sliding-window query sees (flash-attn's left window)."""
         return self.sliding_window if self.window_semantics == "flash" else self.sliding_window - 1
+
+    @property
+    def moe_layers(self) -> list[int]:
+        """0-indexed layers whose FFN is a Mixture-of-Experts (empty without experts)."""
+        if not self.num_experts:
+            return []
+        dense = set(self.dense_ffn_layers)
+        return [i for i in range(self.num_hidden_layers) if i not in dense]
 
     def validate_layout(self) -> None:
         """Raise ``ValueError`` naming the field when the configuration is inconsistent."""
@@ -119,6 +179,18 @@ class SpikingBrainConfig(PretrainedConfig):
             )
         if self.gla_feature_map not in GLA_FEATURE_MAPS:
             problems.append(f"gla_feature_map={self.gla_feature_map!r}; use one of {list(GLA_FEATURE_MAPS)}")
+        if self.gla_gate not in GLA_GATES:
+            problems.append(f"gla_gate={self.gla_gate!r}; use one of {list(GLA_GATES)}")
+        elif self.gla_gate == "key_tied" and self.gla_feature_map != "sigmoid":
+            problems.append(
+                f"gla_gate='key_tied' needs keys in (0, 1) for the decay 1 - k, but gla_feature_map="
+                f"{self.gla_feature_map!r}; set gla_feature_map='sigmoid'"
+            )
+        if self.parallel_combine not in PARALLEL_COMBINES:
+            problems.append(f"parallel_combine={self.parallel_combine!r}; use one of {list(PARALLEL_COMBINES)}")
+        if self.num_sink_tokens < 0:
+            problems.append(f"num_sink_tokens must be >= 0 (0 = no sinks), got {self.num_sink_tokens}")
+        problems += self._moe_problems()
         if self.window_semantics not in WINDOW_SEMANTICS:
             problems.append(f"window_semantics={self.window_semantics!r}; use one of {list(WINDOW_SEMANTICS)}")
         if self.sliding_window < 1:
@@ -131,3 +203,34 @@ class SpikingBrainConfig(PretrainedConfig):
             problems.append(f"streaming_chunk_size must be >= 1, got {self.streaming_chunk_size}")
         if problems:
             raise ValueError("invalid SpikingBrain config: " + "; ".join(problems))
+
+    def _moe_problems(self) -> list[str]:
+        """What is wrong with the Mixture-of-Experts fields (nothing to check without experts)."""
+        N, k, S = self.num_experts, self.num_experts_per_tok, self.num_shared_experts
+        if N < 0:
+            return [f"num_experts must be >= 0 (0 = dense FFN everywhere), got {N}"]
+        if N == 0:
+            if S or self.dense_ffn_layers:
+                return [
+                    f"num_shared_experts={S} / dense_ffn_layers={self.dense_ffn_layers} need num_experts > 0; "
+                    "set num_experts or drop them"
+                ]
+            return []
+        problems = []
+        if not 1 <= k <= N:
+            problems.append(f"num_experts_per_tok={k} must be between 1 and num_experts ({N}); set it to e.g. 1")
+        if S < 0:
+            problems.append(f"num_shared_experts must be >= 0, got {S}")
+        if self.moe_intermediate_size < 1:
+            problems.append(f"moe_intermediate_size must be >= 1, got {self.moe_intermediate_size}")
+        if self.moe_router not in MOE_ROUTERS:
+            problems.append(f"moe_router={self.moe_router!r}; use one of {list(MOE_ROUTERS)}")
+        bad = [i for i in self.dense_ffn_layers if not 0 <= i < self.num_hidden_layers]
+        if bad or len(set(self.dense_ffn_layers)) != len(self.dense_ffn_layers):
+            problems.append(
+                f"dense_ffn_layers={self.dense_ffn_layers} must be distinct 0-indexed layers in 0..{self.num_hidden_layers - 1}; "
+                "remove the out-of-range or repeated entries"
+            )
+        if self.router_aux_loss_coef < 0:
+            problems.append(f"router_aux_loss_coef must be >= 0 (0 = no auxiliary loss), got {self.router_aux_loss_coef}")
+        return problems

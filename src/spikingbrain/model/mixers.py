@@ -1,4 +1,4 @@
-"""Token mixers: gated linear attention and softmax attention (sliding-window or full)."""
+"""Token mixers: gated linear attention, softmax attention (sliding-window or full) and their parallel hybrid."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..ops import apply_rotary, causal_attention, chunk_gla, recurrent_gla, sliding_window_attention
-from .cache import FullKV, GLAState, WindowKV
-from .config import SpikingBrainConfig
+from .cache import FullKV, GLAState, ParallelState, WindowKV
+from .config import PARALLEL_MIXERS, SpikingBrainConfig
 from .layers import RMSNorm
 
-__all__ = ["MixerInputs", "GatedLinearAttention", "SoftmaxAttention", "build_mixer"]
+__all__ = ["MixerInputs", "GatedLinearAttention", "SoftmaxAttention", "ParallelHybridAttention", "build_mixer"]
 
 #: Up to this many new tokens, GLA runs the token-by-token recurrence instead of the chunked kernel.
 RECURRENT_MAX_TOKENS = 16
@@ -28,23 +28,28 @@ class MixerInputs:
     sin: torch.Tensor
     key_mask: torch.Tensor | None  # [B, past + T] true for real tokens (None: no padding)
 
+    def mask_of_last(self, length: int) -> torch.Tensor | None:
+        """The padding mask of the last ``length`` positions (None: no padding)."""
+        return None if self.key_mask is None else self.key_mask[:, self.key_mask.shape[1] - length :]
 
-def _tail(mask: torch.Tensor | None, length: int) -> torch.Tensor | None:
-    return None if mask is None else mask[:, mask.shape[1] - length :]
 
+class _Mixer(nn.Module):
+    """A token mixer, with the q/k/v (optional bias) and o (no bias) projections it reuses from a Transformer.
 
-class _Projections(nn.Module):
-    """The q/k/v (optional bias) and o (no bias) projections every mixer reuses from a Transformer."""
+    ``projections=False`` builds the mixer without them: a parallel layer then passes its
+    shared projections' outputs to :meth:`heads`.
+    """
 
-    def __init__(self, config: SpikingBrainConfig):
+    def __init__(self, config: SpikingBrainConfig, projections: bool = True):
         super().__init__()
         hidden, D = config.hidden_size, config.head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_attention_heads, config.num_key_value_heads, D
-        bias = config.attention_bias
-        self.q_proj = nn.Linear(hidden, self.num_heads * D, bias=bias)
-        self.k_proj = nn.Linear(hidden, self.num_kv_heads * D, bias=bias)
-        self.v_proj = nn.Linear(hidden, self.num_kv_heads * D, bias=bias)
-        self.o_proj = nn.Linear(self.num_heads * D, hidden, bias=False)
+        if projections:
+            bias = config.attention_bias
+            self.q_proj = nn.Linear(hidden, self.num_heads * D, bias=bias)
+            self.k_proj = nn.Linear(hidden, self.num_kv_heads * D, bias=bias)
+            self.v_proj = nn.Linear(hidden, self.num_kv_heads * D, bias=bias)
+            self.o_proj = nn.Linear(self.num_heads * D, hidden, bias=False)
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q ``[B, T, H, D]``, k and v ``[B, T, Hkv, D]``."""
@@ -55,28 +60,54 @@ class _Projections(nn.Module):
             self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim),
         )
 
+    def heads(self, x, q, k, v, inputs: MixerInputs, cache, proj: "_Mixer") -> torch.Tensor:
+        """Per-head outputs ``[B, T, H, D]`` from projected (not yet rotated or mapped) ``q, k, v``;
+        ``proj`` owns the projections (for sink keys and values)."""
+        raise NotImplementedError
 
-class GatedLinearAttention(_Projections):
-    """SpikingBrain-7B linear attention: ReLU features, low-rank log-sigmoid gate, per-head RMSNorm."""
+    def forward(self, x: torch.Tensor, inputs: MixerInputs, cache) -> torch.Tensor:
+        """Mix ``x`` ``[B, T, hidden]`` over time; ``cache`` is this layer's cache entry (or None)."""
+        B, T, _ = x.shape
+        o = self.heads(x, *self.project(x), inputs, cache, self)
+        return self.o_proj(o.reshape(B, T, self.num_heads * self.head_dim))
 
-    def __init__(self, config: SpikingBrainConfig):
-        super().__init__(config)
+
+_FEATURE_MAPS = {"relu": nn.ReLU, "identity": nn.Identity, "sigmoid": nn.Sigmoid}
+
+
+class GatedLinearAttention(_Mixer):
+    """Gated linear attention with per-head RMSNorm: the 7B's ReLU features and low-rank log-sigmoid
+    gate (``gla_gate="lowrank"``), or the 76B's key-tied gate ``1 - k`` on sigmoid features (``"key_tied"``)."""
+
+    def __init__(self, config: SpikingBrainConfig, projections: bool = True):
+        super().__init__(config, projections)
         hidden, D = config.hidden_size, config.head_dim
-        self.gk_proj = nn.Sequential(
-            nn.Linear(hidden, config.gla_gate_rank, bias=False),
-            nn.Linear(config.gla_gate_rank, self.num_kv_heads * D, bias=True),
-        )
+        self.key_tied = config.gla_gate == "key_tied"
+        if not self.key_tied:
+            self.gk_proj = nn.Sequential(
+                nn.Linear(hidden, config.gla_gate_rank, bias=False),
+                nn.Linear(config.gla_gate_rank, self.num_kv_heads * D, bias=True),
+            )
         self.g_norm = RMSNorm(D, eps=config.rms_norm_eps) if config.gla_output_norm else nn.Identity()
-        self.feature_map = nn.ReLU() if config.gla_feature_map == "relu" else nn.Identity()
+        self.feature_map = _FEATURE_MAPS[config.gla_feature_map]()
         self.gate_normalizer = config.gla_gate_normalizer
         self.chunk_size = config.gla_chunk_size
 
-    def forward(self, x: torch.Tensor, inputs: MixerInputs, cache: GLAState | None) -> torch.Tensor:
-        B, T, _ = x.shape
-        q, k, v = self.project(x)
+    def log_decay(self, x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """Log decay per key channel ``[B, T, Hkv, D]`` (fp32) from the input and the key pre-activation.
+
+        Key-tied: ``log(1 - sigmoid(k)) = logsigmoid(-k)``, finite for any k; low-rank:
+        ``logsigmoid(W2 W1 x + b2) / gla_gate_normalizer``.
+        """
+        if self.key_tied:
+            return F.logsigmoid(-k.float())
+        return (F.logsigmoid(self.gk_proj(x).float()) / self.gate_normalizer).view(k.shape)
+
+    def heads(self, x, q, k, v, inputs, cache: GLAState | None, proj=None) -> torch.Tensor:
+        B, T = x.shape[:2]
+        g = self.log_decay(x, k)
         q, k = self.feature_map(q), self.feature_map(k)
-        g = (F.logsigmoid(self.gk_proj(x).float()) / self.gate_normalizer).view(B, T, self.num_kv_heads, self.head_dim)
-        mask = _tail(inputs.key_mask, T)
+        mask = inputs.mask_of_last(T)
         if mask is not None:  # padded positions neither write to nor decay the state
             keep = mask.view(B, T, 1, 1)
             k, v, g = (torch.where(keep, t, torch.zeros((), dtype=t.dtype)) for t in (k, v, g))
@@ -88,28 +119,87 @@ class GatedLinearAttention(_Projections):
         o, state = kernel(q, k, v, g, initial_state=initial, output_final_state=cache is not None, **kwargs)
         if cache is not None:
             cache.state = state
-        o = self.g_norm(o).reshape(B, T, self.num_heads * self.head_dim)
-        return self.o_proj(o)
+        return self.g_norm(o)
 
 
-class SoftmaxAttention(_Projections):
-    """Qwen2-style attention with RoPE and GQA, over a sliding window (``swa``) or all keys (``full``)."""
+class SoftmaxAttention(_Mixer):
+    """Qwen2-style attention with RoPE and GQA, over a sliding window (``swa``) or all keys (``full``).
 
-    def __init__(self, config: SpikingBrainConfig, mixer: str):
-        super().__init__(config)
-        self.window = config.attention_window if mixer == "swa" else None
+    With ``num_sink_tokens`` the layer has learnable sink states ``[n, hidden]``; its k/v
+    projections turn them into keys and values that every query sees. Sink keys are not
+    rotated (the rotation of position 0), so real tokens keep positions 0, 1, ...; with a
+    cache they are computed once, on the cache's first use. ``output_norm`` adds a per-head
+    RMSNorm (the softmax branch of a parallel layer).
+    """
 
-    def forward(self, x: torch.Tensor, inputs: MixerInputs, cache: WindowKV | FullKV | None) -> torch.Tensor:
-        B, T, _ = x.shape
-        q, k, v = self.project(x)
+    def __init__(self, config: SpikingBrainConfig, kind: str, projections: bool = True, output_norm: bool = False):
+        super().__init__(config, projections)
+        self.window = config.attention_window if kind == "swa" else None
+        n = config.num_sink_tokens
+        self.sinks = nn.Parameter(torch.empty(n, config.hidden_size)) if n else None
+        self.norm = RMSNorm(config.head_dim, eps=config.rms_norm_eps) if output_norm else None
+
+    def sink_keys_values(self, proj: _Mixer) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sink keys and values ``[1, n, Hkv, D]`` through ``proj``'s k/v projections (no rotation)."""
+        shape = (1, self.sinks.shape[0], self.num_kv_heads, self.head_dim)
+        return proj.k_proj(self.sinks).view(shape), proj.v_proj(self.sinks).view(shape)
+
+    def heads(self, x, q, k, v, inputs, cache: WindowKV | FullKV | None, proj: _Mixer) -> torch.Tensor:
+        B = x.shape[0]
         q, k = apply_rotary(q, inputs.cos, inputs.sin), apply_rotary(k, inputs.cos, inputs.sin)
+        n = 0 if self.sinks is None else self.sinks.shape[0]
+        if n and (cache is None or cache.sinks is None):
+            sinks = self.sink_keys_values(proj)
+            if cache is None:
+                k, v = (torch.cat((s.expand(B, *s.shape[1:]), t), 1) for s, t in zip(sinks, (k, v)))
+            else:
+                cache.set_sinks(*sinks)
         if cache is not None:
             k, v = cache.extend(k, v)
-        mask = _tail(inputs.key_mask, k.shape[1])
+        mask = inputs.mask_of_last(k.shape[1] - n)
         if self.window is None:
-            o = causal_attention(q, k, v, key_padding_mask=mask)
+            o = causal_attention(q, k, v, key_padding_mask=mask, num_sinks=n)
         else:
-            o = sliding_window_attention(q, k, v, self.window, key_padding_mask=mask)
+            o = sliding_window_attention(q, k, v, self.window, key_padding_mask=mask, num_sinks=n)
+        return o if self.norm is None else self.norm(o)
+
+
+class ParallelHybridAttention(_Mixer):
+    """SpikingBrain-76B layer: gated linear attention in parallel with sliding-window or full attention.
+
+    Each branch's per-head output is RMS-normalised (GLA's ``g_norm``, the softmax branch's
+    ``norm``) and the two are combined with weights ``(1, 1)`` (``sum``), ``(1/2, 1/2)``
+    (``mean``) or learned scalars ``branch_weights`` (initialised to 1/2). Shared projections
+    (default) feed one q/k/v to both branches and project their combination with one o_proj;
+    separate projections give each branch its own q/k/v/o.
+    """
+
+    def __init__(self, config: SpikingBrainConfig, kind: str):
+        shared = config.parallel_shared_projections
+        super().__init__(config, projections=shared)
+        self.shared = shared
+        self.linear = GatedLinearAttention(config, projections=not shared)
+        self.softmax = SoftmaxAttention(config, kind, projections=not shared, output_norm=True)
+        self.combine = config.parallel_combine
+        if self.combine == "learned":
+            self.branch_weights = nn.Parameter(torch.full((2,), 0.5))
+
+    def weights(self) -> tuple:
+        """Weights of the linear and the softmax branch."""
+        if self.combine == "learned":
+            return self.branch_weights[0], self.branch_weights[1]
+        return (1.0, 1.0) if self.combine == "sum" else (0.5, 0.5)
+
+    def forward(self, x: torch.Tensor, inputs: MixerInputs, cache: ParallelState | None) -> torch.Tensor:
+        linear_cache, softmax_cache = (None, None) if cache is None else (cache.linear, cache.softmax)
+        w_linear, w_softmax = self.weights()
+        if not self.shared:
+            return w_linear * self.linear(x, inputs, linear_cache) + w_softmax * self.softmax(x, inputs, softmax_cache)
+        B, T, _ = x.shape
+        q, k, v = self.project(x)
+        o = w_linear * self.linear.heads(x, q, k, v, inputs, linear_cache) + w_softmax * self.softmax.heads(
+            x, q, k, v, inputs, softmax_cache, self
+        )
         return self.o_proj(o.reshape(B, T, self.num_heads * self.head_dim))
 
 
@@ -119,4 +209,6 @@ def build_mixer(config: SpikingBrainConfig, mixer: str) -> nn.Module:
         return GatedLinearAttention(config)
     if mixer in ("swa", "full"):
         return SoftmaxAttention(config, mixer)
+    if mixer in PARALLEL_MIXERS:
+        return ParallelHybridAttention(config, mixer.removeprefix("parallel-"))
     raise ValueError(f"unknown mixer {mixer!r}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -15,13 +16,37 @@ from .cache import SpikingBrainCache
 from .checkpoint import CheckpointError, check_state_dict, read_config, read_shapes
 from .config import SpikingBrainConfig
 from .layers import RMSNorm, SwiGLU
-from .mixers import GatedLinearAttention, MixerInputs, build_mixer
+from .mixers import GatedLinearAttention, MixerInputs, ParallelHybridAttention, SoftmaxAttention, build_mixer
+from .moe import MoEFeedForward, RouterStats, load_balancing_loss
 
-__all__ = ["HybridBlock", "SpikingBrainModel", "SpikingBrainForCausalLM", "SpikingBrainPreTrainedModel"]
+__all__ = [
+    "HybridBlock",
+    "SpikingBrainModel",
+    "SpikingBrainForCausalLM",
+    "SpikingBrainPreTrainedModel",
+    "SpikingBrainModelOutput",
+    "SpikingBrainCausalLMOutput",
+]
+
+
+@dataclass
+class SpikingBrainModelOutput(BaseModelOutputWithPast):
+    """Base-model output plus the router statistics of every MoE layer (in layer order; None without MoE)."""
+
+    router_stats: list[RouterStats] | None = None
+
+
+@dataclass
+class SpikingBrainCausalLMOutput(CausalLMOutputWithPast):
+    """Causal-LM output plus the load-balancing loss (mean over MoE layers) and the router statistics
+    of every MoE layer (in the order of ``config.moe_layers``, summed over streamed chunks)."""
+
+    aux_loss: torch.Tensor | None = None
+    router_stats: list[RouterStats] | None = None
 
 
 class HybridBlock(nn.Module):
-    """Pre-norm block: ``x + attn(attn_norm(x))`` then ``+ mlp(mlp_norm(.))``."""
+    """Pre-norm block: ``x + attn(attn_norm(x))`` then ``+ mlp(mlp_norm(.))`` (a SwiGLU or an MoE)."""
 
     def __init__(self, config: SpikingBrainConfig, layer_idx: int):
         super().__init__()
@@ -29,11 +54,16 @@ class HybridBlock(nn.Module):
         self.attn_norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.attn = build_mixer(config, self.mixer_type)
         self.mlp_norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
+        self.is_moe = layer_idx in config.moe_layers
+        self.mlp = MoEFeedForward(config) if self.is_moe else SwiGLU(config.hidden_size, config.intermediate_size)
 
-    def forward(self, x: torch.Tensor, inputs: MixerInputs, cache) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, inputs: MixerInputs, cache) -> tuple[torch.Tensor, RouterStats | None]:
+        """The block's output and, for an MoE block, its router statistics."""
         x = x + self.attn(self.attn_norm(x), inputs, cache)
-        return x + self.mlp(self.mlp_norm(x))
+        if not self.is_moe:
+            return x + self.mlp(self.mlp_norm(x)), None
+        y, stats = self.mlp(self.mlp_norm(x), inputs.mask_of_last(x.shape[1]))
+        return x + y, stats
 
 
 class SpikingBrainPreTrainedModel(PreTrainedModel):
@@ -73,12 +103,16 @@ class SpikingBrainPreTrainedModel(PreTrainedModel):
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
-        if isinstance(module, GatedLinearAttention):
+        if isinstance(module, GatedLinearAttention) and not module.key_tied:
             # New gate parameters as in the SpikingBrain release: xavier-uniform with gain 2^-2.5, zero bias.
             for linear in module.gk_proj:
                 init.xavier_uniform_(linear.weight, gain=2**-2.5)
                 if linear.bias is not None:
                     init.zeros_(linear.bias)
+        elif isinstance(module, SoftmaxAttention) and module.sinks is not None:
+            init.normal_(module.sinks, mean=0.0, std=self.config.initializer_range)
+        elif isinstance(module, ParallelHybridAttention) and module.combine == "learned":
+            init.constant_(module.branch_weights, 0.5)
 
 
 def _mask_over(attention_mask: torch.Tensor | None, total: int) -> torch.Tensor | None:
@@ -119,7 +153,7 @@ class SpikingBrainModel(SpikingBrainPreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         **kwargs,
-    ) -> BaseModelOutputWithPast:
+    ) -> SpikingBrainModelOutput:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         x = self.embeddings(input_ids) if inputs_embeds is None else inputs_embeds
@@ -140,15 +174,20 @@ class SpikingBrainModel(SpikingBrainPreTrainedModel):
         cos, sin = rotary_cos_sin(position_ids, rotary_inv_freq(self.config.head_dim, self.config.rope_theta, x.device))
         key_mask = None if mask is None or bool(mask.all()) else mask.bool()
         inputs = MixerInputs(cos=cos.to(x.dtype), sin=sin.to(x.dtype), key_mask=key_mask)
+        router_stats = []
         for i, layer in enumerate(self.layers):
             layer_cache = None if cache is None else cache.layers[i]
             if self.gradient_checkpointing and self.training:
-                x = self._gradient_checkpointing_func(layer.__call__, x, inputs, layer_cache)
+                x, stats = self._gradient_checkpointing_func(layer.__call__, x, inputs, layer_cache)
             else:
-                x = layer(x, inputs, layer_cache)
+                x, stats = layer(x, inputs, layer_cache)
+            if stats is not None:
+                router_stats.append(stats)
         if cache is not None:
             cache.seen_tokens += T
-        return BaseModelOutputWithPast(last_hidden_state=self.norm(x), cache=cache if use_cache else None)
+        return SpikingBrainModelOutput(
+            last_hidden_state=self.norm(x), cache=cache if use_cache else None, router_stats=router_stats or None
+        )
 
 
 class SpikingBrainForCausalLM(SpikingBrainPreTrainedModel, GenerationMixin):
@@ -190,12 +229,14 @@ class SpikingBrainForCausalLM(SpikingBrainPreTrainedModel, GenerationMixin):
         logits_to_keep: int = 0,
         past_key_values: SpikingBrainCache | None = None,
         **kwargs,
-    ) -> CausalLMOutputWithPast:
+    ) -> SpikingBrainCausalLMOutput:
         """Logits (and loss with ``labels``); long inputs stream through the cache in inference mode.
 
         Under ``no_grad`` an input longer than ``config.streaming_chunk_size`` runs chunk by chunk
         through the cache (a temporary one when ``use_cache`` is off), keeping only the hidden
         states whose logits are asked for, so memory does not grow with the input's length.
+        With MoE layers the output has ``aux_loss`` (load-balancing loss, mean over MoE layers)
+        and ``router_stats``; with ``labels`` the loss includes ``router_aux_loss_coef * aux_loss``.
         """
         cache = past_key_values if cache is None else cache
         use_cache = self.config.use_cache if use_cache is None else use_cache
@@ -208,7 +249,7 @@ class SpikingBrainForCausalLM(SpikingBrainPreTrainedModel, GenerationMixin):
         past = 0 if cache is None else cache.seen_tokens
         mask = _mask_over(attention_mask, past + T)
         first_kept = T - logits_to_keep if logits_to_keep and labels is None else 0
-        kept = []
+        kept, router_stats = [], None
         for start in range(0, max(T, 1), max(step, 1)):
             end = start + step
             out = self.model(
@@ -220,11 +261,19 @@ class SpikingBrainForCausalLM(SpikingBrainPreTrainedModel, GenerationMixin):
                 use_cache=use_cache or cache is not None,
             )
             cache = out.cache
+            if out.router_stats is not None:
+                chunk_stats = out.router_stats
+                router_stats = chunk_stats if router_stats is None else [a + b for a, b in zip(router_stats, chunk_stats)]
             if end > first_kept:
                 kept.append(out.last_hidden_state[:, max(0, first_kept - start) :])
         hidden = kept[0] if len(kept) == 1 else torch.cat(kept, dim=1)
         logits = self.lm_head(hidden)
+        aux_loss = load_balancing_loss(router_stats or [])
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache if use_cache else None)
+            if aux_loss is not None and self.config.router_aux_loss_coef:
+                loss = loss + self.config.router_aux_loss_coef * aux_loss
+        return SpikingBrainCausalLMOutput(
+            loss=loss, logits=logits, cache=cache if use_cache else None, aux_loss=aux_loss, router_stats=router_stats
+        )

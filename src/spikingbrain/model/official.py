@@ -108,6 +108,12 @@ def official_config_dict(config: SpikingBrainConfig) -> dict:
         problems.append(f"layer_mixers {config.layer_mixers} (only gla and swa exist in the official format)")
     if config.gla_feature_map != "relu":
         problems.append(f"gla_feature_map={config.gla_feature_map!r} (official: relu)")
+    if config.gla_gate != "lowrank":
+        problems.append(f"gla_gate={config.gla_gate!r} (official: lowrank)")
+    if config.num_sink_tokens:
+        problems.append(f"num_sink_tokens={config.num_sink_tokens} (the official format has no sinks)")
+    if config.num_experts:
+        problems.append(f"num_experts={config.num_experts} (the official format has dense FFNs only)")
     if not config.gla_output_norm:
         problems.append("gla_output_norm=false (official: per-head RMSNorm)")
     if config.head_dim * config.num_attention_heads != config.hidden_size:

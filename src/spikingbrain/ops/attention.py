@@ -6,6 +6,10 @@ Shapes: ``q`` is ``[B, Tq, H, D]``, ``k`` and ``v`` are ``[B, Tk, Hkv, D]`` with
 a cached prefix is passed by prepending its keys and values. ``key_padding_mask``
 (``[B, Tk]``, true = real token) hides padded keys; a padded query still sees itself so
 that no row is empty (its output is meaningless but finite).
+
+``num_sinks``: the first ``num_sinks`` keys and values are sink tokens that every query
+sees; they take no part in the causal order or the window, and ``Tk`` and
+``key_padding_mask`` count only the keys after them.
 """
 
 from __future__ import annotations
@@ -18,11 +22,11 @@ import torch.nn.functional as F
 __all__ = ["causal_attention", "sliding_window_attention"]
 
 
-def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask) -> tuple[int, ...]:
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask, num_sinks: int = 0) -> tuple[int, ...]:
     if q.dim() != 4 or k.shape != v.shape or k.dim() != 4:
         raise ValueError(f"expected q [B, Tq, H, D] and k, v [B, Tk, Hkv, D]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     B, Tq, H, D = q.shape
-    Tk, Hkv = k.shape[1], k.shape[2]
+    Tk, Hkv = k.shape[1] - num_sinks, k.shape[2]
     if k.shape[0] != B or k.shape[3] != D or H % Hkv or Tk < Tq:
         raise ValueError(f"incompatible q {tuple(q.shape)} and k {tuple(k.shape)}: need same B and D, H % Hkv == 0, Tk >= Tq")
     if key_padding_mask is not None and key_padding_mask.shape != (B, Tk):
@@ -30,12 +34,12 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask) 
     return B, Tq, H, Hkv, D, Tk
 
 
-def causal_attention(q, k, v, scale=None, key_padding_mask=None):
+def causal_attention(q, k, v, scale=None, key_padding_mask=None, num_sinks: int = 0):
     """Full causal attention through ``scaled_dot_product_attention``."""
-    B, Tq, H, Hkv, D, Tk = _check(q, k, v, key_padding_mask)
+    B, Tq, H, Hkv, D, Tk = _check(q, k, v, key_padding_mask, num_sinks)
     scale = D**-0.5 if scale is None else scale
     qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
-    if Tq == Tk and key_padding_mask is None:
+    if Tq == Tk and key_padding_mask is None and not num_sinks:
         o = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale, enable_gqa=Hkv != H)
     else:
         q_pos = torch.arange(Tk - Tq, Tk, device=q.device).unsqueeze(1)
@@ -43,36 +47,47 @@ def causal_attention(q, k, v, scale=None, key_padding_mask=None):
         mask = (k_pos <= q_pos).unsqueeze(0)
         if key_padding_mask is not None:
             mask = mask & (key_padding_mask.bool().unsqueeze(1) | (k_pos == q_pos))
+        if num_sinks:
+            mask = F.pad(mask, (num_sinks, 0), value=True)
         o = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask.unsqueeze(1), scale=scale, enable_gqa=Hkv != H)
     return o.transpose(1, 2)
 
 
-def sliding_window_attention(q, k, v, window: int, scale=None, key_padding_mask=None, block_size: int = 256):
-    """Causal attention where the query at position ``p`` sees keys ``p - window .. p``.
+def _prepend_sinks(windows: torch.Tensor, sinks: torch.Tensor) -> torch.Tensor:
+    """Key windows ``[B, Hkv, Nb, Lk, D]`` with the sink keys ``[B, n, Hkv, D]`` in front of every block."""
+    B, Hkv, Nb, _, D = windows.shape
+    sinks = sinks.transpose(1, 2).unsqueeze(2).expand(B, Hkv, Nb, sinks.shape[1], D)
+    return torch.cat((sinks, windows), dim=3)
+
+
+def sliding_window_attention(
+    q, k, v, window: int, scale=None, key_padding_mask=None, block_size: int = 256, num_sinks: int = 0
+):
+    """Causal attention where the query at position ``p`` sees keys ``p - window .. p`` (and the sinks).
 
     ``window`` follows flash-attn's ``window_size=(window, 0)``: ``window + 1`` keys
     including the query's own. Queries are processed in blocks of ``block_size``; each
     block reads only its ``block_size + window`` keys, so cost is O(Tq * (window + block)).
     Without a padding mask, queries at positions ``< window`` (nothing cut off yet) run as
     plain causal attention and the rest as blocks that need one band mask shared by all
-    blocks, batch rows and heads.
+    blocks, batch rows and heads. Sink keys are copied in front of every block's window.
     """
-    B, Tq, H, Hkv, D, Tk = _check(q, k, v, key_padding_mask)
+    B, Tq, H, Hkv, D, Tk = _check(q, k, v, key_padding_mask, num_sinks)
     if window < 0:
         raise ValueError(f"window must be >= 0, got {window}")
     if Tk <= window + 1:  # the window never cuts anything off
-        return causal_attention(q, k, v, scale, key_padding_mask)
+        return causal_attention(q, k, v, scale, key_padding_mask, num_sinks)
     scale = D**-0.5 if scale is None else scale
     if key_padding_mask is not None:
-        return _sliding_window_masked(q, k, v, window, scale, key_padding_mask, block_size)
+        return _sliding_window_masked(q, k, v, window, scale, key_padding_mask, block_size, num_sinks)
     offset = Tk - Tq
     n_causal = min(Tq, max(0, window - offset))  # queries at key positions < window
     parts = []
     if n_causal:
-        end = offset + n_causal
-        parts.append(causal_attention(q[:, :n_causal], k[:, :end], v[:, :end], scale))
+        end = num_sinks + offset + n_causal
+        parts.append(causal_attention(q[:, :n_causal], k[:, :end], v[:, :end], scale, num_sinks=num_sinks))
     if n_causal < Tq:
-        parts.append(_banded_attention(q[:, n_causal:], k, v, window, scale, offset + n_causal, block_size))
+        parts.append(_banded_attention(q[:, n_causal:], k, v, window, scale, offset + n_causal, block_size, num_sinks))
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
@@ -98,13 +113,15 @@ def _unstack_query_blocks(o: torch.Tensor, B: int, Tq: int, H: int, Hkv: int, Bq
     return o[:, :Tq]
 
 
-def _banded_attention(q, k, v, window: int, scale: float, start: int, block_size: int) -> torch.Tensor:
+def _banded_attention(
+    q, k, v, window: int, scale: float, start: int, block_size: int, num_sinks: int = 0
+) -> torch.Tensor:
     """Sliding-window attention of queries at key positions ``start .. start + Tq - 1``, ``start >= window``.
 
     Every query's window lies inside the keys, so blocks need no front padding: block ``n``
-    reads keys ``[start + n*Bq - window, start + (n+1)*Bq)`` as a strided view (no copy),
-    the query heads of one key/value head are stacked along the rows, and a single
-    ``[G*Bq, Bq + window]`` band mask serves every block, batch row and head.
+    reads keys ``[start + n*Bq - window, start + (n+1)*Bq)`` as a strided view (no copy
+    unless sinks are prepended), the query heads of one key/value head are stacked along the
+    rows, and a single ``[G*Bq, Bq + window]`` band mask serves every block, batch row and head.
     """
     B, Tq, H, D = q.shape
     Hkv = k.shape[2]
@@ -115,22 +132,29 @@ def _banded_attention(q, k, v, window: int, scale: float, start: int, block_size
     tail = Nb * Bq - Tq
 
     def key_windows(x: torch.Tensor) -> torch.Tensor:
-        x = x[:, start - window :].transpose(1, 2)  # [B, Hkv, window + Tq, D]
+        sinks, x = x[:, :num_sinks], x[:, num_sinks + start - window :].transpose(1, 2)  # [B, Hkv, window + Tq, D]
         x = F.pad(x, (0, 0, 0, tail)).contiguous()
         L = x.shape[2]
-        return x.as_strided((B * Hkv, Nb, Lk, D), (L * D, Bq * D, D, 1))
+        windows = x.as_strided((B, Hkv, Nb, Lk, D), (Hkv * L * D, L * D, Bq * D, D, 1))
+        if num_sinks:
+            windows = _prepend_sinks(windows, sinks)
+        return windows.reshape(B * Hkv, Nb, num_sinks + Lk, D)
 
     kw, vw = key_windows(k), key_windows(v)
     qw = _stack_query_blocks(q, Hkv, Bq, Nb).reshape(B * Hkv, Nb, G * Bq, D)
     band, _ = _band(Bq, G, Lk, window, q.device)
     mask = torch.zeros(band.shape, dtype=q.dtype, device=q.device).masked_fill(~band, float("-inf"))
+    if num_sinks:  # sinks: always visible
+        mask = F.pad(mask, (num_sinks, 0))
     o = F.scaled_dot_product_attention(qw, kw, vw, attn_mask=mask, scale=scale)  # [B*Hkv, Nb, G*Bq, D]
     return _unstack_query_blocks(o, B, Tq, H, Hkv, Bq, Nb)
 
 
-def _sliding_window_masked(q, k, v, window: int, scale: float, key_padding_mask, block_size: int) -> torch.Tensor:
+def _sliding_window_masked(
+    q, k, v, window: int, scale: float, key_padding_mask, block_size: int, num_sinks: int = 0
+) -> torch.Tensor:
     """Sliding-window attention with a key padding mask (a mask per batch row and query block)."""
-    B, Tq, H, Hkv, D, Tk = _check(q, k, v, key_padding_mask)
+    B, Tq, H, Hkv, D, Tk = _check(q, k, v, key_padding_mask, num_sinks)
     G, offset = H // Hkv, Tk - Tq
     Bq = min(block_size, Tq)
     Nb = math.ceil(Tq / Bq)
@@ -140,10 +164,12 @@ def _sliding_window_masked(q, k, v, window: int, scale: float, key_padding_mask,
     # Keys padded with `window` slots in front (positions < 0) and `tail` at the end;
     # block n reads padded slots [offset + n*Bq, offset + n*Bq + Lk).
     def key_windows(x: torch.Tensor) -> torch.Tensor:
-        x = F.pad(x.transpose(1, 2), (0, 0, window, tail)).contiguous()  # [B, Hkv, L, D]
+        sinks, x = x[:, :num_sinks], F.pad(x[:, num_sinks:].transpose(1, 2), (0, 0, window, tail)).contiguous()
         s = x.stride()
         w = x.as_strided((B, Hkv, Nb, Lk, D), (s[0], s[1], Bq * s[2], s[2], s[3]), offset * s[2])
-        return w.reshape(B * Hkv * Nb, 1, Lk, D)
+        if num_sinks:
+            w = _prepend_sinks(w, sinks)
+        return w.reshape(B * Hkv * Nb, 1, num_sinks + Lk, D)
 
     kw, vw = key_windows(k), key_windows(v)
     qw = _stack_query_blocks(q, Hkv, Bq, Nb).reshape(B * Hkv * Nb, 1, G * Bq, D)
@@ -153,6 +179,8 @@ def _sliding_window_masked(q, k, v, window: int, scale: float, key_padding_mask,
     vs = valid.stride()
     valid_w = valid.as_strided((B, Nb, Lk), (vs[0], Bq * vs[1], vs[1]), offset * vs[1])
     mask = band & (valid_w.unsqueeze(2) | diagonal)  # [B, Nb, G*Bq, Lk]
-    mask = mask.unsqueeze(1).expand(B, Hkv, Nb, G * Bq, Lk).reshape(-1, 1, G * Bq, Lk)
+    if num_sinks:  # sinks: always visible
+        mask = F.pad(mask, (num_sinks, 0), value=True)
+    mask = mask.unsqueeze(1).expand(B, Hkv, Nb, G * Bq, num_sinks + Lk).reshape(-1, 1, G * Bq, num_sinks + Lk)
     o = F.scaled_dot_product_attention(qw, kw, vw, attn_mask=mask, scale=scale)
     return _unstack_query_blocks(o, B, Tq, H, Hkv, Bq, Nb)
