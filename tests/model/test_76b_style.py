@@ -156,3 +156,49 @@ def test_save_and_load_round_trip(tmp_path):
         model.save_pretrained(tmp_path / "official", official_format=True)
     for field in ("layer_mixers", "gla_gate", "num_sink_tokens", "num_experts"):
         assert field in str(info.value)
+
+
+def test_transformer_converted_to_76b_layout_then_upcycled(tmp_path):
+    """A Qwen2 checkpoint into parallel layers (shared q/k/v/o reused, sinks and norms new), then MoE upcycling."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from spikingbrain.convert.upcycle import upcycle_model
+    from spikingbrain.model.hf_import import import_transformer
+
+    source = Qwen2ForCausalLM(Qwen2Config(
+        vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False,
+    ))
+    randomize_(source).save_pretrained(tmp_path / "qwen2")
+    mixers = ["parallel-swa", "parallel-swa", "parallel-full"]
+    dense, report = import_transformer(
+        tmp_path / "qwen2", mixers, num_sink_tokens=2, gla_gate="key_tied", gla_feature_map="sigmoid", sliding_window=4,
+    )
+    assert {n.split("attn.")[-1] for n in report.new} == {"linear.g_norm.weight", "softmax.norm.weight", "softmax.sinks", "branch_weights"}
+    qwen = source.state_dict()
+    for i in range(3):
+        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            assert torch.equal(dense.state_dict()[f"model.layers.{i}.attn.{proj}.weight"], qwen[f"model.layers.{i}.self_attn.{proj}.weight"])
+    moe = upcycle_model(dense, router_init="zeros", num_experts=4, num_experts_per_tok=1, num_shared_experts=1, dense_ffn_layers=[0])
+    ids = random_ids(2, 20, seed=9)
+    with torch.no_grad():
+        assert_close(moe(ids, use_cache=False).logits, dense(ids, use_cache=False).logits, 1e-5, "upcycled vs dense")
+    assert_close(moe(ids, use_cache=False).logits, expected_logits(moe, ids), TOL, "converted 76B-style vs reference")
+
+
+def test_activation_checkpointing_keeps_loss_and_router_gradients():
+    """Blocks return (hidden, router statistics): checkpointed blocks must give the same loss and gradients."""
+    model = tiny_76b(seed=10).train()
+    ids = random_ids(2, 20, seed=10)
+    grads = []
+    for checkpointing in (False, True):
+        if checkpointing:
+            model.activation_checkpointing_enable()
+        model.zero_grad()
+        out = model(ids, labels=ids, use_cache=False)
+        out.loss.backward()
+        grads.append((out.loss.detach(), model.model.layers[3].mlp.router.weight.grad.clone()))
+    assert model.model.gradient_checkpointing
+    assert_close(grads[1][0], grads[0][0], 1e-6, "loss")
+    assert grads[0][1].abs().max() > 0
+    assert_close(grads[1][1], grads[0][1], 1e-5, "router gradient")

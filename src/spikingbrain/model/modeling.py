@@ -261,9 +261,8 @@ class SpikingBrainForCausalLM(SpikingBrainPreTrainedModel, GenerationMixin):
                 use_cache=use_cache or cache is not None,
             )
             cache = out.cache
-            if out.router_stats is not None:
-                chunk_stats = out.router_stats
-                router_stats = chunk_stats if router_stats is None else [a + b for a, b in zip(router_stats, chunk_stats)]
+            if out.router_stats is not None:  # summed over streamed chunks
+                router_stats = [a + b for a, b in zip(router_stats, out.router_stats)] if router_stats else out.router_stats
             if end > first_kept:
                 kept.append(out.last_hidden_state[:, max(0, first_kept - start) :])
         hidden = kept[0] if len(kept) == 1 else torch.cat(kept, dim=1)
