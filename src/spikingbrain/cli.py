@@ -180,8 +180,10 @@ def build_parser() -> argparse.ArgumentParser:
     kernels.register(bench_sub)
 
     from .convert import converter
+    from .train import trainer
 
     converter.register(sub)
+    trainer.register(sub)
 
     evaluate = sub.add_parser("eval", help="evaluation: perplexity")
     eval_sub = evaluate.add_subparsers(dest="eval", required=True)

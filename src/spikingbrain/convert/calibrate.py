@@ -48,7 +48,11 @@ def _teacher_attention(teacher: SpikingBrainForCausalLM, ids: torch.Tensor, laye
 def _normalised_output(mixer: GatedLinearAttention, x, inputs) -> torch.Tensor:
     """The mixer's per-head output after an RMSNorm of weight 1, ``[tokens, heads, D]`` in fp64."""
     seen = {}
-    handle = mixer.o_proj.register_forward_pre_hook(lambda module, args: seen.setdefault("o", args[0]))
+
+    def keep(module, args):
+        seen["o"] = args[0]
+
+    handle = mixer.o_proj.register_forward_pre_hook(keep)
     try:
         mixer(x, inputs, None)
     finally:

@@ -74,6 +74,7 @@ def convert_transformer(
     sliding_window: int | None = None,
     dtype: torch.dtype = torch.float32,
     overwrite: bool = False,
+    seed: int = 0,
     **overrides,
 ) -> ConversionReport:
     """Convert a Llama/Qwen2/Mistral folder (or ``default``) into a SpikingBrain folder at ``output``.
@@ -81,6 +82,7 @@ def convert_transformer(
     Every source tensor is mapped or reported as dropped, new parameters are listed with their
     initialisation, and the tokenizer, chat template and generation config are carried over.
     The folder is written to a temporary sibling and renamed, so a failure leaves no half folder.
+    New parameters are drawn from a generator seeded with ``seed``: the same command gives the same folder.
     """
     folder = resolve_folder(source)
     raw = read_config(folder)
@@ -95,7 +97,9 @@ def convert_transformer(
     mixers = plan_layers(raw["num_hidden_layers"], layout, list(full_layers))
     if sliding_window is not None:
         overrides["sliding_window"] = sliding_window
-    model, imported = import_transformer(folder, mixers, dtype, **overrides)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model, imported = import_transformer(folder, mixers, dtype, **overrides)
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
     try:
@@ -141,6 +145,7 @@ def _run(args) -> int:
         full_layers=_layer_indices(args.full_layers),
         sliding_window=args.window,
         overwrite=args.force,
+        seed=args.seed,
     )
     print(json.dumps(asdict(report), indent=1) if args.json else report.summary())
     return 0
@@ -157,5 +162,6 @@ def register(subparsers) -> None:
     parser.add_argument("--full-layers", default="", help="0-indexed layers that keep full attention, e.g. 6,13")
     parser.add_argument("--window", type=int, default=None, help="sliding window W of SWA layers (default 4096)")
     parser.add_argument("--force", action="store_true", help="replace a non-empty output folder")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the new parameters' initialisation")
     parser.add_argument("--json", action="store_true", help="print the full report as JSON")
     parser.set_defaults(func=_run)

@@ -16,6 +16,7 @@ from .modeling import SpikingBrainForCausalLM
 __all__ = [
     "TRANSFORMER_FAMILIES",
     "ImportReport",
+    "is_source_parameter",
     "config_from_transformer",
     "map_transformer_weights",
     "import_transformer",
@@ -39,6 +40,11 @@ _SOURCE_PARAMETER = re.compile(
     r"|model\.layers\.\d+\.attn\.[qkvo]_proj\.(weight|bias)"
     r"|model\.layers\.\d+\.mlp\.(gate|up|down)_proj\.weight)$"
 )
+
+
+def is_source_parameter(name: str) -> bool:
+    """Whether a SpikingBrain parameter name is one a Llama-family checkpoint provides (else it is new)."""
+    return bool(_SOURCE_PARAMETER.match(name))
 
 
 @dataclass
@@ -149,7 +155,7 @@ def import_transformer(
     expected = {n: p.shape for n, p in model.state_dict().items()}
     if config.tie_word_embeddings:
         expected.pop("lm_head.weight")
-    report.new = sorted(n for n in expected if not _SOURCE_PARAMETER.match(n))
+    report.new = sorted(n for n in expected if not is_source_parameter(n))
     check_state_dict(str(folder), {n: t.shape for n, t in state.items()}, expected, allowed_missing=set(report.new))
     model.load_state_dict(state, strict=False, assign=True)
     _materialize_new_parameters(model, dtype)

@@ -1,0 +1,95 @@
+"""Shipped converted models: a compact delta file on top of a teacher, rebuilt into a cached folder once.
+
+A delta is a safetensors file holding only what conversion training changed (new parameters,
+trained tensors, LoRA factors) plus, in its metadata, the student's config and the teacher it
+was trained from. Rebuilding converts the teacher with that config, folds the LoRA factors
+into their base weights, copies the other tensors and saves an ordinary SpikingBrain folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from importlib import resources
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .checkpoint import TOKENIZER_FILES, CheckpointError
+from .embedded import _build_folder, cache_dir
+
+__all__ = ["SHIPPED_MODELS", "shipped_delta_path", "shipped_model_folder", "write_delta", "build_from_delta"]
+
+#: Short name -> delta file inside the package (src/spikingbrain/shipped/).
+SHIPPED_MODELS = {"spikingbrain-smollm2": "spikingbrain-smollm2.safetensors"}
+_CONFIG_KEYS_NOT_OVERRIDDEN = ("architectures", "transformers_version", "model_type", "dtype", "torch_dtype", "_name_or_path")
+
+
+def shipped_delta_path(name: str) -> Path:
+    """The delta file of a shipped model name."""
+    if name not in SHIPPED_MODELS:
+        raise CheckpointError(f"{name!r} is not a shipped model; shipped: {sorted(SHIPPED_MODELS)}")
+    path = Path(str(resources.files("spikingbrain") / "shipped" / SHIPPED_MODELS[name]))
+    if not path.is_file():
+        raise CheckpointError(f"{path}: the delta file of {name!r} is missing from this installation; reinstall spikingbrain")
+    return path
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def shipped_model_folder(name: str, progress: bool = True) -> Path:
+    """The rebuilt folder of a shipped model (built on first use, cached, rebuilt when the delta changes)."""
+    delta = shipped_delta_path(name)
+    source = {"distribution": "spikingbrain", "file": delta.name, "size": delta.stat().st_size, "sha256": _sha256(delta), "path": str(delta)}
+    return _build_folder(cache_dir() / name, source, build_from_delta, progress, label=f"the shipped model {name}")
+
+
+def write_delta(path: str | Path, tensors: dict[str, torch.Tensor], config: dict, teacher: str, extra: dict | None = None) -> Path:
+    """Write a delta file: ``tensors`` (LoRA factors named ``<linear>.lora_a/.lora_b`` with ``lora_scale`` in ``extra``)."""
+    metadata = {"config": json.dumps(config), "teacher": teacher, **{k: json.dumps(v) for k, v in (extra or {}).items()}}
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({n: t.detach().cpu().contiguous() for n, t in tensors.items()}, str(tmp), metadata=metadata)
+    tmp.replace(path)
+    return path
+
+
+def build_from_delta(delta: Path, out: Path) -> None:
+    """Rebuild the model a delta describes into the folder ``out``."""
+    from .hf_import import import_transformer  # hf_import builds on the model classes
+    from .loading import resolve_folder
+
+    with safe_open(str(delta), framework="pt") as f:
+        meta = f.metadata() or {}
+        tensors = {name: f.get_tensor(name) for name in f.keys()}
+    if "config" not in meta or "teacher" not in meta:
+        raise CheckpointError(f"{delta}: not a spikingbrain delta file (no 'config'/'teacher' metadata)")
+    config = {k: v for k, v in json.loads(meta["config"]).items() if k not in _CONFIG_KEYS_NOT_OVERRIDDEN}
+    teacher = resolve_folder(meta["teacher"])
+    model, _ = import_transformer(teacher, config.pop("layer_mixers"), torch.float32, **config)
+    params = dict(model.named_parameters())
+    scale = float(json.loads(meta.get("lora_scale", "1")))
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            if name.endswith(".lora_b"):
+                continue
+            if name.endswith(".lora_a"):
+                base = name[: -len(".lora_a")] + ".weight"
+                params[base] += scale * (tensors[name[:-1] + "b"].float() @ tensor.float())
+                continue
+            if name not in params or params[name].shape != tensor.shape:
+                raise CheckpointError(f"{delta}: tensor {name} {tuple(tensor.shape)} does not fit the rebuilt model; the delta and the teacher disagree")
+            params[name].copy_(tensor)
+    model.save_pretrained(out)
+    for file in TOKENIZER_FILES:
+        if (teacher / file).is_file():
+            shutil.copy2(teacher / file, out / file)

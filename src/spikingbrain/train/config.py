@@ -1,0 +1,214 @@
+"""Training configuration: a YAML or TOML file, checked key by key, with ``key=value`` overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+__all__ = ["StageConfig", "TrainConfig", "load_train_config", "apply_overrides", "STAGE_KINDS", "TRAINABLE_SETS"]
+
+#: calibrate: closed-form least-squares fit of GLA output-norm scales to the teacher (one step);
+#: transfer: each converted mixer matches the teacher's attention output (MSE);
+#: distill: KL to the teacher's logits plus next-token cross-entropy over the whole model.
+STAGE_KINDS = ("calibrate", "transfer", "distill")
+#: new: parameters the source lacked (gates, norms); mixers: every parameter of converted mixers;
+#: lora: adapters (plus the new parameters); all: every parameter except the embeddings.
+TRAINABLE_SETS = ("new", "mixers", "lora", "all")
+
+
+@dataclass
+class StageConfig:
+    """One training stage; successive distill stages with growing ``seq_len`` make a context schedule."""
+
+    kind: str
+    steps: int
+    name: str = ""
+    seq_len: int = 512
+    batch_size: int = 4
+    grad_accum: int = 1
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    clip: float = 1.0
+    trainable: str = "new"
+    kl_weight: float = 1.0
+    ce_weight: float = 0.1
+    temperature: float = 1.0
+
+
+@dataclass
+class TrainConfig:
+    """A conversion-training run: student folder, teacher, data, stages, checkpoints."""
+
+    student: str
+    out: str
+    stages: list[StageConfig]
+    teacher: str = "default"
+    data: list[str] = field(default_factory=lambda: ["pydoc"])
+    held_out_fraction: float = 0.1
+    seed: int = 0
+    lora_rank: int = 8
+    lora_alpha: float | None = None
+    lora_targets: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 2
+    eval_every: int = 50
+    eval_context: int = 2048
+    eval_max_tokens: int = 8192
+    teacher_pretraining_tokens: float = 2e12
+    device: str = "auto"
+    threads: int | None = None
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the field and the fix for any bad value."""
+        if not self.stages:
+            raise ValueError("config: 'stages' is empty; add at least one stage (kind: transfer or distill)")
+        for i, stage in enumerate(self.stages):
+            where = f"config: stages[{i}]"
+            if stage.kind not in STAGE_KINDS:
+                raise ValueError(f"{where}.kind={stage.kind!r}; use one of {list(STAGE_KINDS)}")
+            if stage.trainable not in TRAINABLE_SETS:
+                raise ValueError(f"{where}.trainable={stage.trainable!r}; use one of {list(TRAINABLE_SETS)}")
+            for key in ("steps", "seq_len", "batch_size", "grad_accum"):
+                if getattr(stage, key) < 1:
+                    raise ValueError(f"{where}.{key} must be >= 1, got {getattr(stage, key)}")
+            if stage.kind == "calibrate" and stage.steps != 1:
+                raise ValueError(f"{where}: a calibrate stage is closed-form; set steps: 1 (got {stage.steps})")
+            if stage.lr <= 0:
+                raise ValueError(f"{where}.lr must be > 0, got {stage.lr}")
+        if not 0 < self.held_out_fraction < 1:
+            raise ValueError(f"config: held_out_fraction must be in (0, 1), got {self.held_out_fraction}")
+        for key in ("checkpoint_every", "eval_every", "keep_checkpoints", "lora_rank"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"config: {key} must be >= 1, got {getattr(self, key)}")
+        if self.eval_context < 2:
+            raise ValueError(f"config: eval_context must be >= 2, got {self.eval_context}")
+
+    def to_dict(self) -> dict:
+        """Plain data (JSON-safe)."""
+        return dataclasses.asdict(self)
+
+    def fingerprint(self) -> str:
+        """What a checkpoint must agree on to be resumed by this run (everything but bookkeeping fields)."""
+        data = self.to_dict()
+        for key in ("out", "checkpoint_every", "keep_checkpoints", "eval_every", "threads", "device"):
+            data.pop(key)
+        return json.dumps(data, sort_keys=True)
+
+
+def _coerce(value, hint, where: str):
+    """``value`` as the field type ``hint`` (YAML reads ``1e-3`` as a string), or a ValueError naming ``where``."""
+    allowed = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    if value is None and type(None) in allowed:
+        return None
+    for kind in allowed:
+        base = typing.get_origin(kind) or kind
+        if base is list and isinstance(value, (list, tuple)):
+            return list(value)
+        if base is float and isinstance(value, (int, float, str)) and not isinstance(value, bool):
+            try:
+                return float(value)
+            except ValueError:
+                continue
+        if base is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if base is str and isinstance(value, str):
+            return value
+    names = " or ".join(getattr(k, "__name__", str(k)) for k in allowed)
+    raise ValueError(f"{where} = {value!r}: expected {names}")
+
+
+def _typed(raw: dict, cls, where: str) -> dict:
+    hints = typing.get_type_hints(cls)
+    return {key: _coerce(value, hints[key], f"{where}: {key}") for key, value in raw.items()}
+
+
+def _check_keys(raw: dict, cls, where: str) -> None:
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ValueError(f"{where}: unknown keys {unknown}; known keys are {sorted(known)}")
+    required = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    missing = [k for k in required if k not in raw]
+    if missing:
+        raise ValueError(f"{where}: missing required keys {missing}")
+
+
+def config_from_dict(raw: dict, where: str = "config") -> TrainConfig:
+    """A validated ``TrainConfig`` from parsed YAML/TOML data."""
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where}: the top level must be a mapping of keys to values")
+    _check_keys(raw, TrainConfig, where)
+    stages = []
+    for i, stage in enumerate(raw["stages"] or []):
+        if not isinstance(stage, dict):
+            raise ValueError(f"{where}: stages[{i}] must be a mapping")
+        _check_keys(stage, StageConfig, f"{where}: stages[{i}]")
+        stages.append(StageConfig(**_typed(stage, StageConfig, f"{where}: stages[{i}]")))
+    if isinstance(raw.get("data"), str):
+        raw = {**raw, "data": [raw["data"]]}
+    config = TrainConfig(**{**_typed({k: v for k, v in raw.items() if k != "stages"}, TrainConfig, where), "stages": stages})
+    config.validate()
+    return config
+
+
+def _parse_file(path: Path) -> dict:
+    text = path.read_text()
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        try:
+            return yaml.safe_load(text) or {}
+        except yaml.YAMLError as err:
+            raise ValueError(f"{path}: not valid YAML ({err})") from None
+    if path.suffix == ".toml":
+        import tomllib
+
+        try:
+            return tomllib.loads(text)
+        except tomllib.TOMLDecodeError as err:
+            raise ValueError(f"{path}: not valid TOML ({err})") from None
+    raise ValueError(f"{path}: unknown config format {path.suffix!r}; use .yaml, .yml or .toml")
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Set ``key=value`` (``stages.1.lr=3e-4`` for a stage) in parsed config data; values are parsed as YAML scalars."""
+    import yaml
+
+    raw = json.loads(json.dumps(raw))
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r}: write key=value, e.g. stages.0.steps=100")
+        key, value = item.split("=", 1)
+        *path, last = key.split(".")
+        node = raw
+        for part in path:
+            try:
+                node = node[int(part)] if isinstance(node, list) else node[part]
+            except (KeyError, IndexError, ValueError):
+                raise ValueError(f"override {item!r}: {part!r} does not exist in the config") from None
+        if isinstance(node, list):
+            try:
+                index = int(last)
+                node[index]  # noqa: B018 - raises IndexError for a missing entry
+            except (ValueError, IndexError):
+                raise ValueError(f"override {item!r}: {last!r} is not an index of that list") from None
+            node[index] = yaml.safe_load(value)
+        else:
+            node[last] = yaml.safe_load(value)
+    return raw
+
+
+def load_train_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
+    """Read, override and validate a training config file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: config file not found")
+    return config_from_dict(apply_overrides(_parse_file(path), list(overrides)), where=str(path))

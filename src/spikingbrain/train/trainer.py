@@ -1,0 +1,421 @@
+"""Conversion training: attention transfer, then distillation, with exact checkpoint/resume.
+
+Stages run in order. A *transfer* stage trains every converted mixer to reproduce the teacher's
+attention output for the teacher's own layer input (relative MSE, all layers at once from one
+teacher forward). A *distill* stage trains the whole student on KL divergence to the teacher's
+logits plus next-token cross-entropy. Checkpoints hold the trained tensors, optimizer, scheduler,
+data position and RNG, so a killed run resumes onto the same loss curve.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch.nn import functional as F
+from tqdm.auto import tqdm
+
+from ..convert.calibrate import calibrate_gla
+from ..eval.perplexity import perplexity
+from ..model.hf_import import is_source_parameter
+from ..model.checkpoint import TOKENIZER_FILES
+from ..model.loading import load_model, load_tokenizer, resolve_folder
+from ..model.shipped import write_delta
+from .config import StageConfig, TrainConfig
+from .data import PackedBatches, load_documents, pack, split_held_out, tokenize_documents
+from .lora import LoRALinear, add_lora, lora_parameters, merge_lora
+
+__all__ = ["Trainer", "TrainingError"]
+
+
+class TrainingError(ValueError):
+    """A training run cannot start or resume (bad checkpoint, mismatched config, ...)."""
+
+
+def _lr_factor(step: int, stage: StageConfig) -> float:
+    """Linear warm-up to 1, then cosine decay to ``min_lr_ratio`` by the stage's last step."""
+    if step < stage.warmup_steps:
+        return (step + 1) / stage.warmup_steps
+    span = max(1, stage.steps - stage.warmup_steps)
+    progress = min(1.0, (step - stage.warmup_steps) / span)
+    return stage.min_lr_ratio + (1 - stage.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class Trainer:
+    """Runs a ``TrainConfig``; ``run()`` returns a summary dict and writes everything under ``config.out``."""
+
+    def __init__(self, config: TrainConfig, resume: bool = False, progress: bool = True):
+        config.validate()
+        self.config, self.progress = config, progress
+        self.out = Path(config.out).expanduser()
+        self.checkpoints = self.out / "checkpoints"
+        self.metrics_path = self.out / "metrics.jsonl"
+        latest = self._latest_checkpoint()
+        if latest is not None and not resume:
+            raise TrainingError(f"{self.out} already holds checkpoints ({latest.name}); pass --resume to continue or choose a new --out")
+        self._resume_from = latest if resume else None
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        # Attention backward on CPU meets denormal floats (tiny softmax weights) and runs ~8x slower without this.
+        torch.set_flush_denormal(True)
+        self.device = _pick_device(config.device)
+        torch.manual_seed(config.seed)  # adapters are initialised below: same seed, same run
+        self.tokenizer = load_tokenizer(config.student)
+        self.student = load_model(config.student).to(self.device)
+        self.teacher = load_model(config.teacher).to(self.device)
+        self.teacher.requires_grad_(False)
+        self._check_pair()
+        self.lora_names = []
+        if any(s.trainable == "lora" for s in config.stages):
+            self.lora_names = add_lora(self.student, config.lora_rank, config.lora_alpha, config.lora_targets)
+        self.ever_trained: set[str] = set()
+        self.global_step, self.tokens_seen, self.stage_index, self.stage_step = 0, 0, 0, 0
+        self.data_state: dict | None = None
+        self._prepare_data()
+
+    # ----- set-up -------------------------------------------------------------------------
+
+    def _check_pair(self) -> None:
+        s, t = self.student.config, self.teacher.config
+        for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads"):
+            if getattr(s, key) != getattr(t, key):
+                raise TrainingError(
+                    f"student {self.config.student} and teacher {self.config.teacher} differ in {key} "
+                    f"({getattr(s, key)} vs {getattr(t, key)}); the student must be a conversion of the teacher"
+                )
+
+    def _prepare_data(self) -> None:
+        docs = load_documents(self.config.data)
+        train_docs, held_docs = split_held_out(docs, self.config.held_out_fraction, self.config.seed)
+        self.separator = self.tokenizer.eos_token_id
+        self.train_tokens = tokenize_documents(train_docs, self.tokenizer, self.separator)
+        held = tokenize_documents(held_docs, self.tokenizer, self.separator)
+        flat = [t for doc in held for t in (*doc, self.separator)]
+        self.held_out_ids = torch.tensor(flat[: self.config.eval_max_tokens], dtype=torch.long)
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "held_out.txt").write_text("\n\n".join(d.text for d in held_docs))
+        self.train_token_count = sum(len(t) + 1 for t in self.train_tokens)
+
+    def _trainable(self, stage: StageConfig) -> dict[str, torch.nn.Parameter]:
+        """The parameters a stage trains (by name)."""
+        params = dict(self.student.named_parameters())
+        converted = {i for i, m in enumerate(self.student.config.layer_mixers) if m != "full"}
+        new = {n for n in params if not is_source_parameter(n.replace(".base.", ".")) and n not in lora_parameters(self.student)}
+        if stage.trainable == "new":
+            names = new
+        elif stage.trainable == "lora":
+            names = new | set(lora_parameters(self.student))
+        elif stage.trainable == "mixers":
+            names = {n for n in params if any(n.startswith(f"model.layers.{i}.attn.") for i in converted)}
+            names -= set(lora_parameters(self.student))
+        else:
+            names = {n for n in params if "embeddings" not in n and "lm_head" not in n} - set(lora_parameters(self.student))
+        if stage.kind == "transfer":  # only mixers have a transfer loss
+            names = {n for n in names if ".attn." in n and int(n.split(".")[2]) in converted}
+        if not names:
+            raise TrainingError(f"stage {stage.name or stage.kind}: trainable={stage.trainable!r} selects no parameters in this model")
+        return {n: params[n] for n in sorted(names)}
+
+    # ----- losses -------------------------------------------------------------------------
+
+    def _transfer_loss(self, ids: torch.Tensor, layers: list[int]) -> tuple[torch.Tensor, dict]:
+        """Mean over converted layers of ``|student_mixer(x) - teacher_attn(x)|² / |teacher_attn(x)|²``."""
+        captured = {}
+
+        def hook(index):
+            def save(module, args, output):
+                captured[index] = (args[0], args[1], output)
+
+            return save
+
+        handles = [self.teacher.model.layers[i].attn.register_forward_hook(hook(i)) for i in layers]
+        try:
+            with torch.no_grad():
+                self.teacher.model(input_ids=ids, use_cache=False)
+        finally:
+            for h in handles:
+                h.remove()
+        losses = []
+        for i in layers:
+            x, inputs, target = captured[i]
+            got = self.student.model.layers[i].attn(x, inputs, None)
+            losses.append((got.float() - target.float()).pow(2).mean() / target.float().pow(2).mean().clamp_min(1e-12))
+        loss = torch.stack(losses).mean()
+        return loss, {"mse": loss.item()}
+
+    def _distill_loss(self, ids: torch.Tensor, stage: StageConfig) -> tuple[torch.Tensor, dict]:
+        """``kl_weight * T² KL(teacher || student) + ce_weight * CE(next token)``, per token."""
+        with torch.no_grad():
+            target = self.teacher(ids, use_cache=False).logits.float()
+        logits = self.student(ids, use_cache=False).logits.float()
+        T = stage.temperature
+        vocab = logits.shape[-1]
+        kl = F.kl_div(
+            F.log_softmax(logits.view(-1, vocab) / T, -1), F.log_softmax(target.view(-1, vocab) / T, -1),
+            log_target=True, reduction="batchmean",
+        ) * T * T
+        ce = F.cross_entropy(logits[:, :-1].reshape(-1, vocab), ids[:, 1:].reshape(-1))
+        loss = stage.kl_weight * kl + stage.ce_weight * ce
+        return loss, {"kl": kl.item(), "ce": ce.item()}
+
+    # ----- checkpoints --------------------------------------------------------------------
+
+    def _latest_checkpoint(self) -> Path | None:
+        if not self.checkpoints.is_dir():
+            return None
+        done = sorted((p for p in self.checkpoints.glob("step-*") if (p / "trainer_state.json").is_file()), key=lambda p: int(p.name[5:]))
+        return done[-1] if done else None
+
+    def _save_checkpoint(self, optimizer, scheduler, batches: PackedBatches) -> Path:
+        final = self.checkpoints / f"step-{self.global_step}"
+        staging = self.checkpoints / f".staging-step-{self.global_step}"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        params = dict(self.student.named_parameters())
+        save_file({n: params[n].detach().cpu().contiguous() for n in sorted(self.ever_trained)}, str(staging / "trained.safetensors"))
+        opt = optimizer.state_dict()
+        tensors, state_meta = {}, {}
+        for index, entry in opt["state"].items():
+            for key, value in entry.items():
+                if torch.is_tensor(value):
+                    tensors[f"{index}.{key}"] = value.detach().cpu().contiguous()
+                else:
+                    state_meta[f"{index}.{key}"] = value
+        tensors["rng.torch"] = torch.get_rng_state()
+        save_file(tensors, str(staging / "optimizer.safetensors"))
+        state = {
+            "fingerprint": self.config.fingerprint(),
+            "global_step": self.global_step,
+            "stage_index": self.stage_index,
+            "stage_step": self.stage_step,
+            "tokens_seen": self.tokens_seen,
+            "ever_trained": sorted(self.ever_trained),
+            "optimizer_param_groups": opt["param_groups"],
+            "optimizer_state_scalars": state_meta,
+            "scheduler": scheduler.state_dict(),
+            "data": batches.state_dict(),
+        }
+        (staging / "trainer_state.json").write_text(json.dumps(state))
+        shutil.rmtree(final, ignore_errors=True)
+        staging.rename(final)
+        kept = sorted((p for p in self.checkpoints.glob("step-*")), key=lambda p: int(p.name[5:]))
+        for old in kept[: -self.config.keep_checkpoints]:
+            shutil.rmtree(old)
+        return final
+
+    def _load_checkpoint(self, path: Path) -> dict:
+        try:
+            state = json.loads((path / "trainer_state.json").read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise TrainingError(f"{path}: unreadable checkpoint ({err}); delete it to resume from an earlier one") from None
+        if state.get("fingerprint") != self.config.fingerprint():
+            theirs = json.loads(state.get("fingerprint") or "{}")
+            ours = json.loads(self.config.fingerprint())
+            differ = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
+            raise TrainingError(
+                f"{path}: checkpoint belongs to another run (config differs in {differ}); "
+                "resume with the same config, or choose a new --out"
+            )
+        trained = load_file(str(path / "trained.safetensors"))
+        params = dict(self.student.named_parameters())
+        with torch.no_grad():
+            for name, tensor in trained.items():
+                params[name].copy_(tensor)
+        self.ever_trained = set(state["ever_trained"])
+        self.global_step, self.tokens_seen = state["global_step"], state["tokens_seen"]
+        self.stage_index, self.stage_step = state["stage_index"], state["stage_step"]
+        return state
+
+    def _restore_optimizer(self, path: Path, state: dict, optimizer, scheduler, batches: PackedBatches) -> None:
+        tensors = load_file(str(path / "optimizer.safetensors"))
+        torch.set_rng_state(tensors.pop("rng.torch"))
+        entries: dict[int, dict] = {}
+        for key, value in list(tensors.items()) + list(state["optimizer_state_scalars"].items()):
+            index, name = key.split(".", 1)
+            entries.setdefault(int(index), {})[name] = value
+        optimizer.load_state_dict({"state": entries, "param_groups": state["optimizer_param_groups"]})
+        scheduler.load_state_dict(state["scheduler"])
+        batches.load_state_dict(state["data"])
+
+    # ----- the loop -----------------------------------------------------------------------
+
+    def _log(self, record: dict) -> None:
+        with self.metrics_path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def _truncate_metrics(self) -> None:
+        """Drop metric lines written after the checkpoint a resumed run starts from."""
+        if not self.metrics_path.is_file():
+            return
+        lines = [line for line in self.metrics_path.read_text().splitlines() if line.strip()]
+        keep = [line for line in lines if json.loads(line).get("step", 0) <= self.global_step]
+        self.metrics_path.write_text("".join(line + "\n" for line in keep))
+
+    def evaluate(self) -> dict:
+        """Held-out perplexity of the student (and its ratio to the teacher's)."""
+        result = perplexity(self.student, self.held_out_ids, self.config.eval_context)
+        self.student.train()
+        return {"ppl": result["ppl"], "ppl_ratio": result["ppl"] / self.teacher_ppl, "eval_tokens": result["tokens"]}
+
+    def run(self) -> dict:
+        """Train every stage to the end (resuming if asked); returns a summary."""
+        config = self.config
+        state = self._load_checkpoint(self._resume_from) if self._resume_from else None
+        self.teacher_ppl = perplexity(self.teacher, self.held_out_ids, config.eval_context)["ppl"]
+        if state is None:
+            self.metrics_path.unlink(missing_ok=True)
+            (self.out / "train_config.json").write_text(json.dumps(config.to_dict(), indent=1))
+            self._log({"step": 0, "stage": "converted", "tokens_seen": 0, "teacher_ppl": self.teacher_ppl, **self.evaluate()})
+        else:
+            self._truncate_metrics()
+        total_steps = sum(s.steps for s in config.stages)
+        bar = tqdm(total=total_steps, initial=self.global_step, disable=not self.progress, unit="step", desc="train")
+        start_index = self.stage_index
+        for index in range(start_index, len(config.stages)):
+            stage = config.stages[index]
+            if index != start_index or state is None:
+                self.stage_index, self.stage_step = index, 0
+            self._run_stage(stage, state if index == start_index else None, bar)
+            state = None
+        bar.close()
+        final = self.evaluate()
+        summary = {"steps": self.global_step, "tokens_seen": self.tokens_seen, "teacher_ppl": self.teacher_ppl, **final}
+        self.export_delta(self.out / "delta.safetensors")
+        self._save_final_model(self.out / "final")
+        summary["delta_bytes"] = (self.out / "delta.safetensors").stat().st_size
+        (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
+        return summary
+
+    def export_delta(self, path: Path, lora_dtype: torch.dtype = torch.bfloat16) -> Path:
+        """Write what training changed (see ``model.shipped``): trained tensors, LoRA factors in ``lora_dtype``."""
+        params = dict(self.student.named_parameters())
+        lora = lora_parameters(self.student)
+        tensors = {
+            name.replace(".base.", "."): params[name].detach().to(lora_dtype if name in lora else params[name].dtype)
+            for name in sorted(self.ever_trained)
+        }
+        scales = {m.scale for m in self.student.modules() if isinstance(m, LoRALinear)}
+        extra = {"lora_scale": scales.pop() if scales else 1.0, "tokens_seen": self.tokens_seen, "steps": self.global_step}
+        return write_delta(path, tensors, self.student.config.to_dict(), self.config.teacher, extra)
+
+    def _save_final_model(self, folder: Path) -> None:
+        """The trained student as an ordinary SpikingBrain folder (adapters merged), with the tokenizer files."""
+        import copy
+
+        model = copy.deepcopy(self.student).cpu()
+        merge_lora(model)
+        staging = folder.with_name(f".{folder.name}.staging")
+        shutil.rmtree(staging, ignore_errors=True)
+        model.save_pretrained(staging)
+        source = resolve_folder(self.config.student)
+        for name in TOKENIZER_FILES:
+            if (source / name).is_file():
+                shutil.copy2(source / name, staging / name)
+        shutil.rmtree(folder, ignore_errors=True)
+        staging.rename(folder)
+
+    def _calibrate(self, stage: StageConfig, bar) -> None:
+        """One closed-form step: fit GLA output-norm scales on one training batch (see ``calibrate_gla``)."""
+        rows = pack(self.train_tokens, stage.seq_len, self.separator)
+        ids = next(iter(PackedBatches(rows, stage.batch_size, seed=self.config.seed + 1000 * self.stage_index)))
+        errors = calibrate_gla(self.student, self.teacher, ids.to(self.device))
+        self.ever_trained |= {f"model.layers.{i}.attn.g_norm.weight" for i in errors}
+        self.tokens_seen += ids.numel()
+        self.stage_step, self.global_step = 1, self.global_step + 1
+        record = {"step": self.global_step, "stage": stage.name or stage.kind, "stage_step": 1, "tokens_seen": self.tokens_seen}
+        record["mse"] = sum(errors.values()) / max(1, len(errors))
+        record.update(self.evaluate())
+        self._log(record)
+        bar.update(1)
+
+    def _run_stage(self, stage: StageConfig, state: dict | None, bar) -> None:
+        config = self.config
+        if stage.kind == "calibrate":
+            if self.stage_step == 0:
+                self._calibrate(stage, bar)
+            return
+        trainable = self._trainable(stage)
+        for p in self.student.parameters():
+            p.requires_grad_(False)
+        for p in trainable.values():
+            p.requires_grad_(True)
+        self.ever_trained |= set(trainable)
+        optimizer = torch.optim.AdamW(list(trainable.values()), lr=stage.lr, weight_decay=stage.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, stage))
+        rows = pack(self.train_tokens, stage.seq_len, self.separator)
+        batches = PackedBatches(rows, stage.batch_size, seed=config.seed + 1000 * self.stage_index)
+        if state is not None:
+            self._restore_optimizer(self._resume_from, state, optimizer, scheduler, batches)
+        layers = sorted({int(n.split(".")[2]) for n in trainable if n.startswith("model.layers.")})
+        iterator = iter(batches)
+        self.student.train()
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
+        name = stage.name or stage.kind
+        while self.stage_step < stage.steps:
+            t0 = time.perf_counter()
+            totals: dict[str, float] = {}
+            for _ in range(stage.grad_accum):
+                ids = next(iterator).to(self.device)
+                with autocast:
+                    loss, parts = self._transfer_loss(ids, layers) if stage.kind == "transfer" else self._distill_loss(ids, stage)
+                (loss / stage.grad_accum).backward()
+                for key, value in {"loss": loss.item(), **parts}.items():
+                    totals[key] = totals.get(key, 0.0) + value / stage.grad_accum
+                self.tokens_seen += ids.numel()
+            grad_norm = torch.nn.utils.clip_grad_norm_(list(trainable.values()), stage.clip)
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            self.stage_step += 1
+            self.global_step += 1
+            seconds = time.perf_counter() - t0
+            record = {
+                "step": self.global_step, "stage": name, "stage_step": self.stage_step, **totals,
+                "lr": lr, "grad_norm": float(grad_norm), "seq_len": stage.seq_len,
+                "tokens_seen": self.tokens_seen,
+                "fraction_of_teacher_pretraining": self.tokens_seen / config.teacher_pretraining_tokens,
+                "tokens_per_second": stage.batch_size * stage.grad_accum * stage.seq_len / seconds,
+            }
+            last = self.stage_step == stage.steps
+            if self.global_step % config.eval_every == 0 or last:
+                record.update(self.evaluate())
+            self._log(record)
+            bar.set_postfix(stage=name, loss=f"{totals['loss']:.4f}", tok_s=f"{record['tokens_per_second']:.0f}")
+            bar.update(1)
+            if self.global_step % config.checkpoint_every == 0 or last:
+                self._save_checkpoint(optimizer, scheduler, batches)
+
+
+def _run(args) -> int:
+    from .config import load_train_config
+
+    overrides = list(args.set)
+    if args.out:
+        overrides.append(f"out={args.out}")
+    config = load_train_config(args.config, overrides)
+    summary = Trainer(config, resume=args.resume, progress=not args.no_progress).run()
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+def register(subparsers) -> None:
+    """Add ``spikingbrain train`` to the CLI."""
+    parser = subparsers.add_parser("train", help="conversion training (attention transfer, distillation) from a YAML/TOML config")
+    parser.add_argument("config", help="training config (.yaml, .yml or .toml); see configs/ for examples")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. stages.0.steps=20")
+    parser.add_argument("--out", default=None, help="run folder (overrides the config's 'out')")
+    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the run folder")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(func=_run)
