@@ -167,7 +167,7 @@ def test_progress_message_is_one_line(fake_env, monkeypatch, capsys):
     monkeypatch.setattr(embedded, "_convert_gguf", _fake_convert([]))
     default_model_folder(progress=True)
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "converting" in err and "done" in err
+    assert err.count("\n") == 1 and "building the embedded SmolLM2-135M-Instruct" in err and "done" in err
 
 
 # ----------------------------------------------------------------------------- the real model
