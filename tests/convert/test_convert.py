@@ -123,3 +123,28 @@ def test_cli_convert_and_errors(tmp_path, capsys):
     with pytest.raises(CheckpointError, match="gpt2"):
         convert_transformer(folder, tmp_path / "o3")
     assert not (tmp_path / "o3").exists()
+
+
+def test_76b_style_conversion(tmp_path):
+    """Parallel GLA+SWA layers with full attention at one layer, sinks, key-tied GLA and upcycled experts."""
+    source, folder = source_folder(tmp_path, "qwen2")
+    report = convert_transformer(
+        folder, tmp_path / "out", layout="parallel", full_layers=[3], num_sink_tokens=3, gla_gate="key_tied",
+        gla_feature_map="sigmoid", upcycle=dict(num_experts=4, num_experts_per_tok=2, num_shared_experts=1, dense_ffn_layers=[0]),
+    )
+    assert report.layer_mixers == ["parallel-swa"] * 3 + ["parallel-full"]
+    assert set(report.mapped) | set(report.dropped) == set(source.state_dict())
+    assert not any("gk_proj" in n for n in report.new)  # key-tied: no gate parameters
+    assert {n.split(".")[-2] if n.endswith("weight") else n.split(".")[-1] for n in report.new} >= {"sinks", "router", "norm", "g_norm"}
+    assert "upcycled" in report.mapped["model.layers.1.mlp.up_proj.weight"]
+    assert report.mapped["model.layers.0.mlp.up_proj.weight"] == "model.layers.0.mlp.up_proj.weight"  # dense layer kept
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    gate = model.model.layers[1].mlp.experts[2].gate_proj.weight
+    assert torch.equal(gate, source.model.layers[1].mlp.gate_proj.weight)  # 'exact' scaling leaves the gate as is
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=5, do_sample=False)
+        manual = ids
+        for _ in range(5):
+            manual = torch.cat((manual, model(manual, use_cache=False).logits[:, -1:].argmax(-1)), 1)
+    assert out.tolist() == manual.tolist()

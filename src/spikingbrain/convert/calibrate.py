@@ -1,6 +1,6 @@
 """Closed-form start for converted GLA layers: decay and output-norm scales fitted to the teacher.
 
-For every GLA layer, from the teacher's own layer input ``x`` and attention output ``o`` (before
+For every GLA layer (parallel hybrid layers are left as they are), from the teacher's own layer input ``x`` and attention output ``o`` (before
 ``o_proj``): (1) each key-value head gets the constant gate bias, from a grid, whose per-head
 normalised output ``n`` best explains ``o`` after a least-squares scale per head and channel;
 (2) the output-norm weight of channel ``d`` becomes ``w_d = Σ n_d o_d / Σ n_d²`` over tokens and
@@ -79,8 +79,8 @@ def calibrate_gla(
         mixer = student.model.layers[i].attn
         o = target.reshape(-1, mixer.num_heads, mixer.head_dim).double()
         mixer.g_norm.weight.fill_(1.0)
-        bias = mixer.gk_proj[1].bias
-        if gate_grid:
+        if gate_grid and not mixer.key_tied:  # a key-tied gate has no parameters to fit
+            bias = mixer.gk_proj[1].bias
             group = mixer.num_heads // mixer.num_kv_heads
             scores = []
             for value in gate_grid:

@@ -13,15 +13,20 @@ import torch
 
 from ..model.checkpoint import TOKENIZER_FILES, CheckpointError, read_config
 from ..model.hf_import import TRANSFORMER_FAMILIES, import_transformer
+from ..model.info import LAYOUT_LETTERS
 from ..model.loading import resolve_folder
 from .plan import plan_layers
 
 __all__ = ["ConversionReport", "convert_transformer", "describe_init"]
 
 _INITS = [
-    (r"\.attn\.gk_proj\.\d+\.weight$", "xavier_uniform(gain=2^-2.5), as in the SpikingBrain release"),
-    (r"\.attn\.gk_proj\.\d+\.bias$", "zeros"),
+    (r"\.gk_proj\.\d+\.weight$", "xavier_uniform(gain=2^-2.5), as in the SpikingBrain release"),
+    (r"\.gk_proj\.\d+\.bias$", "zeros"),
     (r"norm\.weight$", "ones (identity RMSNorm scale)"),
+    (r"\.sinks$", "normal(0, initializer_range)"),
+    (r"\.branch_weights$", "0.5 per branch"),
+    (r"\.mlp\.router\.", "router: see upcycling (zeros for 'zeros', else normal(0, initializer_range))"),
+    (r"\.mlp\.(shared_)?experts\.", "copy of the dense MLP, scaled (MoE upcycling)"),
 ]
 
 
@@ -49,10 +54,11 @@ class ConversionReport:
 
     def summary(self) -> str:
         """A few human-readable lines."""
-        layout = "".join({"gla": "L", "swa": "S", "full": "F"}.get(m, "?") for m in self.layer_mixers)
+        layout = "".join(LAYOUT_LETTERS[m] for m in self.layer_mixers)
         lines = [
             f"converted {self.source} -> {self.output}",
-            f"layers ({len(self.layer_mixers)}): {layout}  (L = GLA, S = SWA window {self.sliding_window}, F = full)",
+            f"layers ({len(self.layer_mixers)}): {layout}  (L = GLA, S = SWA window {self.sliding_window}, F = full; "
+            "lower case: GLA in parallel with it)",
             f"parameters: {self.parameters:,}",
             f"source tensors mapped: {len(self.mapped)}; dropped: {len(self.dropped)}",
         ]
@@ -66,6 +72,22 @@ class ConversionReport:
         return "\n".join(lines)
 
 
+def _upcycle(model, imported, fields: dict):
+    """Upcycle ``model``'s MLPs into MoE layers and re-point the report: source MLP tensors map to expert copies."""
+    from .upcycle import upcycle_model
+
+    scaling, router_init = fields.pop("scaling", "exact"), fields.pop("router_init", "normal")
+    model = upcycle_model(model, scaling=scaling, router_init=router_init, **fields)
+    names = set(model.state_dict())
+    for source, target in imported.mapped.items():
+        if target not in names:  # an MLP weight now copied into every expert of its layer
+            layer, matrix = re.match(r"(model\.layers\.\d+\.mlp)\.(\w+)\.weight$", target).groups()
+            imported.mapped[source] = f"{layer}.{{experts,shared_experts}}.*.{matrix}.weight (upcycled, scaling={scaling})"
+    copies = {n for n in names if re.search(r"\.mlp\.(shared_)?experts\.", n)}
+    imported.new = sorted(names - set(imported.mapped.values()) - copies - {"lm_head.weight"})
+    return model
+
+
 def convert_transformer(
     source: str | Path,
     output: str | Path,
@@ -75,6 +97,7 @@ def convert_transformer(
     dtype: torch.dtype = torch.float32,
     overwrite: bool = False,
     seed: int = 0,
+    upcycle: dict | None = None,
     **overrides,
 ) -> ConversionReport:
     """Convert a Llama/Qwen2/Mistral folder (or ``default``) into a SpikingBrain folder at ``output``.
@@ -83,6 +106,9 @@ def convert_transformer(
     initialisation, and the tokenizer, chat template and generation config are carried over.
     The folder is written to a temporary sibling and renamed, so a failure leaves no half folder.
     New parameters are drawn from a generator seeded with ``seed``: the same command gives the same folder.
+    ``upcycle`` (MoE fields such as ``num_experts``, ``num_experts_per_tok``, ``num_shared_experts``,
+    ``dense_ffn_layers``, plus optional ``scaling`` and ``router_init``) turns the dense MLPs into
+    Mixture-of-Experts layers by copying them into every expert (``convert.upcycle.upcycle_model``).
     """
     folder = resolve_folder(source)
     raw = read_config(folder)
@@ -100,6 +126,8 @@ def convert_transformer(
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model, imported = import_transformer(folder, mixers, dtype, **overrides)
+        if upcycle:
+            model = _upcycle(model, imported, dict(upcycle))
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
     try:
@@ -134,10 +162,25 @@ def _layer_indices(text: str) -> list[int]:
     try:
         return [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
-        raise ValueError(f"--full-layers {text!r}: give 0-indexed layer numbers separated by commas, e.g. 6,13") from None
+        raise ValueError(f"layer list {text!r}: give 0-indexed layer numbers separated by commas, e.g. 6,13") from None
 
 
 def _run(args) -> int:
+    overrides = {}
+    if args.sinks:
+        overrides["num_sink_tokens"] = args.sinks
+    if args.key_tied:
+        overrides.update(gla_gate="key_tied", gla_feature_map="sigmoid")
+    upcycle = None
+    if args.experts:
+        upcycle = dict(
+            num_experts=args.experts,
+            num_experts_per_tok=args.top_k,
+            num_shared_experts=args.shared_experts,
+            dense_ffn_layers=_layer_indices(args.dense_layers),
+            moe_router=args.router,
+            scaling=args.upcycle_scaling,
+        )
     report = convert_transformer(
         args.source,
         args.output,
@@ -146,6 +189,8 @@ def _run(args) -> int:
         sliding_window=args.window,
         overwrite=args.force,
         seed=args.seed,
+        upcycle=upcycle,
+        **overrides,
     )
     print(json.dumps(asdict(report), indent=1) if args.json else report.summary())
     return 0
@@ -163,5 +208,15 @@ def register(subparsers) -> None:
     parser.add_argument("--window", type=int, default=None, help="sliding window W of SWA layers (default 4096)")
     parser.add_argument("--force", action="store_true", help="replace a non-empty output folder")
     parser.add_argument("--seed", type=int, default=0, help="seed of the new parameters' initialisation")
+    group = parser.add_argument_group("SpikingBrain-76B features")
+    group.add_argument("--sinks", type=int, default=0, help="learnable sink tokens per softmax attention (76B: 128)")
+    group.add_argument("--key-tied", action="store_true", help="key-tied GLA: sigmoid features, decay 1 - k, no gate parameters")
+    group.add_argument("--experts", type=int, default=0, help="upcycle MLPs into N routed experts (76B: 16); 0 keeps dense MLPs")
+    group.add_argument("--top-k", type=int, default=1, help="experts per token (76B: 1)")
+    group.add_argument("--shared-experts", type=int, default=1, help="always-on shared experts (76B: 1)")
+    group.add_argument("--dense-layers", default="", help="0-indexed layers that keep a dense MLP (76B: 0,1,2,4,6,8,10)")
+    group.add_argument("--router", choices=("softmax", "sigmoid"), default="softmax", help="router score function")
+    group.add_argument("--upcycle-scaling", choices=("exact", "cube_root"), default="exact",
+                       help="expert scaling: 'exact' keeps the dense output at a uniform router; 'cube_root' is the report's α")
     parser.add_argument("--json", action="store_true", help="print the full report as JSON")
     parser.set_defaults(func=_run)

@@ -8,6 +8,8 @@ __all__ = ["plan_layers", "LAYOUT_HELP"]
 
 LAYOUT_HELP = (
     "'alternating' (SpikingBrain-7B: GLA on even layers, SWA on odd ones, the first layer GLA), "
+    "'parallel' (SpikingBrain-76B: GLA in parallel with SWA in every layer; --full-layers get GLA in parallel "
+    "with full attention), "
     "'L:S' ratios such as '3:1' (3 GLA layers then 1 SWA layer, repeated), "
     "'full' (every layer keeps softmax attention: an exact copy of the source), "
     "or an explicit comma-separated list with one mixer per layer (e.g. 'gla,swa,full,...')"
@@ -26,13 +28,16 @@ def _ratio(layout: str, num_layers: int) -> list[str]:
 
 
 def plan_layers(num_layers: int, layout: str | list[str] = "alternating", full_layers: list[int] = ()) -> list[str]:
-    """The mixer of each of ``num_layers`` layers for a layout; ``full_layers`` (0-indexed) become full attention."""
+    """The mixer of each of ``num_layers`` layers for a layout; ``full_layers`` (0-indexed) get full attention
+    (``full``, or ``parallel-full`` where the layer is a parallel hybrid)."""
     if isinstance(layout, (list, tuple)) or "," in layout:
         mixers = [m.strip() for m in (layout.split(",") if isinstance(layout, str) else layout)]
         if len(mixers) != num_layers:
             raise ValueError(f"layout lists {len(mixers)} mixers but the source model has {num_layers} layers; give one per layer")
     elif layout == "alternating":
         mixers = alternating_layers(num_layers)
+    elif layout == "parallel":
+        mixers = ["parallel-swa"] * num_layers
     elif layout in MIXER_TYPES:
         mixers = [layout] * num_layers
     elif ":" in layout:
@@ -45,4 +50,5 @@ def plan_layers(num_layers: int, layout: str | list[str] = "alternating", full_l
     missing = sorted(i for i in full_layers if not 0 <= i < num_layers)
     if missing:
         raise ValueError(f"full-attention layers {missing} do not exist: the model has layers 0..{num_layers - 1}")
-    return ["full" if i in set(full_layers) else m for i, m in enumerate(mixers)]
+    full = set(full_layers)
+    return [("parallel-full" if m.startswith("parallel") else "full") if i in full else m for i, m in enumerate(mixers)]
