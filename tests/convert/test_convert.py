@@ -37,6 +37,16 @@ def source_folder(tmp_path, family: str, tie: bool = False):
     return model, folder
 
 
+def assert_generate_matches_argmax_loop(model, ids, steps):
+    """Greedy generate() (with its cache) equals argmax over full forwards without a cache."""
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=steps, do_sample=False)
+        manual = ids
+        for _ in range(steps):
+            manual = torch.cat((manual, model(manual, use_cache=False).logits[:, -1:].argmax(-1)), 1)
+    assert out.tolist() == manual.tolist()
+
+
 def test_plans():
     assert plan_layers(4, "alternating") == ["gla", "swa", "gla", "swa"]
     assert plan_layers(8, "3:1") == ["gla", "gla", "gla", "swa"] * 2
@@ -98,13 +108,7 @@ def test_converted_folder_generates(tmp_path):
     convert_transformer(folder, tmp_path / "out", layout="3:1", full_layers=[3])
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     assert model.config.layer_mixers == ["gla", "gla", "gla", "full"]
-    ids = torch.tensor([[5, 6, 7]])
-    with torch.no_grad():
-        out = model.generate(ids, max_new_tokens=6, do_sample=False)
-        manual = ids
-        for _ in range(6):
-            manual = torch.cat((manual, model(manual, use_cache=False).logits[:, -1:].argmax(-1)), 1)
-    assert out.tolist() == manual.tolist()
+    assert_generate_matches_argmax_loop(model, torch.tensor([[5, 6, 7]]), 6)
 
 
 def test_cli_convert_and_errors(tmp_path, capsys):
@@ -141,10 +145,4 @@ def test_76b_style_conversion(tmp_path):
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     gate = model.model.layers[1].mlp.experts[2].gate_proj.weight
     assert torch.equal(gate, source.model.layers[1].mlp.gate_proj.weight)  # 'exact' scaling leaves the gate as is
-    ids = torch.tensor([[5, 6, 7, 8]])
-    with torch.no_grad():
-        out = model.generate(ids, max_new_tokens=5, do_sample=False)
-        manual = ids
-        for _ in range(5):
-            manual = torch.cat((manual, model(manual, use_cache=False).logits[:, -1:].argmax(-1)), 1)
-    assert out.tolist() == manual.tolist()
+    assert_generate_matches_argmax_loop(model, torch.tensor([[5, 6, 7, 8]]), 5)
