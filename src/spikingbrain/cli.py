@@ -180,10 +180,12 @@ def build_parser() -> argparse.ArgumentParser:
     kernels.register(bench_sub)
 
     from .convert import converter
+    from .model import shipped
     from .train import trainer
 
     converter.register(sub)
     trainer.register(sub)
+    shipped.register(sub)
 
     evaluate = sub.add_parser("eval", help="evaluation: perplexity")
     eval_sub = evaluate.add_subparsers(dest="eval", required=True)

@@ -300,3 +300,14 @@ def test_cli_data_errors_exit_2(tmp_path, capsys):
     assert main(["data", "synth", "--tokens", "8", str(tmp_path / "out.txt")]) == 2
     assert "must be a .jsonl file" in capsys.readouterr().err
     assert Counter(p.name for p in tmp_path.iterdir()) == Counter()
+
+
+def test_split_does_not_depend_on_where_the_folder_lies(tmp_path):
+    for root in ("a", "b/c"):
+        folder = tmp_path / root
+        folder.mkdir(parents=True)
+        for i in range(20):
+            (folder / f"doc{i}.txt").write_text(f"document {i}")
+    splits = [split_held_out(load_documents([tmp_path / root]), 0.3, seed=1) for root in ("a", "b/c")]
+    assert [[d.text for d in part] for part in splits[0]] == [[d.text for d in part] for part in splits[1]]
+    assert splits[0][1] and splits[0][0]

@@ -24,6 +24,7 @@ from reference_impl import randomize_
 from spikingbrain.cli import main
 from spikingbrain.convert.converter import convert_transformer
 from spikingbrain.model.checkpoint import TOKENIZER_FILES
+from spikingbrain.model.shipped import build_from_delta
 from spikingbrain.train.config import load_train_config
 from spikingbrain.train.trainer import Trainer, TrainingError
 
@@ -54,7 +55,7 @@ def pair(tmp_path_factory, default_folder):
     return root / "teacher", root / "student", data
 
 
-def write_config(path: Path, pair, out: Path, steps=(6, 6), **extra) -> Path:
+def write_config(path: Path, pair, out: Path, steps=(6, 6), calibrate=True, **extra) -> Path:
     teacher, student, data = pair
     config = {
         "student": str(student), "teacher": str(teacher), "out": str(out), "data": [str(data)],
@@ -67,6 +68,8 @@ def write_config(path: Path, pair, out: Path, steps=(6, 6), **extra) -> Path:
         ],
         **extra,
     }
+    if not calibrate:
+        config["stages"] = config["stages"][1:]
     import yaml
 
     path.write_text(yaml.safe_dump(config))
@@ -79,12 +82,13 @@ def curve(out: Path) -> list[tuple]:
 
 
 def test_training_lowers_the_losses(tmp_path, pair):
-    config = load_train_config(write_config(tmp_path / "c.yaml", pair, tmp_path / "run", steps=(12, 24)))
+    # no calibration here: transfer itself must bring the converted mixers towards the teacher
+    config = load_train_config(write_config(tmp_path / "c.yaml", pair, tmp_path / "run", steps=(12, 24), calibrate=False))
     summary = Trainer(config, progress=False).run()
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     transfer = [r["mse"] for r in records if r["stage"] == "transfer"]
     distill = [r["kl"] for r in records if r["stage"] == "distill"]
-    assert sum(transfer[-4:]) < sum(transfer[:4])  # batches differ: compare means
+    assert sum(transfer[-4:]) < 0.9 * sum(transfer[:4])  # batches differ: compare means
     # the distillation objective on text training never saw: KL(teacher || student) before and after
     teacher_folder, student_folder, data = pair
     tokenizer = AutoTokenizer.from_pretrained(student_folder)
@@ -95,8 +99,14 @@ def test_training_lowers_the_losses(tmp_path, pair):
             logits = AutoModelForCausalLM.from_pretrained(folder)(ids, use_cache=False).logits.log_softmax(-1)
             return torch.nn.functional.kl_div(logits, target, log_target=True, reduction="batchmean").item()
         assert kl(tmp_path / "run" / "final") < kl(student_folder)
+        # the compact delta rebuilds the trained model from the teacher alone (LoRA factors stored in bf16)
+        build_from_delta(tmp_path / "run" / "delta.safetensors", tmp_path / "rebuilt")
+        final = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final")(ids, use_cache=False).logits
+        rebuilt = AutoModelForCausalLM.from_pretrained(tmp_path / "rebuilt")(ids, use_cache=False).logits
+        assert (rebuilt - final).abs().max() < 1e-2 * final.abs().max()
+        assert (rebuilt - final).abs().max() < 0.1 * (final - AutoModelForCausalLM.from_pretrained(student_folder)(ids, use_cache=False).logits).abs().max()
     assert records[0]["stage"] == "converted" and records[0]["tokens_seen"] == 0
-    assert summary["tokens_seen"] == 2 * 64 + 12 * 2 * 32 + 24 * 2 * 2 * 48
+    assert summary["tokens_seen"] == 12 * 2 * 32 + 24 * 2 * 2 * 48
     assert records[-1]["fraction_of_teacher_pretraining"] == pytest.approx(summary["tokens_seen"] / 2e12)
     assert (tmp_path / "run" / "held_out.txt").read_text().strip()
 

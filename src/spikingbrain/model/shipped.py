@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from .checkpoint import TOKENIZER_FILES, CheckpointError
 from .embedded import _build_folder, cache_dir
 
-__all__ = ["SHIPPED_MODELS", "shipped_delta_path", "shipped_model_folder", "write_delta", "build_from_delta"]
+__all__ = ["SHIPPED_MODELS", "shipped_delta_path", "shipped_model_folder", "write_delta", "build_from_delta", "export_model"]
 
 #: Short name -> delta file inside the package (src/spikingbrain/shipped/).
 SHIPPED_MODELS = {"spikingbrain-smollm2": "spikingbrain-smollm2.safetensors"}
@@ -93,3 +93,40 @@ def build_from_delta(delta: Path, out: Path) -> None:
     for file in TOKENIZER_FILES:
         if (teacher / file).is_file():
             shutil.copy2(teacher / file, out / file)
+
+
+def export_model(name: str, out: str | Path, overwrite: bool = False) -> Path:
+    """Write a short-named model as a plain Hugging Face folder (``default`` as transformers' own Llama)."""
+    from .embedded import MARKER_FILENAME
+    from .loading import SHORT_NAMES, resolve_folder
+
+    if name not in SHORT_NAMES:
+        raise CheckpointError(f"{name!r} is not a short model name; use one of {list(SHORT_NAMES)}")
+    out = Path(out).expanduser()
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out} exists and is not empty; choose another folder or pass --force to replace it")
+    folder = resolve_folder(name)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.with_name(f".{out.name}.export")
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(folder, staging, ignore=shutil.ignore_patterns(MARKER_FILENAME))
+    shutil.rmtree(out, ignore_errors=True)
+    staging.rename(out)
+    return out
+
+
+def _run_export(args) -> int:
+    out = export_model(args.name, args.output, overwrite=args.force)
+    print(f"wrote {args.name} to {out}")
+    return 0
+
+
+def register(subparsers) -> None:
+    """Add ``spikingbrain export`` to the CLI."""
+    from .loading import SHORT_NAMES
+
+    parser = subparsers.add_parser("export", help="write a short-named model as a plain Hugging Face folder")
+    parser.add_argument("name", choices=SHORT_NAMES, help="'default' (the teacher, as a Llama folder) or a shipped conversion")
+    parser.add_argument("output", help="folder to write")
+    parser.add_argument("--force", action="store_true", help="replace a non-empty output folder")
+    parser.set_defaults(func=_run_export)

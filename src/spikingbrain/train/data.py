@@ -15,7 +15,7 @@ import math
 import os
 import random
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import chain
 from pathlib import Path
 
@@ -44,10 +44,16 @@ PYDOC = "pydoc"
 
 @dataclass
 class Document:
-    """One training or evaluation document."""
+    """One training or evaluation document; ``key`` (default: the name) decides its side of the held-out split."""
 
     name: str
     text: str
+    key: str = ""
+
+    @property
+    def split_key(self) -> str:
+        """What the held-out split hashes: independent of where a data folder lies on disk."""
+        return self.key or self.name
 
 
 # ----------------------------------------------------------------------------- loading
@@ -127,9 +133,10 @@ def load_documents(sources: list[str | Path]) -> list[Document]:
             if not files:
                 raise ValueError(f"{path}: the folder has no {', '.join(TEXT_SUFFIXES)} files; add some or pass the files")
             for file in files:
-                documents += _read_file(file)
+                relative = str(file.relative_to(path))
+                documents += [replace(doc, key=relative + doc.name[len(str(file)) :]) for doc in _read_file(file)]
         elif path.is_file():
-            documents += _read_file(path)
+            documents += [replace(doc, key=path.name + doc.name[len(str(path)) :]) for doc in _read_file(path)]
         else:
             raise ValueError(f"{path}: no such file or folder; pass an existing file, a folder or '{PYDOC}'")
     return documents
@@ -156,7 +163,7 @@ def split_held_out(documents: list[Document], fraction: float = 0.1, seed: int =
             raise ValueError(f"{doc.name}: a single document of {len(doc.text)} character(s) cannot be split; add text")
         cut = min(max(round(len(doc.text) * (1.0 - fraction)), 1), len(doc.text) - 1)
         return [Document(f"{doc.name}#train", doc.text[:cut])], [Document(f"{doc.name}#held_out", doc.text[cut:])]
-    keys = [_unit_hash(doc.name, seed) for doc in documents]
+    keys = [_unit_hash(doc.split_key, seed) for doc in documents]
     held = [key < fraction for key in keys]
     if not any(held):
         held[keys.index(min(keys))] = True
