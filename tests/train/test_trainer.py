@@ -7,6 +7,7 @@ the loss at the start for learning, and hand-written configs for the errors.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -109,6 +110,9 @@ def test_training_lowers_the_losses(tmp_path, pair):
     assert summary["tokens_seen"] == 12 * 2 * 32 + 24 * 2 * 2 * 48
     assert records[-1]["fraction_of_teacher_pretraining"] == pytest.approx(summary["tokens_seen"] / 2e12)
     assert (tmp_path / "run" / "held_out.txt").read_text().strip()
+    curve = json.loads((tmp_path / "run" / "curve.json").read_text())
+    assert [p["step"] for p in curve["points"]] == [r["step"] for r in records if "ppl_ratio" in r] == [0, 12, 36]
+    assert (tmp_path / "run" / "curve.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_killed_run_resumes_onto_the_same_curve(tmp_path, pair):
@@ -165,3 +169,10 @@ def test_config_and_checkpoint_errors(tmp_path, pair, capsys):
         Trainer(load_train_config(cfg, ["stages.1.steps=2", "stages.2.steps=2"]), progress=False)
     with pytest.raises(TrainingError, match=r"another run \(config differs in \['seed'\]\)"):
         Trainer(load_train_config(cfg, ["stages.1.steps=2", "stages.2.steps=2", "seed=1"]), resume=True, progress=False).run()
+    # the checkpoint is in the last stage: changing that stage is refused, adding a stage after it is not
+    with pytest.raises(TrainingError, match=r"config differs in \['stages'\]"):
+        Trainer(load_train_config(cfg, ["stages.1.steps=2", "stages.2.steps=3"]), resume=True, progress=False).run()
+    extended = load_train_config(cfg, ["stages.1.steps=2", "stages.2.steps=2"])
+    extended.stages.append(dataclasses.replace(extended.stages[2], name="distill-more", steps=1))
+    summary = Trainer(extended, resume=True, progress=False).run()
+    assert summary["steps"] == 1 + 2 + 2 + 1

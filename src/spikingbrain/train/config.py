@@ -95,9 +95,12 @@ class TrainConfig:
         """Plain data (JSON-safe)."""
         return dataclasses.asdict(self)
 
-    def fingerprint(self) -> str:
-        """What a checkpoint must agree on to be resumed by this run (everything but bookkeeping fields)."""
+    def fingerprint(self, through_stage: int | None = None) -> str:
+        """What a checkpoint must agree on to be resumed by this run: everything but bookkeeping fields
+        and the stages after ``through_stage`` (later stages may be changed, added or dropped)."""
         data = self.to_dict()
+        if through_stage is not None:
+            data["stages"] = data["stages"][: through_stage + 1]
         for key in ("out", "checkpoint_every", "keep_checkpoints", "eval_every", "threads", "device"):
             data.pop(key)
         return json.dumps(data, sort_keys=True)

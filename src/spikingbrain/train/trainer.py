@@ -28,6 +28,7 @@ from ..model.loading import load_model, load_tokenizer, resolve_folder
 from ..model.shipped import write_delta
 from .config import StageConfig, TrainConfig
 from .data import PackedBatches, load_documents, pack, split_held_out, tokenize_documents
+from .report import plot_training_curve
 from .lora import LoRALinear, add_lora, lora_parameters, merge_lora
 
 __all__ = ["Trainer", "TrainingError"]
@@ -219,9 +220,12 @@ class Trainer:
             state = json.loads((path / "trainer_state.json").read_text())
         except (OSError, json.JSONDecodeError) as err:
             raise TrainingError(f"{path}: unreadable checkpoint ({err}); delete it to resume from an earlier one") from None
-        if state.get("fingerprint") != self.config.fingerprint():
-            theirs = json.loads(state.get("fingerprint") or "{}")
-            ours = json.loads(self.config.fingerprint())
+        # stages after the checkpoint's own may differ: a run can be extended or cut short
+        through = state.get("stage_index", 0)
+        theirs = json.loads(state.get("fingerprint") or "{}")
+        theirs["stages"] = theirs.get("stages", [])[: through + 1]
+        ours = json.loads(self.config.fingerprint(through))
+        if theirs != ours:
             differ = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
             raise TrainingError(
                 f"{path}: checkpoint belongs to another run (config differs in {differ}); "
@@ -295,6 +299,7 @@ class Trainer:
         self._save_final_model(self.out / "final")
         summary["delta_bytes"] = (self.out / "delta.safetensors").stat().st_size
         (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
+        plot_training_curve(self.out)
         return summary
 
     def export_delta(self, path: Path, lora_dtype: torch.dtype = torch.bfloat16) -> Path:
@@ -405,6 +410,10 @@ def _run(args) -> int:
     if args.out:
         overrides.append(f"out={args.out}")
     config = load_train_config(args.config, overrides)
+    if args.plot:
+        for path in plot_training_curve(config.out):
+            print(f"wrote {path}")
+        return 0
     summary = Trainer(config, resume=args.resume, progress=not args.no_progress).run()
     print(json.dumps(summary, indent=1))
     return 0
@@ -418,4 +427,5 @@ def register(subparsers) -> None:
     parser.add_argument("--out", default=None, help="run folder (overrides the config's 'out')")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the run folder")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--plot", action="store_true", help="only (re)draw the run's curve.png/curve.json from its metrics")
     parser.set_defaults(func=_run)
