@@ -176,8 +176,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmarks (print ratios measured side by side, write JSON and PNG)")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
     from .bench import kernels
+    from .bench import train as bench_train
 
     kernels.register(bench_sub)
+    bench_train.register(bench_sub)
 
     from .convert import converter
     from .model import shipped

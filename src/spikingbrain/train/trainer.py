@@ -31,7 +31,7 @@ from .data import PackedBatches, load_documents, pack, split_held_out, tokenize_
 from .report import plot_training_curve
 from .lora import LoRALinear, add_lora, lora_parameters, merge_lora
 
-__all__ = ["Trainer", "TrainingError"]
+__all__ = ["Trainer", "TrainingError", "distill_loss"]
 
 
 class TrainingError(ValueError):
@@ -51,6 +51,20 @@ def _pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def distill_loss(student, teacher, ids: torch.Tensor, kl_weight: float, ce_weight: float, temperature: float = 1.0):
+    """``kl_weight * T² KL(teacher || student) + ce_weight * CE(next token)`` per token, and its parts."""
+    with torch.no_grad():
+        target = teacher(ids, use_cache=False).logits.float()
+    logits = student(ids, use_cache=False).logits.float()
+    T, vocab = temperature, logits.shape[-1]
+    kl = F.kl_div(
+        F.log_softmax(logits.view(-1, vocab) / T, -1), F.log_softmax(target.view(-1, vocab) / T, -1),
+        log_target=True, reduction="batchmean",
+    ) * T * T
+    ce = F.cross_entropy(logits[:, :-1].reshape(-1, vocab), ids[:, 1:].reshape(-1))
+    return kl_weight * kl + ce_weight * ce, {"kl": kl.item(), "ce": ce.item()}
 
 
 class Trainer:
@@ -156,19 +170,7 @@ class Trainer:
         return loss, {"mse": loss.item()}
 
     def _distill_loss(self, ids: torch.Tensor, stage: StageConfig) -> tuple[torch.Tensor, dict]:
-        """``kl_weight * T² KL(teacher || student) + ce_weight * CE(next token)``, per token."""
-        with torch.no_grad():
-            target = self.teacher(ids, use_cache=False).logits.float()
-        logits = self.student(ids, use_cache=False).logits.float()
-        T = stage.temperature
-        vocab = logits.shape[-1]
-        kl = F.kl_div(
-            F.log_softmax(logits.view(-1, vocab) / T, -1), F.log_softmax(target.view(-1, vocab) / T, -1),
-            log_target=True, reduction="batchmean",
-        ) * T * T
-        ce = F.cross_entropy(logits[:, :-1].reshape(-1, vocab), ids[:, 1:].reshape(-1))
-        loss = stage.kl_weight * kl + stage.ce_weight * ce
-        return loss, {"kl": kl.item(), "ce": ce.item()}
+        return distill_loss(self.student, self.teacher, ids, stage.kl_weight, stage.ce_weight, stage.temperature)
 
     # ----- checkpoints --------------------------------------------------------------------
 

@@ -1,0 +1,35 @@
+"""`spikingbrain bench train`: the three training steps run, are timed side by side, and their ratios are consistent."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from reference_impl import randomize_
+from spikingbrain.cli import main
+from spikingbrain.convert.converter import convert_transformer
+
+
+def test_bench_train_reports_side_by_side(tmp_path, capsys):
+    config = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, max_position_embeddings=256)
+    randomize_(LlamaForCausalLM(config), seed=1).save_pretrained(tmp_path / "teacher")
+    convert_transformer(tmp_path / "teacher", tmp_path / "student", sliding_window=8)
+    out = tmp_path / "bench"
+    args = ["bench", "train", "--student", str(tmp_path / "student"), "--teacher", str(tmp_path / "teacher"),
+            "--seq-len", "32", "--batch-size", "2", "--repeats", "2", "--rank", "4", "--threads", "1", "--out", str(out)]
+    threads = torch.get_num_threads()
+    try:
+        assert main(args) == 0
+    finally:
+        torch.set_num_threads(threads)
+    report = json.loads((out / "train.json").read_text())
+    results = report["results"]
+    assert set(results) == {"transformers_finetune", "spikingbrain_finetune", "spikingbrain_distill"}
+    for name, r in results.items():
+        assert len(r["seconds"]) == 2 and r["tokens_per_second"] == 64 / r["median_seconds"]
+        assert report["ratios_to_transformers_finetune"][name] == r["tokens_per_second"] / results["transformers_finetune"]["tokens_per_second"]
+    assert (out / "train.png").read_bytes()[:4] == b"\x89PNG"
+    assert "of transformers' fine-tune" in capsys.readouterr().out
