@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from ..model.checkpoint import TOKENIZER_FILES, CheckpointError, read_config
+from ..model.checkpoint import CheckpointError, copy_tokenizer_files, read_config, refuse_non_empty, written_folder
 from ..model.hf_import import TRANSFORMER_FAMILIES, import_transformer
 from ..model.info import LAYOUT_LETTERS
 from ..model.loading import resolve_folder
@@ -118,8 +116,8 @@ def convert_transformer(
             f"supported source families: {list(TRANSFORMER_FAMILIES)}"
         )
     output = Path(output).expanduser()
-    if output.exists() and any(output.iterdir()) and not overwrite:
-        raise FileExistsError(f"{output} exists and is not empty; choose another folder or pass --force to replace it")
+    if not overwrite:
+        refuse_non_empty(output)
     mixers = plan_layers(raw["num_hidden_layers"], layout, list(full_layers))
     if sliding_window is not None:
         overrides["sliding_window"] = sliding_window
@@ -128,15 +126,8 @@ def convert_transformer(
         model, imported = import_transformer(folder, mixers, dtype, **overrides)
         if upcycle:
             model = _upcycle(model, imported, dict(upcycle))
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
-    try:
+    with written_folder(output) as staging:
         model.save_pretrained(staging)
-        copied = []
-        for name in TOKENIZER_FILES:
-            if (folder / name).is_file():
-                shutil.copy2(folder / name, staging / name)
-                copied.append(name)
         report = ConversionReport(
             source=str(source),
             output=str(output),
@@ -146,15 +137,9 @@ def convert_transformer(
             mapped=imported.mapped,
             dropped=imported.dropped,
             new={name: describe_init(name) for name in imported.new},
-            copied_files=copied,
+            copied_files=copy_tokenizer_files(folder, staging),
         )
         (staging / "conversion_report.json").write_text(json.dumps(asdict(report), indent=1))
-        if output.exists():
-            shutil.rmtree(output)
-        staging.rename(output)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
     return report
 
 

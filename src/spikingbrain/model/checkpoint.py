@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import shutil
+import tempfile
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from safetensors import SafetensorError, safe_open
 
-__all__ = ["TOKENIZER_FILES", "CheckpointError", "read_config", "read_shapes", "safetensors_files", "read_state_dict", "check_state_dict"]
+__all__ = ["TOKENIZER_FILES", "copy_tokenizer_files", "refuse_non_empty", "written_folder", "CheckpointError", "read_config", "read_shapes", "safetensors_files", "read_state_dict", "check_state_dict"]
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
@@ -26,6 +30,38 @@ TOKENIZER_FILES = (
     "chat_template.json",
     "generation_config.json",
 )
+
+
+def copy_tokenizer_files(source: Path, dest: Path) -> list[str]:
+    """Copy the ``TOKENIZER_FILES`` that ``source`` has into ``dest``; returns their names."""
+    copied = [name for name in TOKENIZER_FILES if (Path(source) / name).is_file()]
+    for name in copied:
+        shutil.copy2(Path(source) / name, Path(dest) / name)
+    return copied
+
+
+def refuse_non_empty(target: str | Path) -> None:
+    """Raise ``FileExistsError`` (naming ``--force``) when ``target`` is a non-empty folder."""
+    target = Path(target).expanduser()
+    if target.exists() and any(target.iterdir()):
+        raise FileExistsError(f"{target} exists and is not empty; choose another folder or pass --force to replace it")
+
+
+@contextlib.contextmanager
+def written_folder(target: str | Path) -> Iterator[Path]:
+    """Yield an empty temporary sibling of ``target`` to fill; on success it replaces ``target``.
+
+    A failure removes it, so readers see the old folder or the whole new one.
+    """
+    target = Path(target).expanduser()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        yield staging
+        shutil.rmtree(target, ignore_errors=True)
+        staging.rename(target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 class CheckpointError(ValueError):
     """A checkpoint folder or file that cannot be used, with the reason and the fix."""

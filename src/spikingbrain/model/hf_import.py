@@ -115,18 +115,17 @@ def config_from_transformer(
     return SpikingBrainConfig(**{**fields, **overrides})
 
 
+def _rename(name: str) -> str:
+    """The SpikingBrain name of a Llama-family tensor."""
+    for pattern, repl in _RENAMES:
+        name = re.sub(pattern, repl, name)
+    return name
+
+
 def map_transformer_weights(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Rename Llama-family tensors to SpikingBrain names; returns ``(mapped, dropped_names)``."""
-    mapped, dropped = {}, []
-    for name, tensor in state.items():
-        if _DROPPED.search(name):
-            dropped.append(name)
-            continue
-        new = name
-        for pattern, repl in _RENAMES:
-            new = re.sub(pattern, repl, new)
-        mapped[new] = tensor
-    return mapped, dropped
+    dropped = [name for name in state if _DROPPED.search(name)]
+    return {_rename(name): t for name, t in state.items() if name not in dropped}, dropped
 
 
 def import_transformer(
@@ -143,8 +142,7 @@ def import_transformer(
     report = ImportReport(source=str(folder))
     state, dropped = map_transformer_weights(source)
     report.dropped = {name: "rotary frequencies are recomputed from rope_theta" for name in dropped}
-    renamed = [name for name in source if name not in dropped]
-    report.mapped = dict(zip(renamed, state))
+    report.mapped = {name: _rename(name) for name in source if name not in dropped}
     if config.tie_word_embeddings and "lm_head.weight" in state:
         state.pop("lm_head.weight")
         source_name = next(s for s, t in report.mapped.items() if t == "lm_head.weight")

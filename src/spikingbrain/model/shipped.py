@@ -18,7 +18,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .checkpoint import TOKENIZER_FILES, CheckpointError
+from .checkpoint import CheckpointError, copy_tokenizer_files, refuse_non_empty, written_folder
 from .embedded import _build_folder, cache_dir
 
 __all__ = ["SHIPPED_MODELS", "shipped_delta_path", "shipped_model_folder", "write_delta", "build_from_delta", "export_model"]
@@ -90,9 +90,7 @@ def build_from_delta(delta: Path, out: Path) -> None:
                 raise CheckpointError(f"{delta}: tensor {name} {tuple(tensor.shape)} does not fit the rebuilt model; the delta and the teacher disagree")
             params[name].copy_(tensor)
     model.save_pretrained(out)
-    for file in TOKENIZER_FILES:
-        if (teacher / file).is_file():
-            shutil.copy2(teacher / file, out / file)
+    copy_tokenizer_files(teacher, out)
 
 
 def export_model(name: str, out: str | Path, overwrite: bool = False) -> Path:
@@ -102,17 +100,12 @@ def export_model(name: str, out: str | Path, overwrite: bool = False) -> Path:
 
     if name not in SHORT_NAMES:
         raise CheckpointError(f"{name!r} is not a short model name; use one of {list(SHORT_NAMES)}")
-    out = Path(out).expanduser()
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out} exists and is not empty; choose another folder or pass --force to replace it")
+    if not overwrite:
+        refuse_non_empty(out)
     folder = resolve_folder(name)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.with_name(f".{out.name}.export")
-    shutil.rmtree(staging, ignore_errors=True)
-    shutil.copytree(folder, staging, ignore=shutil.ignore_patterns(MARKER_FILENAME))
-    shutil.rmtree(out, ignore_errors=True)
-    staging.rename(out)
-    return out
+    with written_folder(out) as staging:
+        shutil.copytree(folder, staging, ignore=shutil.ignore_patterns(MARKER_FILENAME), dirs_exist_ok=True)
+    return Path(out).expanduser()
 
 
 def _run_export(args) -> int:

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from ..convert.calibrate import calibrate_gla
 from ..eval.perplexity import perplexity
 from ..model.hf_import import is_source_parameter
-from ..model.checkpoint import TOKENIZER_FILES
+from ..model.checkpoint import copy_tokenizer_files, written_folder
 from ..model.loading import load_model, load_tokenizer, resolve_folder
 from ..model.shipped import write_delta
 from .config import StageConfig, TrainConfig
@@ -120,22 +120,22 @@ class Trainer:
         self.held_out_ids = torch.tensor(flat[: self.config.eval_max_tokens], dtype=torch.long)
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "held_out.txt").write_text("\n\n".join(d.text for d in held_docs))
-        self.train_token_count = sum(len(t) + 1 for t in self.train_tokens)
 
     def _trainable(self, stage: StageConfig) -> dict[str, torch.nn.Parameter]:
         """The parameters a stage trains (by name)."""
         params = dict(self.student.named_parameters())
         converted = {i for i, m in enumerate(self.student.config.layer_mixers) if m != "full"}
-        new = {n for n in params if not is_source_parameter(n.replace(".base.", ".")) and n not in lora_parameters(self.student)}
+        lora = set(lora_parameters(self.student))
+        new = {n for n in params if not is_source_parameter(n.replace(".base.", ".")) and n not in lora}
         if stage.trainable == "new":
             names = new
         elif stage.trainable == "lora":
-            names = new | set(lora_parameters(self.student))
+            names = new | lora
         elif stage.trainable == "mixers":
             names = {n for n in params if any(n.startswith(f"model.layers.{i}.attn.") for i in converted)}
-            names -= set(lora_parameters(self.student))
+            names -= lora
         else:
-            names = {n for n in params if "embeddings" not in n and "lm_head" not in n} - set(lora_parameters(self.student))
+            names = {n for n in params if "embeddings" not in n and "lm_head" not in n} - lora
         if stage.kind == "transfer":  # only mixers have a transfer loss
             names = {n for n in names if ".attn." in n and int(n.split(".")[2]) in converted}
         if not names:
@@ -182,36 +182,32 @@ class Trainer:
 
     def _save_checkpoint(self, optimizer, scheduler, batches: PackedBatches) -> Path:
         final = self.checkpoints / f"step-{self.global_step}"
-        staging = self.checkpoints / f".staging-step-{self.global_step}"
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-        params = dict(self.student.named_parameters())
-        save_file({n: params[n].detach().cpu().contiguous() for n in sorted(self.ever_trained)}, str(staging / "trained.safetensors"))
-        opt = optimizer.state_dict()
-        tensors, state_meta = {}, {}
-        for index, entry in opt["state"].items():
-            for key, value in entry.items():
-                if torch.is_tensor(value):
-                    tensors[f"{index}.{key}"] = value.detach().cpu().contiguous()
-                else:
-                    state_meta[f"{index}.{key}"] = value
-        tensors["rng.torch"] = torch.get_rng_state()
-        save_file(tensors, str(staging / "optimizer.safetensors"))
-        state = {
-            "fingerprint": self.config.fingerprint(),
-            "global_step": self.global_step,
-            "stage_index": self.stage_index,
-            "stage_step": self.stage_step,
-            "tokens_seen": self.tokens_seen,
-            "ever_trained": sorted(self.ever_trained),
-            "optimizer_param_groups": opt["param_groups"],
-            "optimizer_state_scalars": state_meta,
-            "scheduler": scheduler.state_dict(),
-            "data": batches.state_dict(),
-        }
-        (staging / "trainer_state.json").write_text(json.dumps(state))
-        shutil.rmtree(final, ignore_errors=True)
-        staging.rename(final)
+        with written_folder(final) as staging:
+            params = dict(self.student.named_parameters())
+            save_file({n: params[n].detach().cpu().contiguous() for n in sorted(self.ever_trained)}, str(staging / "trained.safetensors"))
+            opt = optimizer.state_dict()
+            tensors, state_meta = {}, {}
+            for index, entry in opt["state"].items():
+                for key, value in entry.items():
+                    if torch.is_tensor(value):
+                        tensors[f"{index}.{key}"] = value.detach().cpu().contiguous()
+                    else:
+                        state_meta[f"{index}.{key}"] = value
+            tensors["rng.torch"] = torch.get_rng_state()
+            save_file(tensors, str(staging / "optimizer.safetensors"))
+            state = {
+                "fingerprint": self.config.fingerprint(),
+                "global_step": self.global_step,
+                "stage_index": self.stage_index,
+                "stage_step": self.stage_step,
+                "tokens_seen": self.tokens_seen,
+                "ever_trained": sorted(self.ever_trained),
+                "optimizer_param_groups": opt["param_groups"],
+                "optimizer_state_scalars": state_meta,
+                "scheduler": scheduler.state_dict(),
+                "data": batches.state_dict(),
+            }
+            (staging / "trainer_state.json").write_text(json.dumps(state))
         kept = sorted((p for p in self.checkpoints.glob("step-*")), key=lambda p: int(p.name[5:]))
         for old in kept[: -self.config.keep_checkpoints]:
             shutil.rmtree(old)
@@ -322,15 +318,9 @@ class Trainer:
 
         model = copy.deepcopy(self.student).cpu()
         merge_lora(model)
-        staging = folder.with_name(f".{folder.name}.staging")
-        shutil.rmtree(staging, ignore_errors=True)
-        model.save_pretrained(staging)
-        source = resolve_folder(self.config.student)
-        for name in TOKENIZER_FILES:
-            if (source / name).is_file():
-                shutil.copy2(source / name, staging / name)
-        shutil.rmtree(folder, ignore_errors=True)
-        staging.rename(folder)
+        with written_folder(folder) as staging:
+            model.save_pretrained(staging)
+            copy_tokenizer_files(resolve_folder(self.config.student), staging)
 
     def _calibrate(self, stage: StageConfig, bar) -> None:
         """One closed-form step: fit GLA output-norm scales on one training batch (see ``calibrate_gla``)."""
