@@ -180,6 +180,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     kernels.register(bench_sub)
     bench_train.register(bench_sub)
+    from .bench import decode, efficiency, ttft
+
+    ttft.register(bench_sub)
+    decode.register(bench_sub)
+    efficiency.register(bench_sub)
 
     from .convert import converter
     from .model import shipped

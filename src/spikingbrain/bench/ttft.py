@@ -1,0 +1,516 @@
+"""``spikingbrain bench ttft``: time to first token against prompt length, a SpikingBrain model against a baseline Transformer.
+
+Time to first token (TTFT) is one prefill call ``model(ids, use_cache=True, logits_to_keep=1)``
+followed by the greedy choice of the first new token, under ``torch.inference_mode()``, on
+the same random token ids for both models, in the same process with the same threads.
+
+- **Ours** (default ``spikingbrain-smollm2``, the shipped GLA + SWA conversion) runs the lengths
+  from 512 to 1M tokens; it streams long prompts through its cache.
+- **The baseline** (default: the teacher SmolLM2-135M-Instruct run by Hugging Face
+  transformers' own Llama code with ``attn_implementation="sdpa"``) runs the same lengths up
+  to a time cap. Past the teacher's ``max_position_embeddings`` (8192) it still runs: RoPE is
+  defined at every position, so the timing is the cost a user would pay, but the teacher was
+  never trained there (such rows say ``beyond_trained_context``).
+
+At each length the models alternate (the order flips every repeat) and each repeats up to
+``--repeats`` times or ``--max-seconds``; the median is reported. A length is skipped when the
+previous length's time, scaled linearly (ours) or quadratically (baseline), predicts more
+than ``--cap`` seconds for one run. The baseline's times are fitted with
+``a + b L + c L^2`` and ours with ``a + b L`` (non-negative least squares on relative
+errors) to extrapolate the ratio to lengths the baseline did not run; such ratios are marked
+``extrapolated``. The JSON is rewritten after every length, so an interrupted run keeps
+its partial results (``complete: false``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import resource
+import statistics
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .kernels import _fmt_len, _int_list
+
+__all__ = [
+    "register",
+    "run",
+    "Candidate",
+    "load_candidates",
+    "load_baseline",
+    "first_token",
+    "fit_cost",
+    "predict",
+    "PeakMemory",
+    "check_lengths",
+    "add_pair_arguments",
+    "candidates_from_args",
+    "print_result",
+    "DEFAULT_LENGTHS",
+]
+
+DEFAULT_LENGTHS = tuple(512 * 2**i for i in range(12))  # 512 ... 1M
+TARGETS = {
+    "ratio_32k": 5.0,
+    "ratio_128k": 20.0,
+    "long_over_4k_throughput": 0.90,
+    "short_prompt_throughput": 0.90,
+}
+
+
+@dataclass
+class Candidate:
+    """A model timed by a benchmark: a name (``ours`` or ``baseline``), a label, the model and its limits."""
+
+    name: str
+    label: str
+    model: object
+    degree: int  # of the cost fit: 1 linear, 2 quadratic
+    max_length: int | None = None  # longest input the model accepts (None: no limit)
+    trained_length: int | None = None  # positions the model was trained on (None: not known)
+    rows: list[dict] = field(default_factory=list)
+
+
+def load_baseline(ref: str):
+    """A Transformer run by Hugging Face transformers with SDPA attention (``default``: the embedded teacher)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from ..model.loading import resolve_folder
+
+    folder = resolve_folder(ref)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa")
+    except Exception as err:  # transformers raises many types for a folder it cannot read
+        raise ValueError(
+            f"the baseline {ref!r} ({folder}) could not be loaded with transformers (attn_implementation='sdpa'): "
+            f"{type(err).__name__}: {err}; pass --baseline with a Llama-family folder, 'default', or 'none'"
+        ) from err
+    return model.eval()
+
+
+def load_candidates(ours_ref: str, baseline_ref: str | None) -> tuple[list[Candidate], list[str]]:
+    """Our model and the baseline (skipped with a message when it cannot load or is ``none``); the messages."""
+    from ..model.loading import load_model
+
+    ours = load_model(ours_ref)
+    candidates = [
+        Candidate(
+            "ours", f"SpikingBrain {ours_ref}", ours, 1, max_length=ours.config.max_sequence_length,
+            trained_length=None,
+        )
+    ]
+    notes = []
+    if baseline_ref and baseline_ref != "none":
+        try:
+            baseline = load_baseline(baseline_ref)
+        except (ValueError, OSError) as err:
+            notes.append(f"baseline skipped: {err}")
+        else:
+            candidates.append(
+                Candidate(
+                    "baseline", f"transformers SDPA {baseline_ref}", baseline, 2, max_length=None,
+                    trained_length=getattr(baseline.config, "max_position_embeddings", None),
+                )
+            )
+    return candidates, notes
+
+
+def first_token(model, ids) -> int:
+    """Prefill ``ids`` and return the greedy first new token (the work of time to first token)."""
+    out = model(ids, use_cache=True, logits_to_keep=1)
+    return int(out.logits[0, -1].argmax())
+
+
+def _rss_bytes() -> int | None:
+    """Current resident set size of this process (Linux /proc; None elsewhere)."""
+    try:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class PeakMemory:
+    """Context manager sampling the process's resident memory every ``interval`` s: ``peak - before`` in ``extra_bytes``."""
+
+    def __init__(self, interval: float = 0.01):
+        self.interval = interval
+        self.before = self.peak = self.extra_bytes = None
+        self._stop = threading.Event()
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval):
+            rss = _rss_bytes()
+            if rss is not None and rss > self.peak:
+                self.peak = rss
+
+    def __enter__(self) -> "PeakMemory":
+        self.before = self.peak = _rss_bytes()
+        if self.before is not None:
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.before is None:
+            return
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss_bytes() or 0)
+        self.extra_bytes = self.peak - self.before
+
+
+# ----------------------------------------------------------------------------- cost fits
+
+
+def fit_cost(lengths: list[int], seconds: list[float], degree: int) -> dict:
+    """Non-negative least-squares fit of ``seconds ~ sum_i c_i L^i`` (``i <= degree``) on relative errors.
+
+    Every subset of the terms is fitted by least squares and the best fit whose coefficients
+    are all non-negative is kept (exact for these few terms), so a noisy quadratic term never
+    turns negative and bends the extrapolation down.
+    """
+    import numpy as np
+
+    if len(lengths) != len(seconds) or len(lengths) < degree + 1:
+        raise ValueError(f"a degree-{degree} fit needs at least {degree + 1} measured lengths, got {len(lengths)}")
+    L = np.asarray(lengths, dtype=np.float64)
+    t = np.asarray(seconds, dtype=np.float64)
+    design = np.stack([L**i for i in range(degree + 1)], axis=1) / t[:, None]  # rows scaled by 1/t
+    target = np.ones_like(t)
+    best = None
+    for size in range(1, degree + 2):
+        for terms in itertools.combinations(range(degree + 1), size):
+            coef, *_ = np.linalg.lstsq(design[:, terms], target, rcond=None)
+            if (coef < 0).any():
+                continue
+            error = float(np.sum((design[:, terms] @ coef - target) ** 2))
+            if best is None or error < best[0] - 1e-15:
+                full = np.zeros(degree + 1)
+                full[list(terms)] = coef
+                best = (error, full)
+    coefficients = [float(c) for c in best[1]]
+    fitted = [predict(coefficients, n) for n in lengths]
+    return {
+        "degree": degree,
+        "coefficients": coefficients,
+        "formula": " + ".join(f"{c:.4g}" + ("" if i == 0 else " L" if i == 1 else f" L^{i}") for i, c in enumerate(coefficients)),
+        "max_relative_error": max(abs(f - s) / s for f, s in zip(fitted, seconds)),
+        "lengths": list(lengths),
+    }
+
+
+def predict(coefficients: list[float], length: int) -> float:
+    """The fitted cost ``sum_i c_i L^i`` at ``length``."""
+    return sum(c * float(length) ** i for i, c in enumerate(coefficients))
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    """Add the ``ttft`` subcommand to the ``spikingbrain bench`` group."""
+    p = subparsers.add_parser(
+        "ttft",
+        help="time to first token against prompt length: ours against transformers (SDPA), with fitted extrapolation",
+        description=__doc__.split("\n\n")[0],
+    )
+    add_pair_arguments(p, "runs/bench-ttft", "ttft")
+    p.add_argument("--lengths", type=_int_list, default=None, help="prompt lengths for ours (default 512,1k,...,1024k)")
+    p.add_argument("--baseline-lengths", type=_int_list, default=None, help="prompt lengths for the baseline (default: ours)")
+    p.add_argument("--cap", type=float, default=300.0, help="skip a length whose predicted single run exceeds this many seconds")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per model and length (median reported)")
+    p.add_argument("--max-seconds", type=float, default=60.0, help="stop repeating a model at a length after this many seconds")
+    p.add_argument("--extrapolate", type=_int_list, default=[131072, 1048576, 4194304], help="lengths of the extrapolated ratio")
+    p.set_defaults(func=_cmd_ttft)
+    return p
+
+
+def add_pair_arguments(p: argparse.ArgumentParser, out: str, name: str) -> None:
+    """The options of a side-by-side benchmark: --model, --baseline, --threads, --seed, --out, --no-plot."""
+    p.add_argument("--model", default="spikingbrain-smollm2", help="our model (folder or short name)")
+    p.add_argument("--baseline", default="default", help="baseline Transformer run by transformers ('default': the teacher; 'none': skip)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=out, help=f"folder for {name}.json and {name}.png")
+    p.add_argument("--no-plot", action="store_true", help="skip the PNG")
+
+
+def candidates_from_args(args: argparse.Namespace) -> tuple[list[Candidate], list[str]]:
+    """Set the threads and load the models of :func:`add_pair_arguments`' options; print why a baseline was skipped."""
+    from .common import set_threads
+
+    set_threads(args.threads)
+    candidates, notes = load_candidates(args.model, args.baseline)
+    for note in notes:
+        print(note, file=sys.stderr)
+    return candidates, notes
+
+
+def print_result(report: str, result: dict) -> int:
+    """Print a benchmark's table and files; exit status 1 when no model has any measured row."""
+    print(report)
+    print(f"wrote {result['files']['json']}" + (f" and {result['files']['png']}" if result["files"].get("png") else ""))
+    return 0 if any(c["rows"] for c in result["candidates"].values()) else 1
+
+
+def _cmd_ttft(args: argparse.Namespace) -> int:
+    """Handler of ``spikingbrain bench ttft``."""
+    candidates, notes = candidates_from_args(args)
+    lengths = {"ours": args.lengths or list(DEFAULT_LENGTHS), "baseline": args.baseline_lengths or args.lengths or list(DEFAULT_LENGTHS)}
+    result = run(
+        candidates, lengths, Path(args.out), cap=args.cap, repeats=args.repeats, max_seconds=args.max_seconds,
+        extrapolate=args.extrapolate, seed=args.seed, plot_png=not args.no_plot, notes=notes,
+    )
+    return print_result(format_report(result), result)
+
+
+def check_lengths(candidate: Candidate, lengths: list[int]) -> list[str]:
+    """Raise for lengths above the model's configured maximum; notes for lengths beyond its trained context."""
+    if candidate.max_length is not None and max(lengths) > candidate.max_length:
+        raise ValueError(
+            f"{candidate.label}: length {max(lengths)} exceeds the model's max_sequence_length={candidate.max_length} "
+            "(config.json); drop the longer lengths or raise max_sequence_length (null = unlimited)"
+        )
+    beyond = [n for n in lengths if candidate.trained_length and n > candidate.trained_length]
+    if beyond:
+        return [
+            f"{candidate.label}: lengths {', '.join(map(_fmt_len, beyond))} are beyond its max_position_embeddings="
+            f"{candidate.trained_length}; it still runs (RoPE is defined at every position), so the time is real, "
+            "but the model was not trained there (rows marked beyond_trained_context)"
+        ]
+    return []
+
+
+def _predicted(candidate: Candidate, length: int) -> float | None:
+    """One run's time at ``length`` scaled from the longest measured row (linear or quadratic)."""
+    if not candidate.rows:
+        return None
+    last = candidate.rows[-1]
+    return last["median_s"] * (length / last["length"]) ** candidate.degree
+
+
+def run(
+    candidates: list[Candidate],
+    lengths: dict[str, list[int]],
+    out: Path,
+    cap: float = 300.0,
+    repeats: int = 3,
+    max_seconds: float = 60.0,
+    extrapolate: list[int] = (131072, 1048576, 4194304),
+    seed: int = 0,
+    plot_png: bool = True,
+    notes: list[str] = (),
+    bar_desc: str = "bench ttft",
+) -> dict:
+    """Time every candidate at its lengths (alternating, medians), fit, extrapolate, write JSON (and PNG)."""
+    import torch
+
+    from .common import load_average, machine_info, progress
+
+    if cap <= 0 or repeats < 1 or max_seconds <= 0:
+        raise ValueError(f"--cap and --max-seconds must be > 0 and --repeats >= 1 (got {cap}, {max_seconds}, {repeats})")
+    notes = list(notes)
+    plan = {c.name: sorted(set(lengths[c.name])) for c in candidates}
+    for c in candidates:
+        notes += check_lengths(c, plan[c.name])
+    all_lengths = sorted(set().union(*plan.values()))
+    vocab = min(int(c.model.config.vocab_size) for c in candidates)
+    ids = torch.randint(0, vocab, (1, max(all_lengths)), generator=torch.Generator().manual_seed(seed))
+    skipped: list[dict] = []
+    stopped: dict[str, str] = {}
+    started = time.time()
+    result = {
+        "benchmark": "ttft",
+        "argv": list(sys.argv),
+        "machine": machine_info(),
+        "load_average": {"start": load_average()},
+        "settings": {"lengths": plan, "cap_s": cap, "repeats": repeats, "max_seconds": max_seconds, "seed": seed,
+                     "dtype": str(torch.get_default_dtype()).replace("torch.", ""),
+                     "tokens": "random ids, the same prefix for every model", "timed": "model(ids, use_cache=True, logits_to_keep=1) + argmax"},
+        "notes": notes,
+        "complete": False,
+    }
+    out = Path(out)
+    result["files"] = {"json": str(out / "ttft.json")}
+
+    def save() -> None:
+        result.update(
+            candidates={c.name: {"label": c.label, "fit_degree": c.degree, "trained_length": c.trained_length, "rows": c.rows}
+                        for c in candidates},
+            skipped=skipped, wall_seconds=time.time() - started,
+        )
+        result["load_average"]["end"] = load_average()
+        result.update(_analysis(candidates, extrapolate))
+        from .common import write_json
+
+        write_json(out / "ttft.json", result)
+
+    with torch.inference_mode(), progress(sum(len(v) for v in plan.values()), bar_desc) as bar:
+        for c in candidates:  # warm-up at the shortest length; a cap below it stops the model at once
+            bar.set_postfix_str(f"warm-up {c.name}")
+            start = time.perf_counter()
+            first_token(c.model, ids[:, : plan[c.name][0]])
+            if time.perf_counter() - start > cap:
+                stopped[c.name] = (
+                    f"--cap {cap:g} s is shorter than one run of {c.label} at {plan[c.name][0]} tokens "
+                    f"({time.perf_counter() - start:.1f} s); raise --cap"
+                )
+        for length in all_lengths:
+            active = []
+            for c in candidates:
+                if length not in plan[c.name]:
+                    continue
+                guess = _predicted(c, length)
+                reason = stopped.get(c.name) or (
+                    f"predicted {guess:.0f} s > cap {cap:g} s" if guess is not None and guess > cap else None
+                )
+                if reason:
+                    skipped.append({"candidate": c.name, "length": length, "reason": reason})
+                    stopped.setdefault(c.name, reason)
+                    bar.update(1)
+                else:
+                    active.append(c)
+            times = {c.name: [] for c in active}
+            memory = {c.name: None for c in active}
+            for r in range(repeats):
+                order = active if r % 2 == 0 else active[::-1]
+                for c in order:
+                    if times[c.name] and sum(times[c.name]) >= max_seconds:
+                        continue
+                    bar.set_postfix_str(f"{c.name} T={_fmt_len(length)} run {r + 1}")
+                    try:
+                        with PeakMemory() as mem:
+                            start = time.perf_counter()
+                            first_token(c.model, ids[:, :length])
+                            times[c.name].append(time.perf_counter() - start)
+                    except (RuntimeError, MemoryError) as err:
+                        stopped[c.name] = f"failed at {length} tokens: {type(err).__name__}: {str(err)[:200]}"
+                        skipped.append({"candidate": c.name, "length": length, "reason": stopped[c.name]})
+                        break
+                    memory[c.name] = max(memory[c.name] or 0, mem.extra_bytes or 0) if mem.extra_bytes is not None else None
+            for c in active:
+                if times[c.name]:
+                    median = statistics.median(times[c.name])
+                    c.rows.append({
+                        "length": length, "times_s": times[c.name], "median_s": median, "tokens_per_s": length / median,
+                        "peak_extra_rss_bytes": memory[c.name], "max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                        "load_average": load_average(),
+                        "beyond_trained_context": bool(c.trained_length and length > c.trained_length),
+                    })
+                bar.update(1)
+            save()
+    result["complete"] = True
+    if plot_png and any(c.rows for c in candidates):
+        result["files"]["png"] = str(plot(result, out / "ttft.png"))
+    save()
+    return result
+
+
+def _analysis(candidates: list[Candidate], extrapolate: list[int]) -> dict:
+    """Fits, measured and extrapolated ratios (baseline / ours) and the issue's targets."""
+    fits, notes = {}, []
+    for c in candidates:
+        if len(c.rows) >= c.degree + 1:
+            fits[c.name] = fit_cost([r["length"] for r in c.rows], [r["median_s"] for r in c.rows], c.degree)
+        elif c.rows:
+            notes.append(f"{c.name}: {len(c.rows)} measured length(s), too few for a degree-{c.degree} fit")
+    rows = {c.name: {r["length"]: r for r in c.rows} for c in candidates}
+    ratios = []
+    if "ours" in rows and "baseline" in rows:
+        targets_lengths = set(rows["ours"]) | set(rows["baseline"]) | set(extrapolate)
+        for length in sorted(targets_lengths):
+            seconds, extrapolated = {}, False
+            for name in ("ours", "baseline"):
+                if length in rows[name]:
+                    seconds[name] = rows[name][length]["median_s"]
+                elif name in fits:
+                    seconds[name] = predict(fits[name]["coefficients"], length)
+                    extrapolated = True
+            if len(seconds) == 2 and seconds["ours"] > 0:
+                ratios.append({"length": length, "ours_s": seconds["ours"], "baseline_s": seconds["baseline"],
+                               "ratio": seconds["baseline"] / seconds["ours"], "extrapolated": extrapolated})
+    return {"fits": fits, "ratios": ratios, "fit_notes": notes, "targets": _targets(rows, ratios)}
+
+
+def _targets(rows: dict[str, dict[int, dict]], ratios: list[dict]) -> dict:
+    """The issue's TTFT targets that this run could evaluate (measured or marked extrapolated)."""
+    targets = {}
+    by_length = {r["length"]: r for r in ratios}
+    for key, length, measured_only in (("ratio_32k", 32768, True), ("ratio_128k", 131072, False)):
+        r = by_length.get(length)
+        if r and not (measured_only and r["extrapolated"]):
+            targets[key] = {"name": f"baseline / ours TTFT at {_fmt_len(length)}", "value": r["ratio"], "target": TARGETS[key],
+                            "pass": r["ratio"] >= TARGETS[key], "extrapolated": r["extrapolated"]}
+    ours = rows.get("ours", {})
+    if 4096 in ours and max(ours, default=0) > 4096:
+        longest = max(ours)
+        value = ours[longest]["tokens_per_s"] / ours[4096]["tokens_per_s"]
+        targets["long_over_4k_throughput"] = {"name": f"ours tokens/s at {_fmt_len(longest)} / at 4k", "value": value,
+                                              "target": TARGETS["long_over_4k_throughput"],
+                                              "pass": value >= TARGETS["long_over_4k_throughput"], "extrapolated": False}
+    base = rows.get("baseline", {})
+    if 512 in ours and 512 in base:
+        value = ours[512]["tokens_per_s"] / base[512]["tokens_per_s"]
+        targets["short_prompt_throughput"] = {"name": "ours / baseline prefill tokens/s at 512", "value": value,
+                                              "target": TARGETS["short_prompt_throughput"],
+                                              "pass": value >= TARGETS["short_prompt_throughput"], "extrapolated": False}
+    return targets
+
+
+def plot(result: dict, path: Path) -> Path:
+    """Log-log TTFT curves (measured points, fitted lines) and the baseline / ours ratio, as a PNG."""
+    from .report import COLORS, machine_title, new_figure, save_loglog
+
+    fig, (ax1, ax2) = new_figure()
+    span = [r["length"] for r in result["ratios"]] + [row["length"] for c in result["candidates"].values() for row in c["rows"]]
+    for name, c in result["candidates"].items():
+        if not c["rows"]:
+            continue
+        x = [r["length"] for r in c["rows"]]
+        ax1.plot(x, [r["median_s"] for r in c["rows"]], "o", color=COLORS.get(name), label=f"{c['label']} (measured)")
+        if name in result["fits"]:
+            grid = sorted({*span, *x})
+            ax1.plot(grid, [predict(result["fits"][name]["coefficients"], n) for n in grid], "--", color=COLORS.get(name),
+                     label=f"{name} fit: {result['fits'][name]['formula']} s")
+    ax1.set_ylabel("time to first token (s)")
+    ax1.set_title("TTFT (log-log)")
+    measured = [r for r in result["ratios"] if not r["extrapolated"]]
+    guessed = [r for r in result["ratios"] if r["extrapolated"]]
+    ax2.plot([r["length"] for r in measured], [r["ratio"] for r in measured], "o-", color="tab:green", label="measured")
+    ax2.plot([r["length"] for r in guessed], [r["ratio"] for r in guessed], "o", mfc="none", color="tab:green", label="extrapolated (fits)")
+    ax2.axhline(1, color="black", lw=0.8)
+    ax2.set_ylabel("baseline TTFT / ours")
+    ax2.set_title("speed-up of ours")
+    return save_loglog(fig, (ax1, ax2), path, "prompt length (tokens)", machine_title(result, "time to first token"))
+
+
+def format_report(result: dict) -> str:
+    """The readable table of a TTFT result."""
+    lines = [f"{'model':<9} {'T':>6} {'TTFT s':>9} {'runs':>5} {'tokens/s':>9} {'extra RSS MiB':>14}"]
+    for name, c in result["candidates"].items():
+        for r in c["rows"]:
+            extra = "-" if r["peak_extra_rss_bytes"] is None else f"{r['peak_extra_rss_bytes'] / 2**20:.0f}"
+            flag = "  (beyond trained context)" if r["beyond_trained_context"] else ""
+            lines.append(f"{name:<9} {_fmt_len(r['length']):>6} {r['median_s']:9.3f} {len(r['times_s']):5d} "
+                         f"{r['tokens_per_s']:9.1f} {extra:>14}{flag}")
+    for s in result["skipped"]:
+        lines.append(f"skipped {s['candidate']} at {_fmt_len(s['length'])}: {s['reason']}")
+    for name, fit in result["fits"].items():
+        lines.append(f"fit {name}: t = {fit['formula']} s (max relative error {fit['max_relative_error']:.1%})")
+    if result["ratios"]:
+        lines.append(f"{'T':>6} {'ratio':>8}")
+        for r in result["ratios"]:
+            lines.append(f"{_fmt_len(r['length']):>6} {r['ratio']:7.2f}x" + ("  extrapolated" if r["extrapolated"] else ""))
+    for t in result["targets"].values():
+        lines.append(f"{t['name']:<44} {t['value']:8.2f} (target >= {t['target']:g}) {'PASS' if t['pass'] else 'MISS'}"
+                     + (" (extrapolated)" if t["extrapolated"] else ""))
+    lines += result["notes"] + result["fit_notes"]
+    lines.append(f"load average: start {result['load_average']['start']}, end {result['load_average']['end']}")
+    return "\n".join(lines)

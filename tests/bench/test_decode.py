@@ -1,0 +1,56 @@
+"""``spikingbrain bench decode`` on tiny random models: context caches shaped like a real prefill, JSON shape, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from spikingbrain.bench.decode import analytic_cache_bytes, cache_nbytes, context_cache
+from spikingbrain.bench.ttft import load_baseline
+from spikingbrain.cli import main
+from spikingbrain.model.loading import load_model
+
+from .test_ttft import make_pair
+
+
+def _shapes(cache) -> list[tuple]:
+    if hasattr(cache, "layers") and hasattr(cache.layers[0], "tensors"):
+        return [tuple(t.shape) for layer in cache.layers for t in layer.tensors().values()]
+    return [tuple(t.shape) for layer in cache.layers for t in (layer.keys, layer.values)]
+
+
+@pytest.mark.parametrize("length", [5, 40])
+def test_context_caches_have_the_shapes_of_a_real_prefill(tmp_path, length):
+    ours_ref, base_ref = make_pair(tmp_path)
+    ids = torch.randint(0, 97, (1, length), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        for model in (load_model(ours_ref), load_baseline(base_ref)):
+            real = model(ids, use_cache=True).cache
+            made = context_cache(model, length)
+            assert _shapes(made) == _shapes(real)
+            assert made.get_seq_length() == real.get_seq_length() == length
+            assert cache_nbytes(made) == cache_nbytes(real) == analytic_cache_bytes(model, length)
+
+
+def test_tiny_run_writes_json_and_plot(tmp_path, capsys):
+    ours, base = make_pair(tmp_path)
+    out = tmp_path / "out"
+    assert main(["bench", "decode", "--model", ours, "--baseline", base, "--contexts", "16,64,256", "--tokens", "3",
+                 "--repeats", "2", "--max-kv-gib", str(50_000 / 2**30), "--out", str(out)]) == 0
+    data = json.loads((out / "decode.json").read_text())
+    assert (out / "decode.png").stat().st_size > 0
+    ours_rows, base_rows = data["candidates"]["ours"]["rows"], data["candidates"]["baseline"]["rows"]
+    assert [r["length"] for r in ours_rows] == [16, 64, 256]
+    assert [r["length"] for r in base_rows] == [16, 64]  # 256 positions need 65536 bytes > the cap
+    assert data["skipped"] == [{"candidate": "baseline", "length": 256, "reason": data["skipped"][0]["reason"]}]
+    assert "--max-kv-gib" in data["skipped"][0]["reason"]
+    for r in ours_rows + base_rows:
+        assert len(r["step_times_s"]) == 6 and r["tokens_per_s"] == pytest.approx(1 / r["median_step_s"])
+    # ours: GLA state plus a window of 8 keys/values, the same from 16 tokens on; the baseline grows linearly
+    assert len({r["cache_bytes_measured"] for r in ours_rows}) == 1
+    assert base_rows[1]["cache_bytes_measured"] == 4 * base_rows[0]["cache_bytes_measured"]
+    assert [r["length"] for r in data["comparison"]] == [16, 64]
+    assert data["load_average"]["start"] is not None
+    assert "baseline / ours latency" in capsys.readouterr().out
