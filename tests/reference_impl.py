@@ -159,7 +159,35 @@ def _rms_norm(x, weight, eps):
     return weight * x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps)
 
 
+class SpikingWeights(dict):
+    """A state dict whose reference forward spikes every projection input (W8ASpike): counts
+    ``floor(x / V_th + 1/2)`` with ``V_th = clamp(mean|x| / k, 1e-5, 1e4)`` per token, written out here
+    independently of the library. Options: spike the post-RoPE query per head; INT8 K/V per token and head."""
+
+    def __init__(self, state, k=3.0, spike_query=False, int8_kv=False):
+        super().__init__(state)
+        self.spike_k, self.spike_query, self.int8_kv = k, spike_query, int8_kv
+
+
+def spike_reference(x, k):
+    """Counts times threshold of an adaptive-threshold neuron over the last dimension (fp64)."""
+    threshold = torch.clamp(x.double().abs().mean(-1, keepdim=True) / k, 1e-5, 1e4)
+    return torch.floor(x.double() / threshold + 0.5) * threshold
+
+
+def int8_reference(x):
+    """Symmetric INT8 round trip with one scale (max|x| / 127) per vector of the last dimension."""
+    scale = x.double().abs().amax(-1, keepdim=True) / 127
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return torch.clamp(torch.round(x.double() / scale), -127, 127) * scale
+
+
+_SPIKED = ("q_proj", "k_proj", "v_proj", "o_proj", "gk_proj.0", "gate_proj", "up_proj", "down_proj")
+
+
 def _linear(sd, name, x):
+    if getattr(sd, "spike_k", None) and name.endswith(_SPIKED):
+        x = spike_reference(x, sd.spike_k)
     y = x @ sd[f"{name}.weight"].double().T
     bias = sd.get(f"{name}.bias")
     return y if bias is None else y + bias.double()
@@ -223,6 +251,10 @@ def _softmax_heads(sd, p, q, k, v, spec, n_keys, positions, proj):
     """Softmax attention per-head outputs (RoPE on real tokens; sinks under ``p`` through ``proj``'s k/v)."""
     q = rope_reference(q, positions, spec.rope_theta)
     k = rope_reference(k, positions, spec.rope_theta)
+    if getattr(sd, "spike_query", False):
+        q = spike_reference(q, sd.spike_k)
+    if getattr(sd, "int8_kv", False):
+        k, v = int8_reference(k), int8_reference(v)
     if not spec.num_sinks:
         return attention_reference(q, k, v, n_keys=n_keys, scale=1 / math.sqrt(spec.head_dim))
     sinks = sd[p + "sinks"].double()

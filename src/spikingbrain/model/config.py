@@ -6,6 +6,9 @@ import inspect
 
 from transformers import PretrainedConfig
 
+from ..spiking.apply import spiking_settings
+from ..spiking.int8 import weight_quantization_settings
+
 __all__ = ["SpikingBrainConfig", "MIXER_TYPES", "PARALLEL_MIXERS", "alternating_layers"]
 
 #: Mixers that run linear attention in parallel with a softmax branch (sliding-window or full).
@@ -82,6 +85,8 @@ class SpikingBrainConfig(PretrainedConfig):
         norm_topk_prob: bool = False,
         dense_ffn_layers: list[int] | None = None,
         router_aux_loss_coef: float = 0.001,
+        spiking: dict | None = None,
+        weight_quantization: dict | None = None,
         rope_theta: float = 10000.0,
         attention_bias: bool = True,
         hidden_act: str = "silu",
@@ -124,6 +129,13 @@ class SpikingBrainConfig(PretrainedConfig):
         self.norm_topk_prob = norm_topk_prob
         self.dense_ffn_layers = sorted(dense_ffn_layers or [])
         self.router_aux_loss_coef = router_aux_loss_coef
+        self.spiking = spiking_settings(**spiking) if spiking else None
+        if weight_quantization:
+            quant = dict(weight_quantization)
+            if quant.pop("bits", 8) != 8:
+                raise ValueError(f"weight_quantization.bits={weight_quantization['bits']}; only 8-bit weights are implemented")
+            weight_quantization = weight_quantization_settings(**quant)
+        self.weight_quantization = weight_quantization or None
         self.rope_theta = rope_theta
         self.attention_bias = attention_bias
         self.hidden_act = hidden_act

@@ -10,6 +10,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..ops import apply_rotary, causal_attention, chunk_gla, recurrent_gla, sliding_window_attention
+from ..spiking.int8 import fake_quantize_int8
+from ..spiking.neuron import spike_quantize
 from .cache import FullKV, GLAState, ParallelState, WindowKV
 from .config import PARALLEL_MIXERS, SpikingBrainConfig
 from .layers import RMSNorm
@@ -138,6 +140,8 @@ class SoftmaxAttention(_Mixer):
         n = config.num_sink_tokens
         self.sinks = nn.Parameter(torch.empty(n, config.hidden_size)) if n else None
         self.norm = RMSNorm(config.head_dim, eps=config.rms_norm_eps) if output_norm else None
+        self.query_spike_k: float | None = None  # W8ASpike options, set by spiking.spikify
+        self.int8_kv = False
 
     def sink_keys_values(self, proj: _Mixer) -> tuple[torch.Tensor, torch.Tensor]:
         """Sink keys and values ``[1, n, Hkv, D]`` through ``proj``'s k/v projections (no rotation)."""
@@ -147,6 +151,8 @@ class SoftmaxAttention(_Mixer):
     def heads(self, x, q, k, v, inputs, cache: WindowKV | FullKV | None, proj: _Mixer) -> torch.Tensor:
         B = x.shape[0]
         q, k = apply_rotary(q, inputs.cos, inputs.sin), apply_rotary(k, inputs.cos, inputs.sin)
+        if self.query_spike_k:  # threshold per token and head
+            q = spike_quantize(q, self.query_spike_k)
         n = 0 if self.sinks is None else self.sinks.shape[0]
         if n and (cache is None or cache.sinks is None):
             sinks = self.sink_keys_values(proj)
@@ -156,6 +162,8 @@ class SoftmaxAttention(_Mixer):
                 cache.set_sinks(*sinks)
         if cache is not None:
             k, v = cache.extend(k, v)
+        if self.int8_kv:  # at use time, per token and head; the cache keeps the unquantized values
+            k, v = fake_quantize_int8(k), fake_quantize_int8(v)
         mask = inputs.mask_of_last(k.shape[1] - n)
         if self.window is None:
             o = causal_attention(q, k, v, key_padding_mask=mask, num_sinks=n)

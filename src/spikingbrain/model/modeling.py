@@ -12,6 +12,8 @@ from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from ..ops import rotary_cos_sin, rotary_inv_freq
+from ..spiking.apply import spikify
+from ..spiking.int8 import prepare_int8_layers
 from .cache import SpikingBrainCache
 from .checkpoint import CheckpointError, check_state_dict, read_config, read_shapes
 from .config import SpikingBrainConfig
@@ -200,6 +202,10 @@ class SpikingBrainForCausalLM(SpikingBrainPreTrainedModel, GenerationMixin):
         self.model = SpikingBrainModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
+        if config.weight_quantization:
+            prepare_int8_layers(self, config.weight_quantization)
+        if config.spiking:
+            spikify(self, **config.spiking)
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
