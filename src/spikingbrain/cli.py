@@ -193,6 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     converter.register(sub)
     trainer.register(sub)
     shipped.register(sub)
+    from .distributed import prefill as distributed_prefill
+
+    distributed_prefill.register(sub)
 
     evaluate = sub.add_parser("eval", help="evaluation: perplexity")
     eval_sub = evaluate.add_subparsers(dest="eval", required=True)
