@@ -1,0 +1,277 @@
+"""Text generation on one cache: chunked prefill aligned to absolute positions, seeded sampling, stop strings.
+
+A :class:`Generation` is a small state machine that a caller steps one unit of work at a time
+(one prefill chunk or one decoded token), so a scheduler can interleave many of them. Prefill
+chunks always end at multiples of ``chunk_size`` counted from the start of the sequence, so a
+cache restored at such a boundary continues with exactly the computations of an uninterrupted
+run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+
+__all__ = ["SamplingParams", "sample_token", "TextStream", "Engine", "Generation", "model_fingerprint", "prefix_digest"]
+
+
+@dataclass
+class SamplingParams:
+    """How to pick tokens: temperature 0 is greedy; ``top_k`` 0 and ``top_p`` 1 switch those filters off."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    max_tokens: int = 256
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+    def problems(self) -> list[tuple[str, str]]:
+        """``(field, message)`` for every value out of range (empty when all are usable)."""
+        found = []
+        if not 0 <= self.temperature <= 100:
+            found.append(("temperature", f"temperature must be between 0 and 100, got {self.temperature}"))
+        if not 0 < self.top_p <= 1:
+            found.append(("top_p", f"top_p must be in (0, 1], got {self.top_p}"))
+        if self.top_k < 0:
+            found.append(("top_k", f"top_k must be >= 0 (0 = off), got {self.top_k}"))
+        if not self.repetition_penalty > 0:
+            found.append(("repetition_penalty", f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}"))
+        if self.max_tokens < 1:
+            found.append(("max_tokens", f"max_tokens must be >= 1, got {self.max_tokens}"))
+        if any(not s for s in self.stop):
+            found.append(("stop", "stop strings must not be empty"))
+        return found
+
+    def generator(self) -> torch.Generator:
+        """A CPU random generator seeded with ``seed`` (or fresh entropy when there is none)."""
+        seed = self.seed if self.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
+        return torch.Generator().manual_seed(seed)
+
+
+def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator, seen: torch.Tensor | None = None) -> int:
+    """One token id from 1-D ``logits``: repetition penalty on ``seen`` ids, then greedy or temperature/top-k/top-p sampling."""
+    logits = logits.float().clone()
+    if seen is not None and params.repetition_penalty != 1.0:
+        picked = logits[seen]
+        logits[seen] = torch.where(picked > 0, picked / params.repetition_penalty, picked * params.repetition_penalty)
+    if params.temperature == 0:
+        return int(torch.argmax(logits))
+    logits = logits / params.temperature
+    if 0 < params.top_k < logits.numel():
+        threshold = torch.topk(logits, params.top_k).values[-1]
+        logits = logits.masked_fill(logits < threshold, float("-inf"))
+    if params.top_p < 1.0:
+        order = torch.argsort(logits, descending=True)
+        probs = torch.softmax(logits[order], dim=-1)
+        before = torch.cumsum(probs, dim=-1) - probs  # mass of strictly more likely tokens
+        logits[order[before >= params.top_p]] = float("-inf")
+    probs = torch.softmax(logits, dim=-1)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+class TextStream:
+    """Turns generated token ids into text pieces, holding back incomplete characters and possible stop-string starts."""
+
+    def __init__(self, tokenizer, stop: tuple[str, ...] = ()):
+        self.tokenizer = tokenizer
+        self.stop = tuple(stop)
+        self.ids: list[int] = []
+        self.emitted = 0
+        self.text = ""
+        self.stopped = False
+
+    def push(self, token_id: int) -> str:
+        """Add a token; return the text that is now final (``stopped`` turns true when a stop string appears)."""
+        self.ids.append(token_id)
+        self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        longest = max((len(s) for s in self.stop), default=0)
+        start = max(0, self.emitted - longest)
+        hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
+        if hits:
+            self.stopped = True
+            return self._emit_to(min(hits))
+        if self.text.endswith("\ufffd"):
+            return ""
+        held = max((n for s in self.stop for n in range(1, len(s)) if self.text.endswith(s[:n])), default=0)
+        return self._emit_to(len(self.text) - held)
+
+    def flush(self) -> str:
+        """The text still held back (call when generation ends for another reason than a stop string)."""
+        return "" if self.stopped else self._emit_to(len(self.text))
+
+    def _emit_to(self, end: int) -> str:
+        piece = self.text[self.emitted : end] if end > self.emitted else ""
+        self.emitted = max(self.emitted, end)
+        return piece
+
+
+def model_fingerprint(model) -> str:
+    """A short hash of a model's layout and weights (shapes, sums and edge values of every tensor)."""
+    digest = hashlib.sha256()
+    config = model.config
+    digest.update(repr((list(config.layer_mixers), config.attention_window, config.vocab_size)).encode())
+    with torch.no_grad():
+        for name, tensor in sorted(model.state_dict().items()):
+            flat = tensor.detach().reshape(-1).float()
+            digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}{float(flat.double().sum()):.10e}".encode())
+            digest.update(flat[:64].numpy().tobytes() + flat[-64:].numpy().tobytes())
+    return digest.hexdigest()[:32]
+
+
+def prefix_digest(fingerprint: str, ids: list[int]) -> str:
+    """The hex key of a token prefix under a model fingerprint."""
+    digest = hashlib.sha256(fingerprint.encode())
+    digest.update(torch.tensor(ids, dtype=torch.int64).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _stop_ids(model, tokenizer) -> set[int]:
+    found = set()
+    for source in (getattr(model, "generation_config", None), model.config, tokenizer):
+        value = getattr(source, "eos_token_id", None)
+        found.update(v for v in (value if isinstance(value, (list, tuple)) else [value]) if v is not None)
+    return found
+
+
+class Engine:
+    """A loaded model and tokenizer with prompt encoding and aligned, chunked prefill."""
+
+    def __init__(self, model, tokenizer, name: str, chunk_size: int = 256):
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        self.model, self.tokenizer, self.name, self.chunk_size = model, tokenizer, name, chunk_size
+        self.eos_ids = _stop_ids(model, tokenizer)
+        self.fingerprint = model_fingerprint(model)
+
+    def encode_text(self, text: str) -> list[int]:
+        """Token ids of plain text (no special tokens added)."""
+        return self.tokenizer(text, add_special_tokens=False).input_ids
+
+    def render_chat(self, messages: list[dict]) -> str:
+        """The chat-template text of ``messages`` ending with the assistant's turn (plain lines without a template)."""
+        if self.tokenizer.chat_template:
+            return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        """Token ids of ``messages`` in the model's chat template, ready for the assistant's answer."""
+        return self.encode_text(self.render_chat(messages))
+
+    def chunk_ends(self, start: int, stop: int) -> list[int]:
+        """Ends of the prefill chunks that cover positions ``start..stop``: multiples of ``chunk_size``, then ``stop``."""
+        ends = list(range((start // self.chunk_size + 1) * self.chunk_size, stop, self.chunk_size))
+        return ends + [stop] if stop > start else []
+
+    @torch.inference_mode()
+    def forward(self, ids: list[int], cache) -> torch.Tensor:
+        """Run ``ids`` through ``cache`` and return the logits after the last one."""
+        out = self.model(torch.tensor([ids]), cache=cache, use_cache=True, logits_to_keep=1)
+        return out.logits[0, -1]
+
+    def prefill(self, ids: list[int], cache, on_chunk: Callable[[int], None] | None = None) -> torch.Tensor | None:
+        """Feed ``ids`` after the cache's ``seen_tokens`` in aligned chunks; logits after the last (None if none fed)."""
+        logits, start = None, cache.seen_tokens
+        for end in self.chunk_ends(start, start + len(ids)):
+            logits = self.forward(ids[cache.seen_tokens - start : end - start], cache)
+            if on_chunk is not None:
+                on_chunk(end)
+        return logits
+
+    def start(self, prompt_ids: list[int], params: SamplingParams, cache=None, **kwargs) -> "Generation":
+        """A generation for ``prompt_ids`` (``cache`` may already hold a prefix of them)."""
+        return Generation(self, prompt_ids, params, self.model.new_cache() if cache is None else cache, **kwargs)
+
+
+@dataclass
+class Generation:
+    """One request's progress: prefill chunks, then one token per ``step()``, until a stop condition."""
+
+    engine: Engine
+    prompt_ids: list[int]
+    params: SamplingParams
+    cache: object
+    on_boundary: Callable[[int, object], None] | None = None
+    finish_reason: str | None = None
+    completion_ids: list[int] = field(default_factory=list)
+    cached_tokens: int = 0
+    first_token_time: float | None = None
+
+    def __post_init__(self):
+        if not self.prompt_ids:
+            raise ValueError("the prompt is empty; give at least one token of text")
+        if self.cache.seen_tokens >= len(self.prompt_ids):
+            raise ValueError("the cache already covers the whole prompt; at least one prompt token must be fed")
+        self.cached_tokens = self.cache.seen_tokens
+        self.stream = TextStream(self.engine.tokenizer, self.params.stop)
+        self.rng = self.params.generator()
+        self.seen = torch.zeros(self.engine.model.config.vocab_size, dtype=torch.bool)
+        self.seen[torch.tensor(self.prompt_ids)] = True
+        self.pending: int | None = None  # sampled, not yet fed
+        self.start_time = time.perf_counter()
+
+    @property
+    def done(self) -> bool:
+        """Whether a stop condition was reached."""
+        return self.finish_reason is not None
+
+    @property
+    def fed_ids(self) -> list[int]:
+        """Every token id the cache has read (prompt, then the completion tokens fed back)."""
+        return (self.prompt_ids + self.completion_ids)[: self.cache.seen_tokens]
+
+    def step(self) -> str:
+        """Do one prefill chunk or decode one token; return the new final text (possibly empty)."""
+        if self.done:
+            return ""
+        seen, n = self.cache.seen_tokens, len(self.prompt_ids)
+        if seen < n:
+            end = self.engine.chunk_ends(seen, n)[0]
+            logits = self.engine.forward(self.prompt_ids[seen:end], self.cache)
+            if end % self.engine.chunk_size == 0 and self.on_boundary is not None:
+                self.on_boundary(end, self.cache)
+            if end < n:
+                return ""
+        else:
+            logits = self.engine.forward([self.pending], self.cache)
+        return self._take(sample_token(logits, self.params, self.rng, self.seen))
+
+    def _take(self, token: int) -> str:
+        if self.first_token_time is None:
+            self.first_token_time = time.perf_counter()
+        if token in self.engine.eos_ids:
+            self.finish_reason = "stop"
+            return self.stream.flush()
+        self.completion_ids.append(token)
+        self.seen[token] = True
+        self.pending = token
+        piece = self.stream.push(token)
+        if self.stream.stopped:
+            self.finish_reason = "stop"
+        elif len(self.completion_ids) >= self.params.max_tokens:
+            self.finish_reason = "length"
+            piece += self.stream.flush()
+        return piece
+
+    def run(self) -> Iterator[str]:
+        """Step until done, yielding the text pieces."""
+        while not self.done:
+            piece = self.step()
+            if piece:
+                yield piece
+
+    @property
+    def text(self) -> str:
+        """The completion text emitted so far."""
+        return self.stream.text[: self.stream.emitted]
+
+    @property
+    def ttft(self) -> float | None:
+        """Seconds from the start of this generation to its first sampled token."""
+        return None if self.first_token_time is None else self.first_token_time - self.start_time
