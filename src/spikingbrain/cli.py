@@ -208,6 +208,12 @@ def build_parser() -> argparse.ArgumentParser:
     from .train import data as train_data
 
     train_data.register(data_sub)
+
+    from .convert import quantize
+    from .eval import spikes
+
+    spikes.register(sub)
+    quantize.register(sub)
     return parser
 
 

@@ -16,7 +16,7 @@ import time
 
 import torch
 
-__all__ = ["perplexity", "perplexity_of_text", "windows", "check_window", "register"]
+__all__ = ["perplexity", "perplexity_of_text", "text_token_ids", "windows", "check_window", "register"]
 
 #: Positions whose log-softmax is computed at once, in fp64 (bounds the temporary to SLICE x vocab).
 SLICE = 128
@@ -126,12 +126,17 @@ def perplexity_of_text(
     max_tokens: int | None = None,
 ) -> dict:
     """Perplexity of ``text`` tokenised as plain text (no added special tokens), optionally its first ``max_tokens``."""
+    return perplexity(model, text_token_ids(tokenizer, text, max_tokens), context, stride, batch_size, progress)
+
+
+def text_token_ids(tokenizer, text: str, max_tokens: int | None = None) -> torch.LongTensor:
+    """``text`` tokenised as plain text (no added special tokens) as a 1-D tensor, optionally its first ``max_tokens``."""
     ids = tokenizer(text, add_special_tokens=False, split_special_tokens=True, verbose=False)["input_ids"]
     if max_tokens is not None:
         if max_tokens < 2:
             raise ValueError(f"max_tokens must be >= 2, got {max_tokens}")
         ids = ids[:max_tokens]
-    return perplexity(model, torch.tensor(ids, dtype=torch.long), context, stride, batch_size, progress)
+    return torch.tensor(ids, dtype=torch.long)
 
 
 # ----------------------------------------------------------------------------- command line

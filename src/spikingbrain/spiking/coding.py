@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["SCHEMES", "encode", "decode", "time_steps", "firing_rate"]
+__all__ = ["SCHEMES", "encode", "decode", "time_steps", "steps_for_range", "firing_rate"]
 
 SCHEMES = ("binary", "ternary", "bitwise", "bidirectional", "twos_complement")
 
@@ -32,12 +32,17 @@ def _check(counts: torch.Tensor, scheme: str) -> torch.Tensor:
 def time_steps(counts: torch.Tensor, scheme: str) -> int:
     """Steps ``T`` the scheme needs for these counts."""
     counts = _check(counts, scheme)
-    largest = int(counts.abs().max()) if counts.numel() else 0
+    low, high = (int(counts.min()), int(counts.max())) if counts.numel() else (0, 0)
+    return steps_for_range(low, high, scheme)
+
+
+def steps_for_range(low: int, high: int, scheme: str) -> int:
+    """Steps ``T`` the scheme needs for counts between ``low`` and ``high``."""
+    largest = max(abs(low), abs(high))
     if scheme in ("binary", "ternary"):
         return largest
     if scheme in ("bitwise", "bidirectional"):
         return largest.bit_length()
-    low, high = (int(counts.min()), int(counts.max())) if counts.numel() else (0, 0)
     return max(high.bit_length(), (-low - 1).bit_length() if low < 0 else 0) + 1
 
 

@@ -21,7 +21,7 @@ from collections import defaultdict
 import torch
 
 from .apply import projection_name
-from .coding import time_steps
+from .coding import steps_for_range
 
 __all__ = [
     "CODINGS",
@@ -49,26 +49,41 @@ MEMORY_NOTE = (
 HISTOGRAM_BINS = 65
 
 
+_BYTE_BITS = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.uint8)
+
+
 def _set_bits(values: torch.Tensor) -> torch.Tensor:
-    """Number of set bits of each non-negative integer (int64)."""
+    """Number of set bits of each non-negative integer below 2^32 (int64)."""
     values = values.long()
-    total = torch.zeros_like(values)
-    while bool(values.any()):
-        total += values & 1
-        values = values >> 1
+    total = torch.zeros(values.shape, dtype=torch.long)
+    for shift in (0, 8, 16, 24):
+        total += _BYTE_BITS[(values >> shift) & 255]
     return total
 
 
-def spikes_per_coding(counts: torch.Tensor) -> dict[str, int]:
-    """Total spikes needed to send these signed counts, per coding in ``CODINGS``."""
+def spikes_per_coding(counts: torch.Tensor, weights: torch.Tensor | None = None) -> dict[str, int]:
+    """Total spikes needed to send these signed counts, per coding in ``CODINGS``; ``weights`` = how often each occurs."""
     counts = counts.long()
+    weights = torch.ones_like(counts) if weights is None else weights.long()
     magnitude = counts.abs()
-    width = time_steps(counts, "twos_complement")
+    low, high = (int(counts.min()), int(counts.max())) if counts.numel() else (0, 0)
+    width = steps_for_range(low, high, "twos_complement")
     return {
-        "ternary": int(magnitude.sum()),
-        "bidirectional": int(_set_bits(magnitude).sum()),
-        "twos_complement": int(_set_bits(counts & ((1 << width) - 1)).sum()) if width else 0,
+        "ternary": int((weights * magnitude).sum()),
+        "bidirectional": int((weights * _set_bits(magnitude)).sum()),
+        "twos_complement": int((weights * _set_bits(counts & ((1 << width) - 1))).sum()),
     }
+
+
+def _distinct_values(counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The distinct values of ``counts`` and how often each occurs (int64): one pass instead of one per statistic."""
+    flat = counts.reshape(-1).long()
+    low, high = int(flat.min()), int(flat.max())
+    if high - low > 1 << 16:
+        return torch.unique(flat, return_counts=True)
+    occurrences = torch.bincount(flat - low, minlength=high - low + 1)
+    present = occurrences > 0
+    return torch.arange(low, high + 1)[present], occurrences[present]
 
 
 class _Tally:
@@ -86,19 +101,21 @@ class _Tally:
         self.channels = self.silent = 0  # set for merges; single streams use ``fired``
 
     def add(self, counts: torch.Tensor) -> None:
-        counts = counts.reshape(-1, counts.shape[-1]).long()
-        magnitude = counts.abs()
+        counts = counts.reshape(-1, counts.shape[-1])
+        values, occurrences = _distinct_values(counts)
+        magnitude = values.abs()
         self.values += counts.numel()
-        self.zeros += int((counts == 0).sum())
-        self.abs_sum += int(magnitude.sum())
-        self.at_most_7 += int((magnitude <= 7).sum())
-        self.bitwise3_spikes += int(_set_bits(magnitude.clamp(max=7)).sum())
+        self.zeros += int(occurrences[values == 0].sum())
+        self.abs_sum += int((occurrences * magnitude).sum())
+        self.at_most_7 += int(occurrences[magnitude <= 7].sum())
+        self.bitwise3_spikes += int((occurrences * _set_bits(magnitude.clamp(max=7))).sum())
         self.macs += counts.numel() * self.out_features
-        for coding, spikes in spikes_per_coding(counts).items():
+        low, high = int(values[0]), int(values[-1])
+        for coding, spikes in spikes_per_coding(values, occurrences).items():
             self.spikes[coding] += spikes
             self.synaptic_ops[coding] += spikes * self.out_features
-            self.max_steps[coding] = max(self.max_steps[coding], time_steps(counts, coding))
-        self.histogram += torch.bincount(magnitude.clamp(max=HISTOGRAM_BINS - 1).reshape(-1), minlength=HISTOGRAM_BINS)
+            self.max_steps[coding] = max(self.max_steps[coding], steps_for_range(low, high, coding))
+        self.histogram.index_add_(0, magnitude.clamp(max=HISTOGRAM_BINS - 1), occurrences)
         self.fired |= (counts != 0).any(0)
 
     def merged(self, others: list["_Tally"]) -> "_Tally":

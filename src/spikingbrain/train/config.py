@@ -39,6 +39,7 @@ class StageConfig:
     kl_weight: float = 1.0
     ce_weight: float = 0.1
     temperature: float = 1.0
+    spiking_k: float | None = None  # spike-aware training: from this stage on the student spikes (straight-through)
 
 
 @dataclass
@@ -76,6 +77,8 @@ class TrainConfig:
                 raise ValueError(f"{where}.kind={stage.kind!r}; use one of {list(STAGE_KINDS)}")
             if stage.trainable not in TRAINABLE_SETS:
                 raise ValueError(f"{where}.trainable={stage.trainable!r}; use one of {list(TRAINABLE_SETS)}")
+            if stage.spiking_k is not None and not stage.spiking_k > 0:
+                raise ValueError(f"{where}.spiking_k must be > 0 (threshold = mean|x| / k; the report uses 3), got {stage.spiking_k}")
             for key in ("steps", "seq_len", "batch_size", "grad_accum"):
                 if getattr(stage, key) < 1:
                     raise ValueError(f"{where}.{key} must be >= 1, got {getattr(stage, key)}")

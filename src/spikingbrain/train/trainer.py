@@ -26,6 +26,7 @@ from ..model.hf_import import is_source_parameter
 from ..model.checkpoint import copy_tokenizer_files, written_folder
 from ..model.loading import load_model, load_tokenizer, resolve_folder
 from ..model.shipped import write_delta
+from ..spiking.apply import spikify
 from .config import StageConfig, TrainConfig
 from .data import PackedBatches, load_documents, pack, split_held_out, tokenize_documents
 from .report import plot_training_curve
@@ -342,6 +343,9 @@ class Trainer:
             if self.stage_step == 0:
                 self._calibrate(stage, bar)
             return
+        spiking_k = next((s.spiking_k for s in reversed(config.stages[: self.stage_index + 1]) if s.spiking_k), None)
+        if spiking_k is not None:  # this stage or an earlier one trains spiking (also after a resume)
+            spikify(self.student, k=spiking_k)
         trainable = self._trainable(stage)
         for p in self.student.parameters():
             p.requires_grad_(False)

@@ -1,0 +1,122 @@
+"""``spikingbrain quantize``: a W8ASpike model folder — INT8 group weights, spiking activations, or both.
+
+Weights of the projections become symmetric INT8 per group of ``--group-size`` input channels
+with clip ratios calibrated on ``--samples`` windows of the calibration text (seen through the
+spiking neurons when spiking is on); ``--spiking-k`` turns spiking on in the saved config. The
+folder loads with ``load_model`` like any other. The command reports the file sizes (the INT8
+file against the same tensors in fp32) and, with ``--eval-text``, the perplexity before and after.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from ..eval.perplexity import check_window, perplexity, text_token_ids
+from ..model.checkpoint import copy_tokenizer_files, refuse_non_empty, written_folder
+from ..spiking.apply import spikify
+from ..spiking.int8 import quantize_model_int8
+
+__all__ = ["calibration_batches", "w8aspike", "register"]
+
+
+def calibration_batches(token_ids: torch.LongTensor, samples: int, sample_tokens: int) -> list[torch.LongTensor]:
+    """Up to ``samples`` consecutive windows ``[1, sample_tokens]`` from the start of ``token_ids``."""
+    if samples < 1 or sample_tokens < 2:
+        raise ValueError(f"calibration needs samples >= 1 and sample tokens >= 2, got {samples} and {sample_tokens}")
+    windows = [token_ids[i : i + sample_tokens].view(1, -1) for i in range(0, token_ids.numel() - 1, sample_tokens)]
+    if not windows:
+        raise ValueError("the calibration text has no tokens; give a longer --calibration-text")
+    return windows[:samples]
+
+
+def _safetensors_bytes(folder: Path) -> int:
+    return sum(path.stat().st_size for path in folder.glob("*.safetensors"))
+
+
+def w8aspike(
+    model,
+    calibration: list[torch.LongTensor] | None,
+    group_size: int = 128,
+    spiking_k: float | None = None,
+    spike_query: bool = False,
+    int8_kv: bool = False,
+    int8_weights: bool = True,
+) -> dict:
+    """Make ``model`` a W8ASpike model in place; returns what was done (tensor bytes before and after)."""
+    fp32_bytes = sum(t.numel() * 4 for t in model.state_dict().values() if t.is_floating_point())
+    if spiking_k is not None:
+        spikify(model, k=spiking_k, spike_query=spike_query, int8_kv=int8_kv)
+    elif spike_query or int8_kv:
+        raise ValueError("--spike-query and --int8-kv belong to spiking; give --spiking-k too (the report uses 3)")
+    if int8_weights:
+        quantize_model_int8(model, group_size, calibration=calibration)
+    elif spiking_k is None:
+        raise ValueError("nothing to do: give --spiking-k, or leave INT8 weights on")
+    return {"fp32_tensor_bytes": fp32_bytes, "spiking": model.config.spiking, "weight_quantization": model.config.weight_quantization}
+
+
+def register(subparsers) -> None:
+    """Add ``quantize`` to the ``spikingbrain`` command."""
+    p = subparsers.add_parser("quantize", help="W8ASpike: INT8 group weights (calibrated) and/or spiking activations, saved as a model folder")
+    p.add_argument("--model", default="default", help="model folder or short name")
+    p.add_argument("--out", required=True, help="folder to write")
+    p.add_argument("--group-size", type=int, default=128, help="input channels per INT8 scale (W8ASpike: 128)")
+    p.add_argument("--calibration-text", default=None, help="UTF-8 text for clip calibration (default: plain round-to-nearest)")
+    p.add_argument("--samples", type=int, default=128, help="calibration windows (W8ASpike: 128)")
+    p.add_argument("--sample-tokens", type=int, default=256, help="tokens per calibration window")
+    p.add_argument("--spiking-k", type=float, default=None, help="turn spiking on with this k (saved in the config)")
+    p.add_argument("--spike-query", action="store_true", help="with spiking: also spike the sliding-window query")
+    p.add_argument("--int8-kv", action="store_true", help="with spiking: INT8 keys and values in softmax attention")
+    p.add_argument("--no-int8-weights", dest="int8_weights", action="store_false", help="keep float weights (spiking only)")
+    p.add_argument("--eval-text", default=None, help="report perplexity on this text before and after")
+    p.add_argument("--context", type=int, default=2048, help="perplexity window")
+    p.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens of --eval-text")
+    p.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=_cmd_quantize)
+
+
+def _cmd_quantize(args: argparse.Namespace) -> int:
+    """Handler of ``spikingbrain quantize``."""
+    from ..model.loading import load_model, load_tokenizer, resolve_folder
+    from ..train.data import read_text
+
+    check_window(args.context)
+    if not args.force:
+        refuse_non_empty(args.out)
+    calibration_text = read_text(args.calibration_text) if args.calibration_text else None
+    eval_text = read_text(args.eval_text) if args.eval_text else None
+    start = time.perf_counter()
+    tokenizer = load_tokenizer(args.model)
+    model = load_model(args.model)
+    eval_ids = text_token_ids(tokenizer, eval_text, args.max_tokens) if eval_text else None
+    result = {"model": str(args.model), "out": str(args.out)}
+    if eval_ids is not None:
+        result["ppl_before"] = perplexity(model, eval_ids, args.context, progress=True)["ppl"]
+    calibration = None
+    if calibration_text is not None and args.int8_weights:
+        calibration = calibration_batches(text_token_ids(tokenizer, calibration_text), args.samples, args.sample_tokens)
+        result["calibration"] = {"windows": len(calibration), "tokens": sum(c.numel() for c in calibration)}
+    print("quantizing" + (f" with {len(calibration)} calibration windows" if calibration else ""), file=sys.stderr)
+    result.update(w8aspike(model, calibration, args.group_size, args.spiking_k, args.spike_query, args.int8_kv, args.int8_weights))
+    if eval_ids is not None:
+        result["ppl_after"] = perplexity(model, eval_ids, args.context, progress=True)["ppl"]
+        result["ppl_ratio"] = result["ppl_after"] / result["ppl_before"]
+    with written_folder(args.out) as staging:
+        model.save_pretrained(staging)
+        copy_tokenizer_files(resolve_folder(args.model), staging)
+    result["file_bytes"] = _safetensors_bytes(Path(args.out))
+    result["size_ratio_fp32_over_file"] = result["fp32_tensor_bytes"] / result["file_bytes"]
+    result["seconds"] = round(time.perf_counter() - start, 1)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for key, value in result.items():
+            print(f"{key}: {value}")
+    return 0

@@ -1,0 +1,82 @@
+"""``spikingbrain spikes`` and ``spikingbrain quantize`` on a tiny converted model with the real tokenizer.
+
+References: the dense model's perplexity from ``eval ppl`` (spiking off must equal it), the spike
+events' decoded counts (recomputed here from the model's own projection inputs by hand), and the
+saved INT8 folder reloaded (its perplexity must equal what the command reported).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from reference_impl import spike_reference
+from spikingbrain.cli import main
+from spikingbrain.eval.perplexity import perplexity, text_token_ids
+from spikingbrain.model.loading import load_model, load_tokenizer
+from spikingbrain.spiking.events import read_events
+from spikingbrain.spiking.int8 import Int8Linear
+from train.test_trainer import pair  # noqa: F401  (tiny Llama teacher, its conversion, pydoc text)
+
+
+@pytest.fixture(scope="module")
+def text(pair, tmp_path_factory):  # noqa: F811
+    path = tmp_path_factory.mktemp("text") / "held_out.txt"
+    path.write_text("\n\n".join(p.read_text() for p in sorted(pair[2].iterdir())[:3]))
+    return path
+
+
+def test_spikes_report_sweep_plots_and_events(tmp_path, pair, text, capsys):  # noqa: F811
+    student = str(pair[1])
+    args = ["spikes", "--model", student, "--text", str(text), "--max-tokens", "160", "--context", "64",
+            "--sweep-k", "2,3", "--events", str(tmp_path / "ev.npz"), "--events-tokens", "8", "--out", str(tmp_path / "r"), "--json"]
+    assert main(args) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert main(["eval", "ppl", "--model", student, "--text", str(text), "--max-tokens", "160", "--context", "64", "--json"]) == 0
+    dense = json.loads(capsys.readouterr().out)
+    assert report["ppl"] == pytest.approx(dense["ppl"], rel=1e-9) and report["tokens"] == dense["tokens"]
+    assert report["ppl_spiking"] != report["ppl"] and math.isfinite(report["ppl_spiking"])
+    layers = load_model(student).config.num_hidden_layers
+    assert [entry["layer"] for entry in report["layers"]] == list(range(layers))
+    assert set(report["layers"][0]["projections"]) == {"attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.o_proj", "attn.gk_proj",
+                                                         "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"}
+    overall = report["overall"]
+    assert 0 < overall["sparsity_bitwise3"] < 1 and overall["counts"] > 0
+    assert report["energy"]["report_45nm"]["fp16_mac_pJ"] == pytest.approx(overall["dense_macs"] * 1.5)
+    assert [row["k"] for row in report["k_sweep"]] == [2.0, 3.0]
+    assert report["k_sweep"][1]["ppl_ratio"] == pytest.approx(report["ppl_ratio"])  # k = 3 is the main report
+    for name in ("spikes.json", "spikes-raster.png", "spikes-layers.png", "spikes-histogram.png", "spikes-k-sweep.png"):
+        assert (tmp_path / "r" / name).stat().st_size > 0
+
+    # events: the first layer's q_proj input, recomputed by hand from the embeddings and the norm
+    events = read_events(tmp_path / "ev.npz")
+    stream = list(events.streams["module"]).index("model.layers.0.attn.q_proj")
+    model = load_model(student)
+    ids = text_token_ids(load_tokenizer(student), text.read_text(), 8)
+    with torch.no_grad():
+        x = model.model.layers[0].attn_norm(model.model.embeddings(ids))
+    threshold = torch.clamp(x.double().abs().mean(-1) / 3, 1e-5, 1e4)
+    counts = torch.floor(x.double() / threshold[:, None] + 0.5).long()
+    assert torch.equal(events.counts(stream), counts)
+    assert np.allclose(events.threshold(stream), threshold.numpy(), rtol=1e-6)
+    assert torch.allclose(events.counts(stream) * threshold[:, None], spike_reference(x, 3))
+
+
+def test_quantize_writes_a_smaller_int8_spiking_folder(tmp_path, pair, text, capsys):  # noqa: F811
+    student, out = str(pair[1]), tmp_path / "w8a"
+    args = ["quantize", "--model", student, "--out", str(out), "--group-size", "16", "--calibration-text", str(text),
+            "--samples", "3", "--sample-tokens", "32", "--spiking-k", "3", "--eval-text", str(text), "--max-tokens", "128",
+            "--context", "64", "--json"]
+    assert main(args) == 0
+    result = json.loads(capsys.readouterr().out)
+    model = load_model(out)
+    assert isinstance(model.model.layers[0].mlp.down_proj, Int8Linear) and model.config.spiking["k"] == 3.0
+    ids = text_token_ids(load_tokenizer(out), text.read_text(), 128)
+    assert perplexity(model, ids, 64)["ppl"] == pytest.approx(result["ppl_after"], rel=1e-6)
+    assert result["calibration"]["windows"] == 3 and result["file_bytes"] < result["fp32_tensor_bytes"]
+    assert main(args) == 2  # the folder exists now: refused without --force
+    assert "--force" in capsys.readouterr().err
