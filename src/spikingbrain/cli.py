@@ -214,6 +214,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     spikes.register(sub)
     quantize.register(sub)
+
+    from .serve import cli as serve_cli
+
+    serve_cli.register(sub)
     return parser
 
 

@@ -202,6 +202,7 @@ class Generation:
     completion_ids: list[int] = field(default_factory=list)
     cached_tokens: int = 0
     first_token_time: float | None = None
+    eos_token: int | None = None
 
     def __post_init__(self):
         if not self.prompt_ids:
@@ -222,9 +223,9 @@ class Generation:
         return self.finish_reason is not None
 
     @property
-    def fed_ids(self) -> list[int]:
-        """Every token id the cache has read (prompt, then the completion tokens fed back)."""
-        return (self.prompt_ids + self.completion_ids)[: self.cache.seen_tokens]
+    def all_ids(self) -> list[int]:
+        """Prompt, completion and the end-of-sequence token if one was sampled (the cache has read all but the last)."""
+        return self.prompt_ids + self.completion_ids + ([] if self.eos_token is None else [self.eos_token])
 
     def step(self) -> str:
         """Do one prefill chunk or decode one token; return the new final text (possibly empty)."""
@@ -246,7 +247,7 @@ class Generation:
         if self.first_token_time is None:
             self.first_token_time = time.perf_counter()
         if token in self.engine.eos_ids:
-            self.finish_reason = "stop"
+            self.finish_reason, self.eos_token = "stop", token
             return self.stream.flush()
         self.completion_ids.append(token)
         self.seen[token] = True
