@@ -16,6 +16,7 @@ import torch.distributed as dist
 
 __all__ = [
     "DistributedError",
+    "describe_failure",
     "Traffic",
     "all_gather_counted",
     "backend_for",
@@ -83,7 +84,7 @@ def init_from_env(device: str | torch.device = "cpu", timeout_s: float = DEFAULT
     dist.init_process_group(backend_for(device), timeout=datetime.timedelta(seconds=timeout_s))
 
 
-def _describe(err: BaseException) -> str:
+def describe_failure(err: BaseException) -> str:
     """A one-line explanation of an exception met inside a collective."""
     text = f"{type(err).__name__}: {err}".strip()
     lowered = text.lower()
@@ -100,7 +101,7 @@ def _entry(rank: int, world: int, port: int, backend: str, timeout_s: float, wor
         value = worker(rank, world, *args)
         results.put((rank, "ok", value))
     except BaseException as err:  # report every failure, then exit non-zero
-        message = _describe(err)
+        message = describe_failure(err)
         print(f"rank {rank} of {world}: {message}\n{traceback.format_exc()}", file=sys.stderr, flush=True)
         results.put((rank, "error", message))
         results.close()
@@ -120,7 +121,7 @@ def launch(worker, nproc: int, args: tuple = (), backend: str = "gloo", timeout_
     """
     ctx = torch.multiprocessing.get_context("forkserver")
     # The fork server imports torch and the model code once; every later rank forks from it in well under a second.
-    ctx.set_forkserver_preload(["spikingbrain.model", worker.__module__])
+    ctx.set_forkserver_preload(["spikingbrain.distributed.prefill", "spikingbrain.distributed.training", worker.__module__])
     results = ctx.Queue()
     port = free_port()
     procs = [ctx.Process(target=_entry, args=(r, nproc, port, backend, timeout_s, worker, args, results), daemon=False) for r in range(nproc)]

@@ -32,7 +32,7 @@ from .data import PackedBatches, load_documents, pack, split_held_out, tokenize_
 from .report import plot_training_curve
 from .lora import LoRALinear, add_lora, lora_parameters, merge_lora
 
-__all__ = ["Trainer", "TrainingError", "distill_loss"]
+__all__ = ["Trainer", "TrainingError", "config_from_args", "distill_loss"]
 
 
 class TrainingError(ValueError):
@@ -70,6 +70,9 @@ def distill_loss(student, teacher, ids: torch.Tensor, kl_weight: float, ce_weigh
 
 class Trainer:
     """Runs a ``TrainConfig``; ``run()`` returns a summary dict and writes everything under ``config.out``."""
+
+    #: False on the ranks of a distributed run other than 0: they train but write no files.
+    writes_files = True
 
     def __init__(self, config: TrainConfig, resume: bool = False, progress: bool = True):
         config.validate()
@@ -119,8 +122,9 @@ class Trainer:
         held = tokenize_documents(held_docs, self.tokenizer, self.separator)
         flat = [t for doc in held for t in (*doc, self.separator)]
         self.held_out_ids = torch.tensor(flat[: self.config.eval_max_tokens], dtype=torch.long)
-        self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "held_out.txt").write_text("\n\n".join(d.text for d in held_docs))
+        if self.writes_files:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "held_out.txt").write_text("\n\n".join(d.text for d in held_docs))
 
     def _trainable(self, stage: StageConfig) -> dict[str, torch.nn.Parameter]:
         """The parameters a stage trains (by name)."""
@@ -172,6 +176,14 @@ class Trainer:
 
     def _distill_loss(self, ids: torch.Tensor, stage: StageConfig) -> tuple[torch.Tensor, dict]:
         return distill_loss(self.student, self.teacher, ids, stage.kl_weight, stage.ce_weight, stage.temperature)
+
+    def _step_loss(self, ids: torch.Tensor, stage: StageConfig, layers: list[int]) -> tuple[torch.Tensor, dict]:
+        """The loss of one micro-batch of a transfer or distill stage, and its parts for the log."""
+        return self._transfer_loss(ids, layers) if stage.kind == "transfer" else self._distill_loss(ids, stage)
+
+    def _local_rows(self, batch: torch.Tensor) -> torch.Tensor:
+        """The rows of a global batch this process trains on (all of them in a single-process run)."""
+        return batch
 
     # ----- checkpoints --------------------------------------------------------------------
 
@@ -277,8 +289,9 @@ class Trainer:
         state = self._load_checkpoint(self._resume_from) if self._resume_from else None
         self.teacher_ppl = perplexity(self.teacher, self.held_out_ids, config.eval_context)["ppl"]
         if state is None:
-            self.metrics_path.unlink(missing_ok=True)
-            (self.out / "train_config.json").write_text(json.dumps(config.to_dict(), indent=1))
+            if self.writes_files:
+                self.metrics_path.unlink(missing_ok=True)
+                (self.out / "train_config.json").write_text(json.dumps(config.to_dict(), indent=1))
             self._log({"step": 0, "stage": "converted", "tokens_seen": 0, "teacher_ppl": self.teacher_ppl, **self.evaluate()})
         else:
             self._truncate_metrics()
@@ -296,9 +309,10 @@ class Trainer:
         summary = {"steps": self.global_step, "tokens_seen": self.tokens_seen, "teacher_ppl": self.teacher_ppl, **final}
         self.export_delta(self.out / "delta.safetensors")
         self._save_final_model(self.out / "final")
-        summary["delta_bytes"] = (self.out / "delta.safetensors").stat().st_size
-        (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
-        plot_training_curve(self.out)
+        if self.writes_files:
+            summary["delta_bytes"] = (self.out / "delta.safetensors").stat().st_size
+            (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
+            plot_training_curve(self.out)
         return summary
 
     def export_delta(self, path: Path, lora_dtype: torch.dtype = torch.bfloat16) -> Path:
@@ -367,13 +381,14 @@ class Trainer:
             t0 = time.perf_counter()
             totals: dict[str, float] = {}
             for _ in range(stage.grad_accum):
-                ids = next(iterator).to(self.device)
+                batch = next(iterator)
+                ids = self._local_rows(batch).to(self.device)
                 with autocast:
-                    loss, parts = self._transfer_loss(ids, layers) if stage.kind == "transfer" else self._distill_loss(ids, stage)
+                    loss, parts = self._step_loss(ids, stage, layers)
                 (loss / stage.grad_accum).backward()
                 for key, value in {"loss": loss.item(), **parts}.items():
                     totals[key] = totals.get(key, 0.0) + value / stage.grad_accum
-                self.tokens_seen += ids.numel()
+                self.tokens_seen += batch.numel()
             grad_norm = torch.nn.utils.clip_grad_norm_(list(trainable.values()), stage.clip)
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
@@ -399,13 +414,18 @@ class Trainer:
                 self._save_checkpoint(optimizer, scheduler, batches)
 
 
-def _run(args) -> int:
+def config_from_args(args) -> TrainConfig:
+    """The ``TrainConfig`` of a ``spikingbrain train`` command line (file plus ``--set``/``--out`` overrides)."""
     from .config import load_train_config
 
     overrides = list(args.set)
     if args.out:
         overrides.append(f"out={args.out}")
-    config = load_train_config(args.config, overrides)
+    return load_train_config(args.config, overrides)
+
+
+def _run(args) -> int:
+    config = config_from_args(args)
     if args.plot:
         for path in plot_training_curve(config.out):
             print(f"wrote {path}")
