@@ -194,8 +194,10 @@ def build_parser() -> argparse.ArgumentParser:
     trainer.register(sub)
     shipped.register(sub)
     from .distributed import prefill as distributed_prefill
+    from .distributed import training as distributed_training
 
     distributed_prefill.register(sub)
+    distributed_training.extend_train_command(sub.choices["train"])
 
     evaluate = sub.add_parser("eval", help="evaluation: perplexity")
     eval_sub = evaluate.add_subparsers(dest="eval", required=True)
