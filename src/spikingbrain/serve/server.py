@@ -461,14 +461,13 @@ def create_app(engine: Engine, settings: ServerSettings | None = None):
                         break
                     else:
                         yield sse(render(ident, created, value, None, final=True))
-                        if params_usage:
+                        if render.include_usage:
                             yield sse(render(ident, created, value, None, usage_only=True))
                         break
                 yield "data: [DONE]\n\n"
             finally:
                 job.cancelled = True
 
-        params_usage = render.include_usage
         return StreamingResponse(events(), media_type="text/event-stream")
 
     def usage(generation: Generation) -> dict:
@@ -480,15 +479,19 @@ def create_app(engine: Engine, settings: ServerSettings | None = None):
             "prompt_tokens_details": {"cached_tokens": generation.cached_tokens},
         }
 
-    class ChatRender:
-        """Builds chat responses and chunks."""
+    class Render:
+        """Builds the response (or the stream's chunks) of one request."""
 
-        def __init__(self, include_usage: bool):
-            self.include_usage = include_usage
+        def __init__(self, req: CommonRequest):
+            self.streaming = bool(req.stream)
+            self.include_usage = bool(req.stream and req.stream_options and req.stream_options.include_usage)
+
+    class ChatRender(Render):
+        """Chat completions and their chunks."""
 
         def __call__(self, ident, created, generation, piece, first=False, final=False, usage_only=False):
             base = {"id": f"chatcmpl-{ident}", "created": created, "model": engine.name, "system_fingerprint": engine.fingerprint[:16]}
-            if piece is None and final and not self.streaming:
+            if final and not self.streaming:
                 choice = {"index": 0, "message": {"role": "assistant", "content": generation.text}, "finish_reason": generation.finish_reason, "logprobs": None}
                 return {**base, "object": "chat.completion", "choices": [choice], "usage": usage(generation)}
             if usage_only:
@@ -497,11 +500,8 @@ def create_app(engine: Engine, settings: ServerSettings | None = None):
             choice = {"index": 0, "delta": delta, "finish_reason": generation.finish_reason if final else None, "logprobs": None}
             return {**base, "object": "chat.completion.chunk", "choices": [choice]}
 
-    class CompletionRender:
-        """Builds text-completion responses and chunks."""
-
-        def __init__(self, include_usage: bool):
-            self.include_usage = include_usage
+    class CompletionRender(Render):
+        """Text completions and their chunks."""
 
         def __call__(self, ident, created, generation, piece, first=False, final=False, usage_only=False):
             base = {"id": f"cmpl-{ident}", "object": "text_completion", "created": created, "model": engine.name, "system_fingerprint": engine.fingerprint[:16]}
@@ -513,11 +513,6 @@ def create_app(engine: Engine, settings: ServerSettings | None = None):
             text = "" if first or final else piece
             choice = {"index": 0, "text": text, "finish_reason": generation.finish_reason if final else None, "logprobs": None}
             return {**base, "choices": [choice]}
-
-    def renderer(cls, req: CommonRequest):
-        render = cls(bool(req.stream and req.stream_options and req.stream_options.include_usage))
-        render.streaming = bool(req.stream)
-        return render
 
     @app.get("/health")
     async def health():
@@ -538,7 +533,7 @@ def create_app(engine: Engine, settings: ServerSettings | None = None):
         params = sampling(req, req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens)
         ids = engine.encode_chat([{"role": "system" if m.role == "developer" else m.role, "content": _message_text(m)} for m in req.messages])
         check_prompt(ids)
-        return await run_job(request, ids, params, bool(req.stream), renderer(ChatRender, req))
+        return await run_job(request, ids, params, bool(req.stream), ChatRender(req))
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -558,7 +553,7 @@ def create_app(engine: Engine, settings: ServerSettings | None = None):
         else:
             ids = engine.encode_text(prompt)
         check_prompt(ids)
-        return await run_job(request, ids, params, bool(req.stream), renderer(CompletionRender, req))
+        return await run_job(request, ids, params, bool(req.stream), CompletionRender(req))
 
     return app
 
