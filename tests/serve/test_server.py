@@ -226,3 +226,16 @@ def test_disconnect_mid_stream_and_time_limit(tiny_engine, live_server):
     slow = live_server(tiny_engine, ServerSettings(request_timeout_s=0.2))
     got, payload = raw(slow, "POST", "/v1/completions", {"model": "tiny", "prompt": "Go on", "max_tokens": 4000, "temperature": 0})
     assert (got, payload["error"]["code"]) == (408, "timeout")
+
+
+def test_failed_disk_write_keeps_the_memory_entry(tiny_engine, tmp_path):
+    from spikingbrain.serve.server import PrefixCache
+    from spikingbrain.serve.snapshot import take_snapshot
+
+    cache = tiny_engine.model.new_cache()
+    tiny_engine.prefill([5, 6, 7, 8], cache)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    store = PrefixCache(tiny_engine.fingerprint, "tiny", 2**30, blocker / "states")
+    store.put(take_snapshot(cache, "k", tiny_engine.fingerprint))
+    assert store.stats()["disk_errors"] == 1 and store.get("k") is not None

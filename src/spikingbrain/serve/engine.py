@@ -152,7 +152,7 @@ class Engine:
 
     def encode_text(self, text: str) -> list[int]:
         """Token ids of plain text (no special tokens added)."""
-        return self.tokenizer(text, add_special_tokens=False).input_ids
+        return self.tokenizer(text, add_special_tokens=False, verbose=False).input_ids  # no warning past 8k tokens
 
     def render_chat(self, messages: list[dict]) -> str:
         """The chat-template text of ``messages`` ending with the assistant's turn (plain lines without a template)."""

@@ -70,7 +70,7 @@ class PrefixCache:
         self.fingerprint, self.model_name, self.byte_budget = fingerprint, model_name, byte_budget
         self.folder = None if folder is None else Path(folder)
         self.entries: OrderedDict[str, Snapshot] = OrderedDict()
-        self.nbytes = self.hits = self.misses = 0
+        self.nbytes = self.hits = self.misses = self.disk_errors = 0
         self.lock = threading.Lock()
 
     def key(self, ids: list[int]) -> str:
@@ -117,10 +117,18 @@ class PrefixCache:
         return self.folder is not None and self._path(key).is_file()
 
     def put(self, snapshot: Snapshot) -> None:
-        """Store a snapshot in memory (evicting the least recently used) and, with a folder, on disk."""
+        """Store a snapshot in memory (evicting the least recently used) and, with a folder, on disk.
+
+        A failed disk write (full disk, no permission) is counted in ``disk_errors``, not raised:
+        the request that made the snapshot goes on.
+        """
         self._remember(snapshot.prefix_sha256, snapshot)
         if self.folder is not None:
-            save_snapshot(self._path(snapshot.prefix_sha256), snapshot, self.model_name)
+            try:
+                save_snapshot(self._path(snapshot.prefix_sha256), snapshot, self.model_name)
+            except OSError:
+                with self.lock:
+                    self.disk_errors += 1
 
     def _remember(self, key: str, snapshot: Snapshot) -> None:
         if snapshot.nbytes > self.byte_budget:
@@ -134,9 +142,16 @@ class PrefixCache:
                 self.nbytes -= self.entries.popitem(last=False)[1].nbytes
 
     def stats(self) -> dict:
-        """Entries, bytes, hits and misses."""
+        """Entries, bytes, hits, misses and failed disk writes."""
         with self.lock:
-            return {"entries": len(self.entries), "bytes": self.nbytes, "byte_budget": self.byte_budget, "hits": self.hits, "misses": self.misses}
+            return {
+                "entries": len(self.entries),
+                "bytes": self.nbytes,
+                "byte_budget": self.byte_budget,
+                "hits": self.hits,
+                "misses": self.misses,
+                "disk_errors": self.disk_errors,
+            }
 
 
 @dataclass
