@@ -64,8 +64,8 @@ def test_seeded_sampling_repeats():
 
 
 def test_sampling_problems_name_the_field():
-    fields = {name for name, _ in SamplingParams(temperature=-1, top_p=0, top_k=-2, repetition_penalty=0, max_tokens=0, stop=("",)).problems()}
-    assert fields == {"temperature", "top_p", "top_k", "repetition_penalty", "max_tokens", "stop"}
+    bad = SamplingParams(temperature=-1, top_p=0, top_k=-2, repetition_penalty=0, max_tokens=0, stop=("",), seed=2**64)
+    assert {name for name, _ in bad.problems()} == {"temperature", "top_p", "top_k", "repetition_penalty", "max_tokens", "stop", "seed"}
     assert SamplingParams().problems() == []
 
 

@@ -161,6 +161,7 @@ BAD = [
     ("empty messages", {"model": "tiny", "messages": []}, 400, "empty_messages"),
     ("negative temperature", {"model": "tiny", "messages": QUESTION, "temperature": -1}, 400, "invalid_value"),
     ("over the prompt limit", {"model": "tiny", "messages": [{"role": "user", "content": "word " * 300}]}, 400, "context_length_exceeded"),
+    ("seed too large", {"model": "tiny", "messages": QUESTION, "seed": 2**70}, 400, "invalid_value"),
     ("n above one", {"model": "tiny", "messages": QUESTION, "n": 3}, 400, "unsupported_value"),
 ]
 

@@ -45,6 +45,8 @@ class SamplingParams:
             found.append(("repetition_penalty", f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}"))
         if self.max_tokens < 1:
             found.append(("max_tokens", f"max_tokens must be >= 1, got {self.max_tokens}"))
+        if self.seed is not None and not -(2**63) <= self.seed < 2**64:
+            found.append(("seed", f"seed must be in [-2**63, 2**64), got {self.seed}"))
         if any(not s for s in self.stop):
             found.append(("stop", "stop strings must not be empty"))
         return found
