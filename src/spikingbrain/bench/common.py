@@ -119,6 +119,15 @@ def write_json(path: str | Path, data: object) -> Path:
     return path
 
 
+def print_result(result: dict, as_json: bool) -> None:
+    """Print a command's result as one JSON object, or as ``key: value`` lines."""
+    if as_json:
+        print(json.dumps(result))
+    else:
+        for key, value in result.items():
+            print(f"{key}: {value}")
+
+
 def progress(total: int, desc: str, disable: bool = False):
     """A tqdm progress bar on stderr."""
     from tqdm.auto import tqdm

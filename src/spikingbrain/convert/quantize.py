@@ -10,14 +10,15 @@ file against the same tensors in fp32) and, with ``--eval-text``, the perplexity
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
 import torch
 
+from ..bench.common import print_result
 from ..eval.perplexity import check_window, perplexity, text_token_ids
+from ..eval.spikes import add_w8aspike_options
 from ..model.checkpoint import copy_tokenizer_files, refuse_non_empty, written_folder
 from ..spiking.apply import spikify
 from ..spiking.int8 import quantize_model_int8
@@ -71,8 +72,7 @@ def register(subparsers) -> None:
     p.add_argument("--samples", type=int, default=128, help="calibration windows (W8ASpike: 128)")
     p.add_argument("--sample-tokens", type=int, default=256, help="tokens per calibration window")
     p.add_argument("--spiking-k", type=float, default=None, help="turn spiking on with this k (saved in the config)")
-    p.add_argument("--spike-query", action="store_true", help="with spiking: also spike the sliding-window query")
-    p.add_argument("--int8-kv", action="store_true", help="with spiking: INT8 keys and values in softmax attention")
+    add_w8aspike_options(p)
     p.add_argument("--no-int8-weights", dest="int8_weights", action="store_false", help="keep float weights (spiking only)")
     p.add_argument("--eval-text", default=None, help="report perplexity on this text before and after")
     p.add_argument("--context", type=int, default=2048, help="perplexity window")
@@ -114,9 +114,5 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     result["file_bytes"] = _safetensors_bytes(Path(args.out))
     result["size_ratio_fp32_over_file"] = result["fp32_tensor_bytes"] / result["file_bytes"]
     result["seconds"] = round(time.perf_counter() - start, 1)
-    if args.json:
-        print(json.dumps(result))
-    else:
-        for key, value in result.items():
-            print(f"{key}: {value}")
+    print_result(result, args.json)
     return 0

@@ -9,12 +9,13 @@ scores only the tokens after the previous window's end, so every token is scored
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
 
 import torch
+
+from ..bench.common import print_result
 
 __all__ = ["perplexity", "perplexity_of_text", "text_token_ids", "windows", "check_window", "register"]
 
@@ -176,9 +177,5 @@ def _cmd_ppl(args: argparse.Namespace) -> int:
         model=str(args.model), file=str(args.text), seconds=round(time.perf_counter() - loaded, 3),
         load_seconds=round(loaded - start, 3), threads=torch.get_num_threads(),
     )
-    if args.json:
-        print(json.dumps(result))
-    else:
-        for key, value in result.items():
-            print(f"{key}: {value}")
+    print_result(result, args.json)
     return 0

@@ -23,7 +23,7 @@ from ..spiking.events import SpikeEventRecorder, write_events
 from ..spiking.stats import HISTOGRAM_BINS, SpikeStatistics
 from .perplexity import check_window, perplexity, text_token_ids
 
-__all__ = ["SWEEP_K", "RasterCapture", "spiking_report", "sweep_k", "export_events", "plot_report", "register"]
+__all__ = ["SWEEP_K", "RasterCapture", "spiking_report", "sweep_k", "export_events", "plot_report", "add_w8aspike_options", "register"]
 
 #: The report's Table 11 values of k.
 SWEEP_K = (2.0, 2.5, 3.0, 3.5, 4.0)
@@ -218,6 +218,12 @@ def _float_list(text: str) -> list[float]:
     return values
 
 
+def add_w8aspike_options(parser: argparse.ArgumentParser) -> None:
+    """``--spike-query`` and ``--int8-kv``: W8ASpike's spiking options beyond the projections."""
+    parser.add_argument("--spike-query", action="store_true", help="also spike the sliding-window query (W8ASpike)")
+    parser.add_argument("--int8-kv", action="store_true", help="INT8 keys and values in softmax attention (W8ASpike)")
+
+
 def register(subparsers) -> None:
     """Add ``spikes`` to the ``spikingbrain`` command."""
     p = subparsers.add_parser("spikes", help="spiking report: perplexity with/without spiking, sparsity, energy, plots, events")
@@ -226,8 +232,7 @@ def register(subparsers) -> None:
     p.add_argument("--k", type=float, default=3.0, help="firing-rate parameter: threshold = mean|x| / k (default 3)")
     p.add_argument("--context", type=int, default=2048, help="window length in tokens")
     p.add_argument("--max-tokens", type=int, default=None, help="read only the first N tokens of the text")
-    p.add_argument("--spike-query", action="store_true", help="also spike the sliding-window query (W8ASpike)")
-    p.add_argument("--int8-kv", action="store_true", help="INT8 keys and values in softmax attention (W8ASpike)")
+    add_w8aspike_options(p)
     p.add_argument("--sweep-k", type=_float_list, nargs="?", const=list(SWEEP_K), default=None, metavar="K,K,...",
                    help="also run a sweep over k (default list: 2,2.5,3,3.5,4)")
     p.add_argument("--events", default=None, metavar="FILE.npz", help="write the spike events of one forward pass")
