@@ -97,44 +97,6 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_demo(args: argparse.Namespace) -> int:
-    import copy
-
-    import torch
-
-    from .model import alternating_layers
-    from .model.info import kv_cache_bytes, state_bytes
-    from .model.loading import load_model, load_tokenizer
-
-    print("spikingbrain demo: the embedded SmolLM2-135M-Instruct through SpikingBrain's model code", file=sys.stderr)
-    tokenizer = load_tokenizer("default")
-    start = time.perf_counter()
-    model = load_model("default")
-    layers = model.config.num_hidden_layers
-    print(f"loaded in {time.perf_counter() - start:.1f} s ({layers} layers, all full attention, as imported)", file=sys.stderr)
-    prompt = "What is the capital of France?"
-    ids = tokenizer.apply_chat_template(
-        [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
-    )["input_ids"]
-    with torch.inference_mode():
-        start = time.perf_counter()
-        out = model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=False)
-        seconds = time.perf_counter() - start
-    new = out.shape[1] - ids.shape[1]
-    print(f"prompt: {prompt}")
-    print(f"answer: {tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()}")
-    print(f"{new} tokens in {seconds:.2f} s ({new / seconds:.1f} tokens/s, prefill included)")
-    hybrid = copy.deepcopy(model.config)
-    hybrid.layer_mixers, hybrid.sliding_window = alternating_layers(layers), 2048
-    length = 131072
-    print(
-        f"memory per sequence at {length} tokens: KV cache of this model {kv_cache_bytes(model.config, length) / 2**20:.0f} MiB; "
-        f"the same shapes in the SpikingBrain-7B layout (GLA / 2048-token window, alternating) "
-        f"{state_bytes(hybrid, length) / 2**20:.1f} MiB"
-    )
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``spikingbrain`` command."""
     parser = argparse.ArgumentParser(prog="spikingbrain", description=__doc__)
@@ -169,9 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true")
     info.set_defaults(func=_cmd_info)
 
-    demo = sub.add_parser("demo", help="the main job on the embedded default model")
-    demo.add_argument("--max-new-tokens", type=int, default=32)
-    demo.set_defaults(func=_cmd_demo)
+    from .bench import demo
+
+    demo.register(sub)
 
     bench = sub.add_parser("bench", help="benchmarks (print ratios measured side by side, write JSON and PNG)")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
@@ -204,6 +166,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .eval import perplexity
 
     perplexity.register(eval_sub)
+    from .eval import harness, passkey
+
+    passkey.register(eval_sub)
+    harness.register(eval_sub)
 
     data = sub.add_parser("data", help="training data: sample text from a teacher, split off held-out text")
     data_sub = data.add_subparsers(dest="data", required=True)

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 from .kernels import _fmt_len, _int_list
-from .ttft import Candidate, add_pair_arguments, candidates_from_args, check_lengths, print_result
+from .ttft import Candidate, add_pair_arguments, candidates_from_args, check_lengths, print_benchmark
 
 __all__ = ["register", "run", "context_cache", "cache_nbytes", "analytic_cache_bytes", "DEFAULT_CONTEXTS"]
 
@@ -115,7 +115,7 @@ def _cmd_decode(args: argparse.Namespace) -> int:
     candidates, notes = candidates_from_args(args)
     result = run(candidates, args.contexts or list(DEFAULT_CONTEXTS), Path(args.out), tokens=args.tokens, repeats=args.repeats,
                  max_kv_gib=args.max_kv_gib, seed=args.seed, plot_png=not args.no_plot, notes=notes)
-    return print_result(format_report(result), result)
+    return print_benchmark(format_report(result), result)
 
 
 def run(

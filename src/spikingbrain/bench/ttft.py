@@ -42,6 +42,7 @@ __all__ = [
     "run",
     "Candidate",
     "load_candidates",
+    "make_candidates",
     "load_baseline",
     "first_token",
     "fit_cost",
@@ -50,7 +51,7 @@ __all__ = [
     "check_lengths",
     "add_pair_arguments",
     "candidates_from_args",
-    "print_result",
+    "print_benchmark",
     "DEFAULT_LENGTHS",
 ]
 
@@ -94,31 +95,27 @@ def load_baseline(ref: str):
     return model.eval()
 
 
+def make_candidates(ours, ours_ref: str, baseline=None, baseline_ref: str | None = None) -> list[Candidate]:
+    """Candidates of loaded models: ours (linear cost, its max_sequence_length) and a transformers baseline (quadratic)."""
+    candidates = [Candidate("ours", f"SpikingBrain {ours_ref}", ours, 1, max_length=ours.config.max_sequence_length)]
+    if baseline is not None:
+        trained = getattr(baseline.config, "max_position_embeddings", None)
+        candidates.append(Candidate("baseline", f"transformers SDPA {baseline_ref}", baseline, 2, trained_length=trained))
+    return candidates
+
+
 def load_candidates(ours_ref: str, baseline_ref: str | None) -> tuple[list[Candidate], list[str]]:
     """Our model and the baseline (skipped with a message when it cannot load or is ``none``); the messages."""
     from ..model.loading import load_model
 
     ours = load_model(ours_ref)
-    candidates = [
-        Candidate(
-            "ours", f"SpikingBrain {ours_ref}", ours, 1, max_length=ours.config.max_sequence_length,
-            trained_length=None,
-        )
-    ]
-    notes = []
+    baseline, notes = None, []
     if baseline_ref and baseline_ref != "none":
         try:
             baseline = load_baseline(baseline_ref)
         except (ValueError, OSError) as err:
             notes.append(f"baseline skipped: {err}")
-        else:
-            candidates.append(
-                Candidate(
-                    "baseline", f"transformers SDPA {baseline_ref}", baseline, 2, max_length=None,
-                    trained_length=getattr(baseline.config, "max_position_embeddings", None),
-                )
-            )
-    return candidates, notes
+    return make_candidates(ours, ours_ref, baseline, baseline_ref), notes
 
 
 def first_token(model, ids) -> int:
@@ -253,7 +250,7 @@ def candidates_from_args(args: argparse.Namespace) -> tuple[list[Candidate], lis
     return candidates, notes
 
 
-def print_result(report: str, result: dict) -> int:
+def print_benchmark(report: str, result: dict) -> int:
     """Print a benchmark's table and files; exit status 1 when no model has any measured row."""
     print(report)
     print(f"wrote {result['files']['json']}" + (f" and {result['files']['png']}" if result["files"].get("png") else ""))
@@ -268,7 +265,7 @@ def _cmd_ttft(args: argparse.Namespace) -> int:
         candidates, lengths, Path(args.out), cap=args.cap, repeats=args.repeats, max_seconds=args.max_seconds,
         extrapolate=args.extrapolate, seed=args.seed, plot_png=not args.no_plot, notes=notes,
     )
-    return print_result(format_report(result), result)
+    return print_benchmark(format_report(result), result)
 
 
 def check_lengths(candidate: Candidate, lengths: list[int]) -> list[str]:
@@ -289,9 +286,13 @@ def check_lengths(candidate: Candidate, lengths: list[int]) -> list[str]:
 
 
 def _predicted(candidate: Candidate, length: int) -> float | None:
-    """One run's time at ``length`` scaled from the longest measured row (linear or quadratic)."""
+    """One run's time at ``length``: the cost fit once enough lengths are measured, else the longest row scaled
+    linearly (ours) or quadratically (baseline)."""
     if not candidate.rows:
         return None
+    if len(candidate.rows) > candidate.degree + 1:
+        fit = fit_cost([r["length"] for r in candidate.rows], [r["median_s"] for r in candidate.rows], candidate.degree)
+        return predict(fit["coefficients"], length)
     last = candidate.rows[-1]
     return last["median_s"] * (length / last["length"]) ** candidate.degree
 
@@ -308,8 +309,12 @@ def run(
     plot_png: bool = True,
     notes: list[str] = (),
     bar_desc: str = "bench ttft",
+    deadline: float | None = None,
 ) -> dict:
-    """Time every candidate at its lengths (alternating, medians), fit, extrapolate, write JSON (and PNG)."""
+    """Time every candidate at its lengths (alternating, medians), fit, extrapolate, write JSON (and PNG).
+
+    With ``deadline`` (a ``time.time()`` value) a length whose predicted runs would end after it is skipped.
+    """
     import torch
 
     from .common import load_average, machine_info, progress
@@ -368,9 +373,11 @@ def run(
                 if length not in plan[c.name]:
                     continue
                 guess = _predicted(c, length)
-                reason = stopped.get(c.name) or (
-                    f"predicted {guess:.0f} s > cap {cap:g} s" if guess is not None and guess > cap else None
-                )
+                reason = stopped.get(c.name)
+                if not reason and guess is not None and guess > cap:
+                    reason = f"predicted {guess:.0f} s > cap {cap:g} s"
+                if not reason and guess is not None and deadline is not None and time.time() + guess > deadline:
+                    reason = f"predicted {guess:.0f} s would pass the time budget"
                 if reason:
                     skipped.append({"candidate": c.name, "length": length, "reason": reason})
                     stopped.setdefault(c.name, reason)
@@ -488,7 +495,10 @@ def plot(result: dict, path: Path) -> Path:
     ax2.axhline(1, color="black", lw=0.8)
     ax2.set_ylabel("baseline TTFT / ours")
     ax2.set_title("speed-up of ours")
-    return save_loglog(fig, (ax1, ax2), path, "prompt length (tokens)", machine_title(result, "time to first token"))
+    if not result["ratios"]:
+        ax2.set_axis_off()  # no baseline measured: no ratio to show
+    axes = (ax1, ax2) if result["ratios"] else (ax1,)
+    return save_loglog(fig, axes, path, "prompt length (tokens)", machine_title(result, "time to first token"))
 
 
 def format_report(result: dict) -> str:

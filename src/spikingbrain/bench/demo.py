@@ -1,0 +1,332 @@
+"""``spikingbrain demo`` (``make demo``): the main job on the embedded default, offline, in about ten minutes on 2 cores.
+
+It loads the teacher (SmolLM2-135M-Instruct, run by Hugging Face transformers with SDPA)
+and our model (the shipped conversion ``spikingbrain-smollm2``), then measures, with
+progress shown:
+
+1. quality: held-out perplexity of both (the held-out split of Python's ``pydoc_data``
+   topics, seed 0, 10 %, its first 8192 tokens in 2048-token windows: the measurement of
+   docs/spikingbrain-smollm2-curve.json) and pass-key retrieval at a few lengths;
+2. a few sample generations (greedy, chat template);
+3. decode latency per token and cache bytes per sequence at a few contexts
+   (:mod:`spikingbrain.bench.decode`);
+4. spiking sparsity and energy (:func:`spiking_section`);
+5. time to first token against prompt length (:mod:`spikingbrain.bench.ttft`): ours to 64k,
+   the teacher as far as the time budget allows, the ratio extrapolated beyond.
+
+It writes ``report.md``, ``demo.json`` and the PNGs to ``--out`` and prints a summary
+table. A step that fails is reported and the others still run; an interrupted run
+(Ctrl-C) writes what it has, marked partial. ``--long`` runs longer lengths.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from .kernels import _fmt_len, _int_list
+
+__all__ = ["register", "run_demo", "held_out_ids", "spiking_section", "summary_rows", "SAMPLE_PROMPTS"]
+
+SAMPLE_PROMPTS = (
+    "What is the capital of France?",
+    "Write one sentence about the sea.",
+    "What is a Python list? Answer in one sentence.",
+)
+QUICK = {"ttft": [1024, 4096, 16384, 65536], "baseline_ttft": [1024, 2048, 4096, 8192, 16384],
+         "passkey": [1024, 4096], "decode": [1024, 16384, 65536]}
+LONG = {"ttft": [512 * 2**i for i in range(10)], "baseline_ttft": [512 * 2**i for i in range(7)],
+        "passkey": [2048, 8192, 32768], "decode": [1024, 4096, 16384, 65536, 262144]}
+
+
+def held_out_ids(tokenizer, max_tokens: int = 8192, seed: int = 0, fraction: float = 0.1):
+    """The first ``max_tokens`` of the held-out pydoc documents joined by EOS (as conversion training measures them)."""
+    import torch
+
+    from ..train.data import load_documents, separator_for, split_held_out, tokenize_documents
+
+    _, held = split_held_out(load_documents(["pydoc"]), fraction, seed)
+    separator = separator_for(tokenizer)
+    flat = [t for doc in tokenize_documents(held, tokenizer, separator) for t in (*doc, separator)]
+    return torch.tensor(flat[:max_tokens], dtype=torch.long)
+
+
+def spiking_section(ours, teacher, tokenizer, report_dir: Path) -> dict | None:
+    """Spiking sparsity and energy of ``ours`` for the report: where ``spikingbrain spikes`` (issue 5) is wired in.
+
+    Returns ``{"markdown": str, "summary": [(metric, teacher, ours, ratio), ...], "json": dict}``
+    once spiking statistics are measured here; returns None until then, and the report says
+    that this demo does not measure spiking yet.
+    """
+    return None
+
+
+def _chat_ids(tokenizer, prompt: str) -> list[int]:
+    if tokenizer.chat_template:
+        return list(tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                                  return_dict=True)["input_ids"])
+    return tokenizer(prompt, add_special_tokens=False)["input_ids"]
+
+
+def _samples(models: dict, tokenizer, new_tokens: int) -> list[dict]:
+    """Greedy answers of every model to :data:`SAMPLE_PROMPTS`, with their speed."""
+    from ..eval.passkey import greedy_tokens
+
+    rows = []
+    for prompt in SAMPLE_PROMPTS:
+        ids = _chat_ids(tokenizer, prompt)
+        row = {"prompt": prompt}
+        for name, model in models.items():
+            start = time.perf_counter()
+            tokens = greedy_tokens(model, ids, new_tokens)
+            if tokenizer.eos_token_id in tokens:
+                tokens = tokens[: tokens.index(tokenizer.eos_token_id)]
+            row[name] = {"text": tokenizer.decode(tokens, skip_special_tokens=True).strip(), "seconds": time.perf_counter() - start}
+        rows.append(row)
+    return rows
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    """Add the ``demo`` command."""
+    p = subparsers.add_parser("demo", help="the main job: quality, long-context speed and memory of ours against the teacher",
+                              description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="spikingbrain-smollm2", help="our model (folder or short name)")
+    p.add_argument("--teacher", default="default", help="the Transformer it is compared with, run by transformers (SDPA)")
+    p.add_argument("--out", default="runs/demo", help="report folder (report.md, demo.json, PNGs)")
+    p.add_argument("--budget", type=float, default=540.0, help="seconds the whole demo may take; TTFT lengths that would pass it are skipped")
+    p.add_argument("--long", action="store_true", help="longer runs: TTFT to 256k (ours) and 32k (teacher), passkey to 32k, decode to 256k")
+    p.add_argument("--ttft-lengths", type=_int_list, default=None, help="TTFT lengths for ours (default 1k,4k,16k,64k)")
+    p.add_argument("--baseline-lengths", type=_int_list, default=None, help="TTFT lengths for the teacher (default 1k..16k)")
+    p.add_argument("--passkey-lengths", type=_int_list, default=None, help="pass-key prompt lengths (default 1k,4k)")
+    p.add_argument("--decode-contexts", type=_int_list, default=None, help="decode contexts (default 1k,16k,64k)")
+    p.add_argument("--ppl-tokens", type=int, default=8192, help="held-out tokens scored for perplexity")
+    p.add_argument("--ppl-context", type=int, default=2048, help="perplexity window")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens per sample generation")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.set_defaults(func=_cmd_demo)
+    return p
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    """Handler of ``spikingbrain demo``."""
+    preset = LONG if args.long else QUICK
+    settings = {
+        "ttft": args.ttft_lengths or preset["ttft"],
+        "baseline_ttft": args.baseline_lengths or preset["baseline_ttft"],
+        "passkey": args.passkey_lengths or preset["passkey"],
+        "decode": args.decode_contexts or preset["decode"],
+        "ppl_tokens": args.ppl_tokens, "ppl_context": args.ppl_context, "max_new_tokens": args.max_new_tokens,
+        "budget_s": args.budget, "long": bool(args.long),
+    }
+    result = run_demo(args.model, args.teacher, Path(args.out), settings, args.threads)
+    print()
+    print(format_summary(result))
+    print(f"\nreport: {result['files']['markdown']}" + (" (partial)" if result["partial"] else ""))
+    return 0 if not result["partial"] else 1
+
+
+def _step(result: dict, name: str, title: str, fn) -> object:
+    """Run one demo step with a header on stderr; a failure is recorded (the demo goes on)."""
+    index = len(result["steps"]) + 1
+    print(f"[{index}] {title}", file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    entry = {"name": name, "title": title}
+    result["steps"].append(entry)
+    try:
+        value = fn()
+        entry["status"] = "done"
+        return value
+    except (RuntimeError, ValueError, OSError, MemoryError) as err:
+        entry["status"] = "failed"
+        entry["error"] = f"{type(err).__name__}: {err}"
+        result["partial"] = True
+        print(f"    failed: {entry['error']}", file=sys.stderr)
+        traceback.print_exc(limit=3, file=sys.stderr)
+        return None
+    finally:
+        entry["seconds"] = round(time.perf_counter() - start, 2)
+        print(f"    {entry.get('status', 'interrupted')} in {entry['seconds']:.1f} s", file=sys.stderr, flush=True)
+
+
+def run_demo(model_ref: str, teacher_ref: str, out: Path, settings: dict, threads: int | None = None) -> dict:
+    """Run the demo steps (see the module docstring), write the report folder and return the collected result."""
+    import torch
+
+    from ..eval.passkey import plot_heatmap, run_passkey
+    from ..eval.perplexity import perplexity
+    from ..model.loading import load_model, load_tokenizer
+    from . import decode, ttft
+    from .common import load_average, machine_info, set_threads, write_json
+
+    started = time.time()
+    deadline = started + settings["budget_s"]
+    set_threads(threads)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    result = {"demo": "spikingbrain", "model": str(model_ref), "teacher": str(teacher_ref), "settings": settings,
+              "machine": machine_info(), "load_average": {"start": load_average()}, "steps": [], "partial": False,
+              "files": {"markdown": str(out / "report.md"), "json": str(out / "demo.json")}}
+    try:
+        tokenizer = load_tokenizer(model_ref)
+        ours = _step(result, "load_ours", f"loading our model {model_ref}", lambda: load_model(model_ref))
+        teacher = _step(result, "load_teacher", f"loading the teacher {teacher_ref} with transformers (SDPA)",
+                        lambda: ttft.load_baseline(teacher_ref))
+        models = {name: m for name, m in (("teacher", teacher), ("ours", ours)) if m is not None}
+        if "ours" not in models:
+            raise ValueError(f"our model {model_ref!r} could not be loaded: {result['steps'][0].get('error')}")
+
+        def quality():
+            ids = held_out_ids(tokenizer, settings["ppl_tokens"])
+            return {name: perplexity(m, ids, min(settings["ppl_context"], len(ids)), progress=True) for name, m in models.items()}
+
+        result["perplexity"] = _step(result, "perplexity", f"held-out perplexity ({settings['ppl_tokens']} pydoc tokens)", quality)
+
+        def passkey():
+            found = run_passkey(models, tokenizer, settings["passkey"], [0.5], trials=2)
+            found["files"] = {"png": str(plot_heatmap(found, out / "passkey.png"))}
+            return found
+
+        result["passkey"] = _step(result, "passkey", f"pass-key retrieval at {', '.join(map(_fmt_len, settings['passkey']))} tokens", passkey)
+        result["samples"] = _step(result, "samples", "sample generations", lambda: _samples(models, tokenizer, settings["max_new_tokens"]))
+        pair = ttft.make_candidates(ours, model_ref, teacher, teacher_ref)
+        result["decode"] = _step(result, "decode", f"decode latency and memory at {', '.join(map(_fmt_len, settings['decode']))}",
+                                 lambda: decode.run(pair, settings["decode"], out / "decode", tokens=8, repeats=2, bar_desc="decode"))
+        for c in pair:
+            c.rows = []
+        result["spiking"] = _step(result, "spiking", "spiking sparsity and energy",
+                                  lambda: spiking_section(ours, teacher, tokenizer, out))
+        lengths = {"ours": settings["ttft"], "baseline": settings["baseline_ttft"]}
+        result["ttft"] = _step(result, "ttft", "time to first token (the teacher as far as the time budget allows)",
+                               lambda: ttft.run(pair, lengths, out / "ttft", cap=settings["budget_s"], repeats=1,
+                                                extrapolate=[65536, 131072, 1048576], bar_desc="ttft",
+                                                deadline=deadline - 20))
+    except KeyboardInterrupt:
+        result["partial"] = True
+        result["interrupted"] = True
+        print("interrupted: writing the report of the steps done so far", file=sys.stderr)
+    result["load_average"]["end"] = load_average()
+    result["wall_seconds"] = round(time.time() - started, 1)
+    result["torch_threads"] = torch.get_num_threads()
+    write_markdown(result, out / "report.md")
+    write_json(out / "demo.json", result)
+    return result
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def _by_length(rows: list[dict]) -> dict[int, dict]:
+    return {r["length"]: r for r in rows}
+
+
+def summary_rows(result: dict) -> list[tuple[str, str, str, str]]:
+    """``(metric, teacher, ours, teacher/ours or ours/teacher)`` rows of the summary table, from what was measured."""
+    rows = []
+    ppl = result.get("perplexity") or {}
+    if "ours" in ppl and "teacher" in ppl:
+        rows.append(("held-out perplexity (lower is better)", f"{ppl['teacher']['ppl']:.2f}", f"{ppl['ours']['ppl']:.2f}",
+                     f"ours/teacher {ppl['ours']['ppl'] / ppl['teacher']['ppl']:.2f}"))
+    passkey = result.get("passkey") or {}
+    for n in passkey.get("lengths", []):
+        acc = {name: m["accuracy_by_length"][str(n)] for name, m in passkey["models"].items()}
+        rows.append((f"pass-key accuracy at {_fmt_len(n)}", f"{acc.get('teacher', float('nan')):.0%}", f"{acc.get('ours', float('nan')):.0%}", ""))
+    ttft = result.get("ttft") or {}
+    ratios = _by_length(ttft.get("ratios", []))
+    for n in sorted(ratios):
+        if n >= 4096:
+            r = ratios[n]
+            mark = " (extrapolated)" if r["extrapolated"] else ""
+            rows.append((f"time to first token at {_fmt_len(n)} (s)", f"{r['baseline_s']:.1f}{mark}", f"{r['ours_s']:.1f}",
+                         f"teacher/ours {r['ratio']:.1f}x{mark}"))
+    dec = result.get("decode") or {}
+    cands = dec.get("candidates", {})
+    if "ours" in cands:
+        ours_rows, base_rows = _by_length(cands["ours"]["rows"]), _by_length(cands.get("baseline", {}).get("rows", []))
+        for n in sorted(ours_rows):
+            b = base_rows.get(n)
+            rows.append((f"decode ms/token at {_fmt_len(n)}", f"{1000 * b['median_step_s']:.1f}" if b else "-",
+                         f"{1000 * ours_rows[n]['median_step_s']:.1f}",
+                         f"teacher/ours {b['median_step_s'] / ours_rows[n]['median_step_s']:.1f}x" if b else ""))
+        n = max(ours_rows)
+        b = base_rows.get(n)
+        rows.append((f"cache per sequence at {_fmt_len(n)} (MiB)",
+                     f"{(b['cache_bytes_measured'] if b else _teacher_kv(result, n)) / 2**20:.1f}",
+                     f"{ours_rows[n]['cache_bytes_measured'] / 2**20:.1f}",
+                     f"teacher/ours {(b['cache_bytes_measured'] if b else _teacher_kv(result, n)) / ours_rows[n]['cache_bytes_measured']:.0f}x"))
+    for row in ((result.get("spiking") or {}).get("summary") or []):
+        rows.append(tuple(row))
+    return rows
+
+
+def _teacher_kv(result: dict, length: int) -> int:
+    """The teacher's analytic KV bytes at ``length`` (for contexts its decode run skipped)."""
+    rows = (result.get("decode") or {}).get("candidates", {}).get("baseline", {}).get("rows", [])
+    if not rows:
+        return 0
+    r = rows[0]
+    return r["cache_bytes_analytic"] * length // r["length"]
+
+
+def format_summary(result: dict) -> str:
+    """The summary table printed at the end of the demo."""
+    rows = [("metric", "teacher", "ours", "ratio"), *summary_rows(result)]
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    failed = [s for s in result["steps"] if s.get("status") != "done"]
+    for s in failed:
+        lines.append(f"step '{s['title']}' {s.get('status', 'interrupted')}: {s.get('error', '')}")
+    lines.append(f"{result['wall_seconds']:.0f} s on {result['machine']['cpu']} with {result['torch_threads']} threads; "
+                 f"load average {result['load_average']['start']} -> {result['load_average']['end']}")
+    return "\n".join(lines)
+
+
+def _markdown_table(rows: list[tuple]) -> list[str]:
+    header, *body = rows
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(map(str, r)) + " |" for r in body]
+
+
+def write_markdown(result: dict, path: Path) -> Path:
+    """The demo's Markdown report: summary table, each step's table and plot, samples and notes."""
+    from .decode import format_report as decode_report
+    from .ttft import format_report as ttft_report
+
+    lines = [f"# SpikingBrain demo: {result['model']} against {result['teacher']}", ""]
+    if result["partial"]:
+        lines += ["**Partial results**: a step failed or the run was interrupted (see Steps).", ""]
+    lines += ["## Summary", "", *_markdown_table([("metric", "teacher", "ours", "ratio"), *summary_rows(result)]), ""]
+    ppl = result.get("perplexity")
+    if ppl:
+        any_ppl = next(iter(ppl.values()))
+        lines += ["## Quality", "",
+                  f"Held-out perplexity on {any_ppl['tokens']} scored tokens of the pydoc held-out split "
+                  f"(windows of {any_ppl['context']} tokens): " + ", ".join(f"{k} {v['ppl']:.2f}" for k, v in ppl.items()) + ".", ""]
+    if result.get("passkey"):
+        lines += ["Pass-key retrieval (key at half depth, 2 random keys per length):", "", "![passkey](passkey.png)", ""]
+    if result.get("ttft"):
+        lines += ["## Time to first token", "", "![ttft](ttft/ttft.png)", "", "```", ttft_report(result["ttft"]), "```", ""]
+    if result.get("decode"):
+        lines += ["## Decoding and memory per sequence", "",
+                  "Caches hold the context as `spikingbrain bench decode` describes (ours: real prefill of the last window, "
+                  "position counter set to the context; teacher: random keys/values of the context's shape).", "",
+                  "![decode](decode/decode.png)", "", "```", decode_report(result["decode"]), "```", ""]
+    lines += ["## Spiking sparsity and energy", ""]
+    spiking = result.get("spiking")
+    lines += [spiking["markdown"] if spiking else "Not measured by this demo yet (`spikingbrain spikes`, issue 5).", ""]
+    if result.get("samples"):
+        lines += ["## Sample generations (greedy)", ""]
+        for row in result["samples"]:
+            lines.append(f"**{row['prompt']}**")
+            lines += [f"- {name}: {row[name]['text']!r} ({row[name]['seconds']:.1f} s)" for name in row if name != "prompt"]
+            lines.append("")
+    lines += ["## Steps", "", *_markdown_table([("step", "status", "seconds", "error")] + [
+        (s["title"], s.get("status", "interrupted"), s.get("seconds", ""), s.get("error", "")) for s in result["steps"]]), ""]
+    m = result["machine"]
+    lines += [f"Machine: {m['cpu']}, {m['nproc']} cores, torch {m['torch']} with {result['torch_threads']} threads; "
+              f"load average at start {result['load_average']['start']}, at end {result['load_average']['end']}; "
+              f"{result['wall_seconds']:.0f} s in all.", ""]
+    path.write_text("\n".join(lines))
+    return path

@@ -1,0 +1,82 @@
+"""``spikingbrain demo`` on tiny random models with the real tokenizer and short lengths: every step, report files, summary."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from spikingbrain.bench.demo import held_out_ids
+from spikingbrain.cli import main
+
+
+@pytest.fixture
+def tiny_folders(tmp_path, default_folder):
+    """A tiny GLA + SWA model and a tiny transformers Llama, both with the embedded model's tokenizer files."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from spikingbrain import SpikingBrainConfig, SpikingBrainForCausalLM
+    from spikingbrain.model.checkpoint import copy_tokenizer_files
+
+    torch.manual_seed(0)
+    shapes = dict(vocab_size=49152, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=192)
+    SpikingBrainForCausalLM(SpikingBrainConfig(sliding_window=16, gla_chunk_size=16, streaming_chunk_size=64,
+                                               layer_mixers=["gla", "swa"], **shapes)).save_pretrained(tmp_path / "ours")
+    LlamaForCausalLM(LlamaConfig(**shapes)).save_pretrained(tmp_path / "teacher")
+    for name in ("ours", "teacher"):
+        copy_tokenizer_files(default_folder, tmp_path / name)
+    return tmp_path / "ours", tmp_path / "teacher"
+
+
+@pytest.mark.real_model
+def test_held_out_ids_are_the_training_split(default_tokenizer):
+    from spikingbrain.train.data import load_documents, split_held_out
+
+    ids = held_out_ids(default_tokenizer, 300)
+    _, held = split_held_out(load_documents(["pydoc"]), 0.1, 0)
+    first = default_tokenizer(held[0].text, add_special_tokens=False)["input_ids"]
+    assert len(ids) == 300
+    assert ids[: len(first)].tolist() == first[:300]
+
+
+@pytest.mark.real_model
+def test_tiny_demo_writes_the_report(tiny_folders, tmp_path, capsys):
+    ours, teacher = tiny_folders
+    out = tmp_path / "report"
+    code = main(["demo", "--model", str(ours), "--teacher", str(teacher), "--out", str(out),
+                 "--ttft-lengths", "64,128,256", "--baseline-lengths", "64,128,256", "--passkey-lengths", "96",
+                 "--decode-contexts", "32,128", "--ppl-tokens", "200", "--ppl-context", "100", "--max-new-tokens", "3"])
+    printed = capsys.readouterr()
+    assert code == 0, printed.err
+    data = json.loads((out / "demo.json").read_text())
+    assert not data["partial"] and [s["status"] for s in data["steps"]] == ["done"] * 8
+    assert set(data["perplexity"]) == {"teacher", "ours"} and data["perplexity"]["ours"]["tokens"] == 198
+    assert data["passkey"]["lengths"] == [96] and set(data["passkey"]["models"]) == {"teacher", "ours"}
+    assert [r["length"] for r in data["ttft"]["candidates"]["ours"]["rows"]] == [64, 128, 256]
+    assert [r["length"] for r in data["decode"]["candidates"]["baseline"]["rows"]] == [32, 128]
+    assert data["spiking"] is None
+    assert len(data["samples"]) == 3 and all({"teacher", "ours"} <= set(row) for row in data["samples"])
+    for png in ("passkey.png", "ttft/ttft.png", "decode/decode.png"):
+        assert (out / png).stat().st_size > 0
+    report = (out / "report.md").read_text()
+    for section in ("## Summary", "## Quality", "## Time to first token", "## Decoding and memory", "## Spiking", "## Sample generations"):
+        assert section in report
+    assert "held-out perplexity" in printed.out and "time to first token at" in printed.out
+    assert "beyond" in report  # the teacher at 256 > its 192 positions is marked
+
+
+@pytest.mark.real_model
+def test_demo_without_a_teacher_is_partial_but_reported(tiny_folders, tmp_path, capsys):
+    ours, _ = tiny_folders
+    out = tmp_path / "report"
+    code = main(["demo", "--model", str(ours), "--teacher", str(tmp_path / "missing"), "--out", str(out),
+                 "--ttft-lengths", "64,128", "--passkey-lengths", "96", "--decode-contexts", "32",
+                 "--ppl-tokens", "120", "--ppl-context", "60", "--max-new-tokens", "2"])
+    assert code == 1
+    data = json.loads((out / "demo.json").read_text())
+    assert data["partial"] and data["steps"][1]["status"] == "failed" and "missing" in data["steps"][1]["error"]
+    assert set(data["perplexity"]) == {"ours"} and data["ttft"]["candidates"]["ours"]["rows"]
+    assert "Partial results" in (out / "report.md").read_text()
+    assert "loading the teacher" in capsys.readouterr().out
