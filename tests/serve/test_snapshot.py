@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
-import textwrap
+import time
 
 import pytest
 import torch
@@ -86,32 +84,35 @@ def test_wrong_model_and_corrupt_files_are_refused(tmp_path):
         load_snapshot(path)
 
 
-WRITER = textwrap.dedent(
-    """
-    import os, sys, time, torch
-    from spikingbrain.serve import snapshot
-    path = os.path.join(sys.argv[1], "entry.safetensors")
-    big = snapshot.Snapshot({"layers.0.state": torch.full((1, 4, 512, 512), 1.0)}, 7, "k", "fp", ["gla"], 4)
-    snapshot.save_snapshot(path, big, "tiny")
-    real = os.replace
-    def slow_replace(a, b):  # the second write stops between the temporary file and the rename
-        print("written", flush=True)
-        time.sleep(60)
-        real(a, b)
-    snapshot.os.replace = slow_replace
-    big.tensors["layers.0.state"].fill_(2.0)
-    snapshot.save_snapshot(path, big, "tiny")
-    """
-)
-
-
 def test_sigkill_during_write_leaves_no_corrupt_entry(tmp_path):
-    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path)], stdout=subprocess.PIPE, text=True)
-    assert proc.stdout.readline().strip() == "written"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    """A forked writer is killed between writing its temporary file and renaming it."""
+    from spikingbrain.serve import snapshot
+
+    path = tmp_path / "entry.safetensors"
+    first = snapshot.Snapshot({"layers.0.state": torch.full((1, 4, 512, 512), 1.0)}, 7, "k", "fp", ["gla"], 4)
+    second = snapshot.Snapshot({"layers.0.state": torch.full((1, 4, 512, 512), 2.0)}, 7, "k", "fp", ["gla"], 4)
+    save_snapshot(path, first, "tiny")
+    ready, tell = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the writer: its rename never comes
+        def stalled_replace(source, target):
+            os.write(tell, b"x")
+            time.sleep(60)
+
+        snapshot.os.replace = stalled_replace
+        try:
+            save_snapshot(path, second, "tiny")
+        finally:
+            os._exit(1)
+    try:
+        assert os.read(ready, 1) == b"x"
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        os.close(ready)
+        os.close(tell)
     # the entry is still the first write, whole; the second exists only as a temporary file
-    values = load_snapshot(tmp_path / "entry.safetensors", "fp").tensors["layers.0.state"]
+    values = load_snapshot(path, "fp").tensors["layers.0.state"]
     assert values.shape == (1, 4, 512, 512) and bool((values == 1.0).all())
     leftovers = list(tmp_path.glob(".entry.safetensors.*.tmp"))
     assert len(leftovers) == 1 and leftovers[0].stat().st_size > values.numel() * 4
