@@ -125,6 +125,10 @@ def test_prefix_cache_hits_give_equal_outputs_and_persist(tiny_engine, live_serv
     reply = client(again).chat.completions.create(model="tiny", messages=messages, max_tokens=8, temperature=0.7, seed=3)
     assert reply.usage.prompt_tokens_details.cached_tokens > 0
     assert reply.choices[0].message.content == answers[0].choices[0].message.content
+    # states over the whole memory budget are not kept, not even on disk
+    small = live_server(tiny_engine, ServerSettings(cache_bytes=1000, cache_dir=tmp_path / "small"))
+    client(small).chat.completions.create(model="tiny", messages=messages, max_tokens=2)
+    assert small.state.prefix_cache.stats()["entries"] == 0 and not (tmp_path / "small").exists()
 
 
 def test_lru_byte_budget_evicts_oldest(tiny_engine):

@@ -241,12 +241,17 @@ class Scheduler:
             self.active.append(job)
 
     def _boundary_saver(self, ids: list[int]):
-        """Store the cache at the last two chunk boundaries of a prompt (a shared prefix then always finds one)."""
+        """Store the cache at the last two chunk boundaries of a prompt (a shared prefix then always finds one).
+
+        States larger than the whole memory budget are not stored (neither in memory nor on disk).
+        """
         size = self.engine.chunk_size
         keep_from = (len(ids) // size - 1) * size
 
         def save(end: int, cache) -> None:
             if end < keep_from or end > len(ids):
+                return
+            if cache.nbytes() > self.prefix_cache.byte_budget:  # would be evicted at once: do not copy it
                 return
             key = self.prefix_cache.key(ids[:end])
             if not self.prefix_cache.contains(key):
