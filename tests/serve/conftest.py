@@ -25,7 +25,7 @@ def make_tiny(layer_mixers=("gla", "swa", "full"), seed: int = 0, **overrides):
     return randomize_(SpikingBrainForCausalLM(config), seed).eval()
 
 
-@pytest.fixture(scope="session", autouse=True)
+@pytest.fixture(scope="module", autouse=True)
 def one_thread():
     """One torch thread: the shared 2-core machine runs other jobs, and results must not depend on it."""
     before = torch.get_num_threads()
