@@ -167,8 +167,11 @@ class Job:
     generation: Generation | None = None
 
     def send(self, kind: str, value) -> None:
-        """Hand an event to the request's coroutine (called from the scheduler thread)."""
-        self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
+        """Hand an event to the request's coroutine (called from the scheduler thread); dropped once its loop is closed."""
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
+        except RuntimeError:  # the server is shutting down
+            self.cancelled = True
 
 
 class Scheduler:
