@@ -57,6 +57,9 @@ def test_tiny_demo_writes_the_report(tiny_folders, tmp_path, capsys):
     assert [r["length"] for r in data["ttft"]["candidates"]["ours"]["rows"]] == [64, 128, 256]
     assert [r["length"] for r in data["decode"]["candidates"]["baseline"]["rows"]] == [32, 128]
     assert data["spiking"] is None
+    # 2 layers x (keys + values) x 2 heads x head_dim 8 x fp32 per position
+    assert data["memory"]["1048576"]["teacher"] == 2 * 2 * 2 * 8 * 4 * 1048576
+    assert data["memory"]["1048576"]["ours"] == data["memory"]["131072"]["ours"] < 10_000
     assert len(data["samples"]) == 3 and all({"teacher", "ours"} <= set(row) for row in data["samples"])
     for png in ("passkey.png", "ttft/ttft.png", "decode/decode.png"):
         assert (out / png).stat().st_size > 0

@@ -36,6 +36,7 @@ SAMPLE_PROMPTS = (
     "Write one sentence about the sea.",
     "What is a Python list? Answer in one sentence.",
 )
+MEMORY_LENGTHS = (131072, 1048576)  # cache bytes per sequence computed (not allocated) at these lengths
 QUICK = {"ttft": [1024, 4096, 16384, 65536], "baseline_ttft": [1024, 2048, 4096, 8192, 16384],
          "passkey": [1024, 4096], "decode": [1024, 16384, 65536]}
 LONG = {"ttft": [512 * 2**i for i in range(10)], "baseline_ttft": [512 * 2**i for i in range(7)],
@@ -192,6 +193,9 @@ def run_demo(model_ref: str, teacher_ref: str, out: Path, settings: dict, thread
         result["passkey"] = _step(result, "passkey", f"pass-key retrieval at {', '.join(map(_fmt_len, settings['passkey']))} tokens", passkey)
         result["samples"] = _step(result, "samples", "sample generations", lambda: _samples(models, tokenizer, settings["max_new_tokens"]))
         pair = ttft.make_candidates(ours, model_ref, teacher, teacher_ref)
+        if teacher is not None:
+            result["memory"] = {str(n): {"teacher": decode.analytic_cache_bytes(teacher, n), "ours": decode.analytic_cache_bytes(ours, n)}
+                                for n in MEMORY_LENGTHS}
         result["decode"] = _step(result, "decode", f"decode latency and memory at {', '.join(map(_fmt_len, settings['decode']))}",
                                  lambda: decode.run(pair, settings["decode"], out / "decode", tokens=8, repeats=2, bar_desc="decode"))
         for c in pair:
@@ -235,8 +239,9 @@ def summary_rows(result: dict) -> list[tuple[str, str, str, str]]:
         rows.append((f"pass-key accuracy at {_fmt_len(n)}", f"{acc.get('teacher', float('nan')):.0%}", f"{acc.get('ours', float('nan')):.0%}", ""))
     ttft = result.get("ttft") or {}
     ratios = _by_length(ttft.get("ratios", []))
+    measured = [n for n, r in ratios.items() if not r["extrapolated"]]
     for n in sorted(ratios):
-        if n >= 4096:
+        if n >= 16384 or n == max(measured, default=0):
             r = ratios[n]
             mark = " (extrapolated)" if r["extrapolated"] else ""
             rows.append((f"time to first token at {_fmt_len(n)} (s)", f"{r['baseline_s']:.1f}{mark}", f"{r['ours_s']:.1f}",
@@ -250,24 +255,17 @@ def summary_rows(result: dict) -> list[tuple[str, str, str, str]]:
             rows.append((f"decode ms/token at {_fmt_len(n)}", f"{1000 * b['median_step_s']:.1f}" if b else "-",
                          f"{1000 * ours_rows[n]['median_step_s']:.1f}",
                          f"teacher/ours {b['median_step_s'] / ours_rows[n]['median_step_s']:.1f}x" if b else ""))
-        n = max(ours_rows)
-        b = base_rows.get(n)
-        rows.append((f"cache per sequence at {_fmt_len(n)} (MiB)",
-                     f"{(b['cache_bytes_measured'] if b else _teacher_kv(result, n)) / 2**20:.1f}",
-                     f"{ours_rows[n]['cache_bytes_measured'] / 2**20:.1f}",
-                     f"teacher/ours {(b['cache_bytes_measured'] if b else _teacher_kv(result, n)) / ours_rows[n]['cache_bytes_measured']:.0f}x"))
+        n = max(n for n in ours_rows if n in base_rows) if set(ours_rows) & set(base_rows) else None
+        if n is not None:
+            b = base_rows[n]["cache_bytes_measured"]
+            rows.append((f"cache per sequence at {_fmt_len(n)} (MiB, measured)", f"{b / 2**20:.1f}",
+                         f"{ours_rows[n]['cache_bytes_measured'] / 2**20:.1f}", f"teacher/ours {b / ours_rows[n]['cache_bytes_measured']:.0f}x"))
+    for n, m in sorted((result.get("memory") or {}).items(), key=lambda item: int(item[0])):
+        rows.append((f"cache per sequence at {_fmt_len(int(n))} (MiB, computed)", f"{m['teacher'] / 2**20:.0f}",
+                     f"{m['ours'] / 2**20:.1f}", f"teacher/ours {m['teacher'] / m['ours']:.0f}x"))
     for row in ((result.get("spiking") or {}).get("summary") or []):
         rows.append(tuple(row))
     return rows
-
-
-def _teacher_kv(result: dict, length: int) -> int:
-    """The teacher's analytic KV bytes at ``length`` (for contexts its decode run skipped)."""
-    rows = (result.get("decode") or {}).get("candidates", {}).get("baseline", {}).get("rows", [])
-    if not rows:
-        return 0
-    r = rows[0]
-    return r["cache_bytes_analytic"] * length // r["length"]
 
 
 def format_summary(result: dict) -> str:
