@@ -134,6 +134,7 @@ def run(
     import torch
 
     from .common import load_average, machine_info, progress, write_json
+    from .report import thread_env
 
     if tokens < 1 or repeats < 1:
         raise ValueError(f"--tokens and --repeats must be >= 1 (got {tokens}, {repeats})")
@@ -148,6 +149,7 @@ def run(
         "benchmark": "decode",
         "argv": list(sys.argv),
         "machine": machine_info(),
+        "thread_env": thread_env(),
         "load_average": {"start": load_average()},
         "settings": {"contexts": contexts, "tokens": tokens, "repeats": repeats, "max_kv_gib": max_kv_gib, "seed": seed,
                      "timed": "model(token, cache=cache, use_cache=True) + argmax, one token per call"},

@@ -161,6 +161,7 @@ def run_demo(model_ref: str, teacher_ref: str, out: Path, settings: dict, thread
     from ..model.loading import load_model, load_tokenizer
     from . import decode, ttft
     from .common import load_average, machine_info, set_threads, write_json
+    from .report import thread_env
 
     started = time.time()
     deadline = started + settings["budget_s"]
@@ -168,7 +169,7 @@ def run_demo(model_ref: str, teacher_ref: str, out: Path, settings: dict, thread
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     result = {"demo": "spikingbrain", "model": str(model_ref), "teacher": str(teacher_ref), "settings": settings,
-              "machine": machine_info(), "load_average": {"start": load_average()}, "steps": [], "partial": False,
+              "machine": machine_info(), "thread_env": thread_env(), "load_average": {"start": load_average()}, "steps": [], "partial": False,
               "files": {"markdown": str(out / "report.md"), "json": str(out / "demo.json")}}
     try:
         tokenizer = load_tokenizer(model_ref)

@@ -58,6 +58,7 @@ def run(args: argparse.Namespace) -> dict:
     """Measure the peak and the prefills described by ``args``; write efficiency.json (and .png); return the result."""
     from ..model.loading import load_model
     from .common import load_average, machine_info, matmul_peak, progress, set_threads, write_json
+    from .report import thread_env
 
     threads = set_threads(args.threads)
     if len(args.peak_size) != 3:
@@ -86,6 +87,7 @@ def run(args: argparse.Namespace) -> dict:
         "argv": list(sys.argv),
         "model_ref": str(args.model),
         "machine": {**machine_info(), "torch_threads": threads},
+        "thread_env": thread_env(),
         "wall_seconds": time.time() - started,
         "load_average": {"start": load_start, "end": load_average()},
         "settings": {"lengths": lengths, "repeats": args.repeats, "max_seconds": args.max_seconds,

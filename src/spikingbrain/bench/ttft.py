@@ -318,6 +318,7 @@ def run(
     import torch
 
     from .common import load_average, machine_info, progress
+    from .report import thread_env
 
     if cap <= 0 or repeats < 1 or max_seconds <= 0:
         raise ValueError(f"--cap and --max-seconds must be > 0 and --repeats >= 1 (got {cap}, {max_seconds}, {repeats})")
@@ -335,6 +336,7 @@ def run(
         "benchmark": "ttft",
         "argv": list(sys.argv),
         "machine": machine_info(),
+        "thread_env": thread_env(),
         "load_average": {"start": load_average()},
         "settings": {"lengths": plan, "cap_s": cap, "repeats": repeats, "max_seconds": max_seconds, "seed": seed,
                      "dtype": str(torch.get_default_dtype()).replace("torch.", ""),
