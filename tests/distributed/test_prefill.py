@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -18,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from reference_impl import assert_close, randomize_
 from spikingbrain import SpikingBrainConfig, SpikingBrainForCausalLM
 from spikingbrain.cli import main
-from spikingbrain.distributed.comm import DistributedError, launch
+from spikingbrain.distributed.comm import DistributedError, free_port, launch
 from spikingbrain.distributed.prefill import cache_tensors, sequence_parallel_prefill, split_lengths
 from spikingbrain.model.checkpoint import TOKENIZER_FILES
 
@@ -95,8 +97,10 @@ def test_sequence_parallel_prefill_equals_single_process(tmp_path):
         assert traffic[rank][len(CASES) + 1] == expected  # 400 tokens: the same bytes
 
 
-def test_cli_prefill_two_processes(tmp_path, default_folder, capsys):
-    """``spikingbrain prefill --nproc 2``: the file's logits and cache equal the single-process forward of the same text."""
+@pytest.mark.parametrize("start", ["nproc", "torchrun"])
+def test_cli_prefill_two_processes(tmp_path, default_folder, capsys, start):
+    """``spikingbrain prefill --nproc 2`` and under ``torchrun``: the file's logits and cache equal the
+    single-process forward of the same text."""
     mixers = ["gla", "swa", "full", "parallel-swa"]
     config = SpikingBrainConfig(num_hidden_layers=4, layer_mixers=mixers, **{**TINY, "vocab_size": 49152}, num_sink_tokens=1)
     model = randomize_(SpikingBrainForCausalLM(config), seed=4).eval()
@@ -107,9 +111,15 @@ def test_cli_prefill_two_processes(tmp_path, default_folder, capsys):
     text = tmp_path / "prompt.txt"
     text.write_text("Sequence parallelism splits one long prompt into contiguous pieces, one per process. " * 3)
     out = tmp_path / "out" / "prefill.safetensors"
-    args = ["prefill", "--model", str(tmp_path / "model"), "--text", str(text), "--nproc", "2", "--out", str(out), "--json", "--timeout", "60"]
-    assert main(args) == 0
-    report = json.loads(capsys.readouterr().out)
+    args = ["prefill", "--model", str(tmp_path / "model"), "--text", str(text), "--out", str(out), "--json", "--timeout", "60"]
+    if start == "nproc":
+        assert main([*args, "--nproc", "2"]) == 0
+        report = json.loads(capsys.readouterr().out)
+    else:
+        torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port())]
+        done = subprocess.run([*torchrun, "-m", "spikingbrain.cli", *args], capture_output=True, text=True, timeout=180)
+        assert done.returncode == 0, done.stderr[-3000:]
+        report = json.loads(done.stdout)  # printed once, by the last rank
     from spikingbrain.model.loading import load_model, load_tokenizer
 
     ids = load_tokenizer(tmp_path / "model")(text.read_text(), return_tensors="pt").input_ids

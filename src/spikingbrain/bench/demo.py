@@ -97,7 +97,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--model", default="spikingbrain-smollm2", help="our model (folder or short name)")
     p.add_argument("--teacher", default="default", help="the Transformer it is compared with, run by transformers (SDPA)")
     p.add_argument("--out", default="runs/demo", help="report folder (report.md, demo.json, PNGs)")
-    p.add_argument("--budget", type=float, default=540.0, help="seconds the whole demo may take; TTFT lengths that would pass it are skipped")
+    p.add_argument("--budget", type=float, default=None,
+                   help="seconds the whole demo may take (default 540, with --long 3600); TTFT lengths that would pass it are skipped")
     p.add_argument("--long", action="store_true", help="longer runs: TTFT to 256k (ours) and 32k (teacher), passkey to 32k, decode to 256k")
     p.add_argument("--ttft-lengths", type=_int_list, default=None, help="TTFT lengths for ours (default 1k,4k,16k,64k)")
     p.add_argument("--baseline-lengths", type=_int_list, default=None, help="TTFT lengths for the teacher (default 1k..16k)")
@@ -120,7 +121,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         "passkey": args.passkey_lengths or preset["passkey"],
         "decode": args.decode_contexts or preset["decode"],
         "ppl_tokens": args.ppl_tokens, "ppl_context": args.ppl_context, "max_new_tokens": args.max_new_tokens,
-        "budget_s": args.budget, "long": bool(args.long),
+        "budget_s": args.budget or (3600.0 if args.long else 540.0), "long": bool(args.long),
     }
     result = run_demo(args.model, args.teacher, Path(args.out), settings, args.threads)
     print()
