@@ -18,7 +18,7 @@ from spikingbrain.distributed.comm import DistributedError, launch
 from spikingbrain.distributed.training import DistributedTrainer
 from spikingbrain.train.config import load_train_config
 from spikingbrain.train.trainer import Trainer
-from train.test_trainer import pair, write_config  # noqa: F401 (pair: the tiny teacher/student fixture)
+from train.test_trainer import write_config
 
 STAGES = [
     {"name": "calibrate", "kind": "calibrate", "steps": 1, "seq_len": 32, "batch_size": 4},

@@ -20,17 +20,16 @@ from spikingbrain.eval.perplexity import perplexity, text_token_ids
 from spikingbrain.model.loading import load_model, load_tokenizer
 from spikingbrain.spiking.events import read_events
 from spikingbrain.spiking.int8 import Int8Linear
-from train.test_trainer import pair  # noqa: F401  (tiny Llama teacher, its conversion, pydoc text)
 
 
 @pytest.fixture(scope="module")
-def text(pair, tmp_path_factory):  # noqa: F811
+def text(pair, tmp_path_factory):
     path = tmp_path_factory.mktemp("text") / "held_out.txt"
     path.write_text("\n\n".join(p.read_text() for p in sorted(pair[2].iterdir())[:3]))
     return path
 
 
-def test_spikes_report_sweep_plots_and_events(tmp_path, pair, text, capsys):  # noqa: F811
+def test_spikes_report_sweep_plots_and_events(tmp_path, pair, text, capsys):
     student = str(pair[1])
     args = ["spikes", "--model", student, "--text", str(text), "--max-tokens", "160", "--context", "64",
             "--sweep-k", "2,3", "--events", str(tmp_path / "ev.npz"), "--events-tokens", "8", "--out", str(tmp_path / "r"), "--json"]
@@ -66,7 +65,7 @@ def test_spikes_report_sweep_plots_and_events(tmp_path, pair, text, capsys):  # 
     assert torch.allclose(events.counts(stream) * threshold[:, None], spike_reference(x, 3))
 
 
-def test_quantize_writes_a_smaller_int8_spiking_folder(tmp_path, pair, text, capsys):  # noqa: F811
+def test_quantize_writes_a_smaller_int8_spiking_folder(tmp_path, pair, text, capsys):
     student, out = str(pair[1]), tmp_path / "w8a"
     args = ["quantize", "--model", student, "--out", str(out), "--group-size", "16", "--calibration-text", str(text),
             "--samples", "3", "--sample-tokens", "32", "--spiking-k", "3", "--eval-text", str(text), "--max-tokens", "128",

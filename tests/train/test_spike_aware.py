@@ -11,10 +11,10 @@ from spikingbrain.model.loading import load_model
 from spikingbrain.spiking.apply import spikify
 from spikingbrain.train.config import load_train_config
 from spikingbrain.train.trainer import Trainer
-from train.test_trainer import pair, write_config  # noqa: F401  (the module-scoped teacher/student fixture)
+from train.test_trainer import write_config
 
 
-def test_spike_aware_distillation_lowers_the_spiking_students_kl(tmp_path, pair):  # noqa: F811
+def test_spike_aware_distillation_lowers_the_spiking_students_kl(tmp_path, pair):
     path = write_config(tmp_path / "c.yaml", pair, tmp_path / "run", steps=(4, 20), calibrate=False)
     config = yaml.safe_load(path.read_text())
     config["stages"][-1]["spiking_k"] = 3.0

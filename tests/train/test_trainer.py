@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -19,41 +18,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from reference_impl import randomize_
 from spikingbrain.cli import main
-from spikingbrain.convert.converter import convert_transformer
-from spikingbrain.model.checkpoint import TOKENIZER_FILES
 from spikingbrain.model.shipped import build_from_delta
 from spikingbrain.train.config import load_train_config
 from spikingbrain.train.trainer import Trainer, TrainingError
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def pair(tmp_path_factory, default_folder):
-    """(teacher folder, student folder, text file) for a tiny Llama with the real tokenizer."""
-    root = tmp_path_factory.mktemp("pair")
-    config = LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
-                         num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=True,
-                         eos_token_id=2, bos_token_id=1)
-    teacher = randomize_(LlamaForCausalLM(config), seed=5)
-    with torch.no_grad():
-        teacher.model.embed_tokens.weight.mul_(0.3)  # tied: logits of a few nats, not tens
-    teacher.save_pretrained(root / "teacher")
-    for name in TOKENIZER_FILES:
-        if (default_folder / name).is_file():
-            shutil.copy2(default_folder / name, root / "teacher" / name)
-    convert_transformer(root / "teacher", root / "student", layout="alternating", sliding_window=16)
-    from pydoc_data.topics import topics
-
-    data = root / "data"
-    data.mkdir()
-    for name in ("assignment", "for", "while", "if", "with", "try", "class", "function", "import", "lambda"):
-        (data / f"{name}.txt").write_text(topics[name])
-    return root / "teacher", root / "student", data
 
 
 def write_config(path: Path, pair, out: Path, steps=(6, 6), calibrate=True, **extra) -> Path:

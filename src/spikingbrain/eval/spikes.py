@@ -178,7 +178,7 @@ def plot_report(report: dict, raster: RasterCapture | None, sweep: list[dict] | 
     ax.set_xlabel("layer")
     ax.set_ylabel("fraction")
     ax.set_ylim(0, 1)
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="upper right", fontsize=8, ncol=3)
     ax.set_title(f"per-layer sparsity at k = {report['k']}; perplexity ratio {report['ppl_ratio']:.3f}", fontsize=10)
     save(fig, "spikes-layers.png")
 

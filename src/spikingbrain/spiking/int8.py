@@ -180,11 +180,14 @@ def quantize_model_int8(
 def _input_grams(model: nn.Module, linears: dict[str, nn.Linear], batches: Iterable[torch.Tensor]) -> dict[str, torch.Tensor]:
     """``XᵀX`` of each layer's input over the calibration batches (fp64)."""
     grams = {name: torch.zeros(m.in_features, m.in_features, dtype=torch.float64) for name, m in linears.items()}
+    last: list = [None, None]  # the previous input and its XᵀX: q/k/v (and gate/up) read the same input
 
     def collect(name):
         def hook(module, args):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
-            grams[name] += x.T @ x
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+            if last[0] is None or last[0].shape != x.shape or not torch.equal(last[0], x):
+                last[:] = x, (x.T @ x).double()
+            grams[name] += last[1]
 
         return hook
 
