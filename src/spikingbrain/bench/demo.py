@@ -22,6 +22,7 @@ table. A step that fails is reported and the others still run; an interrupted ru
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 import traceback
@@ -212,6 +213,9 @@ def run_demo(model_ref: str, teacher_ref: str, out: Path, settings: dict, thread
     except KeyboardInterrupt:
         result["partial"] = True
         result["interrupted"] = True
+        partial_ttft = out / "ttft" / "ttft.json"  # rewritten by ttft.run after every length
+        if result.get("ttft") is None and partial_ttft.is_file():
+            result["ttft"] = json.loads(partial_ttft.read_text())
         print("interrupted: writing the report of the steps done so far", file=sys.stderr)
     result["load_average"]["end"] = load_average()
     result["wall_seconds"] = round(time.time() - started, 1)
