@@ -22,12 +22,13 @@ from train.test_trainer import write_config
 
 STAGES = [
     {"name": "calibrate", "kind": "calibrate", "steps": 1, "seq_len": 32, "batch_size": 4},
+    {"name": "transfer", "kind": "transfer", "steps": 2, "seq_len": 32, "batch_size": 4, "lr": 3e-3, "trainable": "lora"},
     {"name": "distill", "kind": "distill", "steps": 2, "seq_len": 32, "batch_size": 4, "lr": 3e-3, "trainable": "lora"},
     {"name": "distill-long", "kind": "distill", "steps": 2, "seq_len": 48, "batch_size": 4, "lr": 3e-3, "trainable": "lora", "grad_accum": 2},
 ]
 
 
-def config(tmp_path: Path, pair, name: str, stages: int = 3) -> str:
+def config(tmp_path: Path, pair, name: str, stages: int = len(STAGES)) -> str:
     return str(write_config(tmp_path / f"{name}.yaml", pair, tmp_path / name, stages=STAGES[:stages], checkpoint_every=2))
 
 
@@ -43,13 +44,13 @@ def assert_same_curve(got: list[dict], want: list[dict]) -> None:
                 assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (a["step"], key, a[key], b[key])
 
 
-def _train_worker(rank: int, world: int, jobs: list) -> list[list[int]]:
-    """Run the jobs; returns the rows (as token lists) this rank trained on."""
+def _train_worker(rank: int, world: int, jobs: list) -> list[list[list[int]]]:
+    """Run the jobs; returns the rows (token lists) of every micro-batch this rank trained on."""
     seen = []
 
     class Recording(DistributedTrainer):
         def _step_loss(self, ids, stage, layers):
-            seen.extend(ids.tolist())
+            seen.append(ids.tolist())
             return super()._step_loss(ids, stage, layers)
 
     for path, resume in jobs:
@@ -67,9 +68,10 @@ def reference(tmp_path_factory, pair) -> list[dict]:
 
 def test_two_ranks_follow_the_single_process_curve_and_checkpoints_move_between_world_sizes(tmp_path, pair, reference):
     # two ranks: a whole run, and a run cut after the first distill stage that one process then resumes to the end
-    rows = launch(_train_worker, 2, ([(config(tmp_path, pair, "two"), False), (config(tmp_path, pair, "cut", stages=2), False)],), timeout_s=120)
-    assert len(rows[0]) == len(rows[1]) == (2 + 2 * 2 + 2) * 2  # half of each global batch of 4 rows per rank
-    assert not {tuple(r) for r in rows[0]} & {tuple(r) for r in rows[1]}  # each rank reads its own rows
+    rows = launch(_train_worker, 2, ([(config(tmp_path, pair, "two"), False), (config(tmp_path, pair, "cut", stages=3), False)],), timeout_s=120)
+    assert len(rows[0]) == len(rows[1]) == 2 + 2 + 2 * 2 + 2 + 2  # micro-batches of both runs
+    for mine, theirs in zip(*rows):  # each rank trains on its own half of every global batch of 4 rows
+        assert len(mine) == len(theirs) == 2 and not {tuple(r) for r in mine} & {tuple(r) for r in theirs}
     Trainer(load_train_config(config(tmp_path, pair, "cut")), resume=True, progress=False).run()
     for name in ("two", "cut"):
         assert_same_curve(curve(tmp_path / name), reference)

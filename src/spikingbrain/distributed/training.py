@@ -1,10 +1,10 @@
 """Data-parallel conversion training under ``torchrun``: DDP over the ranks, each training on its rows of every global batch.
 
 Every rank holds the whole student and teacher; ``DistributedDataParallel`` averages the
-gradients, so a step equals the single-process step on the same global batch (distill and
-calibrate stages exactly; a transfer stage averages the ranks' relative errors instead of
-dividing the summed error by the summed target). Rank 0 writes every file; checkpoints hold
-the full tensors in the single-process format, so a run resumes on any number of ranks.
+gradients, so a step equals the single-process step on the same global batch (the transfer
+loss divides by the whole batch's target energy, all-reduced). Rank 0 writes every file;
+checkpoints hold the full tensors in the single-process format, so a run resumes on any
+number of ranks.
 """
 
 from __future__ import annotations
@@ -69,6 +69,12 @@ class DistributedTrainer(Trainer):
         values = torch.tensor([loss.item(), *parts.values()], dtype=torch.float64)
         dist.all_reduce(values)
         return loss, dict(zip(["loss", *parts], (values / self.world).tolist()))
+
+    def _target_energy(self, target: torch.Tensor) -> torch.Tensor:
+        # the whole global batch's energy, so that the averaged gradients are those of one process
+        energy = target.detach().float().pow(2).mean()
+        dist.all_reduce(energy)
+        return (energy / self.world).clamp_min(1e-12)
 
     def _log(self, record: dict) -> None:
         if self.writes_files:

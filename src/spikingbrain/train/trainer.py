@@ -170,9 +170,13 @@ class Trainer:
         for i in layers:
             x, inputs, target = captured[i]
             got = self.student.model.layers[i].attn(x, inputs, None)
-            losses.append((got.float() - target.float()).pow(2).mean() / target.float().pow(2).mean().clamp_min(1e-12))
+            losses.append((got.float() - target.float()).pow(2).mean() / self._target_energy(target))
         loss = torch.stack(losses).mean()
         return loss, {"mse": loss.item()}
+
+    def _target_energy(self, target: torch.Tensor) -> torch.Tensor:
+        """Mean square of a teacher attention output: the denominator of the relative transfer error."""
+        return target.float().pow(2).mean().clamp_min(1e-12)
 
     def _distill_loss(self, ids: torch.Tensor, stage: StageConfig) -> tuple[torch.Tensor, dict]:
         return distill_loss(self.student, self.teacher, ids, stage.kl_weight, stage.ce_weight, stage.temperature)
