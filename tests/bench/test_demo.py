@@ -56,7 +56,10 @@ def test_tiny_demo_writes_the_report(tiny_folders, tmp_path, capsys):
     assert data["passkey"]["lengths"] == [96] and set(data["passkey"]["models"]) == {"teacher", "ours"}
     assert [r["length"] for r in data["ttft"]["candidates"]["ours"]["rows"]] == [64, 128, 256]
     assert [r["length"] for r in data["decode"]["candidates"]["baseline"]["rows"]] == [32, 128]
-    assert data["spiking"] is None
+    spiking = data["spiking"]["json"]  # k = 3 over the held-out tokens, same windows as the dense pass
+    assert spiking["tokens"] == 198 and spiking["ppl"] == pytest.approx(data["perplexity"]["ours"]["ppl"], rel=1e-9)
+    assert spiking["ppl_spiking"] != spiking["ppl"] and 0 < spiking["overall"]["sparsity_bitwise3"] < 1
+    assert (out / "spikes" / "spikes-layers.png").stat().st_size > 0
     # 2 layers x (keys + values) x 2 heads x head_dim 8 x fp32 per position
     assert data["memory"]["1048576"]["teacher"] == 2 * 2 * 2 * 8 * 4 * 1048576
     assert data["memory"]["1048576"]["ours"] == data["memory"]["131072"]["ours"] < 10_000

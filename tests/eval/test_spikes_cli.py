@@ -77,5 +77,6 @@ def test_quantize_writes_a_smaller_int8_spiking_folder(tmp_path, pair, text, cap
     ids = text_token_ids(load_tokenizer(out), text.read_text(), 128)
     assert perplexity(model, ids, 64)["ppl"] == pytest.approx(result["ppl_after"], rel=1e-6)
     assert result["calibration"]["windows"] == 3 and result["file_bytes"] < result["fp32_tensor_bytes"]
+    assert result["projection_size_ratio"] == pytest.approx(4 / (1 + 4 / 16))  # 1-byte codes + one fp32 scale per 16
     assert main(args) == 2  # the folder exists now: refused without --force
     assert "--force" in capsys.readouterr().err

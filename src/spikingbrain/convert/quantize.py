@@ -49,17 +49,27 @@ def w8aspike(
     int8_kv: bool = False,
     int8_weights: bool = True,
 ) -> dict:
-    """Make ``model`` a W8ASpike model in place; returns what was done (tensor bytes before and after)."""
-    fp32_bytes = sum(t.numel() * 4 for t in model.state_dict().values() if t.is_floating_point())
+    """Make ``model`` a W8ASpike model in place; returns what was done and the weight bytes before and after.
+
+    ``fp32_tensor_bytes``: the whole model in fp32 (tied tensors once); ``projection_*_bytes``: the
+    quantized projections alone, fp32 against int8 codes plus fp32 scales.
+    """
+    tensors = {t.data_ptr(): t for t in model.state_dict().values() if t.is_floating_point()}
+    fp32_bytes = sum(t.numel() * 4 for t in tensors.values())
     if spiking_k is not None:
         spikify(model, k=spiking_k, spike_query=spike_query, int8_kv=int8_kv)
     elif spike_query or int8_kv:
         raise ValueError("--spike-query and --int8-kv belong to spiking; give --spiking-k too (the report uses 3)")
+    result = {"fp32_tensor_bytes": fp32_bytes}
     if int8_weights:
-        quantize_model_int8(model, group_size, calibration=calibration)
+        clips = quantize_model_int8(model, group_size, calibration=calibration)
+        layers = [model.get_submodule(name) for name in clips]
+        result["projection_fp32_bytes"] = sum(layer.weight.numel() * 4 for layer in layers)
+        result["projection_int8_bytes"] = sum(layer.weight.numel() + layer.weight_scale.numel() * 4 for layer in layers)
+        result["projection_size_ratio"] = result["projection_fp32_bytes"] / result["projection_int8_bytes"]
     elif spiking_k is None:
         raise ValueError("nothing to do: give --spiking-k, or leave INT8 weights on")
-    return {"fp32_tensor_bytes": fp32_bytes, "spiking": model.config.spiking, "weight_quantization": model.config.weight_quantization}
+    return {**result, "spiking": model.config.spiking, "weight_quantization": model.config.weight_quantization}
 
 
 def register(subparsers) -> None:
