@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
+from torch.distributed.tensor import DTensor
 
 from spikingbrain.distributed.comm import DistributedError, launch
 from spikingbrain.distributed.training import DistributedTrainer
@@ -44,17 +46,21 @@ def assert_same_curve(got: list[dict], want: list[dict]) -> None:
                 assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (a["step"], key, a[key], b[key])
 
 
-def _train_worker(rank: int, world: int, jobs: list) -> list[list[list[int]]]:
+def _train_worker(rank: int, world: int, jobs: list, parallel: str = "ddp") -> list[list[list[int]]]:
     """Run the jobs; returns the rows (token lists) of every micro-batch this rank trained on."""
     seen = []
 
     class Recording(DistributedTrainer):
         def _step_loss(self, ids, stage, layers):
             seen.append(ids.tolist())
+            if parallel == "fsdp":  # this rank holds only its shard of each trained parameter
+                trained = [p for p in self.student.parameters() if p.requires_grad]
+                assert all(isinstance(p, DTensor) for p in trained)
+                assert sum(p.to_local().numel() for p in trained) * world <= sum(p.numel() for p in trained) + world * len(trained)
             return super()._step_loss(ids, stage, layers)
 
     for path, resume in jobs:
-        Recording(load_train_config(path), resume=resume, progress=False).run()
+        Recording(load_train_config(path), resume=resume, progress=False, parallel=parallel).run()
     return seen
 
 
@@ -77,6 +83,27 @@ def test_two_ranks_follow_the_single_process_curve_and_checkpoints_move_between_
         assert_same_curve(curve(tmp_path / name), reference)
     assert not list((tmp_path / "two" / "checkpoints").glob(".*"))  # no staging folders left
     assert {p.name for p in (tmp_path / "two").iterdir()} >= {"final", "delta.safetensors", "summary.json", "metrics.jsonl", "held_out.txt"}
+
+
+def test_fsdp_ranks_follow_the_single_process_curve_and_checkpoints_move_between_world_sizes(tmp_path, pair, reference):
+    # FSDP2 on 2 ranks trains the first three stages (checkpoints: sharded parameters and optimizer state
+    # gathered into the single-process format); losing the last checkpoint, one process resumes mid-distill
+    # from step 4 to the end; losing the last again, 2 FSDP ranks resume mid-way through the grad_accum stage.
+    out = tmp_path / "fsdp"
+    rows = launch(_train_worker, 2, ([(config(tmp_path, pair, "fsdp", stages=3), False)], "fsdp"), timeout_s=120)
+    assert len(rows[0]) == len(rows[1]) == 2 + 2
+    for mine, theirs in zip(*rows):  # each rank trains on its own half of every global batch of 4 rows
+        assert len(mine) == len(theirs) == 2 and not {tuple(r) for r in mine} & {tuple(r) for r in theirs}
+    assert_same_curve(curve(out), [r for r in reference if r["step"] <= 5])
+    path = config(tmp_path, pair, "fsdp")
+    shutil.rmtree(out / "checkpoints" / "step-5")
+    Trainer(load_train_config(path), resume=True, progress=False).run()
+    assert_same_curve(curve(out), reference)
+    shutil.rmtree(out / "checkpoints" / "step-7")
+    shutil.rmtree(out / "final")
+    launch(_train_worker, 2, ([(path, True)], "fsdp"), timeout_s=120)
+    assert_same_curve(curve(out), reference)
+    assert {p.name for p in out.iterdir()} >= {"final", "delta.safetensors", "summary.json", "metrics.jsonl"}
 
 
 def _dies_while_checkpointing(rank: int, world: int, path: str) -> None:

@@ -1,10 +1,14 @@
-"""Data-parallel conversion training under ``torchrun``: DDP over the ranks, each training on its rows of every global batch.
+"""Data-parallel conversion training under ``torchrun``: DDP or FSDP2 over the ranks, each training on its rows of every global batch.
 
-Every rank holds the whole student and teacher; ``DistributedDataParallel`` averages the
-gradients, so a step equals the single-process step on the same global batch (the transfer
-loss divides by the whole batch's target energy, all-reduced). Rank 0 writes every file;
-checkpoints hold the full tensors in the single-process format, so a run resumes on any
-number of ranks.
+With DDP every rank holds the whole student and teacher and ``DistributedDataParallel``
+averages the gradients. With FSDP2 (``fully_shard``) each stage of training shards the
+student's parameters, gradients and optimizer state over the ranks; the gradients are
+averaged by reduce-scatter, and the whole parameters are gathered back at the end of the
+stage (calibration, export and the final folder see an ordinary model). Either way a step
+equals the single-process step on the same global batch (the transfer loss divides by the
+whole batch's target energy, all-reduced). Rank 0 writes every file; checkpoints hold the
+full tensors in the single-process format, so a run resumes on any number of ranks and with
+either kind of parallelism.
 """
 
 from __future__ import annotations
@@ -17,13 +21,28 @@ import sys
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 from ..train.config import StageConfig, TrainConfig
 from ..train.trainer import Trainer, TrainingError, config_from_args
 from .comm import DEFAULT_TIMEOUT_S, describe_failure, init_from_env, launched_by_torchrun
 
-__all__ = ["DistributedTrainer", "extend_train_command"]
+__all__ = ["PARALLEL_KINDS", "DistributedTrainer", "extend_train_command"]
+
+#: ``--parallel`` choices: replicated (DDP) or sharded (FSDP2) data parallelism.
+PARALLEL_KINDS = ("ddp", "fsdp")
+
+#: Whole tensors gathered on rank 0 only, on the CPU (the format of a single-process checkpoint).
+_FULL_ON_RANK0 = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
 class _StepLoss(nn.Module):
@@ -39,11 +58,16 @@ class _StepLoss(nn.Module):
 
 
 class DistributedTrainer(Trainer):
-    """A :class:`Trainer` on one rank of an initialised process group (data parallel with DDP)."""
+    """A :class:`Trainer` on one rank of an initialised process group (data parallel with DDP, or sharded with FSDP2: ``parallel="fsdp"``)."""
 
-    def __init__(self, config: TrainConfig, resume: bool = False, progress: bool = True):
+    def __init__(self, config: TrainConfig, resume: bool = False, progress: bool = True, parallel: str = "ddp"):
         if not dist.is_initialized():
             raise TrainingError("DistributedTrainer needs a process group; start the run with torchrun")
+        if parallel not in PARALLEL_KINDS:
+            raise TrainingError(f"parallel={parallel!r} is not one of {list(PARALLEL_KINDS)}")
+        self.parallel = parallel
+        self._sharded: nn.Module | None = None  # the FSDP2 root (a _StepLoss) while a stage trains sharded
+        self._gathered: tuple[dict, dict] | None = None  # rank 0's whole parameters and optimizer state while it writes a checkpoint
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.writes_files = self.rank == 0
         for i, stage in enumerate(config.stages):
@@ -62,9 +86,12 @@ class DistributedTrainer(Trainer):
         return batch[self.rank * rows : (self.rank + 1) * rows]
 
     def _step_loss(self, ids: torch.Tensor, stage: StageConfig, layers: list[int]):
-        if self._wrapped is None or self._wrapped[0] != self.stage_index:  # trainable parameters change per stage
-            self._wrapped = (self.stage_index, DistributedDataParallel(_StepLoss(self)))
-        loss, parts = self._wrapped[1](ids, stage, layers)
+        if self._sharded is not None:
+            loss, parts = self._sharded(ids, stage, layers)
+        else:
+            if self._wrapped is None or self._wrapped[0] != self.stage_index:  # trainable parameters change per stage
+                self._wrapped = (self.stage_index, DistributedDataParallel(_StepLoss(self)))
+            loss, parts = self._wrapped[1](ids, stage, layers)
         # The log shows the global batch's values: the mean over ranks ("loss" here replaces the local one).
         values = torch.tensor([loss.item(), *parts.values()], dtype=torch.float64)
         dist.all_reduce(values)
@@ -76,6 +103,76 @@ class DistributedTrainer(Trainer):
         dist.all_reduce(energy)
         return (energy / self.world).clamp_min(1e-12)
 
+    # ----- FSDP2: each training stage shards the student, and gathers it back at its end -----
+
+    def _prepare_trainable(self, trainable):
+        if self.parallel != "fsdp":
+            return trainable
+        # One FSDP unit over the whole student, rebuilt per stage (a module can be sharded only once, and the
+        # trained parameters change): its parameters are gathered for each micro-batch's forward and backward.
+        root = _StepLoss(self)
+        fully_shard(root, mesh=init_device_mesh(self.device.type, (self.world,)))
+        self._sharded = root
+        self._sharded_names = [f"student.{name}" for name in trainable]  # the optimizer's parameters, in its order
+        params = dict(self.student.named_parameters())
+        return {name: params[name] for name in trainable}
+
+    def _run_stage(self, stage, state, bar) -> None:
+        super()._run_stage(stage, state, bar)
+        if self._sharded is not None:
+            self._unshard_for_good()
+
+    def _unshard_for_good(self) -> None:
+        """Replace the student's parameter shards by whole parameters (ties kept) and drop the FSDP root."""
+        whole = get_model_state_dict(self._sharded, options=StateDictOptions(full_state_dict=True))
+        replaced: dict[int, nn.Parameter] = {}
+        for qualified, param in self.student.named_parameters(remove_duplicate=False):
+            module_name, _, name = qualified.rpartition(".")
+            if id(param) not in replaced:
+                tensor = whole[f"student.{qualified}"].detach().to(self.device)
+                replaced[id(param)] = nn.Parameter(tensor, requires_grad=param.requires_grad)
+            self.student.get_submodule(module_name)._parameters[name] = replaced[id(param)]
+        self._sharded = None
+
+    def evaluate(self) -> dict:
+        """Held-out perplexity (all ranks take part; a sharded student is gathered for it)."""
+        if self._sharded is None:
+            return super().evaluate()
+        self._sharded.unshard()
+        try:
+            return super().evaluate()
+        finally:
+            self._sharded.reshard()
+
+    def _clip_gradients(self, params, max_norm: float) -> float:
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        return float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+
+    def _full_parameters(self):
+        return super()._full_parameters() if self._gathered is None else self._gathered[0]
+
+    def _full_optimizer_state(self, optimizer):
+        return super()._full_optimizer_state(optimizer) if self._gathered is None else self._gathered[1]
+
+    def _gather_for_checkpoint(self, optimizer) -> tuple[dict, dict]:
+        """Whole parameters and optimizer state (on rank 0, CPU) in the single-process format; every rank must call it."""
+        params = {name.removeprefix("student."): t for name, t in get_model_state_dict(self._sharded, options=_FULL_ON_RANK0).items()}
+        full = get_optimizer_state_dict(self._sharded, optimizer, options=_FULL_ON_RANK0)
+        index = {name: i for i, name in enumerate(self._sharded_names)}
+        state = {index[name]: entry for name, entry in full.get("state", {}).items()}
+        groups = [{**group, "params": [index[name] for name in group["params"]]} for group in full.get("param_groups", [])]
+        return params, {"state": state, "param_groups": groups}
+
+    def _load_optimizer_state(self, optimizer, state_dict: dict) -> None:
+        if self._sharded is None:
+            return super()._load_optimizer_state(optimizer, state_dict)
+        names = self._sharded_names
+        full = {
+            "state": {names[int(i)]: entry for i, entry in state_dict["state"].items()},
+            "param_groups": [{**group, "params": [names[i] for i in group["params"]]} for group in state_dict["param_groups"]],
+        }
+        set_optimizer_state_dict(self._sharded, optimizer, full, options=StateDictOptions(full_state_dict=True))
+
     def _log(self, record: dict) -> None:
         if self.writes_files:
             super()._log(record)
@@ -85,7 +182,12 @@ class DistributedTrainer(Trainer):
             super()._truncate_metrics()
 
     def _save_checkpoint(self, optimizer, scheduler, batches):
-        path = super()._save_checkpoint(optimizer, scheduler, batches) if self.writes_files else None
+        if self._sharded is not None:
+            self._gathered = self._gather_for_checkpoint(optimizer)
+        try:
+            path = super()._save_checkpoint(optimizer, scheduler, batches) if self.writes_files else None
+        finally:
+            self._gathered = None
         dist.barrier()  # no rank starts the next step before the checkpoint is whole
         return path
 
@@ -108,7 +210,7 @@ def _run_distributed(args: argparse.Namespace) -> int:
     init_from_env(device, args.timeout)
     rank, world = dist.get_rank(), dist.get_world_size()
     try:
-        summary = DistributedTrainer(config, resume=args.resume, progress=not args.no_progress).run()
+        summary = DistributedTrainer(config, resume=args.resume, progress=not args.no_progress, parallel=args.parallel).run()
     except BaseException as err:
         print(f"rank {rank} of {world}: {describe_failure(err)}", file=sys.stderr, flush=True)
         raise
@@ -122,6 +224,10 @@ def _run_distributed(args: argparse.Namespace) -> int:
 def extend_train_command(parser: argparse.ArgumentParser) -> None:
     """Let ``spikingbrain train`` run data-parallel when started by ``torchrun`` (one process per rank)."""
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="under torchrun: seconds a rank waits for the others")
+    parser.add_argument(
+        "--parallel", choices=PARALLEL_KINDS, default="ddp",
+        help="under torchrun: ddp (every rank holds the whole model) or fsdp (FSDP2: parameters, gradients and optimizer state sharded over the ranks)",
+    )
     single = parser.get_default("func")
 
     def run(args: argparse.Namespace) -> int:

@@ -189,6 +189,14 @@ class Trainer:
         """The rows of a global batch this process trains on (all of them in a single-process run)."""
         return batch
 
+    def _prepare_trainable(self, trainable: dict[str, torch.nn.Parameter]) -> dict[str, torch.nn.Parameter]:
+        """The parameters the stage's optimizer updates (a sharded run replaces them by their shards)."""
+        return trainable
+
+    def _clip_gradients(self, params: list[torch.nn.Parameter], max_norm: float) -> float:
+        """Clip the gradients' total norm to ``max_norm``; returns the norm before clipping."""
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+
     # ----- checkpoints --------------------------------------------------------------------
 
     def _latest_checkpoint(self) -> Path | None:
@@ -200,9 +208,9 @@ class Trainer:
     def _save_checkpoint(self, optimizer, scheduler, batches: PackedBatches) -> Path:
         final = self.checkpoints / f"step-{self.global_step}"
         with written_folder(final) as staging:
-            params = dict(self.student.named_parameters())
+            params = self._full_parameters()
             save_file({n: params[n].detach().cpu().contiguous() for n in sorted(self.ever_trained)}, str(staging / "trained.safetensors"))
-            opt = optimizer.state_dict()
+            opt = self._full_optimizer_state(optimizer)
             tensors, state_meta = {}, {}
             for index, entry in opt["state"].items():
                 for key, value in entry.items():
@@ -229,6 +237,18 @@ class Trainer:
         for old in kept[: -self.config.keep_checkpoints]:
             shutil.rmtree(old)
         return final
+
+    def _full_parameters(self) -> dict[str, torch.Tensor]:
+        """The student's whole (unsharded) parameters by name, for a checkpoint."""
+        return dict(self.student.named_parameters())
+
+    def _full_optimizer_state(self, optimizer) -> dict:
+        """The optimizer's state dict in the single-process format (state keyed by parameter index)."""
+        return optimizer.state_dict()
+
+    def _load_optimizer_state(self, optimizer, state_dict: dict) -> None:
+        """Load a state dict in the format of :meth:`_full_optimizer_state`."""
+        optimizer.load_state_dict(state_dict)
 
     def _load_checkpoint(self, path: Path) -> dict:
         try:
@@ -263,7 +283,7 @@ class Trainer:
         for key, value in list(tensors.items()) + list(state["optimizer_state_scalars"].items()):
             index, name = key.split(".", 1)
             entries.setdefault(int(index), {})[name] = value
-        optimizer.load_state_dict({"state": entries, "param_groups": state["optimizer_param_groups"]})
+        self._load_optimizer_state(optimizer, {"state": entries, "param_groups": state["optimizer_param_groups"]})
         scheduler.load_state_dict(state["scheduler"])
         batches.load_state_dict(state["data"])
 
@@ -370,6 +390,7 @@ class Trainer:
         for p in trainable.values():
             p.requires_grad_(True)
         self.ever_trained |= set(trainable)
+        trainable = self._prepare_trainable(trainable)
         optimizer = torch.optim.AdamW(list(trainable.values()), lr=stage.lr, weight_decay=stage.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, stage))
         rows = pack(self.train_tokens, stage.seq_len, self.separator)
@@ -393,7 +414,7 @@ class Trainer:
                 for key, value in {"loss": loss.item(), **parts}.items():
                     totals[key] = totals.get(key, 0.0) + value / stage.grad_accum
                 self.tokens_seen += batch.numel()
-            grad_norm = torch.nn.utils.clip_grad_norm_(list(trainable.values()), stage.clip)
+            grad_norm = self._clip_gradients(list(trainable.values()), stage.clip)
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
             scheduler.step()
