@@ -1,7 +1,8 @@
-"""Data-parallel conversion training on real gloo process groups.
+"""Data-parallel conversion training (DDP and FSDP2) on real gloo process groups.
 
 Reference: the single-process run of the same config (same global batch): the loss curve of
-2 ranks, and of runs resumed on another number of ranks, must equal it. A rank that dies
+2 ranks (DDP, or FSDP with every rank holding only its shard of the trained parameters), and
+of runs resumed on another number of ranks, must equal it. A rank that dies
 while rank 0 writes a checkpoint ends the job with an error from every rank and leaves the
 last complete checkpoint as the latest one.
 """
