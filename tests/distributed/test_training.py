@@ -15,6 +15,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from safetensors.torch import load_file
 from torch.distributed.tensor import DTensor
 
 from spikingbrain.distributed.comm import DistributedError, launch
@@ -66,11 +67,17 @@ def _train_worker(rank: int, world: int, jobs: list, parallel: str = "ddp") -> l
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, pair) -> list[dict]:
-    """The loss curve of the single-process run of the whole config."""
+def reference_run(tmp_path_factory, pair) -> Path:
+    """The folder of the single-process run of the whole config."""
     root = tmp_path_factory.mktemp("reference")
     Trainer(load_train_config(config(root, pair, "single")), progress=False).run()
-    return curve(root / "single")
+    return root / "single"
+
+
+@pytest.fixture(scope="module")
+def reference(reference_run) -> list[dict]:
+    """The loss curve of the single-process run of the whole config."""
+    return curve(reference_run)
 
 
 def test_two_ranks_follow_the_single_process_curve_and_checkpoints_move_between_world_sizes(tmp_path, pair, reference):
@@ -86,7 +93,7 @@ def test_two_ranks_follow_the_single_process_curve_and_checkpoints_move_between_
     assert {p.name for p in (tmp_path / "two").iterdir()} >= {"final", "delta.safetensors", "summary.json", "metrics.jsonl", "held_out.txt"}
 
 
-def test_fsdp_ranks_follow_the_single_process_curve_and_checkpoints_move_between_world_sizes(tmp_path, pair, reference):
+def test_fsdp_ranks_follow_the_single_process_curve_and_checkpoints_move_between_world_sizes(tmp_path, pair, reference, reference_run):
     # FSDP2 on 2 ranks trains the first three stages (checkpoints: sharded parameters and optimizer state
     # gathered into the single-process format); losing the last checkpoint, one process resumes mid-distill
     # from step 4 to the end; losing the last again, 2 FSDP ranks resume mid-way through the grad_accum stage.
@@ -105,6 +112,11 @@ def test_fsdp_ranks_follow_the_single_process_curve_and_checkpoints_move_between
     launch(_train_worker, 2, ([(path, True)], "fsdp"), timeout_s=120)
     assert_same_curve(curve(out), reference)
     assert {p.name for p in out.iterdir()} >= {"final", "delta.safetensors", "summary.json", "metrics.jsonl"}
+    # the final folder, written from the gathered parameters, holds the single-process run's weights
+    got, want = (load_file(str(run / "final" / "model.safetensors")) for run in (out, reference_run))
+    assert got.keys() == want.keys()
+    for name, tensor in want.items():
+        assert (got[name] - tensor).abs().max() <= 1e-3 * tensor.abs().max(), name
 
 
 def _dies_while_checkpointing(rank: int, world: int, path: str) -> None:
