@@ -2,7 +2,8 @@
 
 With DDP every rank holds the whole student and teacher and ``DistributedDataParallel``
 averages the gradients. With FSDP2 (``fully_shard``) each stage of training shards the
-student's parameters, gradients and optimizer state over the ranks; the gradients are
+student's parameters, gradients and optimizer state over the ranks (one unit per block mixer
+and feed-forward, gathered when the forward or backward reaches it); the gradients are
 averaged by reduce-scatter, and the whole parameters are gathered back at the end of the
 stage (calibration, export and the final folder see an ordinary model). Either way a step
 equals the single-process step on the same global batch (the transfer loss divides by the
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 
 import torch
@@ -55,6 +57,22 @@ class _StepLoss(nn.Module):
 
     def forward(self, ids: torch.Tensor, stage: StageConfig, layers: list[int]):
         return Trainer._step_loss(self.trainer, ids, stage, layers)
+
+
+class _Unit(nn.Module):
+    """One FSDP unit of a training stage around a block's mixer or feed-forward (a module can be sharded only once)."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, *args, **kwargs):
+        return self.inner(*args, **kwargs)
+
+
+def _plain_name(qualified: str) -> str:
+    """A student parameter's name from its name under the sharded root (``student.`` and ``.inner`` removed)."""
+    return re.sub(r"\.(attn|mlp)\.inner\.", r".\1.", qualified.removeprefix("student."))
 
 
 class DistributedTrainer(Trainer):
@@ -108,14 +126,20 @@ class DistributedTrainer(Trainer):
     def _prepare_trainable(self, trainable):
         if self.parallel != "fsdp":
             return trainable
-        # One FSDP unit over the whole student, rebuilt per stage (a module can be sharded only once, and the
-        # trained parameters change): its parameters are gathered for each micro-batch's forward and backward.
+        # Units built afresh for each stage (the trained parameters change): every block's mixer and feed-forward
+        # (a transfer stage calls the mixers on their own), and the root with the rest (embeddings, norms, head).
+        mesh = init_device_mesh(self.device.type, (self.world,))
+        for layer in self.student.model.layers:
+            for part in ("attn", "mlp"):
+                unit = _Unit(getattr(layer, part))
+                fully_shard(unit, mesh=mesh)
+                setattr(layer, part, unit)
         root = _StepLoss(self)
-        fully_shard(root, mesh=init_device_mesh(self.device.type, (self.world,)))
+        fully_shard(root, mesh=mesh)
         self._sharded = root
-        self._sharded_names = [f"student.{name}" for name in trainable]  # the optimizer's parameters, in its order
-        params = dict(self.student.named_parameters())
-        return {name: params[name] for name in trainable}
+        sharded = {_plain_name(name): (name, param) for name, param in root.named_parameters()}
+        self._sharded_names = [sharded[name][0] for name in trainable]  # the optimizer's parameters, in its order
+        return {name: sharded[name][1] for name in trainable}
 
     def _run_stage(self, stage, state, bar) -> None:
         super()._run_stage(stage, state, bar)
@@ -123,14 +147,15 @@ class DistributedTrainer(Trainer):
             self._unshard_for_good()
 
     def _unshard_for_good(self) -> None:
-        """Replace the student's parameter shards by whole parameters (ties kept) and drop the FSDP root."""
-        whole = get_model_state_dict(self._sharded, options=StateDictOptions(full_state_dict=True))
+        """Put the student back together: whole parameters (ties kept) in place of the shards, no units, no FSDP root."""
+        whole = {_plain_name(name): t for name, t in get_model_state_dict(self._sharded, options=StateDictOptions(full_state_dict=True)).items()}
+        for layer in self.student.model.layers:
+            layer.attn, layer.mlp = layer.attn.inner, layer.mlp.inner
         replaced: dict[int, nn.Parameter] = {}
         for qualified, param in self.student.named_parameters(remove_duplicate=False):
             module_name, _, name = qualified.rpartition(".")
             if id(param) not in replaced:
-                tensor = whole[f"student.{qualified}"].detach().to(self.device)
-                replaced[id(param)] = nn.Parameter(tensor, requires_grad=param.requires_grad)
+                replaced[id(param)] = nn.Parameter(whole[qualified].detach().to(self.device), requires_grad=param.requires_grad)
             self.student.get_submodule(module_name)._parameters[name] = replaced[id(param)]
         self._sharded = None
 
@@ -156,7 +181,7 @@ class DistributedTrainer(Trainer):
 
     def _gather_for_checkpoint(self, optimizer) -> tuple[dict, dict]:
         """Whole parameters and optimizer state (on rank 0, CPU) in the single-process format; every rank must call it."""
-        params = {name.removeprefix("student."): t for name, t in get_model_state_dict(self._sharded, options=_FULL_ON_RANK0).items()}
+        params = {_plain_name(name): t for name, t in get_model_state_dict(self._sharded, options=_FULL_ON_RANK0).items()}
         full = get_optimizer_state_dict(self._sharded, optimizer, options=_FULL_ON_RANK0)
         index = {name: i for i, name in enumerate(self._sharded_names)}
         state = {index[name]: entry for name, entry in full.get("state", {}).items()}
