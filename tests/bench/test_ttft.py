@@ -89,6 +89,8 @@ def test_tiny_run_writes_json_and_plot(tmp_path, capsys):
     assert [ratios[n]["extrapolated"] for n in (16, 32, 64)] == [False, False, False]
     assert ratios[128]["extrapolated"] and ratios[1024]["extrapolated"]
     assert ratios[128]["ours_s"] == ours_rows[-1]["median_s"]  # ours measured, baseline from its fit
+    assert not ratios[128]["ours_extrapolated"] and ratios[128]["baseline_extrapolated"]
+    assert ratios[1024]["ours_extrapolated"] and ratios[1024]["baseline_extrapolated"]
     coef = data["fits"]["baseline"]["coefficients"]
     assert ratios[1024]["baseline_s"] == pytest.approx(predict(coef, 1024))
     assert all(math.isfinite(r["ratio"]) and r["ratio"] > 0 for r in data["ratios"])

@@ -435,16 +435,16 @@ def _analysis(candidates: list[Candidate], extrapolate: list[int]) -> dict:
     if "ours" in rows and "baseline" in rows:
         targets_lengths = set(rows["ours"]) | set(rows["baseline"]) | set(extrapolate)
         for length in sorted(targets_lengths):
-            seconds, extrapolated = {}, False
+            seconds, from_fit = {}, {}
             for name in ("ours", "baseline"):
                 if length in rows[name]:
-                    seconds[name] = rows[name][length]["median_s"]
+                    seconds[name], from_fit[name] = rows[name][length]["median_s"], False
                 elif name in fits:
-                    seconds[name] = predict(fits[name]["coefficients"], length)
-                    extrapolated = True
+                    seconds[name], from_fit[name] = predict(fits[name]["coefficients"], length), True
             if len(seconds) == 2 and seconds["ours"] > 0:
                 ratios.append({"length": length, "ours_s": seconds["ours"], "baseline_s": seconds["baseline"],
-                               "ratio": seconds["baseline"] / seconds["ours"], "extrapolated": extrapolated})
+                               "ratio": seconds["baseline"] / seconds["ours"], "extrapolated": any(from_fit.values()),
+                               "ours_extrapolated": from_fit["ours"], "baseline_extrapolated": from_fit["baseline"]})
     return {"fits": fits, "ratios": ratios, "fit_notes": notes, "targets": _targets(rows, ratios)}
 
 
