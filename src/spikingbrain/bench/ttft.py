@@ -56,6 +56,7 @@ __all__ = [
 ]
 
 DEFAULT_LENGTHS = tuple(512 * 2**i for i in range(12))  # 512 ... 1M
+WARMUP = 1024  # tokens of the untimed warm-up call of each model
 TARGETS = {
     "ratio_32k": 5.0,
     "ratio_128k": 20.0,
@@ -360,14 +361,17 @@ def run(
         write_json(out / "ttft.json", result)
 
     with torch.inference_mode(), progress(sum(len(v) for v in plan.values()), bar_desc) as bar:
-        for c in candidates:  # warm-up at the shortest length; a cap below it stops the model at once
+        for c in candidates:  # warm-up at up to WARMUP tokens; a cap below the first run it predicts stops the model
+            first = plan[c.name][0]
+            warm = min(first, WARMUP)
             bar.set_postfix_str(f"warm-up {c.name}")
             start = time.perf_counter()
-            first_token(c.model, ids[:, : plan[c.name][0]])
-            if time.perf_counter() - start > cap:
+            first_token(c.model, ids[:, :warm])
+            guess = (time.perf_counter() - start) * (first / warm) ** c.degree
+            if guess > cap:
                 stopped[c.name] = (
-                    f"--cap {cap:g} s is shorter than one run of {c.label} at {plan[c.name][0]} tokens "
-                    f"({time.perf_counter() - start:.1f} s); raise --cap"
+                    f"--cap {cap:g} s is shorter than one run of {c.label} at {first} tokens "
+                    f"(about {guess:.1f} s from a warm-up at {warm}); raise --cap"
                 )
         for length in all_lengths:
             active = []
