@@ -111,6 +111,11 @@ def machine_info() -> dict[str, object]:
     }
 
 
+def command_line() -> list[str]:
+    """The command being run, as a user would type it (no machine path for the program)."""
+    return ["spikingbrain", *sys.argv[1:]]
+
+
 def write_json(path: str | Path, data: object) -> Path:
     """Write ``data`` as indented JSON to ``path``, creating its folder."""
     path = Path(path)

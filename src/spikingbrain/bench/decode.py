@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -133,7 +132,7 @@ def run(
     """Decode latency and cache bytes of every candidate at every context; write JSON (and PNG)."""
     import torch
 
-    from .common import load_average, machine_info, progress, write_json
+    from .common import command_line, load_average, machine_info, progress, write_json
     from .report import thread_env
 
     if tokens < 1 or repeats < 1:
@@ -147,7 +146,7 @@ def run(
     out = Path(out)
     result = {
         "benchmark": "decode",
-        "argv": list(sys.argv),
+        "argv": command_line(),
         "machine": machine_info(),
         "thread_env": thread_env(),
         "load_average": {"start": load_average()},

@@ -12,7 +12,6 @@ during the run does not flatter the fraction.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
@@ -57,7 +56,7 @@ def _cmd_efficiency(args: argparse.Namespace) -> int:
 def run(args: argparse.Namespace) -> dict:
     """Measure the peak and the prefills described by ``args``; write efficiency.json (and .png); return the result."""
     from ..model.loading import load_model
-    from .common import load_average, machine_info, matmul_peak, progress, set_threads, write_json
+    from .common import command_line, load_average, machine_info, matmul_peak, progress, set_threads, write_json
     from .report import thread_env
 
     threads = set_threads(args.threads)
@@ -84,7 +83,7 @@ def run(args: argparse.Namespace) -> dict:
     judged = [row for row in prefill if row["length"] >= TARGET_FROM]
     result = {
         "benchmark": "efficiency",
-        "argv": list(sys.argv),
+        "argv": command_line(),
         "model_ref": str(args.model),
         "machine": {**machine_info(), "torch_threads": threads},
         "thread_env": thread_env(),

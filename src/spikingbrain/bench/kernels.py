@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -286,7 +285,7 @@ def run(args: argparse.Namespace) -> dict:
     """Run the benchmark described by ``args`` and write its JSON (and PNG); return the result."""
     import torch
 
-    from .common import load_average, machine_info, matmul_peak, progress, set_threads, write_json
+    from .common import command_line, load_average, machine_info, matmul_peak, progress, set_threads, write_json
 
     threads = set_threads(args.threads)
     lengths = sorted(set(args.lengths or (QUICK_LENGTHS if args.quick else DEFAULT_LENGTHS)))
@@ -314,7 +313,7 @@ def run(args: argparse.Namespace) -> dict:
         row["fraction_of_peak"] = row["gflops"] / peak
     result = {
         "benchmark": "kernels",
-        "argv": list(sys.argv),
+        "argv": command_line(),
         "machine": {**machine_info(), "torch_threads": threads},
         "wall_seconds": time.time() - started,
         "load_average": {"start": load_start, "end": load_average()},

@@ -318,7 +318,7 @@ def run(
     """
     import torch
 
-    from .common import load_average, machine_info, progress
+    from .common import command_line, load_average, machine_info, progress
     from .report import thread_env
 
     if cap <= 0 or repeats < 1 or max_seconds <= 0:
@@ -335,7 +335,7 @@ def run(
     started = time.time()
     result = {
         "benchmark": "ttft",
-        "argv": list(sys.argv),
+        "argv": command_line(),
         "machine": machine_info(),
         "thread_env": thread_env(),
         "load_average": {"start": load_average()},
