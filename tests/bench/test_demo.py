@@ -86,3 +86,49 @@ def test_demo_without_a_teacher_is_partial_but_reported(tiny_folders, tmp_path, 
     assert set(data["perplexity"]) == {"ours"} and data["ttft"]["candidates"]["ours"]["rows"]
     assert "Partial results" in (out / "report.md").read_text()
     assert "loading the teacher" in capsys.readouterr().out
+
+
+@pytest.mark.real_model
+def test_demo_converts_a_teacher_without_a_shipped_conversion(tiny_folders, tmp_path):
+    """``--model auto`` with a teacher that has no shipped conversion: a quick conversion is made, reported and reused."""
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    from spikingbrain.model.loading import load_model
+    from spikingbrain.train.quick import MARKER
+
+    _, teacher = tiny_folders
+    out = tmp_path / "report"
+    args = ["demo", "--teacher", str(teacher), "--out", str(out), "--convert-steps", "3", "--ttft-lengths", "64",
+            "--baseline-lengths", "64", "--passkey-lengths", "96", "--decode-contexts", "32", "--ppl-tokens", "120",
+            "--ppl-context", "60", "--max-new-tokens", "2"]
+    assert main(args) == 0
+    data = json.loads((out / "demo.json").read_text())
+    folder = out / "quick-conversion"
+    assert data["steps"][0]["name"] == "convert" and all(s["status"] == "done" for s in data["steps"])
+    assert data["model"] == str(folder / "train" / "final") and data["quick_conversion"]["steps"] == 4  # calibrate + 3
+    summary = json.loads((folder / "train" / "summary.json").read_text())
+    assert data["quick_conversion"]["ppl"] == summary["ppl"]
+    ids = held_out_ids(AutoTokenizer.from_pretrained(teacher), 96)[None]
+    target = torch.log_softmax(LlamaForCausalLM.from_pretrained(teacher)(ids).logits, -1)
+
+    def kl_to_teacher(model_folder):
+        logits = load_model(model_folder)(ids).logits
+        return torch.nn.functional.kl_div(torch.log_softmax(logits, -1), target, log_target=True, reduction="batchmean")
+
+    trained = load_model(folder / "train" / "final")
+    assert trained.config.layer_mixers == ["gla", "swa"] and trained.config.sliding_window == 96  # seq_len 192 // 2
+    assert kl_to_teacher(folder / "train" / "final") < kl_to_teacher(folder / "student")  # training moved it to the teacher
+    assert "quick conversion" in (out / "report.md").read_text()
+    made = (folder / MARKER).stat().st_mtime_ns
+    assert main(args) == 0  # the same settings reuse the finished conversion
+    assert json.loads((out / "demo.json").read_text())["steps"][0]["seconds"] < data["steps"][0]["seconds"]
+    assert (folder / MARKER).stat().st_mtime_ns == made
+
+
+def test_quick_conversion_refuses_a_foreign_folder(tmp_path):
+    from spikingbrain.train.quick import quick_conversion
+
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="not a quick conversion"):
+        quick_conversion("default", tmp_path)
+    assert (tmp_path / "notes.txt").read_text() == "mine"

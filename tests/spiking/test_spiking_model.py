@@ -14,7 +14,7 @@ import torch
 
 from reference_impl import SpikingWeights, assert_close, randomize_, reference_logits, spec_for, spike_reference
 from spikingbrain import SpikingBrainConfig, SpikingBrainForCausalLM
-from spikingbrain.spiking.apply import observe_spikes, spikify, spiking_linears, unspikify
+from spikingbrain.spiking.apply import current_spiking, observe_spikes, spikify, spiking_linears, spiking_off, unspikify
 from spikingbrain.spiking.coding import encode
 from spikingbrain.spiking.events import SpikeEventRecorder, read_events, write_events
 from spikingbrain.spiking.int8 import Int8Linear, clip_ratios, fake_quantize_int8, quantize_groups, quantize_model_int8
@@ -49,6 +49,26 @@ def test_spiking_forward_equals_the_reference(options):
     unspikify(model)
     with torch.no_grad():
         assert_close(model(x).logits, dense, 1e-5, "after unspikify")
+
+
+def test_spiking_off_computes_dense_and_restores_the_settings():
+    model = tiny()
+    x = ids()
+    dense = reference_logits(model.state_dict(), spec_for(model.config), x)
+    spikify(model, k=2.5, spike_query=True)
+    expected = reference_logits(SpikingWeights(model.state_dict(), 2.5, spike_query=True), spec_for(model.config), x)
+    settings = dict(current_spiking(model))
+    with pytest.raises(KeyError), torch.no_grad(), spiking_off(model):
+        assert_close(model(x).logits, dense, 1e-5, "inside spiking_off")
+        spikify(model, k=4)  # the block changes the settings, then fails
+        raise KeyError("failure inside the block")
+    assert current_spiking(model) == settings and model.config.spiking == settings
+    with torch.no_grad():
+        assert_close(model(x).logits, expected, 1e-5, "spiking restored")
+    unspikify(model)
+    with spiking_off(model):
+        spikify(model, k=3)
+    assert current_spiking(model) is None  # a dense model stays dense
 
 
 def test_targets_cover_every_projection_and_nothing_else():

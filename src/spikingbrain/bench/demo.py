@@ -1,8 +1,9 @@
 """``spikingbrain demo`` (``make demo``): the main job on the embedded default, offline, in about ten minutes on 2 cores.
 
 It loads the teacher (SmolLM2-135M-Instruct, run by Hugging Face transformers with SDPA)
-and our model (the shipped conversion ``spikingbrain-smollm2``), then measures, with
-progress shown:
+and our model (the shipped conversion ``spikingbrain-smollm2``; for another ``--teacher``, or
+when the shipped delta is missing, a quick conversion made first by
+:func:`spikingbrain.train.quick.quick_conversion`), then measures, with progress shown:
 
 1. quality: held-out perplexity of both (the held-out split of Python's ``pydoc_data``
    topics, seed 0, 10 %, its first 8192 tokens in 2048-token windows: the measurement of
@@ -64,17 +65,12 @@ def spiking_section(ours, tokenizer, report_dir: Path, tokens: int, context: int
     ``ours`` computes as it did before (its spiking settings are restored).
     """
     from ..eval.spikes import RasterCapture, plot_report, spiking_report
-    from ..spiking.apply import current_spiking, spikify, spiking_linears, unspikify
+    from ..spiking.apply import spiking_linears, spiking_off
 
     ids = held_out_ids(tokenizer, tokens)
-    settings = current_spiking(ours)
     raster = RasterCapture(next(iter(spiking_linears(ours))))
-    try:
+    with spiking_off(ours):
         report = spiking_report(ours, ids, k=3.0, context=min(context, len(ids)), raster=raster, progress=True)
-    finally:
-        unspikify(ours)
-        if settings:
-            spikify(ours, **settings)
     plots = plot_report(report, raster, None, report_dir / "spikes")
     o, e = report["overall"], report["energy"]["report_45nm"]
     summary = [
@@ -124,7 +120,11 @@ def register(subparsers) -> argparse.ArgumentParser:
     """Add the ``demo`` command."""
     p = subparsers.add_parser("demo", help="the main job: quality, long-context speed and memory of ours against the teacher",
                               description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="spikingbrain-smollm2", help="our model (folder or short name)")
+    p.add_argument("--model", default="auto",
+                   help="our model (folder or short name); 'auto': the shipped conversion of the default teacher, "
+                        "otherwise a quick conversion of --teacher made in <out>/quick-conversion")
+    p.add_argument("--convert-steps", type=int, default=20,
+                   help="distillation steps of a quick conversion (2 x 1024 tokens each; 0: calibration only)")
     p.add_argument("--teacher", default="default", help="the Transformer it is compared with, run by transformers (SDPA)")
     p.add_argument("--out", default="runs/demo", help="report folder (report.md, demo.json, PNGs)")
     p.add_argument("--budget", type=float, default=None,
@@ -152,6 +152,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         "decode": args.decode_contexts or preset["decode"],
         "ppl_tokens": args.ppl_tokens, "ppl_context": args.ppl_context, "max_new_tokens": args.max_new_tokens,
         "budget_s": args.budget or (3600.0 if args.long else 600.0), "long": bool(args.long),
+        "convert_steps": args.convert_steps,
     }
     result = run_demo(args.model, args.teacher, Path(args.out), settings, args.threads)
     print()
@@ -183,6 +184,30 @@ def _step(result: dict, name: str, title: str, fn) -> object:
         print(f"    {entry.get('status', 'interrupted')} in {entry['seconds']:.1f} s", file=sys.stderr, flush=True)
 
 
+def shipped_conversion_of(teacher_ref: str) -> str | None:
+    """The shipped conversion of ``teacher_ref`` when this installation has it, else None."""
+    from ..model.checkpoint import CheckpointError
+    from ..model.shipped import shipped_delta_path
+
+    if teacher_ref != "default":
+        return None
+    try:
+        shipped_delta_path("spikingbrain-smollm2")
+    except CheckpointError as err:
+        print(f"no shipped conversion: {err}; making a quick conversion instead", file=sys.stderr)
+        return None
+    return "spikingbrain-smollm2"
+
+
+def _quick_conversion(teacher_ref: str, out: Path, steps: int) -> dict:
+    """The demo step that converts the teacher quickly; returns where the model is and how it was trained."""
+    from ..train.quick import quick_conversion
+
+    folder, summary = quick_conversion(teacher_ref, out / "quick-conversion", distill_steps=steps)
+    keep = ("steps", "tokens_seen", "ppl", "ppl_ratio", "teacher_ppl")
+    return {"folder": str(folder), **{key: summary[key] for key in keep if key in summary}}
+
+
 def run_demo(model_ref: str, teacher_ref: str, out: Path, settings: dict, threads: int | None = None) -> dict:
     """Run the demo steps (see the module docstring), write the report folder and return the collected result."""
     import torch
@@ -203,13 +228,24 @@ def run_demo(model_ref: str, teacher_ref: str, out: Path, settings: dict, thread
               "machine": machine_info(), "thread_env": thread_env(), "load_average": {"start": load_average()}, "steps": [], "partial": False,
               "files": {"markdown": str(out / "report.md"), "json": str(out / "demo.json")}}
     try:
+        if model_ref == "auto":
+            model_ref = shipped_conversion_of(teacher_ref)
+            if model_ref is None:
+                steps = settings.get("convert_steps", 20)
+                made = _step(result, "convert", f"quick conversion of {teacher_ref} (calibration and {steps} distillation steps)",
+                             lambda: _quick_conversion(teacher_ref, out, steps))
+                if made is None:
+                    raise ValueError(f"the quick conversion of {teacher_ref!r} failed: {result['steps'][-1].get('error')}")
+                result["quick_conversion"] = made
+                model_ref = made["folder"]
+            result["model"] = str(model_ref)
         tokenizer = load_tokenizer(model_ref)
         ours = _step(result, "load_ours", f"loading our model {model_ref}", lambda: load_model(model_ref))
         teacher = _step(result, "load_teacher", f"loading the teacher {teacher_ref} with transformers (SDPA)",
                         lambda: ttft.load_baseline(teacher_ref))
         models = {name: m for name, m in (("teacher", teacher), ("ours", ours)) if m is not None}
         if "ours" not in models:
-            raise ValueError(f"our model {model_ref!r} could not be loaded: {result['steps'][0].get('error')}")
+            raise ValueError(f"our model {model_ref!r} could not be loaded: {result['steps'][-2].get('error')}")
 
         def quality():
             ids = held_out_ids(tokenizer, settings["ppl_tokens"])
@@ -334,6 +370,11 @@ def write_markdown(result: dict, path: Path) -> Path:
     lines = [f"# SpikingBrain demo: {result['model']} against {result['teacher']}", ""]
     if result["partial"]:
         lines += ["**Partial results**: a step failed or the run was interrupted (see Steps).", ""]
+    quick = result.get("quick_conversion")
+    if quick:
+        lines += [f"**Our model is a quick conversion** made by this run ({quick['steps']} steps on {quick['tokens_seen']} tokens; "
+                  f"its training held-out perplexity is {quick['ppl_ratio']:.2f}x the teacher's). A full conversion "
+                  "(`spikingbrain train`, see configs/spikingbrain-smollm2.yaml) is much closer to the teacher.", ""]
     lines += ["## Summary", "", *_markdown_table([("metric", "teacher", "ours", "ratio"), *summary_rows(result)]), ""]
     ppl = result.get("perplexity")
     if ppl:

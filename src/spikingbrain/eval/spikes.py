@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from ..bench.common import machine_info, write_json
-from ..spiking.apply import current_spiking, observe_spikes, spikify, spiking_linears, unspikify
+from ..spiking.apply import observe_spikes, spikify, spiking_linears, spiking_off
 from ..spiking.coding import encode
 from ..spiking.events import SpikeEventRecorder, write_events
 from ..spiking.stats import HISTOGRAM_BINS, SpikeStatistics
@@ -51,13 +51,8 @@ def _observers(*observers):
 
 def _dense_perplexity(model, token_ids, context, progress) -> dict:
     """Perplexity with spiking off; the model's spiking settings are restored afterwards."""
-    settings = current_spiking(model)
-    unspikify(model)
-    try:
+    with spiking_off(model):
         return perplexity(model, token_ids, context, progress=progress)
-    finally:
-        if settings:
-            spikify(model, **settings)
 
 
 def spiking_report(
@@ -293,7 +288,7 @@ def format_summary(report: dict) -> str:
         f"perplexity: dense {report['ppl']:.3f}, spiking {report['ppl_spiking']:.3f} (ratio {report['ppl_ratio']:.4f})",
         f"zero counts {o['zero_fraction']:.1%}, mean |count| {o['mean_abs_count']:.3f}, |count| <= 7: {o['share_at_most_7']:.1%}, "
         f"silent channels {o['silent_channel_fraction']:.1%}",
-        f"spikes per channel: " + ", ".join(f"{c} {v:.3f}" for c, v in o["spikes_per_channel"].items()),
+        "spikes per channel: " + ", ".join(f"{c} {v:.3f}" for c, v in o["spikes_per_channel"].items()),
         f"sparsity_bitwise3 {o['sparsity_bitwise3']:.1%} (report, SpikingBrain-7B: 69.15 %)",
         f"energy ({e['coding']}): {e['report_45nm']['saving_vs_fp16']:.1%} below FP16 MAC, "
         f"{e['report_45nm']['saving_vs_int8']:.1%} below INT8 MAC (report's 45 nm figures); "

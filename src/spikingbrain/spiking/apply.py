@@ -13,7 +13,8 @@ The settings live in ``model.config.spiking`` so a saved model reloads spiking.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -26,6 +27,7 @@ __all__ = [
     "spiking_settings",
     "spikify",
     "unspikify",
+    "spiking_off",
     "spiking_linears",
     "projection_name",
     "observe_spikes",
@@ -150,6 +152,20 @@ def unspikify(model: nn.Module) -> nn.Module:
     if hasattr(model, "config"):
         model.config.spiking = None
     return model
+
+
+@contextmanager
+def spiking_off(model: nn.Module) -> Iterator[nn.Module]:
+    """Context manager: ``model`` enters dense; on exit it spikes again exactly as it did before (or stays dense),
+    whatever the block changed."""
+    settings = current_spiking(model)
+    unspikify(model)
+    try:
+        yield model
+    finally:
+        unspikify(model)
+        if settings:
+            spikify(model, **settings)
 
 
 class observe_spikes:
