@@ -29,6 +29,7 @@ import time
 import traceback
 from pathlib import Path
 
+from ..train.quick import DEFAULT_STEPS
 from .kernels import _fmt_len, _int_list
 
 __all__ = ["register", "run_demo", "held_out_ids", "spiking_section", "summary_rows", "SAMPLE_PROMPTS"]
@@ -123,8 +124,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--model", default="auto",
                    help="our model (folder or short name); 'auto': the shipped conversion of the default teacher, "
                         "otherwise a quick conversion of --teacher made in <out>/quick-conversion")
-    p.add_argument("--convert-steps", type=int, default=20,
-                   help="distillation steps of a quick conversion (2 x 1024 tokens each; 0: calibration only)")
+    p.add_argument("--convert-steps", type=int, default=DEFAULT_STEPS,
+                   help="distillation steps of a quick conversion (1024 tokens each; 0: calibration only)")
     p.add_argument("--teacher", default="default", help="the Transformer it is compared with, run by transformers (SDPA)")
     p.add_argument("--out", default="runs/demo", help="report folder (report.md, demo.json, PNGs)")
     p.add_argument("--budget", type=float, default=None,
@@ -231,7 +232,7 @@ def run_demo(model_ref: str, teacher_ref: str, out: Path, settings: dict, thread
         if model_ref == "auto":
             model_ref = shipped_conversion_of(teacher_ref)
             if model_ref is None:
-                steps = settings.get("convert_steps", 20)
+                steps = settings.get("convert_steps", DEFAULT_STEPS)
                 made = _step(result, "convert", f"quick conversion of {teacher_ref} (calibration and {steps} distillation steps)",
                              lambda: _quick_conversion(teacher_ref, out, steps))
                 if made is None:
