@@ -96,9 +96,8 @@ class _Tally:
         self.synaptic_ops = dict.fromkeys(CODINGS, 0)
         self.max_steps = dict.fromkeys(CODINGS, 0)
         self.histogram = torch.zeros(HISTOGRAM_BINS, dtype=torch.long)
-        self.fired = torch.zeros(channels, dtype=torch.bool)
+        self.fired = torch.zeros(channels, dtype=torch.bool)  # per input channel (merges concatenate them)
         self.out_features = out_features
-        self.channels = self.silent = 0  # set for merges; single streams use ``fired``
 
     def add(self, counts: torch.Tensor) -> None:
         counts = counts.reshape(-1, counts.shape[-1])
@@ -120,8 +119,10 @@ class _Tally:
 
     def merged(self, others: list["_Tally"]) -> "_Tally":
         """A tally of this one and ``others`` together."""
+        tallies = [self, *others]
         total = _Tally()
-        for tally in [self, *others]:
+        total.fired = torch.cat([tally.fired for tally in tallies])
+        for tally in tallies:
             for field in ("values", "zeros", "abs_sum", "at_most_7", "bitwise3_spikes", "macs"):
                 setattr(total, field, getattr(total, field) + getattr(tally, field))
             for coding in CODINGS:
@@ -129,16 +130,11 @@ class _Tally:
                 total.synaptic_ops[coding] += tally.synaptic_ops[coding]
                 total.max_steps[coding] = max(total.max_steps[coding], tally.max_steps[coding])
             total.histogram += tally.histogram
-            channels, silent = tally.channel_counts()
-            total.channels += channels
-            total.silent += silent
         return total
 
     def channel_counts(self) -> tuple[int, int]:
         """``(channels, channels that never fired)``."""
-        if self.fired.numel():
-            return self.fired.numel(), int((~self.fired).sum())
-        return self.channels, self.silent
+        return self.fired.numel(), int((~self.fired).sum())
 
     def summary(self) -> dict:
         """The statistics as a JSON-ready dictionary."""
