@@ -59,3 +59,19 @@ def test_shipped_conversion_rebuilds_from_the_teacher_and_its_delta(tmp_path, de
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "shipped")
     assert type(exported).__name__ == "SpikingBrainForCausalLM"
     assert (tmp_path / "shipped" / "tokenizer.json").is_file() and (tmp_path / "shipped" / "chat_template.jinja").is_file()
+
+
+def test_shipped_conversion_of_reads_the_teacher_from_the_delta(tmp_path, monkeypatch):
+    from safetensors import safe_open
+
+    from spikingbrain.model import shipped
+
+    with safe_open(str(shipped.shipped_delta_path("spikingbrain-smollm2")), framework="pt") as f:
+        assert f.metadata()["teacher"] == "default"  # configs/spikingbrain-smollm2.yaml trains it from the embedded model
+    assert shipped.shipped_conversion_of("default") == "spikingbrain-smollm2"
+    assert shipped.shipped_conversion_of(str(tmp_path)) is None
+    # an entry whose delta is not installed, looked at first, is passed over
+    monkeypatch.setattr(shipped, "SHIPPED_MODELS", {"missing": "no-such-file.safetensors", **shipped.SHIPPED_MODELS})
+    assert shipped.shipped_conversion_of("default") == "spikingbrain-smollm2"
+    monkeypatch.setattr(shipped, "SHIPPED_MODELS", {"missing": "no-such-file.safetensors"})
+    assert shipped.shipped_conversion_of("default") is None

@@ -59,8 +59,8 @@ def held_out_ids(tokenizer, max_tokens: int = 8192, seed: int = 0, fraction: flo
     return torch.tensor(flat[:max_tokens], dtype=torch.long)
 
 
-def spiking_section(ours, tokenizer, report_dir: Path, tokens: int, context: int) -> dict:
-    """Spiking (k = 3) perplexity cost, sparsity and energy of ``ours`` on ``tokens`` held-out tokens, with the ``spikes`` PNGs.
+def spiking_section(ours, ids, report_dir: Path, context: int) -> dict:
+    """Spiking (k = 3) perplexity cost, sparsity and energy of ``ours`` on the token ids ``ids``, with the ``spikes`` PNGs.
 
     Returns ``{"markdown": str, "summary": [(metric, teacher, ours, ratio), ...], "json": dict}``;
     ``ours`` computes as it did before (its spiking settings are restored).
@@ -68,7 +68,6 @@ def spiking_section(ours, tokenizer, report_dir: Path, tokens: int, context: int
     from ..eval.spikes import RasterCapture, plot_report, spiking_report
     from ..spiking.apply import spiking_linears, spiking_off
 
-    ids = held_out_ids(tokenizer, tokens)
     raster = RasterCapture(next(iter(spiking_linears(ours))))
     with spiking_off(ours):
         report = spiking_report(ours, ids, k=3.0, context=min(context, len(ids)), raster=raster, progress=True)
@@ -162,6 +161,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0 if not result["partial"] else 1
 
 
+def _error(result: dict, name: str) -> str | None:
+    """The error of the step ``name`` in ``result``."""
+    return next(s.get("error") for s in result["steps"] if s["name"] == name)
+
+
 def _step(result: dict, name: str, title: str, fn) -> object:
     """Run one demo step with a header on stderr; a failure is recorded (the demo goes on)."""
     index = len(result["steps"]) + 1
@@ -185,28 +189,12 @@ def _step(result: dict, name: str, title: str, fn) -> object:
         print(f"    {entry.get('status', 'interrupted')} in {entry['seconds']:.1f} s", file=sys.stderr, flush=True)
 
 
-def shipped_conversion_of(teacher_ref: str) -> str | None:
-    """The shipped conversion of ``teacher_ref`` when this installation has it, else None."""
-    from ..model.checkpoint import CheckpointError
-    from ..model.shipped import shipped_delta_path
-
-    if teacher_ref != "default":
-        return None
-    try:
-        shipped_delta_path("spikingbrain-smollm2")
-    except CheckpointError as err:
-        print(f"no shipped conversion: {err}; making a quick conversion instead", file=sys.stderr)
-        return None
-    return "spikingbrain-smollm2"
-
-
 def _quick_conversion(teacher_ref: str, out: Path, steps: int) -> dict:
     """The demo step that converts the teacher quickly; returns where the model is and how it was trained."""
     from ..train.quick import quick_conversion
 
     folder, summary = quick_conversion(teacher_ref, out / "quick-conversion", distill_steps=steps)
-    keep = ("steps", "tokens_seen", "ppl", "ppl_ratio", "teacher_ppl")
-    return {"folder": str(folder), **{key: summary[key] for key in keep if key in summary}}
+    return {"folder": str(folder), **{key: summary[key] for key in ("steps", "tokens_seen", "ppl", "ppl_ratio", "teacher_ppl")}}
 
 
 def run_demo(model_ref: str, teacher_ref: str, out: Path, settings: dict, threads: int | None = None) -> dict:
@@ -216,6 +204,7 @@ def run_demo(model_ref: str, teacher_ref: str, out: Path, settings: dict, thread
     from ..eval.passkey import plot_heatmap, run_passkey
     from ..eval.perplexity import perplexity
     from ..model.loading import load_model, load_tokenizer
+    from ..model.shipped import shipped_conversion_of
     from . import decode, ttft
     from .common import load_average, machine_info, set_threads, write_json
     from .report import thread_env
@@ -232,11 +221,11 @@ def run_demo(model_ref: str, teacher_ref: str, out: Path, settings: dict, thread
         if model_ref == "auto":
             model_ref = shipped_conversion_of(teacher_ref)
             if model_ref is None:
-                steps = settings.get("convert_steps", DEFAULT_STEPS)
-                made = _step(result, "convert", f"quick conversion of {teacher_ref} (calibration and {steps} distillation steps)",
-                             lambda: _quick_conversion(teacher_ref, out, steps))
+                steps = settings["convert_steps"]
+                made = _step(result, "convert", f"quick conversion of {teacher_ref} (no shipped conversion of it here; "
+                             f"calibration and {steps} distillation steps)", lambda: _quick_conversion(teacher_ref, out, steps))
                 if made is None:
-                    raise ValueError(f"the quick conversion of {teacher_ref!r} failed: {result['steps'][-1].get('error')}")
+                    raise ValueError(f"the quick conversion of {teacher_ref!r} failed: {_error(result, 'convert')}")
                 result["quick_conversion"] = made
                 model_ref = made["folder"]
             result["model"] = str(model_ref)
@@ -246,11 +235,12 @@ def run_demo(model_ref: str, teacher_ref: str, out: Path, settings: dict, thread
                         lambda: ttft.load_baseline(teacher_ref))
         models = {name: m for name, m in (("teacher", teacher), ("ours", ours)) if m is not None}
         if "ours" not in models:
-            raise ValueError(f"our model {model_ref!r} could not be loaded: {result['steps'][-2].get('error')}")
+            raise ValueError(f"our model {model_ref!r} could not be loaded: {_error(result, 'load_ours')}")
+        held_out = held_out_ids(tokenizer, settings["ppl_tokens"])
 
         def quality():
-            ids = held_out_ids(tokenizer, settings["ppl_tokens"])
-            return {name: perplexity(m, ids, min(settings["ppl_context"], len(ids)), progress=True) for name, m in models.items()}
+            context = min(settings["ppl_context"], len(held_out))
+            return {name: perplexity(m, held_out, context, progress=True) for name, m in models.items()}
 
         result["perplexity"] = _step(result, "perplexity", f"held-out perplexity ({settings['ppl_tokens']} pydoc tokens)", quality)
 
@@ -270,8 +260,7 @@ def run_demo(model_ref: str, teacher_ref: str, out: Path, settings: dict, thread
         for c in pair:
             c.rows = []
         result["spiking"] = _step(result, "spiking", "spiking sparsity and energy",
-                                  lambda: spiking_section(ours, tokenizer, out, min(SPIKING_TOKENS, settings["ppl_tokens"]),
-                                                          settings["ppl_context"]))
+                                  lambda: spiking_section(ours, held_out[:SPIKING_TOKENS], out, settings["ppl_context"]))
         lengths = {"ours": settings["ttft"], "baseline": settings["baseline_ttft"]}
         result["ttft"] = _step(result, "ttft", "time to first token (the teacher as far as the time budget allows)",
                                lambda: ttft.run(pair, lengths, out / "ttft", cap=settings["budget_s"], repeats=1,

@@ -85,6 +85,7 @@ class DistributedTrainer(Trainer):
             raise TrainingError(f"parallel={parallel!r} is not one of {list(PARALLEL_KINDS)}")
         self.parallel = parallel
         self._sharded: nn.Module | None = None  # the FSDP2 root (a _StepLoss) while a stage trains sharded
+        self._sharded_names: list[str] = []  # the sharded optimizer's parameters by their names under that root, in order
         self._gathered: tuple[dict, dict] | None = None  # rank 0's whole parameters and optimizer state while it writes a checkpoint
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.writes_files = self.rank == 0

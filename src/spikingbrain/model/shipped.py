@@ -21,7 +21,8 @@ from safetensors.torch import save_file
 from .checkpoint import CheckpointError, copy_tokenizer_files, refuse_non_empty, written_folder
 from .embedded import _build_folder, cache_dir
 
-__all__ = ["SHIPPED_MODELS", "shipped_delta_path", "shipped_model_folder", "write_delta", "build_from_delta", "export_model"]
+__all__ = ["SHIPPED_MODELS", "shipped_delta_path", "shipped_conversion_of", "shipped_model_folder", "write_delta",
+           "build_from_delta", "export_model"]
 
 #: Short name -> delta file inside the package (src/spikingbrain/shipped/).
 SHIPPED_MODELS = {"spikingbrain-smollm2": "spikingbrain-smollm2.safetensors"}
@@ -36,6 +37,20 @@ def shipped_delta_path(name: str) -> Path:
     if not path.is_file():
         raise CheckpointError(f"{path}: the delta file of {name!r} is missing from this installation; reinstall spikingbrain")
     return path
+
+
+def shipped_conversion_of(teacher: str) -> str | None:
+    """The short name of a shipped model converted from ``teacher`` (as its delta names it, e.g. ``default``) whose
+    delta file this installation has, else None."""
+    for name in SHIPPED_MODELS:
+        try:
+            path = shipped_delta_path(name)
+        except CheckpointError:
+            continue
+        with safe_open(str(path), framework="pt") as f:
+            if (f.metadata() or {}).get("teacher") == str(teacher):
+                return name
+    return None
 
 
 def _sha256(path: Path) -> str:
