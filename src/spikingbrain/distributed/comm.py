@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from .options import DEFAULT_TIMEOUT_S
+
 __all__ = [
     "DistributedError",
     "describe_failure",
@@ -25,10 +27,6 @@ __all__ = [
     "launch",
     "launched_by_torchrun",
 ]
-
-#: Seconds a collective waits for the other ranks before it fails (``--timeout``).
-DEFAULT_TIMEOUT_S = 300.0
-
 
 class DistributedError(RuntimeError):
     """A distributed job failed: a rank raised, died or timed out; the message names every rank's fate."""

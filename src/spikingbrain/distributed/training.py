@@ -14,8 +14,6 @@ either kind of parallelism.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import re
 import sys
@@ -35,13 +33,11 @@ from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 from ..train.config import StageConfig, TrainConfig
-from ..train.trainer import Trainer, TrainingError, config_from_args
-from .comm import DEFAULT_TIMEOUT_S, describe_failure, init_from_env, launched_by_torchrun
+from ..train.trainer import Trainer, TrainingError
+from .comm import describe_failure, init_from_env
+from .options import PARALLEL_KINDS
 
-__all__ = ["PARALLEL_KINDS", "DistributedTrainer", "extend_train_command"]
-
-#: ``--parallel`` choices: replicated (DDP) or sharded (FSDP2) data parallelism.
-PARALLEL_KINDS = ("ddp", "fsdp")
+__all__ = ["DistributedTrainer", "train_on_this_rank"]
 
 #: Whole tensors gathered on rank 0 only, on the CPU (the format of a single-process checkpoint).
 _FULL_ON_RANK0 = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -229,36 +225,16 @@ class DistributedTrainer(Trainer):
         dist.barrier()
 
 
-def _run_distributed(args: argparse.Namespace) -> int:
-    """``spikingbrain train`` on one rank of a ``torchrun`` job."""
-    config = config_from_args(args)
+def train_on_this_rank(config: TrainConfig, resume: bool, progress: bool, parallel: str, timeout_s: float) -> dict | None:
+    """Run ``config`` on this rank of a ``torchrun`` job; the summary on rank 0, None on the other ranks."""
     device = "cuda" if torch.cuda.is_available() and config.device in ("auto", "cuda") else "cpu"
-    init_from_env(device, args.timeout)
+    init_from_env(device, timeout_s)
     rank, world = dist.get_rank(), dist.get_world_size()
     try:
-        summary = DistributedTrainer(config, resume=args.resume, progress=not args.no_progress, parallel=args.parallel).run()
+        summary = DistributedTrainer(config, resume=resume, progress=progress, parallel=parallel).run()
     except BaseException as err:
         print(f"rank {rank} of {world}: {describe_failure(err)}", file=sys.stderr, flush=True)
         raise
     finally:
         dist.destroy_process_group()
-    if rank == 0:
-        print(json.dumps(summary, indent=1))
-    return 0
-
-
-def extend_train_command(parser: argparse.ArgumentParser) -> None:
-    """Let ``spikingbrain train`` run data-parallel when started by ``torchrun`` (one process per rank)."""
-    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="under torchrun: seconds a rank waits for the others")
-    parser.add_argument(
-        "--parallel", choices=PARALLEL_KINDS, default="ddp",
-        help="under torchrun: ddp (every rank holds the whole model) or fsdp (FSDP2: parameters, gradients and optimizer state sharded over the ranks)",
-    )
-    single = parser.get_default("func")
-
-    def run(args: argparse.Namespace) -> int:
-        if launched_by_torchrun() and int(os.environ["WORLD_SIZE"]) > 1 and not args.plot:
-            return _run_distributed(args)
-        return single(args)
-
-    parser.set_defaults(func=run)
+    return summary if rank == 0 else None

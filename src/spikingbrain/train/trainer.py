@@ -32,7 +32,7 @@ from .data import PackedBatches, load_documents, pack, split_held_out, tokenize_
 from .report import plot_training_curve
 from .lora import LoRALinear, add_lora, lora_parameters, merge_lora
 
-__all__ = ["Trainer", "TrainingError", "config_from_args", "distill_loss"]
+__all__ = ["Trainer", "TrainingError", "distill_loss"]
 
 
 class TrainingError(ValueError):
@@ -438,35 +438,3 @@ class Trainer:
             if self.global_step % config.checkpoint_every == 0 or last:
                 self._save_checkpoint(optimizer, scheduler, batches)
 
-
-def config_from_args(args) -> TrainConfig:
-    """The ``TrainConfig`` of a ``spikingbrain train`` command line (file plus ``--set``/``--out`` overrides)."""
-    from .config import load_train_config
-
-    overrides = list(args.set)
-    if args.out:
-        overrides.append(f"out={args.out}")
-    return load_train_config(args.config, overrides)
-
-
-def _run(args) -> int:
-    config = config_from_args(args)
-    if args.plot:
-        for path in plot_training_curve(config.out):
-            print(f"wrote {path}")
-        return 0
-    summary = Trainer(config, resume=args.resume, progress=not args.no_progress).run()
-    print(json.dumps(summary, indent=1))
-    return 0
-
-
-def register(subparsers) -> None:
-    """Add ``spikingbrain train`` to the CLI."""
-    parser = subparsers.add_parser("train", help="conversion training (attention transfer, distillation) from a YAML/TOML config")
-    parser.add_argument("config", help="training config (.yaml, .yml or .toml); see configs/ for examples")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. stages.0.steps=20")
-    parser.add_argument("--out", default=None, help="run folder (overrides the config's 'out')")
-    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the run folder")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--plot", action="store_true", help="only (re)draw the run's curve.png/curve.json from its metrics")
-    parser.set_defaults(func=_run)

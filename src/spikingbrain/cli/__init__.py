@@ -23,7 +23,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     import torch
     from transformers import TextIteratorStreamer
 
-    from .model.loading import load_model, load_tokenizer
+    from ..model.loading import load_model, load_tokenizer
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -86,7 +86,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    from .model.info import model_info, preset_info
+    from ..model.info import model_info, preset_info
 
     info = preset_info(args.preset, length=args.length) if args.preset else model_info(args.model, length=args.length)
     if args.json:
@@ -120,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="layers, parameter counts (total, active) and state size against a Transformer's KV cache")
     source = info.add_mutually_exclusive_group()
     _add_model_argument(source)
-    from .model.presets import PRESETS
+    from ..model.presets import PRESETS
 
     source.add_argument(
         "--preset",
@@ -131,59 +131,57 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true")
     info.set_defaults(func=_cmd_info)
 
-    from .bench import demo
+    from ..bench import demo
 
     demo.register(sub)
 
     bench = sub.add_parser("bench", help="benchmarks (print ratios measured side by side, write JSON and PNG)")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
-    from .bench import kernels
-    from .bench import train as bench_train
+    from ..bench import kernels
+    from ..bench import train as bench_train
 
     kernels.register(bench_sub)
     bench_train.register(bench_sub)
-    from .bench import decode, efficiency, ttft
+    from ..bench import decode, efficiency, ttft
 
     ttft.register(bench_sub)
     decode.register(bench_sub)
     efficiency.register(bench_sub)
 
-    from .convert import converter
-    from .model import shipped
-    from .train import trainer
+    from ..convert import converter
+    from ..model import shipped
+    from . import train
 
     converter.register(sub)
-    trainer.register(sub)
+    train.register(sub)
     shipped.register(sub)
-    from .distributed import prefill as distributed_prefill
-    from .distributed import training as distributed_training
+    from ..distributed import prefill as distributed_prefill
 
     distributed_prefill.register(sub)
-    distributed_training.extend_train_command(sub.choices["train"])
 
     evaluate = sub.add_parser("eval", help="evaluation: perplexity")
     eval_sub = evaluate.add_subparsers(dest="eval", required=True)
-    from .eval import perplexity
+    from ..eval import perplexity
 
     perplexity.register(eval_sub)
-    from .eval import harness, passkey
+    from ..eval import harness, passkey
 
     passkey.register(eval_sub)
     harness.register(eval_sub)
 
     data = sub.add_parser("data", help="training data: sample text from a teacher, split off held-out text")
     data_sub = data.add_subparsers(dest="data", required=True)
-    from .train import data as train_data
+    from ..train import data as train_data
 
     train_data.register(data_sub)
 
-    from .convert import quantize
-    from .eval import spikes
+    from ..convert import quantize
+    from ..eval import spikes
 
     spikes.register(sub)
     quantize.register(sub)
 
-    from .serve import cli as serve_cli
+    from ..serve import cli as serve_cli
 
     serve_cli.register(sub)
     return parser
@@ -197,7 +195,3 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())
