@@ -57,11 +57,12 @@ def gla_reference(q, k, v, g, scale=None, initial_state=None):
     return out, S[:, ::G].clone(), S
 
 
-def attention_reference(q, k, v, n_keys=None, scale=None, key_padding_mask=None):
+def attention_reference(q, k, v, n_keys=None, scale=None, key_padding_mask=None, keep_first=0):
     """Dense masked softmax attention in fp64.
 
     Query ``i`` sits at key position ``p = Tk - Tq + i`` and sees keys ``p - n_keys + 1 .. p``
-    (``n_keys=None``: all keys ``0 .. p``), minus keys where ``key_padding_mask`` is false.
+    (``n_keys=None``: all keys ``0 .. p``) and the first ``keep_first`` real keys before it,
+    minus keys where ``key_padding_mask`` is false.
     Query head ``h`` reads key/value head ``h // (H / Hkv)``. Rows with no visible key are NaN.
     """
     B, Tq, H, D = q.shape
@@ -77,6 +78,9 @@ def attention_reference(q, k, v, n_keys=None, scale=None, key_padding_mask=None)
     if n_keys is not None:
         allowed = allowed & (j > p - n_keys)
     allowed = allowed.expand(B, Tq, Tk)
+    real = torch.ones(B, Tk, dtype=torch.bool) if key_padding_mask is None else key_padding_mask.bool()
+    rank = real.long().cumsum(1)  # 1 for the first real key of a row, 2 for the second, ...
+    allowed = allowed | ((j <= p) & real.unsqueeze(1) & (rank <= keep_first).unsqueeze(1))
     if key_padding_mask is not None:
         allowed = allowed & key_padding_mask.bool().unsqueeze(1)
     scores = scores.masked_fill(~allowed.unsqueeze(1), float("-inf"))
@@ -119,6 +123,7 @@ class RefSpec:
     combine: str = "learned"  # parallel layers: sum, mean or learned
     shared_projections: bool = True  # parallel layers: one q/k/v/o for both branches
     num_sinks: int = 0
+    keep_first: int = 0  # first positions every sliding-window query also sees
     num_experts: int = 0
     num_shared: int = 0
     top_k: int = 1
@@ -146,6 +151,7 @@ def spec_for(config) -> RefSpec:
         combine=getattr(config, "parallel_combine", "learned"),
         shared_projections=getattr(config, "parallel_shared_projections", True),
         num_sinks=getattr(config, "num_sink_tokens", 0),
+        keep_first=getattr(config, "keep_first_tokens", 0),
         num_experts=experts,
         num_shared=getattr(config, "num_shared_experts", 0),
         top_k=getattr(config, "num_experts_per_tok", 1),
@@ -221,11 +227,12 @@ def _gla_heads(sd, p, h, q, k, v, spec):
     return _rms_norm(o, sd[p + "g_norm.weight"].double(), spec.eps)
 
 
-def sink_attention_reference(q, k, v, sink_k, sink_v, n_keys=None, key_padding_mask=None):
+def sink_attention_reference(q, k, v, sink_k, sink_v, n_keys=None, key_padding_mask=None, keep_first=0):
     """Dense softmax attention (fp64) over the sink rows prepended to the keys, with an explicit mask.
 
     Keys/values are ``[sinks | real]``; real query ``i`` (at real key position ``Tk - Tq + i``) sees
-    every sink column and the real keys of :func:`attention_reference`'s rule. ``sink_k``/``sink_v``
+    every sink column and the real keys of :func:`attention_reference`'s rule (the first ``keep_first``
+    positions included). ``sink_k``/``sink_v``
     are ``[n, Hkv, D]`` (shared by the batch). ``n_keys`` and ``key_padding_mask`` count real keys only.
     """
     B, Tq, H, D = q.shape
@@ -240,6 +247,7 @@ def sink_attention_reference(q, k, v, sink_k, sink_v, n_keys=None, key_padding_m
         p = Tk - Tq + i
         first = 0 if n_keys is None else max(0, p - n_keys + 1)
         allowed[:, i, n + first : n + p + 1] = True
+        allowed[:, i, n : n + min(keep_first, p + 1)] = True
     if key_padding_mask is not None:
         allowed[:, :, n:] &= key_padding_mask.bool().unsqueeze(1)
     scores = torch.einsum("bihd,bjhd->bhij", q.double(), keys) / math.sqrt(D)
@@ -255,12 +263,13 @@ def _softmax_heads(sd, p, q, k, v, spec, n_keys, positions, proj):
         q = spike_reference(q, sd.spike_k)
     if getattr(sd, "int8_kv", False):
         k, v = int8_reference(k), int8_reference(v)
+    keep_first = spec.keep_first if n_keys is not None else 0
     if not spec.num_sinks:
-        return attention_reference(q, k, v, n_keys=n_keys, scale=1 / math.sqrt(spec.head_dim))
+        return attention_reference(q, k, v, n_keys=n_keys, scale=1 / math.sqrt(spec.head_dim), keep_first=keep_first)
     sinks = sd[p + "sinks"].double()
     shape = (spec.num_sinks, spec.kv_heads, spec.head_dim)
     sink_k, sink_v = _linear(sd, proj + "k_proj", sinks).view(shape), _linear(sd, proj + "v_proj", sinks).view(shape)
-    return sink_attention_reference(q, k, v, sink_k, sink_v, n_keys=n_keys)
+    return sink_attention_reference(q, k, v, sink_k, sink_v, n_keys=n_keys, keep_first=keep_first)
 
 
 def _parallel_layer(sd, p, h, spec, n_keys, positions):

@@ -112,3 +112,34 @@ def test_cache_holds_sinks_once(tiny_model):
     kv = 2 * HKV * D * 4  # bytes of one position's keys and values (fp32)
     assert cache.layers[0].nbytes() == 2 * 5 * kv + 3 * kv
     assert cache.layers[1].nbytes() == 2 * (20 + 3) * kv
+
+
+@pytest.mark.parametrize("layers", [["swa", "gla", "swa"], ["parallel-swa", "full"]])
+@pytest.mark.parametrize("learned_sinks", [0, 2])
+def test_keep_first_tokens_model_equals_reference(tiny_model, layers, learned_sinks):
+    """The first real tokens stay visible to sliding-window queries past the window (window 5, 40 tokens)."""
+    model = tiny_model(layers, keep_first_tokens=3, num_sink_tokens=learned_sinks)
+    ids = torch.randint(1, 97, (2, 40), generator=torch.Generator().manual_seed(7))
+    expected = reference_logits(model.state_dict(), spec_for(model.config), ids)
+    with torch.no_grad():
+        assert_close(model(ids, use_cache=False).logits, expected, TOL, "keep_first, no cache")
+        cache, pieces, start = None, [], 0
+        for size in (2, 1, 4, 9, 1, 1, 15, 7):  # chunks that start inside, at and past the kept tokens and window
+            out = model(ids[:, start : start + size], cache=cache, use_cache=True)
+            cache, start = out.cache, start + size
+            pieces.append(out.logits)
+    assert_close(torch.cat(pieces, 1), expected, TOL, "keep_first, through the cache in pieces")
+    window_cache = cache.layers[0] if layers[0] == "swa" else cache.layers[0].softmax
+    assert window_cache.length == 3 + 5  # the kept first tokens and the window (flash window 5)
+    plain = tiny_model(layers, num_sink_tokens=learned_sinks)
+    with torch.no_grad():
+        assert (plain(ids, use_cache=False).logits - expected.float()).abs().max() > 1e-3  # the kept tokens matter
+
+
+def test_keep_first_tokens_refuses_left_padding_with_a_cache(tiny_model):
+    model = tiny_model(["swa"], keep_first_tokens=2)
+    ids = torch.randint(1, 97, (2, 12), generator=torch.Generator().manual_seed(8))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    with torch.no_grad(), pytest.raises(ValueError, match="keep_first_tokens"):
+        model(ids, attention_mask=mask, use_cache=True)

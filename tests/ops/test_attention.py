@@ -137,3 +137,32 @@ def test_invalid_inputs_raise_value_error():
             fn(q[:, :, :5], k, v)  # 5 heads over 2 kv heads
         with pytest.raises(ValueError):
             fn(q, k, v, key_padding_mask=torch.ones(1, 9, dtype=torch.bool))
+
+
+@HEADS
+@pytest.mark.parametrize("keep_first", [1, 4])
+@pytest.mark.parametrize("window", [2, 9])
+@pytest.mark.parametrize("Tq,Tk", [(40, 40), (13, 40), (1, 40), (3, 12)])
+def test_keep_first_matches_dense(H, Hkv, keep_first, window, Tq, Tk):
+    """The first keys stay visible past the window (StreamingLLM sinks), also with a cached prefix."""
+    q, k, v = qkv(2, Tq, Tk, H, Hkv, seed=window + Tq)
+    expected = attention_reference(q, k, v, n_keys=window + 1, keep_first=keep_first)
+    for block_size in (4, 7, 64):
+        out = sliding_window_attention(q, k, v, window, block_size=block_size, keep_first=keep_first)
+        assert_close(out, expected, TOL, f"keep_first={keep_first} W={window} Tq={Tq} block={block_size}")
+    without = attention_reference(q, k, v, n_keys=window + 1)
+    if Tk - keep_first > window + 1:  # the window has passed the first keys: they must change the output
+        assert (expected[:, -1] - without[:, -1]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("window", [2, 6])
+def test_keep_first_with_padding_keeps_each_rows_first_real_keys(window):
+    Tk, pads = 25, [0, 7, 15]
+    q, k, v = qkv(3, Tk, Tk, 6, 2, seed=window)
+    mask = torch.ones(3, Tk, dtype=torch.bool)
+    for b, pad in enumerate(pads):
+        mask[b, :pad] = False
+    expected = attention_reference(q, k, v, n_keys=window + 1, key_padding_mask=mask, keep_first=3)
+    out = sliding_window_attention(q, k, v, window, key_padding_mask=mask, keep_first=3)
+    assert torch.isfinite(out).all()
+    assert_close(out[mask], expected[mask], TOL, f"padding + keep_first W={window}")

@@ -178,6 +178,11 @@ def sequence_parallel_prefill(model, ids: torch.Tensor, lengths: list[int] | Non
     group must call this with the same ``ids`` and ``lengths``. The last rank's result holds
     the last position's logits and the cache of the whole prompt.
     """
+    if model.config.keep_first_tokens:
+        raise ValueError(
+            f"sequence-parallel prefill does not support keep_first_tokens={model.config.keep_first_tokens} yet "
+            "(the first tokens live on rank 0 only); prefill on one process"
+        )
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     lengths = split_lengths(ids.shape[1], world) if lengths is None else list(lengths)
     if len(lengths) != world or sum(lengths) != ids.shape[1] or min(lengths) < 1:

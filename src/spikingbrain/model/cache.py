@@ -52,13 +52,15 @@ class WindowKV(_LayerCache):
     """The last ``window`` rotated keys and values ``[B, n, Hkv, D]`` of a sliding-window layer.
 
     Sink keys and values (``[1, num_sinks, Hkv, D]``, shared by the batch) are kept apart from
-    the rolling window and never leave it.
+    the rolling window and never leave it. With ``keep_first`` the first positions of the
+    sequence are kept in front of the window too (attention sinks made of real tokens).
     """
 
     is_sliding = True
 
-    def __init__(self, window: int):
+    def __init__(self, window: int, keep_first: int = 0):
         self.window = window
+        self.keep_first = keep_first
         self.keys: torch.Tensor | None = None
         self.values: torch.Tensor | None = None
         self.sinks: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -76,8 +78,11 @@ class WindowKV(_LayerCache):
             keys = torch.cat([k for k, _ in front] + [keys], 1)
             values = torch.cat([v for _, v in front] + [values], 1)
         n = 0 if self.sinks is None else self.sinks[0].shape[1]
-        keep = n + max(0, keys.shape[1] - n - self.window)
-        self.keys, self.values = keys[:, keep:].contiguous(), values[:, keep:].contiguous()
+        first, real = self.keep_first, keys.shape[1] - n
+        if real > first + self.window:  # drop what lies between the first positions and the window
+            self.keys, self.values = (torch.cat((t[:, n : n + first], t[:, t.shape[1] - self.window :]), 1) for t in (keys, values))
+        else:
+            self.keys, self.values = keys[:, n:].contiguous(), values[:, n:].contiguous()
         return keys, values
 
     @property
@@ -164,15 +169,15 @@ class ParallelState(_LayerCache):
         return self.linear.nbytes() + self.softmax.nbytes()
 
 
-def _layer_cache(mixer: str, window: int) -> _LayerCache:
+def _layer_cache(mixer: str, window: int, keep_first: int) -> _LayerCache:
     if mixer == "gla":
         return GLAState()
     if mixer == "swa":
-        return WindowKV(window)
+        return WindowKV(window, keep_first)
     if mixer == "full":
         return FullKV()
     if mixer.startswith("parallel-"):
-        return ParallelState(_layer_cache(mixer.removeprefix("parallel-"), window))
+        return ParallelState(_layer_cache(mixer.removeprefix("parallel-"), window, keep_first))
     raise ValueError(f"no cache for mixer {mixer!r}")
 
 
@@ -183,16 +188,17 @@ class SpikingBrainCache(Cache):
     length; full-attention layers grow with it. ``seen_tokens`` counts processed positions.
     """
 
-    def __init__(self, layer_mixers: list[str], window: int):
-        super().__init__(layers=[_layer_cache(m, window) for m in layer_mixers])
+    def __init__(self, layer_mixers: list[str], window: int, keep_first: int = 0):
+        super().__init__(layers=[_layer_cache(m, window, keep_first) for m in layer_mixers])
         self.layer_mixers = list(layer_mixers)
         self.window = window
+        self.keep_first = keep_first
         self.seen_tokens = 0
 
     @classmethod
     def for_config(cls, config) -> "SpikingBrainCache":
         """An empty cache shaped for ``config``."""
-        return cls(config.layer_mixers, config.attention_window)
+        return cls(config.layer_mixers, config.attention_window, config.keep_first_tokens)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.seen_tokens
@@ -219,7 +225,7 @@ class SpikingBrainCache(Cache):
         raise NotImplementedError("a GLA state cannot be rolled back; snapshot the cache instead of cropping it")
 
     def reset(self) -> None:
-        self.layers = [_layer_cache(m, self.window) for m in self.layer_mixers]
+        self.layers = [_layer_cache(m, self.window, self.keep_first) for m in self.layer_mixers]
         self.seen_tokens = 0
 
     def _map(self, fn) -> None:

@@ -39,6 +39,8 @@ class SpikingBrainConfig(PretrainedConfig):
     ``parallel_shared_projections`` is false).
     ``sliding_window`` is W in flash-attn's ``window_size=(W, 0)`` sense (W + 1 keys per
     query) unless ``window_semantics="sdpa"`` (W keys, as in the release's SDPA fallback).
+    ``keep_first_tokens`` first positions of a sequence stay visible to every sliding-window
+    query after the window has passed them (StreamingLLM's attention sinks; 0 = plain window).
     GLA options: ``gla_feature_map`` on q and k; ``gla_gate="lowrank"`` (7B: gate of rank
     ``gla_gate_rank`` with log decay ``logsigmoid(gate) / gla_gate_normalizer``) or
     ``"key_tied"`` (76B: decay ``1 - k`` with sigmoid features, no gate parameters); per-head
@@ -68,6 +70,7 @@ class SpikingBrainConfig(PretrainedConfig):
         layer_mixers: list[str] | None = None,
         sliding_window: int = 4096,
         window_semantics: str = "flash",
+        keep_first_tokens: int = 0,
         gla_feature_map: str = "relu",
         gla_gate: str = "lowrank",
         gla_gate_rank: int = 16,
@@ -112,6 +115,7 @@ class SpikingBrainConfig(PretrainedConfig):
         self.layer_mixers = list(layer_mixers) if layer_mixers is not None else alternating_layers(num_hidden_layers)
         self.sliding_window = sliding_window
         self.window_semantics = window_semantics
+        self.keep_first_tokens = keep_first_tokens
         self.gla_feature_map = gla_feature_map
         self.gla_gate = gla_gate
         self.gla_gate_rank = gla_gate_rank
@@ -205,6 +209,8 @@ class SpikingBrainConfig(PretrainedConfig):
         problems += self._moe_problems()
         if self.window_semantics not in WINDOW_SEMANTICS:
             problems.append(f"window_semantics={self.window_semantics!r}; use one of {list(WINDOW_SEMANTICS)}")
+        if self.keep_first_tokens < 0:
+            problems.append(f"keep_first_tokens must be >= 0 (0 = plain sliding window), got {self.keep_first_tokens}")
         if self.sliding_window < 1:
             problems.append(f"sliding_window must be >= 1, got {self.sliding_window}")
         if self.hidden_act not in ("silu", "swish"):

@@ -34,6 +34,13 @@ class MixerInputs:
         """The padding mask of the last ``length`` positions (None: no padding)."""
         return None if self.key_mask is None else self.key_mask[:, self.key_mask.shape[1] - length :]
 
+    def mask_of_keys(self, length: int, keep_first: int = 0) -> torch.Tensor | None:
+        """The padding mask of ``length`` attended keys: the last positions, or the first ``keep_first``
+        positions and then the last ones when a cache kept the first positions in front of its window."""
+        if self.key_mask is None or length >= self.key_mask.shape[1] or not keep_first:
+            return self.mask_of_last(length)
+        return torch.cat((self.key_mask[:, :keep_first], self.mask_of_last(length - keep_first)), 1)
+
 
 class _Mixer(nn.Module):
     """A token mixer, with the q/k/v (optional bias) and o (no bias) projections it reuses from a Transformer.
@@ -137,6 +144,7 @@ class SoftmaxAttention(_Mixer):
     def __init__(self, config: SpikingBrainConfig, kind: str, projections: bool = True, output_norm: bool = False):
         super().__init__(config, projections)
         self.window = config.attention_window if kind == "swa" else None
+        self.keep_first = config.keep_first_tokens if kind == "swa" else 0
         n = config.num_sink_tokens
         self.sinks = nn.Parameter(torch.empty(n, config.hidden_size)) if n else None
         self.norm = RMSNorm(config.head_dim, eps=config.rms_norm_eps) if output_norm else None
@@ -161,14 +169,19 @@ class SoftmaxAttention(_Mixer):
             else:
                 cache.set_sinks(*sinks)
         if cache is not None:
+            if self.keep_first and inputs.key_mask is not None and not inputs.key_mask[:, : self.keep_first].all():
+                raise ValueError(
+                    "keep_first_tokens with a cache needs rows whose first tokens are real: the cache keeps the first "
+                    "positions, which are padding in a left-padded row; pad on the right or run the rows one by one"
+                )
             k, v = cache.extend(k, v)
         if self.int8_kv:  # at use time, per token and head; the cache keeps the unquantized values
             k, v = fake_quantize_int8(k), fake_quantize_int8(v)
-        mask = inputs.mask_of_last(k.shape[1] - n)
+        mask = inputs.mask_of_keys(k.shape[1] - n, self.keep_first)
         if self.window is None:
             o = causal_attention(q, k, v, key_padding_mask=mask, num_sinks=n)
         else:
-            o = sliding_window_attention(q, k, v, self.window, key_padding_mask=mask, num_sinks=n)
+            o = sliding_window_attention(q, k, v, self.window, key_padding_mask=mask, num_sinks=n, keep_first=self.keep_first)
         return o if self.norm is None else self.norm(o)
 
 

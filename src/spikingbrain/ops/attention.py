@@ -10,6 +10,10 @@ that no row is empty (its output is meaningless but finite).
 ``num_sinks``: the first ``num_sinks`` keys and values are sink tokens that every query
 sees; they take no part in the causal order or the window, and ``Tk`` and
 ``key_padding_mask`` count only the keys after them.
+
+``keep_first`` (sliding window only): the first ``keep_first`` real keys stay visible to
+every later query once the window has passed them (StreamingLLM's attention sinks). They
+are ordinary positions of the sequence, subject to causality and padding.
 """
 
 from __future__ import annotations
@@ -61,9 +65,11 @@ def _prepend_sinks(windows: torch.Tensor, sinks: torch.Tensor) -> torch.Tensor:
 
 
 def sliding_window_attention(
-    q, k, v, window: int, scale=None, key_padding_mask=None, block_size: int = 256, num_sinks: int = 0
+    q, k, v, window: int, scale=None, key_padding_mask=None, block_size: int = 256, num_sinks: int = 0,
+    keep_first: int = 0,
 ):
-    """Causal attention where the query at position ``p`` sees keys ``p - window .. p`` (and the sinks).
+    """Causal attention where the query at position ``p`` sees keys ``p - window .. p`` (and the sinks,
+    and the first ``keep_first`` keys).
 
     ``window`` follows flash-attn's ``window_size=(window, 0)``: ``window + 1`` keys
     including the query's own. Queries are processed in blocks of ``block_size``; each
@@ -75,20 +81,59 @@ def sliding_window_attention(
     B, Tq, H, Hkv, D, Tk = _check(q, k, v, key_padding_mask, num_sinks)
     if window < 0:
         raise ValueError(f"window must be >= 0, got {window}")
+    if keep_first < 0:
+        raise ValueError(f"keep_first must be >= 0, got {keep_first}")
     if Tk <= window + 1:  # the window never cuts anything off
         return causal_attention(q, k, v, scale, key_padding_mask, num_sinks)
     scale = D**-0.5 if scale is None else scale
+    keep_first = min(keep_first, Tk)
     if key_padding_mask is not None:
+        if keep_first:
+            return _dense_window_attention(q, k, v, window, scale, key_padding_mask, num_sinks, keep_first)
         return _sliding_window_masked(q, k, v, window, scale, key_padding_mask, block_size, num_sinks)
     offset = Tk - Tq
-    n_causal = min(Tq, max(0, window - offset))  # queries at key positions < window
+    # Queries at key positions < window + keep_first: their window still holds some of the first keys.
+    n_near = min(Tq, max(0, window + keep_first - offset))
     parts = []
-    if n_causal:
-        end = num_sinks + offset + n_causal
-        parts.append(causal_attention(q[:, :n_causal], k[:, :end], v[:, :end], scale, num_sinks=num_sinks))
-    if n_causal < Tq:
-        parts.append(_banded_attention(q[:, n_causal:], k, v, window, scale, offset + n_causal, block_size, num_sinks))
+    if n_near:
+        end = num_sinks + offset + n_near
+        q_near, k_near, v_near = q[:, :n_near], k[:, :end], v[:, :end]
+        if keep_first:
+            parts.append(_dense_window_attention(q_near, k_near, v_near, window, scale, None, num_sinks, keep_first))
+        else:  # positions < window: nothing is cut off yet
+            parts.append(causal_attention(q_near, k_near, v_near, scale, num_sinks=num_sinks))
+    if n_near < Tq:
+        if keep_first:  # every later window has passed the first keys: they join the sinks
+            k, v = (torch.cat((x[:, : num_sinks + keep_first], x[:, num_sinks:]), 1) for x in (k, v))
+        parts.append(
+            _banded_attention(q[:, n_near:], k, v, window, scale, offset + n_near, block_size, num_sinks + keep_first)
+        )
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
+def _dense_window_attention(q, k, v, window: int, scale: float, key_padding_mask, num_sinks: int, keep_first: int):
+    """Sliding-window attention with the first ``keep_first`` real keys always visible, through one dense mask.
+
+    For the few queries near the start of a sequence and for padded batches; with a padding
+    mask the first real keys of each row are kept.
+    """
+    B, Tq, H, Hkv, D, Tk = _check(q, k, v, key_padding_mask, num_sinks)
+    q_pos = torch.arange(Tk - Tq, Tk, device=q.device).unsqueeze(1)
+    k_pos = torch.arange(Tk, device=q.device).unsqueeze(0)
+    causal = k_pos <= q_pos
+    in_window = q_pos - k_pos <= window
+    if key_padding_mask is None:
+        mask = (causal & (in_window | (k_pos < keep_first))).unsqueeze(0)
+    else:
+        real = key_padding_mask.bool()
+        first = real & (real.long().cumsum(1) <= keep_first)  # [B, Tk]
+        mask = causal & (in_window.unsqueeze(0) | first.unsqueeze(1))
+        mask = mask & (real.unsqueeze(1) | (k_pos == q_pos))  # a padded query still sees itself
+    if num_sinks:
+        mask = F.pad(mask, (num_sinks, 0), value=True)
+    qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
+    o = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask.unsqueeze(1), scale=scale, enable_gqa=Hkv != H)
+    return o.transpose(1, 2)
 
 
 def _band(block: int, groups: int, keys: int, window: int, device) -> tuple[torch.Tensor, torch.Tensor]:
