@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 VPY := $(VENV)/bin/python
 
-.PHONY: venv test demo clean
+.PHONY: venv test demo docs clean
 
 venv:
 	@PYTHON="$(PYTHON)" VENV="$(VENV)" bash scripts/setup_env.sh
@@ -16,6 +16,10 @@ test: venv
 demo: venv
 	$(VPY) -m spikingbrain.cli demo
 
+# The documentation site (mkdocs.yml, docs/) into site/; --strict fails on any warning.
+docs: venv
+	NO_MKDOCS_2_WARNING=1 $(VPY) -m mkdocs build --strict -d site
+
 clean:
-	rm -rf $(VENV) build dist .pytest_cache src/*.egg-info
+	rm -rf $(VENV) build dist site .pytest_cache src/*.egg-info
 	find . -name __pycache__ -type d -prune -not -path './.git/*' -exec rm -rf {} +

