@@ -7,7 +7,8 @@ argument parser, so that a subcommand or flag that no longer exists fails here (
 with status 2). ``make`` targets, ``python benchmarks/...`` scripts and ``configs/...`` files
 that the commands name must exist. A few commands run for real in a subprocess through the
 installed ``spikingbrain`` command: ``--help``, ``info --preset``, ``data split`` and, with the
-embedded model, the README's perplexity command, whose result the docs quote.
+embedded model, the README's perplexity command, whose result the docs quote. The ``python``
+blocks must compile, and every name they import from ``spikingbrain`` must exist.
 """
 
 from __future__ import annotations
@@ -233,3 +234,31 @@ def test_readme_teacher_perplexity_matches_the_docs(tmp_path, default_folder):
     score = json.loads(result.stdout)
     page = (ROOT / "docs" / "evaluation.md").read_text(encoding="utf-8")
     assert f"ppl {score['ppl']:.2f}" in page and f"{score['tokens']} tokens" in page, score
+
+
+PYTHON_BLOCKS = [
+    (page, first, "\n".join(body))
+    for page in PAGES
+    for first, lang, body in shell_blocks(page.read_text(encoding="utf-8"))
+    if lang == "python"
+]
+
+
+@pytest.mark.parametrize(
+    "page, first, code", PYTHON_BLOCKS, ids=[f"{p.relative_to(ROOT)}:{n}" for p, n, _ in PYTHON_BLOCKS]
+)
+def test_python_example_imports_exist(page, first, code):
+    """Every Python example compiles, and every name it imports from spikingbrain exists."""
+    import ast
+    import importlib
+
+    tree = ast.parse(code, filename=f"{page.name}:{first}")
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "spikingbrain":
+            module = importlib.import_module(node.module)
+            missing = [alias.name for alias in node.names if not hasattr(module, alias.name)]
+            assert not missing, f"{page.name}:{first + node.lineno - 1}: {node.module} has no {missing}"
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.split(".")[0] == "spikingbrain":
+                    importlib.import_module(alias.name)
