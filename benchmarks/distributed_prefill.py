@@ -30,10 +30,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from spikingbrain.bench.common import load_average, machine_info, set_threads, time_call, write_json
+from spikingbrain.bench.common import time_call
 from spikingbrain.distributed.comm import Traffic, all_gather_counted, launch
 from spikingbrain.distributed.prefill import sequence_parallel_prefill
 from spikingbrain.model.loading import load_model
+from spikingbrain.runtime.machine import load_average, machine_info, set_threads
+from spikingbrain.runtime.records import write_json
 
 MODEL = "spikingbrain-smollm2"
 TEACHER = "default"

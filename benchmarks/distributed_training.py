@@ -19,9 +19,10 @@ from pathlib import Path
 
 import yaml
 
-from spikingbrain.bench.common import load_average, machine_info, write_json
 from spikingbrain.distributed.comm import launch
 from spikingbrain.distributed.training import DistributedTrainer
+from spikingbrain.runtime.machine import load_average, machine_info
+from spikingbrain.runtime.records import write_json
 from spikingbrain.train.config import load_train_config
 from spikingbrain.train.trainer import Trainer
 

@@ -29,8 +29,10 @@ from pathlib import Path
 
 import torch
 
-from spikingbrain.bench.common import load_average, machine_info, write_json
-from spikingbrain.model.loading import SHORT_NAMES, load_model, load_tokenizer
+from spikingbrain.model.loading import load_model, load_tokenizer
+from spikingbrain.model.names import SHORT_NAMES
+from spikingbrain.runtime.machine import load_average, machine_info
+from spikingbrain.runtime.records import write_json
 from spikingbrain.serve.engine import Engine
 from spikingbrain.serve.server import ServerSettings, create_app
 

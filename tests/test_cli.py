@@ -77,3 +77,33 @@ def test_bad_model_folder_is_named(tmp_path):
     result = run_cli("info", "--model", str(tmp_path))
     assert result.returncode == 2
     assert str(tmp_path) in result.stderr and "config.json" in result.stderr
+
+
+HELP_OF_EVERY_COMMAND = """
+import argparse, contextlib, io, json, sys
+from spikingbrain.cli import build_parser
+
+def paths(parser, path):
+    yield path
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from paths(sub, path + [name])
+
+helped = []
+for path in paths(build_parser(), []):
+    with contextlib.redirect_stdout(io.StringIO()) as out, contextlib.suppress(SystemExit):
+        build_parser().parse_args(path + ["--help"])
+    helped.append([" ".join(path), "usage: spikingbrain" in out.getvalue()])
+print(json.dumps({"helped": helped, "loaded": [m for m in ("torch", "transformers") if m in sys.modules]}))
+"""
+
+
+def test_help_of_every_command_imports_neither_torch_nor_transformers():
+    result = subprocess.run([sys.executable, "-c", HELP_OF_EVERY_COMMAND], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    helped = dict(report["helped"])
+    assert len(helped) >= 26 and all(helped.values()), helped  # every command and group printed its usage
+    assert {"bench ttft", "eval ppl", "train", "serve", "demo"} <= set(helped)
+    assert report["loaded"] == []

@@ -1,17 +1,12 @@
 """SpikingBrain-style hybrid language models in plain PyTorch.
 
-Importing the package registers the ``spikingbrain`` and ``gla_swa`` model types with
-transformers' Auto classes, so ``AutoModelForCausalLM.from_pretrained(folder)`` works.
+The names below load on first use (PEP 562), so ``import spikingbrain`` and the command line's
+``--help`` stay fast. Using any of them (or importing ``spikingbrain.model.modeling``) registers
+the ``spikingbrain`` and ``gla_swa`` model types with transformers' Auto classes, so
+``AutoModelForCausalLM.from_pretrained(folder)`` works.
 """
 
-from .model import (
-    GLAswaConfig,
-    GLAswaForCausalLM,
-    SpikingBrainCache,
-    SpikingBrainConfig,
-    SpikingBrainForCausalLM,
-    save_official,
-)
+from __future__ import annotations
 
 __version__ = "0.1.0"
 
@@ -23,3 +18,11 @@ __all__ = [
     "SpikingBrainForCausalLM",
     "save_official",
 ]
+
+
+def __getattr__(name: str):
+    if name not in __all__:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from . import model
+
+    return getattr(model, name)

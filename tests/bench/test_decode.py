@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from spikingbrain.bench.decode import analytic_cache_bytes, cache_nbytes, context_cache
-from spikingbrain.bench.ttft import load_baseline
+from spikingbrain.runtime.candidates import load_baseline
 from spikingbrain.cli import main
 from spikingbrain.model.loading import load_model
 

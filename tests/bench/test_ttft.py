@@ -11,8 +11,9 @@ import math
 import pytest
 import torch
 
-from spikingbrain.bench.ttft import fit_cost, first_token, load_baseline, predict
+from spikingbrain.bench.ttft import fit_cost, first_token, predict
 from spikingbrain.cli import main
+from spikingbrain.runtime.candidates import load_baseline
 
 
 def make_pair(root, max_sequence_length=None):

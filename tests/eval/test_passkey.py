@@ -54,7 +54,7 @@ def test_greedy_tokens_equal_a_full_recompute():
 
 @pytest.mark.real_model
 def test_the_teacher_finds_a_key_in_a_short_prompt(default_folder, default_tokenizer):
-    from spikingbrain.bench.ttft import load_baseline
+    from spikingbrain.runtime.candidates import load_baseline
 
     result = run_passkey({"teacher": load_baseline(str(default_folder))}, default_tokenizer, [200], [0.5], trials=2)
     teacher = result["models"]["teacher"]

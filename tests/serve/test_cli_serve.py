@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from spikingbrain.serve.cli import split_document_prompt
+from spikingbrain.serve.chat import split_document_prompt
 from spikingbrain.serve.engine import SamplingParams
 
 GREEDY = ["--temperature", "0", "--threads", "1"]

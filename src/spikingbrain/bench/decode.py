@@ -21,15 +21,14 @@ analytically (:func:`spikingbrain.model.info.state_bytes` / ``kv_cache_bytes``).
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 from pathlib import Path
 
-from .kernels import _fmt_len, _int_list
-from .ttft import Candidate, add_pair_arguments, candidates_from_args, check_lengths, print_benchmark
+from ..runtime.candidates import Candidate, check_lengths
+from ..runtime.lengths import format_length
 
-__all__ = ["register", "run", "context_cache", "cache_nbytes", "analytic_cache_bytes", "DEFAULT_CONTEXTS"]
+__all__ = ["run", "context_cache", "cache_nbytes", "analytic_cache_bytes", "format_report", "DEFAULT_CONTEXTS"]
 
 DEFAULT_CONTEXTS = (1024, 4096, 16384, 65536, 262144)
 TARGETS = {"flat_64k_over_1k": 1.10, "speedup_64k": 5.0}
@@ -93,30 +92,6 @@ def _decode_steps(model, cache, token: int, steps: int) -> tuple[list[float], in
     return times, token
 
 
-def register(subparsers) -> argparse.ArgumentParser:
-    """Add the ``decode`` subcommand to the ``spikingbrain bench`` group."""
-    p = subparsers.add_parser(
-        "decode",
-        help="per-token decode latency and memory per sequence against context length: ours against transformers (SDPA)",
-        description=__doc__.split("\n\n")[0],
-    )
-    add_pair_arguments(p, "runs/bench-decode", "decode")
-    p.add_argument("--contexts", type=_int_list, default=None, help="context lengths (default 1k,4k,16k,64k,256k)")
-    p.add_argument("--tokens", type=int, default=16, help="timed decode steps per model, context and repeat")
-    p.add_argument("--repeats", type=int, default=3, help="blocks of --tokens steps per model and context, alternating")
-    p.add_argument("--max-kv-gib", type=float, default=4.0, help="skip baseline contexts whose KV cache exceeds this")
-    p.set_defaults(func=_cmd_decode)
-    return p
-
-
-def _cmd_decode(args: argparse.Namespace) -> int:
-    """Handler of ``spikingbrain bench decode``."""
-    candidates, notes = candidates_from_args(args)
-    result = run(candidates, args.contexts or list(DEFAULT_CONTEXTS), Path(args.out), tokens=args.tokens, repeats=args.repeats,
-                 max_kv_gib=args.max_kv_gib, seed=args.seed, plot_png=not args.no_plot, notes=notes)
-    return print_benchmark(format_report(result), result)
-
-
 def run(
     candidates: list[Candidate],
     contexts: list[int],
@@ -132,8 +107,9 @@ def run(
     """Decode latency and cache bytes of every candidate at every context; write JSON (and PNG)."""
     import torch
 
-    from .common import command_line, load_average, machine_info, progress, write_json
-    from .report import thread_env
+    from ..runtime.machine import load_average, machine_info, thread_env
+    from ..runtime.progress import progress
+    from ..runtime.records import command_line, write_json
 
     if tokens < 1 or repeats < 1:
         raise ValueError(f"--tokens and --repeats must be >= 1 (got {tokens}, {repeats})")
@@ -165,7 +141,7 @@ def run(
                                     "reason": f"KV cache would need {analytic / 2**30:.1f} GiB > --max-kv-gib {max_kv_gib:g}"})
                     bar.update(1)
                     continue
-                bar.set_postfix_str(f"{c.name} cache T={_fmt_len(length)}")
+                bar.set_postfix_str(f"{c.name} cache T={format_length(length)}")
                 caches[c.name] = context_cache(c.model, length, seed)
                 nbytes[c.name] = cache_nbytes(caches[c.name])  # before decoding adds positions
                 _, last[c.name] = _decode_steps(c.model, caches[c.name], 0, 1)  # warm-up step
@@ -173,7 +149,7 @@ def run(
             active = [c for c in candidates if c.name in caches]
             for r in range(repeats):
                 for c in active if r % 2 == 0 else active[::-1]:
-                    bar.set_postfix_str(f"{c.name} decode T={_fmt_len(length)} block {r + 1}")
+                    bar.set_postfix_str(f"{c.name} decode T={format_length(length)} block {r + 1}")
                     steps, last[c.name] = _decode_steps(c.model, caches[c.name], last[c.name], tokens)
                     times[c.name] += steps
             for c in active:
@@ -220,7 +196,7 @@ def _compare(candidates: list[Candidate]) -> tuple[list[dict], dict]:
 
 def plot(result: dict, path: Path) -> Path:
     """Per-token latency and cache bytes per sequence against context length (log-log), as a PNG."""
-    from .report import COLORS, machine_title, new_figure, save_loglog
+    from ..runtime.plots import COLORS, machine_title, new_figure, save_loglog
 
     fig, (ax1, ax2) = new_figure()
     for name, c in result["candidates"].items():
@@ -237,12 +213,12 @@ def format_report(result: dict) -> str:
     lines = [f"{'model':<9} {'context':>8} {'ms/token':>9} {'tokens/s':>9} {'cache MiB':>10} {'analytic MiB':>13}"]
     for name, c in result["candidates"].items():
         for r in c["rows"]:
-            lines.append(f"{name:<9} {_fmt_len(r['length']):>8} {1000 * r['median_step_s']:9.2f} {r['tokens_per_s']:9.1f} "
+            lines.append(f"{name:<9} {format_length(r['length']):>8} {1000 * r['median_step_s']:9.2f} {r['tokens_per_s']:9.1f} "
                          f"{r['cache_bytes_measured'] / 2**20:10.2f} {r['cache_bytes_analytic'] / 2**20:13.2f}")
     for s in result["skipped"]:
-        lines.append(f"skipped {s['candidate']} at {_fmt_len(s['length'])}: {s['reason']}")
+        lines.append(f"skipped {s['candidate']} at {format_length(s['length'])}: {s['reason']}")
     for r in result["comparison"]:
-        lines.append(f"{_fmt_len(r['length']):>8}: baseline / ours latency {r['latency_ratio']:.2f}x, cache bytes {r['memory_ratio']:.1f}x")
+        lines.append(f"{format_length(r['length']):>8}: baseline / ours latency {r['latency_ratio']:.2f}x, cache bytes {r['memory_ratio']:.1f}x")
     for t in result["targets"].values():
         lines.append(f"{t['name']:<40} {t['value']:7.2f} (target {t['direction']} {t['target']:g}) {'PASS' if t['pass'] else 'MISS'}")
     lines += result["notes"]

@@ -26,13 +26,14 @@ near a quarter and the 64k/4k work ratio at 0.94.
 
 from __future__ import annotations
 
-import argparse
 import math
 import statistics
 import time
 from pathlib import Path
 
-__all__ = ["register", "run", "DEFAULT_LENGTHS", "QUICK_LENGTHS"]
+from ..runtime.lengths import format_length
+
+__all__ = ["run", "format_report", "time_prefill", "reference_measured_twice", "plot", "DEFAULT_LENGTHS", "QUICK_LENGTHS"]
 
 DEFAULT_LENGTHS = (1024, 4096, 16384, 65536)
 QUICK_LENGTHS = (1024, 4096)
@@ -40,80 +41,6 @@ DEFAULT_GLA_LENGTHS = (512, 2048, 8192, 32768)
 QUICK_GLA_LENGTHS = (512, 2048)
 SCALING_TARGET = 0.90
 EFFICIENCY_TARGET = 0.50
-
-
-def _int_list(text: str) -> list[int]:
-    """Parse ``"1024,4k,64k"`` into integers (a ``k`` suffix multiplies by 1024)."""
-    values = []
-    for part in text.split(","):
-        part = part.strip().lower()
-        if not part:
-            continue
-        scale = 1024 if part.endswith("k") else 1
-        try:
-            values.append(int(part[:-1] if scale > 1 else part) * scale)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected comma-separated integers like 1024,4k; got {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
-
-
-def register(subparsers) -> argparse.ArgumentParser:
-    """Add the ``kernels`` subcommand to the ``spikingbrain bench`` group."""
-    p = subparsers.add_parser(
-        "kernels",
-        help="GLA kernels vs naive, and long-context prefill tokens/s and GFLOP/s against the matmul peak",
-        description=__doc__.split("\n\n")[0],
-    )
-    p.add_argument("--lengths", type=_int_list, default=None, help="prefill lengths (default 1k,4k,16k,64k; --quick: 1k,4k)")
-    p.add_argument("--ref-length", type=int, default=4096, help="length the longest one's tokens/s is compared with")
-    p.add_argument("--quick", action="store_true", help="short run: prefill 1k,4k, GLA kernels at 512,2048, fewer repeats")
-    p.add_argument("--window", type=int, default=2048, help="sliding window W (flash-attn semantics, W + 1 keys)")
-    p.add_argument("--chunk", type=int, default=None, help="streaming prefill step in tokens (default: the config's)")
-    p.add_argument("--gla-chunk", type=int, default=64, help="GLA chunk size (config.gla_chunk_size)")
-    p.add_argument("--gla-lengths", type=_int_list, default=None, help="lengths of the GLA kernel comparison")
-    p.add_argument("--naive-max-length", type=int, default=2048, help="run naive/recurrent GLA only up to this length")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    p.add_argument("--repeats", type=int, default=3, help="timed repeats per measurement (median reported)")
-    p.add_argument("--max-seconds", type=float, default=20.0, help="stop repeating a measurement after this many seconds")
-    p.add_argument("--peak-size", type=_int_list, default=[4096, 2048, 2048], help="GEMM M,K,N of the matmul peak")
-    p.add_argument("--hidden", type=int, default=576, help="model hidden size")
-    p.add_argument("--layers", type=int, default=30, help="model layers (GLA on even, SWA on odd)")
-    p.add_argument("--heads", type=int, default=9, help="query heads")
-    p.add_argument("--kv-heads", type=int, default=3, help="key/value heads")
-    p.add_argument("--ffn", type=int, default=1536, help="MLP intermediate size")
-    p.add_argument("--vocab", type=int, default=49152, help="vocabulary size")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="runs/bench-kernels", help="folder for kernels.json and kernels.png")
-    p.add_argument("--no-plot", action="store_true", help="skip the PNG")
-    p.set_defaults(func=_cmd_kernels)
-    return p
-
-
-def _cmd_kernels(args: argparse.Namespace) -> int:
-    """Handler of ``spikingbrain bench kernels``."""
-    result = run(args)
-    print(format_report(result))
-    print(f"wrote {result['files']['json']}" + (f" and {result['files']['png']}" if result["files"].get("png") else ""))
-    return 0
-
-
-def _config(args: argparse.Namespace):
-    from ..model.config import SpikingBrainConfig
-
-    extra = {} if args.chunk is None else {"streaming_chunk_size": args.chunk}
-    return SpikingBrainConfig(
-        vocab_size=args.vocab,
-        hidden_size=args.hidden,
-        intermediate_size=args.ffn,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.heads,
-        num_key_value_heads=args.kv_heads,
-        sliding_window=args.window,
-        gla_chunk_size=args.gla_chunk,
-        **extra,
-    )
 
 
 def _gla_inputs(length: int, heads: int, kv_heads: int, dim: int, seed: int):
@@ -129,25 +56,24 @@ def _gla_inputs(length: int, heads: int, kv_heads: int, dim: int, seed: int):
     return q, k, v, g
 
 
-def _bench_gla(args, config, lengths, bar) -> list[dict]:
+def _bench_gla(config, lengths, bar, seed: int, repeats: int, max_seconds: float, naive_max_length: int) -> list[dict]:
     """Time chunk / recurrent / naive GLA per length; speed-ups are naive (or recurrent) time over chunk time."""
     import torch
 
     from ..ops import chunk_gla, naive_gla, recurrent_gla
-
     from .common import time_call
     from .flops import gla_mixing_flops
 
     H, Hkv, D = config.num_attention_heads, config.num_key_value_heads, config.head_dim
     rows = []
     for length in lengths:
-        q, k, v, g = _gla_inputs(length, H, Hkv, D, args.seed)
+        q, k, v, g = _gla_inputs(length, H, Hkv, D, seed)
         row: dict = {"length": length, "heads": H, "kv_heads": Hkv, "head_dim": D, "chunk_size": config.gla_chunk_size}
         outputs = {}
         C = config.gla_chunk_size
         sub = math.gcd(C, 16)  # as the model's GLA layer does
         kernels = [("chunk", lambda: chunk_gla(q, k, v, g, output_final_state=True, chunk_size=C, sub_chunk_size=sub))]
-        if length <= args.naive_max_length:
+        if length <= naive_max_length:
             kernels += [
                 ("recurrent", lambda: recurrent_gla(q, k, v, g, output_final_state=True)),
                 ("naive", lambda: naive_gla(q, k, v, g, output_final_state=True)),
@@ -159,8 +85,8 @@ def _bench_gla(args, config, lengths, bar) -> list[dict]:
                 outputs[name] = fn()[0]  # the first call is timed too: the loops take seconds at 2k
                 first = time.perf_counter() - start
                 times = [first]
-                if args.repeats > 1 and first < args.max_seconds:
-                    more = time_call(fn, repeats=args.repeats - 1, warmup=0, max_seconds=args.max_seconds - first)
+                if repeats > 1 and first < max_seconds:
+                    more = time_call(fn, repeats=repeats - 1, warmup=0, max_seconds=max_seconds - first)
                     times += more["times_s"]
                 row[f"{name}_s"] = statistics.median(times)
                 row[f"{name}_runs"] = len(times)
@@ -176,7 +102,7 @@ def _bench_gla(args, config, lengths, bar) -> list[dict]:
     return rows
 
 
-def _bench_prefill(args, config, lengths, bar) -> list[dict]:
+def time_prefill(config, lengths, bar, seed: int, repeats: int, max_seconds: float, ref_length: int) -> list[dict]:
     """Prefill tokens/s and achieved GFLOP/s of a random model at each length.
 
     The reference length is measured again after the longest one (when it is shorter) and
@@ -188,13 +114,14 @@ def _bench_prefill(args, config, lengths, bar) -> list[dict]:
     import torch
 
     from ..model.modeling import SpikingBrainForCausalLM
-    from .common import load_average, time_call
+    from ..runtime.machine import load_average
+    from .common import time_call
     from .flops import prefill_flops
 
     bar.set_postfix_str("building model")
-    torch.manual_seed(args.seed)
+    torch.manual_seed(seed)
     model = SpikingBrainForCausalLM(config).eval()
-    gen = torch.Generator().manual_seed(args.seed)
+    gen = torch.Generator().manual_seed(seed)
     inputs = {length: torch.randint(0, config.vocab_size, (1, length), generator=gen) for length in lengths}
     rows: dict[int, dict] = {}
 
@@ -210,7 +137,7 @@ def _bench_prefill(args, config, lengths, bar) -> list[dict]:
     def measure(length: int, warmup: int) -> dict:
         bar.set_postfix_str(f"prefill T={length}")
         ids = inputs[length]
-        timing = time_call(lambda: prefill(ids), repeats=args.repeats, warmup=warmup, max_seconds=args.max_seconds)
+        timing = time_call(lambda: prefill(ids), repeats=repeats, warmup=warmup, max_seconds=max_seconds)
         bar.update(1)
         steps = [b - a for a, b in zip(step_starts, step_starts[1:])]  # of the last timed call
         return {**timing, "load_average": load_average(), "step_seconds": steps}
@@ -218,7 +145,7 @@ def _bench_prefill(args, config, lengths, bar) -> list[dict]:
     with torch.inference_mode():
         model(inputs[min(lengths)], use_cache=True, logits_to_keep=1)
         for length in lengths:
-            timing = measure(length, warmup=1 if length <= args.ref_length else 0)
+            timing = measure(length, warmup=1 if length <= ref_length else 0)
             rows[length] = {
                 "length": length,
                 "times_s": timing["times_s"],
@@ -226,9 +153,9 @@ def _bench_prefill(args, config, lengths, bar) -> list[dict]:
                 "load_average": timing["load_average"],
                 "step_seconds": timing["step_seconds"],
             }
-        if _bracketed(lengths, args.ref_length):
-            again = measure(args.ref_length, warmup=0)
-            row = rows[args.ref_length]
+        if reference_measured_twice(lengths, ref_length):
+            again = measure(ref_length, warmup=0)
+            row = rows[ref_length]
             row["first_median_s"] = statistics.median(row["times_s"])
             row["again_median_s"] = again["median_s"]
             row["times_s"] = row["times_s"] + again["times_s"]
@@ -250,7 +177,7 @@ def _bench_prefill(args, config, lengths, bar) -> list[dict]:
     return [rows[length] for length in lengths]
 
 
-def _bracketed(lengths: list[int], ref_length: int) -> bool:
+def reference_measured_twice(lengths: list[int], ref_length: int) -> bool:
     """Whether the reference length is measured a second time, after the longest length."""
     return ref_length in lengths and max(lengths) > ref_length
 
@@ -281,32 +208,47 @@ def _targets(prefill: list[dict], peak_gflops: float, ref_length: int) -> dict:
     }
 
 
-def run(args: argparse.Namespace) -> dict:
-    """Run the benchmark described by ``args`` and write its JSON (and PNG); return the result."""
+def run(
+    config,
+    out: str | Path,
+    lengths: list[int] | None = None,
+    gla_lengths: list[int] | None = None,
+    ref_length: int = 4096,
+    quick: bool = False,
+    naive_max_length: int = 2048,
+    threads: int | None = None,
+    repeats: int = 3,
+    max_seconds: float = 20.0,
+    peak_size: list[int] = (4096, 2048, 2048),
+    seed: int = 0,
+    plot_png: bool = True,
+) -> dict:
+    """Time the matmul peak, the GLA kernels and the prefill of a random model with ``config``; write kernels.json (and .png)."""
     import torch
 
-    from .common import command_line, load_average, machine_info, matmul_peak, progress, set_threads, write_json
+    from ..runtime.machine import load_average, machine_info, set_threads
+    from ..runtime.progress import progress
+    from ..runtime.records import command_line, write_json
+    from .common import matmul_peak
 
-    threads = set_threads(args.threads)
-    lengths = sorted(set(args.lengths or (QUICK_LENGTHS if args.quick else DEFAULT_LENGTHS)))
-    gla_lengths = sorted(set(args.gla_lengths or (QUICK_GLA_LENGTHS if args.quick else DEFAULT_GLA_LENGTHS)))
-    if len(args.peak_size) != 3:
-        raise ValueError(f"--peak-size needs M,K,N (three integers), got {args.peak_size}")
-    repeats = min(args.repeats, 2) if args.quick else args.repeats
-    args = argparse.Namespace(**{**vars(args), "repeats": repeats})
-    config = _config(args)
-    n_gla_runs = sum(3 if t <= args.naive_max_length else 1 for t in gla_lengths)
+    threads = set_threads(threads)
+    lengths = sorted(set(lengths or (QUICK_LENGTHS if quick else DEFAULT_LENGTHS)))
+    gla_lengths = sorted(set(gla_lengths or (QUICK_GLA_LENGTHS if quick else DEFAULT_GLA_LENGTHS)))
+    if len(peak_size) != 3:
+        raise ValueError(f"--peak-size needs M,K,N (three integers), got {peak_size}")
+    repeats = min(repeats, 2) if quick else repeats
+    n_gla_runs = sum(3 if t <= naive_max_length else 1 for t in gla_lengths)
     started = time.time()
     load_start = load_average()
-    n_prefill_runs = len(lengths) + _bracketed(lengths, args.ref_length)
+    n_prefill_runs = len(lengths) + reference_measured_twice(lengths, ref_length)
     with progress(2 + n_gla_runs + n_prefill_runs, "bench kernels") as bar:
         bar.set_postfix_str("matmul peak")
-        peak_start = matmul_peak(*args.peak_size, repeats=5 if not args.quick else 3)
+        peak_start = matmul_peak(*peak_size, repeats=5 if not quick else 3)
         bar.update(1)
-        gla = _bench_gla(args, config, gla_lengths, bar)
-        prefill = _bench_prefill(args, config, lengths, bar)
+        gla = _bench_gla(config, gla_lengths, bar, seed, repeats, max_seconds, naive_max_length)
+        prefill = time_prefill(config, lengths, bar, seed, repeats, max_seconds, ref_length)
         bar.set_postfix_str("matmul peak")
-        peak_end = matmul_peak(*args.peak_size, repeats=5 if not args.quick else 3)
+        peak_end = matmul_peak(*peak_size, repeats=5 if not quick else 3)
         bar.update(1)
     peak = max(peak_start["gflops"], peak_end["gflops"])
     for row in prefill:
@@ -318,11 +260,11 @@ def run(args: argparse.Namespace) -> dict:
         "wall_seconds": time.time() - started,
         "load_average": {"start": load_start, "end": load_average()},
         "settings": {
-            "quick": bool(args.quick),
+            "quick": bool(quick),
             "lengths": lengths,
             "gla_lengths": gla_lengths,
             "repeats": repeats,
-            "max_seconds": args.max_seconds,
+            "max_seconds": max_seconds,
             "window": config.sliding_window,
             "attention_window": config.attention_window,
             "streaming_chunk_size": config.streaming_chunk_size,
@@ -342,11 +284,11 @@ def run(args: argparse.Namespace) -> dict:
         "peak": {"gflops": peak, "start": peak_start, "end": peak_end},
         "gla_kernels": gla,
         "prefill": prefill,
-        "targets": _targets(prefill, peak, args.ref_length),
+        "targets": _targets(prefill, peak, ref_length),
     }
-    out = Path(args.out)
+    out = Path(out)
     result["files"] = {"json": str(out / "kernels.json")}
-    if not args.no_plot:
+    if plot_png:
         result["files"]["png"] = str(plot(result, out / "kernels.png"))
     write_json(out / "kernels.json", result)
     return result
@@ -372,7 +314,7 @@ def plot(result: dict, path: Path) -> Path:
     ax2.legend(loc="lower right")
     for ax in (ax1, ax2):
         ax.set_xscale("log", base=2)
-        ax.set_xticks(x, [f"{n // 1024}k" if n % 1024 == 0 else str(n) for n in x])
+        ax.set_xticks(x, [format_length(n) for n in x])
         ax.set_xlabel("prompt length (tokens)")
         ax.grid(True, alpha=0.3)
     m, s = result["machine"], result["settings"]
@@ -386,10 +328,6 @@ def plot(result: dict, path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
-
-
-def _fmt_len(n: int) -> str:
-    return f"{n // 1024}k" if n % 1024 == 0 else str(n)
 
 
 def format_report(result: dict) -> str:
@@ -412,7 +350,7 @@ def format_report(result: dict) -> str:
             return f"{r[key]:11.1f}x" if key in r else f"{'-':>12}"
 
         lines.append(
-            f"{_fmt_len(r['length']):>7} {ms('chunk_s')} {ms('recurrent_s')} {ms('naive_s')} "
+            f"{format_length(r['length']):>7} {ms('chunk_s')} {ms('recurrent_s')} {ms('naive_s')} "
             f"{ratio('speedup_vs_naive')} {ratio('speedup_vs_recurrent')} {r['chunk_gflops']:11.2f}"
         )
     lines += [
@@ -423,14 +361,14 @@ def format_report(result: dict) -> str:
     ]
     for r in result["prefill"]:
         lines.append(
-            f"{_fmt_len(r['length']):>7} {r['seconds']:9.2f} {r['runs']:5d} {r['tokens_per_s']:10.1f} "
+            f"{format_length(r['length']):>7} {r['seconds']:9.2f} {r['runs']:5d} {r['tokens_per_s']:10.1f} "
             f"{r['flops'] / r['length'] / 1e9:12.4f} {r['gflops']:9.1f} {100 * r['fraction_of_peak']:6.1f}% {r['cpu_per_wall']:9.2f} "
             f"{'-' if r['step_spread'] is None else format(r['step_spread'], '.2f'):>12}"
         )
     for r in result["prefill"]:
         if "again_median_s" in r:
             lines.append(
-                f"{_fmt_len(r['length'])} was measured before and after the longer lengths: "
+                f"{format_length(r['length'])} was measured before and after the longer lengths: "
                 f"{r['length'] / r['first_median_s']:.1f} and {r['length'] / r['again_median_s']:.1f} tokens/s; "
                 f"the table uses the median of all {r['runs']} runs"
             )

@@ -12,13 +12,12 @@ parameter but the embeddings), timed alternately, medians reported:
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 
-from .common import machine_info, set_threads, write_json
+from ..runtime.machine import machine_info, set_threads
 
-__all__ = ["register", "run_train_benchmark"]
+__all__ = ["run_train_benchmark", "plot"]
 
 
 def _trainable(model, mode: str, rank: int):
@@ -99,7 +98,8 @@ def run_train_benchmark(student_ref: str, teacher_ref: str = "default", seq_len:
     }
 
 
-def _plot(report: dict, path) -> None:
+def plot(report: dict, path) -> None:
+    """A bar chart of the training tokens/s of the three steps, as a PNG at ``path``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -116,36 +116,3 @@ def _plot(report: dict, path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-def _cmd_train(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    report = run_train_benchmark(args.student, args.teacher, args.seq_len, args.batch_size, args.trainable, args.rank,
-                                 args.repeats, args.threads, args.seed)
-    out = Path(args.out)
-    write_json(out / "train.json", report)
-    _plot(report, out / "train.png")
-    for name, r in report["results"].items():
-        ratio = report["ratios_to_transformers_finetune"][name]
-        print(f"{name:24s} {r['tokens_per_second']:8.1f} tokens/s   x{ratio:.2f} of transformers' fine-tune")
-    print(f"wrote {out / 'train.json'} and {out / 'train.png'}")
-    return 0
-
-
-def register(subparsers) -> argparse.ArgumentParser:
-    """Add the ``train`` subcommand to the ``spikingbrain bench`` group."""
-    p = subparsers.add_parser("train", help="training tokens/s: conversion training vs a plain transformers fine-tune",
-                              description=__doc__.split("\n\n")[0])
-    p.add_argument("--student", default="spikingbrain-smollm2", help="converted model (folder or short name)")
-    p.add_argument("--teacher", default="default", help="its teacher (folder or short name)")
-    p.add_argument("--seq-len", type=int, default=1024)
-    p.add_argument("--batch-size", type=int, default=2)
-    p.add_argument("--trainable", choices=("lora", "all"), default="lora")
-    p.add_argument("--rank", type=int, default=16, help="LoRA rank")
-    p.add_argument("--repeats", type=int, default=5, help="timed steps per candidate (after one warm-up round)")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="runs/bench-train", help="folder for train.json and train.png")
-    p.set_defaults(func=_cmd_train)
-    return p

@@ -24,36 +24,18 @@ its partial results (``complete: false``).
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import os
 import resource
 import statistics
-import sys
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from .kernels import _fmt_len, _int_list
+from ..runtime.candidates import Candidate, check_lengths
+from ..runtime.lengths import format_length
 
-__all__ = [
-    "register",
-    "run",
-    "Candidate",
-    "load_candidates",
-    "make_candidates",
-    "load_baseline",
-    "first_token",
-    "fit_cost",
-    "predict",
-    "PeakMemory",
-    "check_lengths",
-    "add_pair_arguments",
-    "candidates_from_args",
-    "print_benchmark",
-    "DEFAULT_LENGTHS",
-]
+__all__ = ["run", "first_token", "fit_cost", "predict", "PeakMemory", "format_report", "DEFAULT_LENGTHS"]
 
 DEFAULT_LENGTHS = tuple(512 * 2**i for i in range(12))  # 512 ... 1M
 WARMUP = 1024  # tokens of the untimed warm-up call of each model
@@ -63,60 +45,6 @@ TARGETS = {
     "long_over_4k_throughput": 0.90,
     "short_prompt_throughput": 0.90,
 }
-
-
-@dataclass
-class Candidate:
-    """A model timed by a benchmark: a name (``ours`` or ``baseline``), a label, the model and its limits."""
-
-    name: str
-    label: str
-    model: object
-    degree: int  # of the cost fit: 1 linear, 2 quadratic
-    max_length: int | None = None  # longest input the model accepts (None: no limit)
-    trained_length: int | None = None  # positions the model was trained on (None: not known)
-    rows: list[dict] = field(default_factory=list)
-
-
-def load_baseline(ref: str):
-    """A Transformer run by Hugging Face transformers with SDPA attention (``default``: the embedded teacher)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from ..model.loading import resolve_folder
-
-    folder = resolve_folder(ref)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa")
-    except Exception as err:  # transformers raises many types for a folder it cannot read
-        raise ValueError(
-            f"the baseline {ref!r} ({folder}) could not be loaded with transformers (attn_implementation='sdpa'): "
-            f"{type(err).__name__}: {err}; pass --baseline with a Llama-family folder, 'default', or 'none'"
-        ) from err
-    return model.eval()
-
-
-def make_candidates(ours, ours_ref: str, baseline=None, baseline_ref: str | None = None) -> list[Candidate]:
-    """Candidates of loaded models: ours (linear cost, its max_sequence_length) and a transformers baseline (quadratic)."""
-    candidates = [Candidate("ours", f"SpikingBrain {ours_ref}", ours, 1, max_length=ours.config.max_sequence_length)]
-    if baseline is not None:
-        trained = getattr(baseline.config, "max_position_embeddings", None)
-        candidates.append(Candidate("baseline", f"transformers SDPA {baseline_ref}", baseline, 2, trained_length=trained))
-    return candidates
-
-
-def load_candidates(ours_ref: str, baseline_ref: str | None) -> tuple[list[Candidate], list[str]]:
-    """Our model and the baseline (skipped with a message when it cannot load or is ``none``); the messages."""
-    from ..model.loading import load_model
-
-    ours = load_model(ours_ref)
-    baseline, notes = None, []
-    if baseline_ref and baseline_ref != "none":
-        try:
-            baseline = load_baseline(baseline_ref)
-        except (ValueError, OSError) as err:
-            notes.append(f"baseline skipped: {err}")
-    return make_candidates(ours, ours_ref, baseline, baseline_ref), notes
 
 
 def first_token(model, ids) -> int:
@@ -209,83 +137,6 @@ def predict(coefficients: list[float], length: int) -> float:
     return sum(c * float(length) ** i for i, c in enumerate(coefficients))
 
 
-# ----------------------------------------------------------------------------- command line
-
-
-def register(subparsers) -> argparse.ArgumentParser:
-    """Add the ``ttft`` subcommand to the ``spikingbrain bench`` group."""
-    p = subparsers.add_parser(
-        "ttft",
-        help="time to first token against prompt length: ours against transformers (SDPA), with fitted extrapolation",
-        description=__doc__.split("\n\n")[0],
-    )
-    add_pair_arguments(p, "runs/bench-ttft", "ttft")
-    p.add_argument("--lengths", type=_int_list, default=None, help="prompt lengths for ours (default 512,1k,...,1024k)")
-    p.add_argument("--baseline-lengths", type=_int_list, default=None, help="prompt lengths for the baseline (default: ours)")
-    p.add_argument("--cap", type=float, default=300.0, help="skip a length whose predicted single run exceeds this many seconds")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs per model and length (median reported)")
-    p.add_argument("--max-seconds", type=float, default=60.0, help="stop repeating a model at a length after this many seconds")
-    p.add_argument("--extrapolate", type=_int_list, default=[131072, 1048576, 4194304], help="lengths of the extrapolated ratio")
-    p.set_defaults(func=_cmd_ttft)
-    return p
-
-
-def add_pair_arguments(p: argparse.ArgumentParser, out: str, name: str) -> None:
-    """The options of a side-by-side benchmark: --model, --baseline, --threads, --seed, --out, --no-plot."""
-    p.add_argument("--model", default="spikingbrain-smollm2", help="our model (folder or short name)")
-    p.add_argument("--baseline", default="default", help="baseline Transformer run by transformers ('default': the teacher; 'none': skip)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=out, help=f"folder for {name}.json and {name}.png")
-    p.add_argument("--no-plot", action="store_true", help="skip the PNG")
-
-
-def candidates_from_args(args: argparse.Namespace) -> tuple[list[Candidate], list[str]]:
-    """Set the threads and load the models of :func:`add_pair_arguments`' options; print why a baseline was skipped."""
-    from .common import set_threads
-
-    set_threads(args.threads)
-    candidates, notes = load_candidates(args.model, args.baseline)
-    for note in notes:
-        print(note, file=sys.stderr)
-    return candidates, notes
-
-
-def print_benchmark(report: str, result: dict) -> int:
-    """Print a benchmark's table and files; exit status 1 when no model has any measured row."""
-    print(report)
-    print(f"wrote {result['files']['json']}" + (f" and {result['files']['png']}" if result["files"].get("png") else ""))
-    return 0 if any(c["rows"] for c in result["candidates"].values()) else 1
-
-
-def _cmd_ttft(args: argparse.Namespace) -> int:
-    """Handler of ``spikingbrain bench ttft``."""
-    candidates, notes = candidates_from_args(args)
-    lengths = {"ours": args.lengths or list(DEFAULT_LENGTHS), "baseline": args.baseline_lengths or args.lengths or list(DEFAULT_LENGTHS)}
-    result = run(
-        candidates, lengths, Path(args.out), cap=args.cap, repeats=args.repeats, max_seconds=args.max_seconds,
-        extrapolate=args.extrapolate, seed=args.seed, plot_png=not args.no_plot, notes=notes,
-    )
-    return print_benchmark(format_report(result), result)
-
-
-def check_lengths(candidate: Candidate, lengths: list[int]) -> list[str]:
-    """Raise for lengths above the model's configured maximum; notes for lengths beyond its trained context."""
-    if candidate.max_length is not None and max(lengths) > candidate.max_length:
-        raise ValueError(
-            f"{candidate.label}: length {max(lengths)} exceeds the model's max_sequence_length={candidate.max_length} "
-            "(config.json); drop the longer lengths or raise max_sequence_length (null = unlimited)"
-        )
-    beyond = [n for n in lengths if candidate.trained_length and n > candidate.trained_length]
-    if beyond:
-        return [
-            f"{candidate.label}: lengths {', '.join(map(_fmt_len, beyond))} are beyond its max_position_embeddings="
-            f"{candidate.trained_length}; it still runs (RoPE is defined at every position), so the time is real, "
-            "but the model was not trained there (rows marked beyond_trained_context)"
-        ]
-    return []
-
-
 def _predicted(candidate: Candidate, length: int) -> float | None:
     """One run's time at ``length``: the cost fit once enough lengths are measured, else the longest row scaled
     linearly (ours) or quadratically (baseline)."""
@@ -318,8 +169,9 @@ def run(
     """
     import torch
 
-    from .common import command_line, load_average, machine_info, progress
-    from .report import thread_env
+    from ..runtime.machine import load_average, machine_info, thread_env
+    from ..runtime.progress import progress
+    from ..runtime.records import command_line, write_json
 
     if cap <= 0 or repeats < 1 or max_seconds <= 0:
         raise ValueError(f"--cap and --max-seconds must be > 0 and --repeats >= 1 (got {cap}, {max_seconds}, {repeats})")
@@ -356,8 +208,6 @@ def run(
         )
         result["load_average"]["end"] = load_average()
         result.update(_analysis(candidates, extrapolate))
-        from .common import write_json
-
         write_json(out / "ttft.json", result)
 
     with torch.inference_mode(), progress(sum(len(v) for v in plan.values()), bar_desc) as bar:
@@ -397,7 +247,7 @@ def run(
                 for c in order:
                     if times[c.name] and sum(times[c.name]) >= max_seconds:
                         continue
-                    bar.set_postfix_str(f"{c.name} T={_fmt_len(length)} run {r + 1}")
+                    bar.set_postfix_str(f"{c.name} T={format_length(length)} run {r + 1}")
                     try:
                         with PeakMemory() as mem:
                             start = time.perf_counter()
@@ -459,13 +309,13 @@ def _targets(rows: dict[str, dict[int, dict]], ratios: list[dict]) -> dict:
     for key, length, measured_only in (("ratio_32k", 32768, True), ("ratio_128k", 131072, False)):
         r = by_length.get(length)
         if r and not (measured_only and r["extrapolated"]):
-            targets[key] = {"name": f"baseline / ours TTFT at {_fmt_len(length)}", "value": r["ratio"], "target": TARGETS[key],
+            targets[key] = {"name": f"baseline / ours TTFT at {format_length(length)}", "value": r["ratio"], "target": TARGETS[key],
                             "pass": r["ratio"] >= TARGETS[key], "extrapolated": r["extrapolated"]}
     ours = rows.get("ours", {})
     if 4096 in ours and max(ours, default=0) > 4096:
         longest = max(ours)
         value = ours[longest]["tokens_per_s"] / ours[4096]["tokens_per_s"]
-        targets["long_over_4k_throughput"] = {"name": f"ours tokens/s at {_fmt_len(longest)} / at 4k", "value": value,
+        targets["long_over_4k_throughput"] = {"name": f"ours tokens/s at {format_length(longest)} / at 4k", "value": value,
                                               "target": TARGETS["long_over_4k_throughput"],
                                               "pass": value >= TARGETS["long_over_4k_throughput"], "extrapolated": False}
     base = rows.get("baseline", {})
@@ -479,7 +329,7 @@ def _targets(rows: dict[str, dict[int, dict]], ratios: list[dict]) -> dict:
 
 def plot(result: dict, path: Path) -> Path:
     """Log-log TTFT curves (measured points, fitted lines) and the baseline / ours ratio, as a PNG."""
-    from .report import COLORS, machine_title, new_figure, save_loglog
+    from ..runtime.plots import COLORS, machine_title, new_figure, save_loglog
 
     fig, (ax1, ax2) = new_figure()
     span = [r["length"] for r in result["ratios"]] + [row["length"] for c in result["candidates"].values() for row in c["rows"]]
@@ -514,16 +364,16 @@ def format_report(result: dict) -> str:
         for r in c["rows"]:
             extra = "-" if r["peak_extra_rss_bytes"] is None else f"{r['peak_extra_rss_bytes'] / 2**20:.0f}"
             flag = "  (beyond trained context)" if r["beyond_trained_context"] else ""
-            lines.append(f"{name:<9} {_fmt_len(r['length']):>6} {r['median_s']:9.3f} {len(r['times_s']):5d} "
+            lines.append(f"{name:<9} {format_length(r['length']):>6} {r['median_s']:9.3f} {len(r['times_s']):5d} "
                          f"{r['tokens_per_s']:9.1f} {extra:>14}{flag}")
     for s in result["skipped"]:
-        lines.append(f"skipped {s['candidate']} at {_fmt_len(s['length'])}: {s['reason']}")
+        lines.append(f"skipped {s['candidate']} at {format_length(s['length'])}: {s['reason']}")
     for name, fit in result["fits"].items():
         lines.append(f"fit {name}: t = {fit['formula']} s (max relative error {fit['max_relative_error']:.1%})")
     if result["ratios"]:
         lines.append(f"{'T':>6} {'ratio':>8}")
         for r in result["ratios"]:
-            lines.append(f"{_fmt_len(r['length']):>6} {r['ratio']:7.2f}x" + ("  extrapolated" if r["extrapolated"] else ""))
+            lines.append(f"{format_length(r['length']):>6} {r['ratio']:7.2f}x" + ("  extrapolated" if r["extrapolated"] else ""))
     for t in result["targets"].values():
         lines.append(f"{t['name']:<44} {t['value']:8.2f} (target >= {t['target']:g}) {'PASS' if t['pass'] else 'MISS'}"
                      + (" (extrapolated)" if t["extrapolated"] else ""))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..model.config import MIXER_TYPES, alternating_layers
+from ..model.names import MIXER_TYPES, alternating_layers
 
 __all__ = ["plan_layers", "LAYOUT_HELP"]
 

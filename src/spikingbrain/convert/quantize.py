@@ -9,21 +9,18 @@ file against the same tensors in fp32) and, with ``--eval-text``, the perplexity
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from ..bench.common import print_result
-from ..eval.perplexity import check_window, perplexity, text_token_ids
-from ..eval.spikes import add_w8aspike_options
-from ..model.checkpoint import copy_tokenizer_files, refuse_non_empty, written_folder
+from ..eval.perplexity import perplexity, text_token_ids
+from ..model.checkpoint import copy_tokenizer_files, written_folder
 from ..spiking.apply import spikify
 from ..spiking.int8 import quantize_model_int8
 
-__all__ = ["calibration_batches", "w8aspike", "register"]
+__all__ = ["calibration_batches", "w8aspike", "quantize_to_folder"]
 
 
 def calibration_batches(token_ids: torch.LongTensor, samples: int, sample_tokens: int) -> list[torch.LongTensor]:
@@ -72,57 +69,49 @@ def w8aspike(
     return {**result, "spiking": model.config.spiking, "weight_quantization": model.config.weight_quantization}
 
 
-def register(subparsers) -> None:
-    """Add ``quantize`` to the ``spikingbrain`` command."""
-    p = subparsers.add_parser("quantize", help="W8ASpike: INT8 group weights (calibrated) and/or spiking activations, saved as a model folder")
-    p.add_argument("--model", default="default", help="model folder or short name")
-    p.add_argument("--out", required=True, help="folder to write")
-    p.add_argument("--group-size", type=int, default=128, help="input channels per INT8 scale (W8ASpike: 128)")
-    p.add_argument("--calibration-text", default=None, help="UTF-8 text for clip calibration (default: plain round-to-nearest)")
-    p.add_argument("--samples", type=int, default=128, help="calibration windows (W8ASpike: 128)")
-    p.add_argument("--sample-tokens", type=int, default=256, help="tokens per calibration window")
-    p.add_argument("--spiking-k", type=float, default=None, help="turn spiking on with this k (saved in the config)")
-    add_w8aspike_options(p)
-    p.add_argument("--no-int8-weights", dest="int8_weights", action="store_false", help="keep float weights (spiking only)")
-    p.add_argument("--eval-text", default=None, help="report perplexity on this text before and after")
-    p.add_argument("--context", type=int, default=2048, help="perplexity window")
-    p.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens of --eval-text")
-    p.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
-    p.add_argument("--json", action="store_true", help="print the report as JSON")
-    p.set_defaults(func=_cmd_quantize)
+def quantize_to_folder(
+    model_ref: str,
+    out: str | Path,
+    calibration_text: str | None = None,
+    eval_text: str | None = None,
+    group_size: int = 128,
+    samples: int = 128,
+    sample_tokens: int = 256,
+    spiking_k: float | None = None,
+    spike_query: bool = False,
+    int8_kv: bool = False,
+    int8_weights: bool = True,
+    context: int = 2048,
+    max_tokens: int | None = None,
+) -> dict:
+    """Load ``model_ref``, make it W8ASpike (:func:`w8aspike`, calibrated on ``calibration_text``) and save it in ``out``.
 
+    With ``eval_text`` the result has the perplexity before and after (first ``max_tokens`` tokens,
+    windows of ``context``); it always has the file bytes against the fp32 tensor bytes.
+    """
+    from ..model.loading import load_model, load_tokenizer
+    from ..model.loading import resolve_folder
 
-def _cmd_quantize(args: argparse.Namespace) -> int:
-    """Handler of ``spikingbrain quantize``."""
-    from ..model.loading import load_model, load_tokenizer, resolve_folder
-    from ..train.data import read_text
-
-    check_window(args.context)
-    if not args.force:
-        refuse_non_empty(args.out)
-    calibration_text = read_text(args.calibration_text) if args.calibration_text else None
-    eval_text = read_text(args.eval_text) if args.eval_text else None
     start = time.perf_counter()
-    tokenizer = load_tokenizer(args.model)
-    model = load_model(args.model)
-    eval_ids = text_token_ids(tokenizer, eval_text, args.max_tokens) if eval_text else None
-    result = {"model": str(args.model), "out": str(args.out)}
+    tokenizer = load_tokenizer(model_ref)
+    model = load_model(model_ref)
+    eval_ids = text_token_ids(tokenizer, eval_text, max_tokens) if eval_text else None
+    result = {"model": str(model_ref), "out": str(out)}
     if eval_ids is not None:
-        result["ppl_before"] = perplexity(model, eval_ids, args.context, progress=True)["ppl"]
+        result["ppl_before"] = perplexity(model, eval_ids, context, progress=True)["ppl"]
     calibration = None
-    if calibration_text is not None and args.int8_weights:
-        calibration = calibration_batches(text_token_ids(tokenizer, calibration_text), args.samples, args.sample_tokens)
+    if calibration_text is not None and int8_weights:
+        calibration = calibration_batches(text_token_ids(tokenizer, calibration_text), samples, sample_tokens)
         result["calibration"] = {"windows": len(calibration), "tokens": sum(c.numel() for c in calibration)}
     print("quantizing" + (f" with {len(calibration)} calibration windows" if calibration else ""), file=sys.stderr)
-    result.update(w8aspike(model, calibration, args.group_size, args.spiking_k, args.spike_query, args.int8_kv, args.int8_weights))
+    result.update(w8aspike(model, calibration, group_size, spiking_k, spike_query, int8_kv, int8_weights))
     if eval_ids is not None:
-        result["ppl_after"] = perplexity(model, eval_ids, args.context, progress=True)["ppl"]
+        result["ppl_after"] = perplexity(model, eval_ids, context, progress=True)["ppl"]
         result["ppl_ratio"] = result["ppl_after"] / result["ppl_before"]
-    with written_folder(args.out) as staging:
+    with written_folder(out) as staging:
         model.save_pretrained(staging)
-        copy_tokenizer_files(resolve_folder(args.model), staging)
-    result["file_bytes"] = _safetensors_bytes(Path(args.out))
+        copy_tokenizer_files(resolve_folder(model_ref), staging)
+    result["file_bytes"] = _safetensors_bytes(Path(out))
     result["size_ratio_fp32_over_file"] = result["fp32_tensor_bytes"] / result["file_bytes"]
     result["seconds"] = round(time.perf_counter() - start, 1)
-    print_result(result, args.json)
-    return 0
+    return result

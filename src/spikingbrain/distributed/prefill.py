@@ -18,7 +18,6 @@ The last rank ends with the cache of the whole prompt, equal to a single-process
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import functools
 import json
@@ -34,9 +33,10 @@ import torch.distributed as dist
 from ..model.cache import FullKV, SpikingBrainCache, WindowKV
 from ..model.mixers import GatedLinearAttention, SoftmaxAttention
 from ..ops import apply_rotary, chunk_gla
-from .comm import DEFAULT_TIMEOUT_S, Traffic, all_gather_counted, backend_for, init_from_env, launch, launched_by_torchrun
+from .comm import Traffic, all_gather_counted, backend_for, init_from_env, launch, launched_by_torchrun
+from .options import DEFAULT_TIMEOUT_S
 
-__all__ = ["PrefillResult", "split_lengths", "sequence_parallel_prefill", "cache_tensors", "prefill_command", "register"]
+__all__ = ["PrefillResult", "split_lengths", "sequence_parallel_prefill", "cache_tensors", "prefill_on_ranks"]
 
 
 def split_lengths(total: int, parts: int) -> list[int]:
@@ -256,14 +256,16 @@ def _prefill_worker(rank: int, world: int, model_ref: str, text_path: str, out: 
     }
 
 
-def prefill_command(args: argparse.Namespace) -> int:
-    """``spikingbrain prefill``: launch ``--nproc`` local ranks (or join ``torchrun``'s group) and report."""
-    text = Path(args.text).expanduser()
-    if not text.is_file():
-        raise ValueError(f"--text {text}: no such file; pass a text file holding the prompt")
-    work = (str(args.model), str(text), str(Path(args.out).expanduser()), args.device)
+def prefill_on_ranks(model_ref: str, text_path: str | Path, out: str | Path, device: str = "cpu", nproc: int = 2,
+                     timeout_s: float = DEFAULT_TIMEOUT_S) -> dict | None:
+    """Prefill the text of ``text_path`` over ``nproc`` local ranks (or ``torchrun``'s group) and write ``out``.
+
+    Returns the report (tokens, ranks, seconds, per-rank traffic) on the process that reports: the
+    caller of a local launch, or the last rank (which wrote the file) under ``torchrun``; None on the others.
+    """
+    work = (str(model_ref), str(text_path), str(Path(out).expanduser()), device)
     if launched_by_torchrun():
-        init_from_env(_device_for(args.device, 0), args.timeout)
+        init_from_env(_device_for(device, 0), timeout_s)
         try:
             mine = _prefill_worker(dist.get_rank(), dist.get_world_size(), *work)
             ranks = [None] * dist.get_world_size()
@@ -271,35 +273,13 @@ def prefill_command(args: argparse.Namespace) -> int:
         finally:
             dist.destroy_process_group()
         if mine["rank"] != len(ranks) - 1:
-            return 0  # the last rank, which wrote the file, reports
+            return None
     else:
-        if args.nproc < 1:
-            raise ValueError(f"--nproc {args.nproc}: needs at least 1 process")
-        backend = backend_for(_device_for(args.device, 0))
-        ranks = launch(_prefill_worker, args.nproc, work, backend=backend, timeout_s=args.timeout)
-    report = {
+        if nproc < 1:
+            raise ValueError(f"--nproc {nproc}: needs at least 1 process")
+        backend = backend_for(_device_for(device, 0))
+        ranks = launch(_prefill_worker, nproc, work, backend=backend, timeout_s=timeout_s)
+    return {
         "tokens": sum(r["tokens"] for r in ranks), "ranks": len(ranks),
         "seconds": max(r["seconds"] for r in ranks), "out": work[2], "per_rank": ranks,
     }
-    if args.json:
-        print(json.dumps(report))
-    else:
-        print(f"{report['tokens']} tokens on {report['ranks']} ranks in {report['seconds']:.3f} s; wrote {report['out']}")
-        for r in ranks:
-            print(f"  rank {r['rank']}: {r['tokens']} tokens, {r['seconds']:.3f} s, {r['bytes_sent']} bytes sent {r['bytes_by_kind']}")
-    return 0
-
-
-def register(subparsers) -> None:
-    """Add ``spikingbrain prefill`` to the CLI."""
-    parser = subparsers.add_parser(
-        "prefill", help="sequence-parallel prefill of one prompt over several processes (writes logits and the final cache)"
-    )
-    parser.add_argument("--model", default="default", help="model folder, 'default' or 'spikingbrain-smollm2'")
-    parser.add_argument("--text", required=True, help="text file holding the prompt")
-    parser.add_argument("--nproc", type=int, default=2, help="local processes to start (ignored under torchrun)")
-    parser.add_argument("--out", required=True, help="output .safetensors: key 'logits' (last position) and the cache tensors")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda or auto (each rank takes GPU LOCAL_RANK)")
-    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds a rank waits for the others")
-    parser.add_argument("--json", action="store_true", help="print the report as JSON")
-    parser.set_defaults(func=prefill_command)

@@ -16,16 +16,13 @@ lm-eval's message instead of waiting on the network.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import os
-import sys
-import time
 from importlib import resources
 from pathlib import Path
 
-__all__ = ["TASK_NAMES", "local_task_config", "run_harness", "register"]
+__all__ = ["TASK_NAMES", "local_task_config", "run_harness"]
 
 #: The local tasks shipped in spikingbrain/eval/tasks.
 TASK_NAMES = ("spikingbrain_facts_mc", "spikingbrain_prose_rolling")
@@ -95,43 +92,3 @@ def run_harness(model, tokenizer, tasks: list[str], limit: int | float | None = 
         "settings": {"tasks": list(tasks), "limit": limit, "batch_size": batch_size, "num_fewshot": num_fewshot,
                      "prefix_token_id": lm.prefix_token_id, "max_length": lm.max_length},
     })
-
-
-# ----------------------------------------------------------------------------- command line
-
-
-def register(subparsers) -> None:
-    """Add ``harness`` to the ``spikingbrain eval`` group."""
-    p = subparsers.add_parser("harness", help="lm-evaluation-harness tasks on our model, in process and offline (JSON)")
-    p.add_argument("--model", default="spikingbrain-smollm2", help="model folder or short name")
-    p.add_argument("--tasks", default=",".join(TASK_NAMES),
-                   help=f"comma-separated task names: shipped ({', '.join(TASK_NAMES)}) or lm-eval's, when their data is local")
-    p.add_argument("--include-path", default=None, help="folder of your own lm-eval task YAML files")
-    p.add_argument("--limit", type=float, default=None, help="documents per task (a fraction when < 1)")
-    p.add_argument("--num-fewshot", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="runs/eval-harness", help="folder for harness.json")
-    p.set_defaults(func=_cmd_harness)
-
-
-def _cmd_harness(args: argparse.Namespace) -> int:
-    """Handler of ``spikingbrain eval harness``."""
-    from ..bench.common import load_average, machine_info, set_threads, write_json
-    from ..model.loading import load_model, load_tokenizer
-
-    set_threads(args.threads)
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    limit = None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit)
-    start, load_start = time.perf_counter(), load_average()
-    result = run_harness(load_model(args.model), load_tokenizer(args.model), tasks, limit, args.batch_size,
-                         args.include_path, args.num_fewshot, args.seed)
-    result.update(model=str(args.model), seconds=time.perf_counter() - start, machine=machine_info(),
-                  load_average={"start": load_start, "end": load_average()})
-    path = write_json(Path(args.out) / "harness.json", result)
-    for task, metrics in result["results"].items():
-        shown = {k: v for k, v in metrics.items() if "stderr" not in k and k != "alias" and isinstance(v, (int, float))}
-        print(f"{task}: " + ", ".join(f"{k} {v:.4g}" for k, v in shown.items()), file=sys.stdout)
-    print(f"wrote {path}")
-    return 0

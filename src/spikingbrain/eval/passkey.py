@@ -9,13 +9,12 @@ reported over length x depth (``trials`` random keys each), as JSON and a heatma
 
 from __future__ import annotations
 
-import argparse
 import random
 import re
 import time
 from pathlib import Path
 
-__all__ = ["passkey_prompt", "score_answer", "greedy_tokens", "run_passkey", "register", "FILLER"]
+__all__ = ["passkey_prompt", "score_answer", "greedy_tokens", "run_passkey", "plot_heatmap", "FILLER"]
 
 INSTRUCTION = "A pass key is hidden somewhere in the long text below. Read the text, find the pass key and remember it.\n"
 FILLER = (
@@ -79,7 +78,7 @@ def greedy_tokens(model, ids: list[int], new_tokens: int) -> list[int]:
 def run_passkey(models: dict[str, object], tokenizer, lengths: list[int], depths: list[float], trials: int = 1,
                 seed: int = 0, new_tokens: int = 8, progress_desc: str = "passkey") -> dict:
     """Accuracy of each named model over ``lengths`` x ``depths``, with every answer kept."""
-    from ..bench.common import progress
+    from ..runtime.progress import progress
 
     rng = random.Random(seed)
     keys = {(n, d, t): str(rng.randint(10000, 99999)) for n in lengths for d in depths for t in range(trials)}
@@ -104,8 +103,8 @@ def run_passkey(models: dict[str, object], tokenizer, lengths: list[int], depths
 
 def plot_heatmap(result: dict, path: str | Path) -> Path:
     """One accuracy heatmap (depth x length) per model, as a PNG."""
-    from ..bench.kernels import _fmt_len
-    from ..bench.report import new_figure, save_figure
+    from ..runtime.lengths import format_length
+    from ..runtime.plots import new_figure, save_figure
 
     names = list(result["models"])
     fig, axes = new_figure(len(names), (4.5 * len(names), 3.8))
@@ -115,65 +114,9 @@ def plot_heatmap(result: dict, path: str | Path) -> Path:
         for i, row in enumerate(grid):
             for j, value in enumerate(row):
                 ax.text(j, i, f"{value:.0%}", ha="center", va="center", fontsize=8)
-        ax.set_xticks(range(len(result["lengths"])), [_fmt_len(n) for n in result["lengths"]])
+        ax.set_xticks(range(len(result["lengths"])), [format_length(n) for n in result["lengths"]])
         ax.set_yticks(range(len(result["depths"])), [f"{d:g}" for d in result["depths"]])
         ax.set_xlabel("prompt length (tokens)")
         ax.set_ylabel("key depth")
         ax.set_title(name, fontsize=9)
     return save_figure(fig, path, f"pass-key retrieval accuracy ({result['trials']} trial(s) per cell)")
-
-
-# ----------------------------------------------------------------------------- command line
-
-
-def _float_list(text: str) -> list[float]:
-    try:
-        values = [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers like 0,0.5,1; got {text!r}") from None
-    if not values:
-        raise argparse.ArgumentTypeError(f"expected at least one number, got {text!r}")
-    return values
-
-
-def register(subparsers) -> None:
-    """Add ``passkey`` to the ``spikingbrain eval`` group."""
-    from ..bench.kernels import _int_list
-
-    p = subparsers.add_parser("passkey", help="pass-key retrieval accuracy over length x depth (JSON + heatmap PNG)")
-    p.add_argument("--model", default="spikingbrain-smollm2", help="our model (folder or short name)")
-    p.add_argument("--baseline", default="default", help="compared model run by transformers (SDPA); 'none' to skip")
-    p.add_argument("--lengths", type=_int_list, default=[2048, 8192, 32768], help="prompt lengths in tokens")
-    p.add_argument("--depths", type=_float_list, default=[0.0, 0.25, 0.5, 0.75, 1.0], help="key depths (0 = start, 1 = end)")
-    p.add_argument("--trials", type=int, default=2, help="random keys per cell")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--out", default="runs/eval-passkey", help="folder for passkey.json and passkey.png")
-    p.set_defaults(func=_cmd_passkey)
-
-
-def _cmd_passkey(args: argparse.Namespace) -> int:
-    """Handler of ``spikingbrain eval passkey``."""
-    from ..bench.common import load_average, machine_info, write_json
-    from ..bench.ttft import candidates_from_args, check_lengths
-    from ..model.loading import load_tokenizer
-
-    if args.trials < 1 or any(not 0 <= d <= 1 for d in args.depths):
-        raise ValueError(f"--trials must be >= 1 and --depths within 0..1 (got {args.trials}, {args.depths})")
-    tokenizer = load_tokenizer(args.model)
-    candidates, notes = candidates_from_args(args)
-    for c in candidates:
-        notes += check_lengths(c, args.lengths)
-    load_start = load_average()
-    result = run_passkey({c.label: c.model for c in candidates}, tokenizer, sorted(set(args.lengths)), args.depths,
-                         args.trials, args.seed)
-    result.update(machine=machine_info(), load_average={"start": load_start, "end": load_average()}, notes=notes)
-    out = Path(args.out)
-    write_json(out / "passkey.json", result)
-    png = plot_heatmap(result, out / "passkey.png")
-    for name, m in result["models"].items():
-        print(f"{name}: " + ", ".join(f"{n} tokens {acc:.0%}" for n, acc in m["accuracy_by_length"].items()))
-    for note in notes:
-        print(note)
-    print(f"wrote {out / 'passkey.json'} and {png}")
-    return 0

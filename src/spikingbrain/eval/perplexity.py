@@ -8,16 +8,12 @@ scores only the tokens after the previous window's end, so every token is scored
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
-import time
 
 import torch
 
-from ..bench.common import print_result
-
-__all__ = ["perplexity", "perplexity_of_text", "text_token_ids", "windows", "check_window", "register"]
+__all__ = ["perplexity", "perplexity_of_text", "text_token_ids", "windows", "check_window"]
 
 #: Positions whose log-softmax is computed at once, in fp64 (bounds the temporary to SLICE x vocab).
 SLICE = 128
@@ -138,44 +134,3 @@ def text_token_ids(tokenizer, text: str, max_tokens: int | None = None) -> torch
             raise ValueError(f"max_tokens must be >= 2, got {max_tokens}")
         ids = ids[:max_tokens]
     return torch.tensor(ids, dtype=torch.long)
-
-
-# ----------------------------------------------------------------------------- command line
-
-
-def register(subparsers) -> None:
-    """Add ``ppl`` to the ``spikingbrain eval`` group."""
-    p = subparsers.add_parser("ppl", help="perplexity of a model over a text file in windows of N tokens")
-    p.add_argument("--model", default="default", help="model folder or short name ('default': the embedded model)")
-    p.add_argument("--text", required=True, help="UTF-8 text file to score")
-    p.add_argument("--context", type=int, default=2048, help="window length in tokens")
-    p.add_argument("--stride", type=int, default=None, help="tokens between window starts (default: the context)")
-    p.add_argument("--batch-size", type=int, default=1, help="windows per forward pass")
-    p.add_argument("--max-tokens", type=int, default=None, help="score only the first K tokens of the file")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
-    p.set_defaults(func=_cmd_ppl)
-
-
-def _cmd_ppl(args: argparse.Namespace) -> int:
-    """Handler of ``spikingbrain eval ppl``."""
-    from ..model.loading import load_model, load_tokenizer
-    from ..train.data import read_text
-
-    text = read_text(args.text)
-    check_window(args.context, args.stride)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    start = time.perf_counter()
-    tokenizer = load_tokenizer(args.model)
-    model = load_model(args.model)
-    loaded = time.perf_counter()
-    result = perplexity_of_text(
-        model, tokenizer, text, args.context, args.stride, args.batch_size, progress=True, max_tokens=args.max_tokens
-    )
-    result.update(
-        model=str(args.model), file=str(args.text), seconds=round(time.perf_counter() - loaded, 3),
-        load_seconds=round(loaded - start, 3), threads=torch.get_num_threads(),
-    )
-    print_result(result, args.json)
-    return 0

@@ -8,25 +8,19 @@ k (the report's Table 11), the spike events of one forward pass (``spiking.event
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-from ..bench.common import machine_info, write_json
 from ..spiking.apply import observe_spikes, spikify, spiking_linears, spiking_off
 from ..spiking.coding import encode
 from ..spiking.events import SpikeEventRecorder, write_events
 from ..spiking.stats import HISTOGRAM_BINS, SpikeStatistics
-from .perplexity import check_window, perplexity, text_token_ids
+from .options import SWEEP_K
+from .perplexity import perplexity
 
-__all__ = ["SWEEP_K", "RasterCapture", "spiking_report", "sweep_k", "export_events", "plot_report", "add_w8aspike_options", "register"]
-
-#: The report's Table 11 values of k.
-SWEEP_K = (2.0, 2.5, 3.0, 3.5, 4.0)
+__all__ = ["RasterCapture", "spiking_report", "sweep_k", "export_events", "plot_report", "write_spikes_report", "format_summary"]
 
 
 class RasterCapture:
@@ -200,84 +194,48 @@ def plot_report(report: dict, raster: RasterCapture | None, sweep: list[dict] | 
     return written
 
 
-# ----------------------------------------------------------------------------- command line
+def write_spikes_report(
+    model_ref: str,
+    text: str,
+    out: str | Path,
+    k: float = 3.0,
+    context: int = 2048,
+    max_tokens: int | None = None,
+    sweep: list[float] | None = None,
+    events: str | Path | None = None,
+    events_tokens: int = 16,
+    spike_query: bool = False,
+    int8_kv: bool = False,
+    source: str | None = None,
+) -> dict:
+    """The spiking report of ``model_ref`` on ``text`` (named ``source``), with its PNGs and ``spikes.json`` in ``out``.
 
-
-def _float_list(text: str) -> list[float]:
-    try:
-        values = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers like 2,2.5,3, got {text!r}") from None
-    if not values or any(v <= 0 for v in values):
-        raise argparse.ArgumentTypeError(f"k values must be > 0, got {text!r}")
-    return values
-
-
-def add_w8aspike_options(parser: argparse.ArgumentParser) -> None:
-    """``--spike-query`` and ``--int8-kv``: W8ASpike's spiking options beyond the projections."""
-    parser.add_argument("--spike-query", action="store_true", help="also spike the sliding-window query (W8ASpike)")
-    parser.add_argument("--int8-kv", action="store_true", help="INT8 keys and values in softmax attention (W8ASpike)")
-
-
-def register(subparsers) -> None:
-    """Add ``spikes`` to the ``spikingbrain`` command."""
-    p = subparsers.add_parser("spikes", help="spiking report: perplexity with/without spiking, sparsity, energy, plots, events")
-    p.add_argument("--model", default="default", help="model folder or short name (default: the embedded model)")
-    p.add_argument("--text", required=True, help="UTF-8 text file to read (held-out text)")
-    p.add_argument("--k", type=float, default=3.0, help="firing-rate parameter: threshold = mean|x| / k (default 3)")
-    p.add_argument("--context", type=int, default=2048, help="window length in tokens")
-    p.add_argument("--max-tokens", type=int, default=None, help="read only the first N tokens of the text")
-    add_w8aspike_options(p)
-    p.add_argument("--sweep-k", type=_float_list, nargs="?", const=list(SWEEP_K), default=None, metavar="K,K,...",
-                   help="also run a sweep over k (default list: 2,2.5,3,3.5,4)")
-    p.add_argument("--events", default=None, metavar="FILE.npz", help="write the spike events of one forward pass")
-    p.add_argument("--events-tokens", type=int, default=16, help="tokens of that forward pass (from the text's start)")
-    p.add_argument("--out", default="reports/spikes", help="folder for spikes.json and the PNGs")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--json", action="store_true", help="print the whole report as JSON on stdout")
-    p.set_defaults(func=_cmd_spikes)
-
-
-def _cmd_spikes(args: argparse.Namespace) -> int:
-    """Handler of ``spikingbrain spikes``."""
+    ``sweep`` adds a k sweep; ``events`` writes the spike events of the first ``events_tokens`` tokens to that file.
+    """
     from ..model.loading import load_model, load_tokenizer
-    from ..train.data import read_text
+    from ..runtime.machine import machine_info
+    from ..runtime.records import write_json
+    from .perplexity import text_token_ids
 
-    check_window(args.context)
-    if args.k <= 0:
-        raise ValueError(f"--k must be > 0 (threshold = mean|x| / k), got {args.k}")
-    if args.events and not args.events.endswith(".npz"):
-        raise ValueError(f"--events {args.events}: give a file name ending in .npz")
-    if args.events_tokens < 1:
-        raise ValueError(f"--events-tokens must be >= 1, got {args.events_tokens}")
-    text = read_text(args.text)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    tokenizer = load_tokenizer(args.model)
-    model = load_model(args.model)
-    token_ids = text_token_ids(tokenizer, text, args.max_tokens)
-    first = next(iter(spiking_linears(model)))
-    raster = RasterCapture(first)
-    options = {"spike_query": args.spike_query, "int8_kv": args.int8_kv}
-    report = spiking_report(model, token_ids, args.k, args.context, raster=raster, progress=True, **options)
-    sweep = sweep_k(model, token_ids, args.sweep_k, args.context, True, report, **options) if args.sweep_k else None
-    if args.events:
-        spikify(model, k=args.k, **options)
-        report["events"] = export_events(model, token_ids[: args.events_tokens], args.events)
-    folder = Path(args.out)
+    tokenizer = load_tokenizer(model_ref)
+    model = load_model(model_ref)
+    token_ids = text_token_ids(tokenizer, text, max_tokens)
+    raster = RasterCapture(next(iter(spiking_linears(model))))
+    options = {"spike_query": spike_query, "int8_kv": int8_kv}
+    report = spiking_report(model, token_ids, k, context, raster=raster, progress=True, **options)
+    swept = sweep_k(model, token_ids, sweep, context, True, report, **options) if sweep else None
+    if events:
+        spikify(model, k=k, **options)
+        report["events"] = export_events(model, token_ids[:events_tokens], events)
+    folder = Path(out)
     report.update(
-        model=str(args.model), file=str(args.text), k_sweep=sweep, machine=machine_info(),
+        model=str(model_ref), file=source, k_sweep=swept, machine=machine_info(),
         seconds=round(time.perf_counter() - start, 1),
     )
-    report["plots"] = [str(p) for p in plot_report(report, raster, sweep, folder)]
+    report["plots"] = [str(p) for p in plot_report(report, raster, swept, folder)]
     write_json(folder / "spikes.json", report)
-    if args.json:
-        print(json.dumps(report))
-    else:
-        print(format_summary(report))
-    print(f"wrote {folder / 'spikes.json'} and {len(report['plots'])} PNGs", file=sys.stderr)
-    return 0
+    return report
 
 
 def format_summary(report: dict) -> str:

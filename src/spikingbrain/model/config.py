@@ -8,24 +8,15 @@ from transformers import PretrainedConfig
 
 from ..spiking.apply import spiking_settings
 from ..spiking.int8 import weight_quantization_settings
+from .names import MIXER_TYPES, alternating_layers
 
-__all__ = ["SpikingBrainConfig", "MIXER_TYPES", "PARALLEL_MIXERS", "alternating_layers"]
+__all__ = ["SpikingBrainConfig"]
 
-#: Mixers that run linear attention in parallel with a softmax branch (sliding-window or full).
-PARALLEL_MIXERS = ("parallel-swa", "parallel-full")
-#: Token mixers a layer can use: gated linear attention, sliding-window attention, full attention,
-#: or linear attention in parallel with one of the two softmax kinds.
-MIXER_TYPES = ("gla", "swa", "full", *PARALLEL_MIXERS)
 GLA_FEATURE_MAPS = ("relu", "identity", "sigmoid")
 GLA_GATES = ("lowrank", "key_tied")
 PARALLEL_COMBINES = ("sum", "mean", "learned")
 MOE_ROUTERS = ("softmax", "sigmoid")
 WINDOW_SEMANTICS = ("flash", "sdpa")
-
-
-def alternating_layers(num_layers: int) -> list[str]:
-    """The SpikingBrain-7B layout: GLA on even (0-indexed) layers, SWA on odd layers."""
-    return ["gla" if i % 2 == 0 else "swa" for i in range(num_layers)]
 
 
 class SpikingBrainConfig(PretrainedConfig):

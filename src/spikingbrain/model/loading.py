@@ -1,4 +1,4 @@
-"""Resolve a ``--model`` reference (``default``, a SpikingBrain folder, an official folder, a Llama-family folder)."""
+"""Load a ``--model`` reference (``default``, a short name, a SpikingBrain folder, an official folder, a Llama-family folder)."""
 
 from __future__ import annotations
 
@@ -12,32 +12,12 @@ from .config import SpikingBrainConfig
 from .hf_import import TRANSFORMER_FAMILIES, load_transformer
 from .modeling import SpikingBrainForCausalLM
 from .official import GLAswaConfig
+from .shipped import resolve_folder
 
-__all__ = ["SHORT_NAMES", "resolve_folder", "read_source_config", "load_model", "load_tokenizer", "NATIVE_TYPES"]
+__all__ = ["resolve_folder", "read_source_config", "load_model", "load_tokenizer", "NATIVE_TYPES"]
 
 #: model_type values loaded directly into our classes.
 NATIVE_TYPES = (SpikingBrainConfig.model_type, GLAswaConfig.model_type)
-
-
-#: Short names accepted wherever a model folder is: the embedded teacher and the shipped conversions.
-SHORT_NAMES = ("default", "spikingbrain-smollm2")
-
-
-def resolve_folder(ref: str | Path) -> Path:
-    """The folder behind a model reference.
-
-    ``default`` is the embedded SmolLM2-135M-Instruct; ``spikingbrain-smollm2`` is its shipped
-    conversion, rebuilt from the teacher plus the delta file in the package on first use.
-    """
-    if str(ref) == "default":
-        from .embedded import default_model_folder
-
-        return default_model_folder()
-    if str(ref) in SHORT_NAMES:
-        from .shipped import shipped_model_folder
-
-        return shipped_model_folder(str(ref))
-    return Path(ref).expanduser()
 
 
 def read_source_config(folder: Path) -> tuple[dict, bool]:

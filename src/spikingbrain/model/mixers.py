@@ -13,8 +13,9 @@ from ..ops import apply_rotary, causal_attention, chunk_gla, recurrent_gla, slid
 from ..spiking.int8 import fake_quantize_int8
 from ..spiking.neuron import spike_quantize
 from .cache import FullKV, GLAState, ParallelState, WindowKV
-from .config import PARALLEL_MIXERS, SpikingBrainConfig
+from .config import SpikingBrainConfig
 from .layers import RMSNorm
+from .names import PARALLEL_MIXERS
 
 __all__ = ["MixerInputs", "GatedLinearAttention", "SoftmaxAttention", "ParallelHybridAttention", "build_mixer"]
 

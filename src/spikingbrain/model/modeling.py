@@ -1,4 +1,7 @@
-"""SpikingBrain hybrid causal language model (Hugging Face ``PreTrainedModel``)."""
+"""SpikingBrain hybrid causal language model (Hugging Face ``PreTrainedModel``).
+
+Importing this module registers ``model_type: spikingbrain`` with transformers' Auto classes.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +10,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import GenerationMixin, PreTrainedModel
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
@@ -20,6 +23,7 @@ from .config import SpikingBrainConfig
 from .layers import RMSNorm, SwiGLU
 from .mixers import GatedLinearAttention, MixerInputs, ParallelHybridAttention, SoftmaxAttention, build_mixer
 from .moe import MoEFeedForward, RouterStats, load_balancing_loss
+from .official_format import save_official
 
 __all__ = [
     "HybridBlock",
@@ -214,8 +218,6 @@ class SpikingBrainForCausalLM(SpikingBrainPreTrainedModel, GenerationMixin):
     def save_pretrained(self, save_directory, *args, official_format: bool = False, **kwargs):
         """Save in our format, or (``official_format=True``) in the released SpikingBrain-7B layout."""
         if official_format:
-            from .official import save_official  # official.py builds on this module
-
             return save_official(self, save_directory, max_shard_size=kwargs.get("max_shard_size", "5GB"))
         return super().save_pretrained(save_directory, *args, **kwargs)
 
@@ -282,3 +284,8 @@ class SpikingBrainForCausalLM(SpikingBrainPreTrainedModel, GenerationMixin):
         return SpikingBrainCausalLMOutput(
             loss=loss, logits=logits, cache=cache if use_cache else None, aux_loss=aux_loss, router_stats=router_stats
         )
+
+
+AutoConfig.register(SpikingBrainConfig.model_type, SpikingBrainConfig, exist_ok=True)
+AutoModel.register(SpikingBrainConfig, SpikingBrainModel, exist_ok=True)
+AutoModelForCausalLM.register(SpikingBrainConfig, SpikingBrainForCausalLM, exist_ok=True)

@@ -13,7 +13,8 @@ are read as 1-indexed: 0-indexed full-attention layers 6, 13, 20, 27 and dense-F
 
 from __future__ import annotations
 
-from .config import SpikingBrainConfig, alternating_layers
+from .config import SpikingBrainConfig
+from .names import PRESET_NAMES, alternating_layers
 
 __all__ = ["PRESETS", "preset_config", "spikingbrain_7b", "spikingbrain_76b", "REPORT_76B_DENSE_FFN_LAYERS"]
 
@@ -90,7 +91,7 @@ def spikingbrain_76b(**overrides) -> SpikingBrainConfig:
 
 
 #: Preset names (as ``spikingbrain info --preset NAME`` takes them) and their builders.
-PRESETS = {"spikingbrain-7b": spikingbrain_7b, "spikingbrain-76b": spikingbrain_76b}
+PRESETS = dict(zip(PRESET_NAMES, (spikingbrain_7b, spikingbrain_76b)))
 
 
 def preset_config(name: str, **overrides) -> SpikingBrainConfig:

@@ -1,4 +1,6 @@
-"""Shipped converted models: a compact delta file on top of a teacher, rebuilt into a cached folder once.
+"""Short model names resolved to folders: the embedded teacher, and shipped converted models rebuilt from a delta once.
+
+A shipped model is a compact delta file on top of a teacher, rebuilt into a cached folder on first use.
 
 A delta is a safetensors file holding only what conversion training changed (new parameters,
 trained tensors, LoRA factors) plus, in its metadata, the student's config and the teacher it
@@ -19,14 +21,26 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .checkpoint import CheckpointError, copy_tokenizer_files, refuse_non_empty, written_folder
-from .embedded import _build_folder, cache_dir
+from .embedded import MARKER_FILENAME, _build_folder, cache_dir, default_model_folder
+from .hf_import import import_transformer
+from .names import SHIPPED_MODELS, SHORT_NAMES
 
-__all__ = ["SHIPPED_MODELS", "shipped_delta_path", "shipped_conversion_of", "shipped_model_folder", "write_delta",
+__all__ = ["resolve_folder", "shipped_delta_path", "shipped_conversion_of", "shipped_model_folder", "write_delta",
            "build_from_delta", "export_model"]
-
-#: Short name -> delta file inside the package (src/spikingbrain/shipped/).
-SHIPPED_MODELS = {"spikingbrain-smollm2": "spikingbrain-smollm2.safetensors"}
 _CONFIG_KEYS_NOT_OVERRIDDEN = ("architectures", "transformers_version", "model_type", "dtype", "torch_dtype", "_name_or_path")
+
+
+def resolve_folder(ref: str | Path) -> Path:
+    """The folder behind a model reference.
+
+    ``default`` is the embedded SmolLM2-135M-Instruct; ``spikingbrain-smollm2`` is its shipped
+    conversion, rebuilt from the teacher plus the delta file in the package on first use.
+    """
+    if str(ref) == "default":
+        return default_model_folder()
+    if str(ref) in SHORT_NAMES:
+        return shipped_model_folder(str(ref))
+    return Path(ref).expanduser()
 
 
 def shipped_delta_path(name: str) -> Path:
@@ -80,9 +94,6 @@ def write_delta(path: str | Path, tensors: dict[str, torch.Tensor], config: dict
 
 def build_from_delta(delta: Path, out: Path) -> None:
     """Rebuild the model a delta describes into the folder ``out``."""
-    from .hf_import import import_transformer  # hf_import builds on the model classes
-    from .loading import resolve_folder
-
     with safe_open(str(delta), framework="pt") as f:
         meta = f.metadata() or {}
         tensors = {name: f.get_tensor(name) for name in f.keys()}
@@ -110,9 +121,6 @@ def build_from_delta(delta: Path, out: Path) -> None:
 
 def export_model(name: str, out: str | Path, overwrite: bool = False) -> Path:
     """Write a short-named model as a plain Hugging Face folder (``default`` as transformers' own Llama)."""
-    from .embedded import MARKER_FILENAME
-    from .loading import SHORT_NAMES, resolve_folder
-
     if name not in SHORT_NAMES:
         raise CheckpointError(f"{name!r} is not a short model name; use one of {list(SHORT_NAMES)}")
     if not overwrite:
@@ -121,20 +129,3 @@ def export_model(name: str, out: str | Path, overwrite: bool = False) -> Path:
     with written_folder(out) as staging:
         shutil.copytree(folder, staging, ignore=shutil.ignore_patterns(MARKER_FILENAME), dirs_exist_ok=True)
     return Path(out).expanduser()
-
-
-def _run_export(args) -> int:
-    out = export_model(args.name, args.output, overwrite=args.force)
-    print(f"wrote {args.name} to {out}")
-    return 0
-
-
-def register(subparsers) -> None:
-    """Add ``spikingbrain export`` to the CLI."""
-    from .loading import SHORT_NAMES
-
-    parser = subparsers.add_parser("export", help="write a short-named model as a plain Hugging Face folder")
-    parser.add_argument("name", choices=SHORT_NAMES, help="'default' (the teacher, as a Llama folder) or a shipped conversion")
-    parser.add_argument("output", help="folder to write")
-    parser.add_argument("--force", action="store_true", help="replace a non-empty output folder")
-    parser.set_defaults(func=_run_export)

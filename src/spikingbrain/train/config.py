@@ -66,8 +66,6 @@ class TrainConfig:
     teacher_pretraining_tokens: float = 2e12
     device: str = "auto"
     threads: int | None = None
-    #: Recompute each block's activations in the backward pass: peak memory ~1/3, steps ~1/4 slower.
-    gradient_checkpointing: bool = False
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the field and the fix for any bad value."""

@@ -8,7 +8,6 @@ sees held-out text; packed rows join documents with a separator token after each
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import math
@@ -21,10 +20,12 @@ from pathlib import Path
 
 import torch
 
+from ..runtime.text import read_text
+from .options import PYDOC, TEXT_SUFFIXES
+
 __all__ = [
     "Document",
     "TEXT_SUFFIXES",
-    "read_text",
     "load_documents",
     "split_held_out",
     "separator_for",
@@ -34,12 +35,8 @@ __all__ = [
     "synth_documents",
     "write_jsonl",
     "write_text",
-    "register",
+    "write_split",
 ]
-
-#: File suffixes read as data: plain text (one document per file) and JSON lines.
-TEXT_SUFFIXES = (".txt", ".md", ".jsonl")
-PYDOC = "pydoc"
 
 
 @dataclass
@@ -57,25 +54,6 @@ class Document:
 
 
 # ----------------------------------------------------------------------------- loading
-
-
-def read_text(path: str | Path) -> str:
-    """A file's UTF-8 text, with an error naming the file when it is missing, binary, not UTF-8 or empty."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"{path}: no such file; pass an existing UTF-8 text file")
-    data = path.read_bytes()
-    if b"\x00" in data:
-        raise ValueError(f"{path}: binary content (NUL bytes); give a UTF-8 text file (.txt, .md or .jsonl)")
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        raise ValueError(
-            f"{path}: not UTF-8 text (byte {err.start}: {err.reason}); re-encode it as UTF-8, e.g. iconv -t UTF-8"
-        ) from None
-    if not text.strip():
-        raise ValueError(f"{path}: the file has no text; remove it or add text")
-    return text
 
 
 def _read_jsonl(path: Path) -> list[Document]:
@@ -412,54 +390,13 @@ def write_jsonl(path: str | Path, documents: list[Document]) -> Path:
     return write_text(path, "".join(json.dumps({"text": doc.text}, ensure_ascii=False) + "\n" for doc in documents))
 
 
-# ----------------------------------------------------------------------------- command line
-
-
-def register(subparsers) -> None:
-    """Add ``synth`` and ``split`` to the ``spikingbrain data`` group."""
-    synth = subparsers.add_parser("synth", help="sample training text from a teacher model into a JSONL file")
-    synth.add_argument("out", help="output .jsonl file (written atomically)")
-    synth.add_argument("--teacher", default="default", help="teacher model folder or short name (default: the embedded model)")
-    synth.add_argument("--tokens", type=int, required=True, help="tokens of text to generate")
-    synth.add_argument("--batch-size", type=int, default=8, help="sequences sampled together")
-    synth.add_argument("--max-new-tokens", type=int, default=256, help="longest answer per prompt")
-    synth.add_argument("--seed", type=int, default=0)
-    synth.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    synth.set_defaults(func=_cmd_synth)
-
-    split = subparsers.add_parser("split", help="split documents into DIR/train.jsonl and DIR/held_out.txt")
-    split.add_argument("sources", nargs="+", help=f"files ({', '.join(TEXT_SUFFIXES)}), folders or '{PYDOC}'")
-    split.add_argument("--held-out-fraction", type=float, default=0.1, help="share of documents held out")
-    split.add_argument("--seed", type=int, default=0)
-    split.add_argument("--out", required=True, help="output folder")
-    split.set_defaults(func=_cmd_split)
-
-
-def _cmd_synth(args: argparse.Namespace) -> int:
-    """Handler of ``spikingbrain data synth``."""
-    from ..model.loading import load_model, load_tokenizer
-
-    if Path(args.out).suffix.lower() != ".jsonl":
-        raise ValueError(f"{args.out}: the output must be a .jsonl file; name it e.g. synth.jsonl")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    tokenizer = load_tokenizer(args.teacher)
-    model = load_model(args.teacher)
-    documents = synth_documents(
-        model, tokenizer, args.tokens, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, seed=args.seed
-    )
-    path = write_jsonl(args.out, documents)
-    print(json.dumps({"file": str(path), "documents": len(documents), "teacher": args.teacher}))
-    return 0
-
-
-def _cmd_split(args: argparse.Namespace) -> int:
-    """Handler of ``spikingbrain data split``."""
-    train, held_out = split_held_out(load_documents(args.sources), args.held_out_fraction, args.seed)
-    out = Path(args.out)
+def write_split(sources: list[str], held_out_fraction: float, seed: int, out: str | Path) -> dict:
+    """Split the documents of ``sources`` into ``out/train.jsonl`` and ``out/held_out.txt``; returns their counts."""
+    train, held_out = split_held_out(load_documents(sources), held_out_fraction, seed)
+    out = Path(out)
     write_jsonl(out / "train.jsonl", train)
     write_text(out / "held_out.txt", "\n\n".join(doc.text for doc in held_out) + "\n")
-    counts = {
+    return {
         "train_documents": len(train),
         "held_out_documents": len(held_out),
         "train_characters": sum(len(doc.text) for doc in train),
@@ -467,5 +404,3 @@ def _cmd_split(args: argparse.Namespace) -> int:
         "train": str(out / "train.jsonl"),
         "held_out": str(out / "held_out.txt"),
     }
-    print(json.dumps(counts))
-    return 0

@@ -17,14 +17,13 @@ from ..convert.converter import convert_transformer
 from ..model.checkpoint import read_config
 from ..model.loading import resolve_folder
 from .config import StageConfig, TrainConfig
+from .options import QUICK_CONVERSION_STEPS
 from .trainer import Trainer
 
-__all__ = ["quick_conversion", "quick_config", "MARKER", "DEFAULT_STEPS"]
+__all__ = ["quick_conversion", "quick_config", "MARKER"]
 
 #: File that marks a folder as written by :func:`quick_conversion` (so it may be replaced).
 MARKER = "quick_conversion.json"
-#: Distillation steps of a quick conversion by default (about 10 s each for SmolLM2-135M on 2 CPU cores).
-DEFAULT_STEPS = 10
 
 
 def quick_config(teacher: str, folder: Path, distill_steps: int, seq_len: int) -> TrainConfig:
@@ -38,7 +37,7 @@ def quick_config(teacher: str, folder: Path, distill_steps: int, seq_len: int) -
                        eval_every=max(1, distill_steps), checkpoint_every=max(1, distill_steps), keep_checkpoints=1)
 
 
-def quick_conversion(teacher: str, folder: str | Path, distill_steps: int = DEFAULT_STEPS, window: int = 1024,
+def quick_conversion(teacher: str, folder: str | Path, distill_steps: int = QUICK_CONVERSION_STEPS, window: int = 1024,
                      seq_len: int = 1024, progress: bool = True) -> tuple[Path, dict]:
     """Convert ``teacher`` into ``folder`` and train it briefly; returns (model folder, training summary).
 

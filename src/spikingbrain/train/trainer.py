@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import json
 import math
-import resource
 import shutil
 import time
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from ..convert.calibrate import calibrate_gla
@@ -31,7 +31,6 @@ from .config import StageConfig, TrainConfig
 from .data import PackedBatches, load_documents, pack, split_held_out, tokenize_documents
 from .report import plot_training_curve
 from .lora import LoRALinear, add_lora, lora_parameters, merge_lora
-from .losses import chunked_distill_loss, full_distill_loss
 
 __all__ = ["Trainer", "TrainingError", "distill_loss"]
 
@@ -56,22 +55,17 @@ def _pick_device(name: str) -> torch.device:
 
 
 def distill_loss(student, teacher, ids: torch.Tensor, kl_weight: float, ce_weight: float, temperature: float = 1.0):
-    """``kl_weight * T² KL(teacher || student) + ce_weight * CE(next token)`` per token, and its parts.
-
-    With frozen output heads (conversion training never trains them) the loss is computed from
-    the final hidden states a slice of positions at a time (``train.losses``), which never holds
-    the whole ``[tokens, vocab]`` logits; otherwise from the full logits.
-    """
-    if student.lm_head.weight.requires_grad or teacher.lm_head.weight.requires_grad:
-        with torch.no_grad():
-            target = teacher(ids, use_cache=False).logits
-        return full_distill_loss(student(ids, use_cache=False).logits, target, ids, kl_weight, ce_weight, temperature)
+    """``kl_weight * T² KL(teacher || student) + ce_weight * CE(next token)`` per token, and its parts."""
     with torch.no_grad():
-        target = teacher.model(input_ids=ids, use_cache=False).last_hidden_state
-    hidden = student.model(input_ids=ids, use_cache=False).last_hidden_state
-    return chunked_distill_loss(
-        hidden, student.lm_head.weight, target, teacher.lm_head.weight, ids, kl_weight, ce_weight, temperature
-    )
+        target = teacher(ids, use_cache=False).logits.float()
+    logits = student(ids, use_cache=False).logits.float()
+    T, vocab = temperature, logits.shape[-1]
+    kl = F.kl_div(
+        F.log_softmax(logits.view(-1, vocab) / T, -1), F.log_softmax(target.view(-1, vocab) / T, -1),
+        log_target=True, reduction="batchmean",
+    ) * T * T
+    ce = F.cross_entropy(logits[:, :-1].reshape(-1, vocab), ids[:, 1:].reshape(-1))
+    return kl_weight * kl + ce_weight * ce, {"kl": kl.item(), "ce": ce.item()}
 
 
 class Trainer:
@@ -100,8 +94,6 @@ class Trainer:
         self.student = load_model(config.student).to(self.device)
         self.teacher = load_model(config.teacher).to(self.device)
         self.teacher.requires_grad_(False)
-        if config.gradient_checkpointing:
-            self.student.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         self._check_pair()
         self.lora_names = []
         if any(s.trainable == "lora" for s in config.stages):
@@ -436,7 +428,6 @@ class Trainer:
                 "tokens_seen": self.tokens_seen,
                 "fraction_of_teacher_pretraining": self.tokens_seen / config.teacher_pretraining_tokens,
                 "tokens_per_second": stage.batch_size * stage.grad_accum * stage.seq_len / seconds,
-                "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # Linux reports KiB
             }
             last = self.stage_step == stage.steps
             if self.global_step % config.eval_every == 0 or last:

@@ -1,24 +1,13 @@
-"""Shared pieces of the benchmark and demo reports: figures with log-log axes, saved as PNG."""
+"""Figures of the benchmark, evaluation and demo reports: matplotlib (Agg) figures with log-log axes, saved as PNG."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["COLORS", "new_figure", "save_loglog", "save_figure", "machine_title", "thread_env"]
+__all__ = ["COLORS", "new_figure", "save_loglog", "save_figure", "machine_title"]
 
-#: Line colours of the two models of a side-by-side benchmark.
+#: Line colours of the two models of a side-by-side measurement.
 COLORS = {"ours": "tab:blue", "baseline": "tab:gray", "teacher": "tab:gray"}
-
-
-def thread_env() -> dict[str, str | None]:
-    """The environment variables that change how CPU threads wait and how many run (recorded with each result).
-
-    On a machine shared with other busy processes, OpenMP's default spin-waiting threads can make
-    a 2-thread prefill an order of magnitude slower; ``OMP_WAIT_POLICY=PASSIVE`` avoids that.
-    """
-    import os
-
-    return {name: os.environ.get(name) for name in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "MKL_NUM_THREADS")}
 
 
 def new_figure(columns: int = 2, size: tuple[float, float] = (12, 4.5)):

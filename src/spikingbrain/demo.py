@@ -22,17 +22,15 @@ table. A step that fails is reported and the others still run; an interrupted ru
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
 import traceback
 from pathlib import Path
 
-from ..train.quick import DEFAULT_STEPS
-from .kernels import _fmt_len, _int_list
+from .runtime.lengths import format_length
 
-__all__ = ["register", "run_demo", "held_out_ids", "spiking_section", "summary_rows", "SAMPLE_PROMPTS"]
+__all__ = ["run_demo", "held_out_ids", "spiking_section", "summary_rows", "format_summary", "SAMPLE_PROMPTS", "QUICK", "LONG"]
 
 SAMPLE_PROMPTS = (
     "What is the capital of France?",
@@ -51,7 +49,7 @@ def held_out_ids(tokenizer, max_tokens: int = 8192, seed: int = 0, fraction: flo
     """The first ``max_tokens`` of the held-out pydoc documents joined by EOS (as conversion training measures them)."""
     import torch
 
-    from ..train.data import load_documents, separator_for, split_held_out, tokenize_documents
+    from .train.data import load_documents, separator_for, split_held_out, tokenize_documents
 
     _, held = split_held_out(load_documents(["pydoc"]), fraction, seed)
     separator = separator_for(tokenizer)
@@ -65,8 +63,8 @@ def spiking_section(ours, ids, report_dir: Path, context: int) -> dict:
     Returns ``{"markdown": str, "summary": [(metric, teacher, ours, ratio), ...], "json": dict}``;
     ``ours`` computes as it did before (its spiking settings are restored).
     """
-    from ..eval.spikes import RasterCapture, plot_report, spiking_report
-    from ..spiking.apply import spiking_linears, spiking_off
+    from .eval.spikes import RasterCapture, plot_report, spiking_report
+    from .spiking.apply import spiking_linears, spiking_off
 
     raster = RasterCapture(next(iter(spiking_linears(ours))))
     with spiking_off(ours):
@@ -100,7 +98,7 @@ def _chat_ids(tokenizer, prompt: str) -> list[int]:
 
 def _samples(models: dict, tokenizer, new_tokens: int) -> list[dict]:
     """Greedy answers of every model to :data:`SAMPLE_PROMPTS`, with their speed."""
-    from ..eval.passkey import greedy_tokens
+    from .eval.passkey import greedy_tokens
 
     rows = []
     for prompt in SAMPLE_PROMPTS:
@@ -114,51 +112,6 @@ def _samples(models: dict, tokenizer, new_tokens: int) -> list[dict]:
             row[name] = {"text": tokenizer.decode(tokens, skip_special_tokens=True).strip(), "seconds": time.perf_counter() - start}
         rows.append(row)
     return rows
-
-
-def register(subparsers) -> argparse.ArgumentParser:
-    """Add the ``demo`` command."""
-    p = subparsers.add_parser("demo", help="the main job: quality, long-context speed and memory of ours against the teacher",
-                              description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="auto",
-                   help="our model (folder or short name); 'auto': the shipped conversion of the default teacher, "
-                        "otherwise a quick conversion of --teacher made in <out>/quick-conversion")
-    p.add_argument("--convert-steps", type=int, default=DEFAULT_STEPS,
-                   help="distillation steps of a quick conversion (1024 tokens each; 0: calibration only)")
-    p.add_argument("--teacher", default="default", help="the Transformer it is compared with, run by transformers (SDPA)")
-    p.add_argument("--out", default="runs/demo", help="report folder (report.md, demo.json, PNGs)")
-    p.add_argument("--budget", type=float, default=None,
-                   help="seconds the whole demo may take (default 600, with --long 3600); TTFT lengths that would pass it are skipped")
-    p.add_argument("--long", action="store_true", help="longer runs: TTFT to 256k (ours) and 32k (teacher), passkey to 32k, decode to 256k")
-    p.add_argument("--ttft-lengths", type=_int_list, default=None, help="TTFT lengths for ours (default 1k,4k,16k,64k)")
-    p.add_argument("--baseline-lengths", type=_int_list, default=None, help="TTFT lengths for the teacher (default 1k..16k)")
-    p.add_argument("--passkey-lengths", type=_int_list, default=None, help="pass-key prompt lengths (default 1k,4k)")
-    p.add_argument("--decode-contexts", type=_int_list, default=None, help="decode contexts (default 1k,16k,64k)")
-    p.add_argument("--ppl-tokens", type=int, default=8192, help="held-out tokens scored for perplexity")
-    p.add_argument("--ppl-context", type=int, default=2048, help="perplexity window")
-    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens per sample generation")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    p.set_defaults(func=_cmd_demo)
-    return p
-
-
-def _cmd_demo(args: argparse.Namespace) -> int:
-    """Handler of ``spikingbrain demo``."""
-    preset = LONG if args.long else QUICK
-    settings = {
-        "ttft": args.ttft_lengths or preset["ttft"],
-        "baseline_ttft": args.baseline_lengths or preset["baseline_ttft"],
-        "passkey": args.passkey_lengths or preset["passkey"],
-        "decode": args.decode_contexts or preset["decode"],
-        "ppl_tokens": args.ppl_tokens, "ppl_context": args.ppl_context, "max_new_tokens": args.max_new_tokens,
-        "budget_s": args.budget or (3600.0 if args.long else 600.0), "long": bool(args.long),
-        "convert_steps": args.convert_steps,
-    }
-    result = run_demo(args.model, args.teacher, Path(args.out), settings, args.threads)
-    print()
-    print(format_summary(result))
-    print(f"\nreport: {result['files']['markdown']}" + (" (partial)" if result["partial"] else ""))
-    return 0 if not result["partial"] else 1
 
 
 def _error(result: dict, name: str) -> str | None:
@@ -191,7 +144,7 @@ def _step(result: dict, name: str, title: str, fn) -> object:
 
 def _quick_conversion(teacher_ref: str, out: Path, steps: int) -> dict:
     """The demo step that converts the teacher quickly; returns where the model is and how it was trained."""
-    from ..train.quick import quick_conversion
+    from .train.quick import quick_conversion
 
     folder, summary = quick_conversion(teacher_ref, out / "quick-conversion", distill_steps=steps)
     return {"folder": str(folder), **{key: summary[key] for key in ("steps", "tokens_seen", "ppl", "ppl_ratio", "teacher_ppl")}}
@@ -201,13 +154,14 @@ def run_demo(model_ref: str, teacher_ref: str, out: Path, settings: dict, thread
     """Run the demo steps (see the module docstring), write the report folder and return the collected result."""
     import torch
 
-    from ..eval.passkey import plot_heatmap, run_passkey
-    from ..eval.perplexity import perplexity
-    from ..model.loading import load_model, load_tokenizer
-    from ..model.shipped import shipped_conversion_of
-    from . import decode, ttft
-    from .common import load_average, machine_info, set_threads, write_json
-    from .report import thread_env
+    from .bench import decode, ttft
+    from .eval.passkey import plot_heatmap, run_passkey
+    from .eval.perplexity import perplexity
+    from .model.loading import load_model, load_tokenizer
+    from .model.shipped import shipped_conversion_of
+    from .runtime.candidates import load_baseline, make_candidates
+    from .runtime.machine import load_average, machine_info, set_threads, thread_env
+    from .runtime.records import write_json
 
     started = time.time()
     deadline = started + settings["budget_s"]
@@ -232,7 +186,7 @@ def run_demo(model_ref: str, teacher_ref: str, out: Path, settings: dict, thread
         tokenizer = load_tokenizer(model_ref)
         ours = _step(result, "load_ours", f"loading our model {model_ref}", lambda: load_model(model_ref))
         teacher = _step(result, "load_teacher", f"loading the teacher {teacher_ref} with transformers (SDPA)",
-                        lambda: ttft.load_baseline(teacher_ref))
+                        lambda: load_baseline(teacher_ref))
         models = {name: m for name, m in (("teacher", teacher), ("ours", ours)) if m is not None}
         if "ours" not in models:
             raise ValueError(f"our model {model_ref!r} could not be loaded: {_error(result, 'load_ours')}")
@@ -249,13 +203,13 @@ def run_demo(model_ref: str, teacher_ref: str, out: Path, settings: dict, thread
             found["files"] = {"png": str(plot_heatmap(found, out / "passkey.png"))}
             return found
 
-        result["passkey"] = _step(result, "passkey", f"pass-key retrieval at {', '.join(map(_fmt_len, settings['passkey']))} tokens", passkey)
+        result["passkey"] = _step(result, "passkey", f"pass-key retrieval at {', '.join(map(format_length, settings['passkey']))} tokens", passkey)
         result["samples"] = _step(result, "samples", "sample generations", lambda: _samples(models, tokenizer, settings["max_new_tokens"]))
-        pair = ttft.make_candidates(ours, model_ref, teacher, teacher_ref)
+        pair = make_candidates(ours, model_ref, teacher, teacher_ref)
         if teacher is not None:
             result["memory"] = {str(n): {"teacher": decode.analytic_cache_bytes(teacher, n), "ours": decode.analytic_cache_bytes(ours, n)}
                                 for n in MEMORY_LENGTHS}
-        result["decode"] = _step(result, "decode", f"decode latency and memory at {', '.join(map(_fmt_len, settings['decode']))}",
+        result["decode"] = _step(result, "decode", f"decode latency and memory at {', '.join(map(format_length, settings['decode']))}",
                                  lambda: decode.run(pair, settings["decode"], out / "decode", tokens=4, repeats=2, bar_desc="decode"))
         for c in pair:
             c.rows = []
@@ -298,7 +252,7 @@ def summary_rows(result: dict) -> list[tuple[str, str, str, str]]:
     passkey = result.get("passkey") or {}
     for n in passkey.get("lengths", []):
         acc = {name: m["accuracy_by_length"][str(n)] for name, m in passkey["models"].items()}
-        rows.append((f"pass-key accuracy at {_fmt_len(n)}", f"{acc.get('teacher', float('nan')):.0%}", f"{acc.get('ours', float('nan')):.0%}", ""))
+        rows.append((f"pass-key accuracy at {format_length(n)}", f"{acc.get('teacher', float('nan')):.0%}", f"{acc.get('ours', float('nan')):.0%}", ""))
     ttft = result.get("ttft") or {}
     ratios = _by_length(ttft.get("ratios", []))
     measured = [n for n, r in ratios.items() if not r["extrapolated"]]
@@ -309,7 +263,7 @@ def summary_rows(result: dict) -> list[tuple[str, str, str, str]]:
             def mark(flag: bool) -> str:
                 return " (extrapolated)" if flag else ""
 
-            rows.append((f"time to first token at {_fmt_len(n)} (s)", f"{r['baseline_s']:.1f}{mark(r['baseline_extrapolated'])}",
+            rows.append((f"time to first token at {format_length(n)} (s)", f"{r['baseline_s']:.1f}{mark(r['baseline_extrapolated'])}",
                          f"{r['ours_s']:.1f}{mark(r['ours_extrapolated'])}", f"teacher/ours {r['ratio']:.1f}x{mark(r['extrapolated'])}"))
     dec = result.get("decode") or {}
     cands = dec.get("candidates", {})
@@ -317,16 +271,16 @@ def summary_rows(result: dict) -> list[tuple[str, str, str, str]]:
         ours_rows, base_rows = _by_length(cands["ours"]["rows"]), _by_length(cands.get("baseline", {}).get("rows", []))
         for n in sorted(ours_rows):
             b = base_rows.get(n)
-            rows.append((f"decode ms/token at {_fmt_len(n)}", f"{1000 * b['median_step_s']:.1f}" if b else "-",
+            rows.append((f"decode ms/token at {format_length(n)}", f"{1000 * b['median_step_s']:.1f}" if b else "-",
                          f"{1000 * ours_rows[n]['median_step_s']:.1f}",
                          f"teacher/ours {b['median_step_s'] / ours_rows[n]['median_step_s']:.1f}x" if b else ""))
         n = max(n for n in ours_rows if n in base_rows) if set(ours_rows) & set(base_rows) else None
         if n is not None:
             b = base_rows[n]["cache_bytes_measured"]
-            rows.append((f"cache per sequence at {_fmt_len(n)} (MiB, measured)", f"{b / 2**20:.1f}",
+            rows.append((f"cache per sequence at {format_length(n)} (MiB, measured)", f"{b / 2**20:.1f}",
                          f"{ours_rows[n]['cache_bytes_measured'] / 2**20:.1f}", f"teacher/ours {b / ours_rows[n]['cache_bytes_measured']:.0f}x"))
     for n, m in sorted((result.get("memory") or {}).items(), key=lambda item: int(item[0])):
-        rows.append((f"cache per sequence at {_fmt_len(int(n))} (MiB, computed)", f"{m['teacher'] / 2**20:.0f}",
+        rows.append((f"cache per sequence at {format_length(int(n))} (MiB, computed)", f"{m['teacher'] / 2**20:.0f}",
                      f"{m['ours'] / 2**20:.1f}", f"teacher/ours {m['teacher'] / m['ours']:.0f}x"))
     for row in ((result.get("spiking") or {}).get("summary") or []):
         rows.append(tuple(row))
@@ -354,8 +308,8 @@ def _markdown_table(rows: list[tuple]) -> list[str]:
 
 def write_markdown(result: dict, path: Path) -> Path:
     """The demo's Markdown report: summary table, each step's table and plot, samples and notes."""
-    from .decode import format_report as decode_report
-    from .ttft import format_report as ttft_report
+    from .bench.decode import format_report as decode_report
+    from .bench.ttft import format_report as ttft_report
 
     lines = [f"# SpikingBrain demo: {result['model']} against {result['teacher']}", ""]
     if result["partial"]:

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from spikingbrain.bench.demo import held_out_ids
+from spikingbrain.demo import held_out_ids
 from spikingbrain.cli import main
 
 

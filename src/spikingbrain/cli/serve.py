@@ -1,4 +1,4 @@
-"""The ``chat``, ``ask`` and ``serve`` commands."""
+"""``spikingbrain chat``, ``ask`` and ``serve``: talk to a model, ask about a document, serve the OpenAI-compatible API."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import sys
 import time
 from pathlib import Path
 
-__all__ = ["register", "add_sampling_arguments", "sampling_from_args", "split_document_prompt"]
+__all__ = ["register"]
 
 
-def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
+def _add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     """Options that choose how tokens are sampled."""
     group = parser.add_argument_group("sampling")
     group.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
@@ -24,9 +24,9 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--seed", type=int, default=None, help="random seed (same seed, same answer)")
 
 
-def sampling_from_args(args: argparse.Namespace):
+def _sampling_from_args(args: argparse.Namespace):
     """The SamplingParams of parsed options, refusing values out of range."""
-    from .engine import SamplingParams
+    from ..serve.engine import SamplingParams
 
     params = SamplingParams(args.temperature, args.top_p, args.top_k, args.repetition_penalty, args.max_tokens, tuple(args.stop), args.seed)
     problems = params.problems()
@@ -44,25 +44,14 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
 def _load_engine(args: argparse.Namespace, name: str | None = None):
     import torch
 
-    from ..model.loading import SHORT_NAMES, load_model, load_tokenizer
-    from .engine import Engine
+    from ..model.loading import load_model, load_tokenizer
+    from ..model.names import SHORT_NAMES
+    from ..serve.engine import Engine
 
     if args.threads:
         torch.set_num_threads(args.threads)
     name = name or (args.model if args.model in SHORT_NAMES else Path(args.model).name)
     return Engine(load_model(args.model), load_tokenizer(args.model), name, chunk_size=args.chunk_size)
-
-
-def split_document_prompt(engine, document: str, question: str) -> tuple[list[int], list[int]]:
-    """Token ids of the chat prompt for a question about a document, cut right after the document.
-
-    The first part (template start and document) is the same for every question, so its state
-    can be saved once and reused.
-    """
-    marker = "\u0000"
-    rendered = engine.render_chat([{"role": "user", "content": marker}])
-    head, tail = rendered.split(marker, 1)
-    return engine.encode_text(head + document), engine.encode_text(f"\n\n{question}" + tail)
 
 
 def _stream(generation) -> None:
@@ -80,10 +69,11 @@ def _decode_rate(generation, end: float) -> float | None:
 def _cmd_ask(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from .engine import prefix_digest
-    from .snapshot import load_snapshot, save_snapshot, take_snapshot
+    from ..serve.chat import split_document_prompt
+    from ..serve.engine import prefix_digest
+    from ..serve.snapshot import load_snapshot, save_snapshot, take_snapshot
 
-    params = sampling_from_args(args)
+    params = _sampling_from_args(args)
     document = ""
     if args.doc is not None:
         path = Path(args.doc).expanduser()
@@ -129,65 +119,13 @@ def _cmd_ask(args: argparse.Namespace) -> int:
     return 0
 
 
-class ChatSession:
-    """A conversation whose history lives in a cache: each turn feeds only the tokens the cache has not read."""
-
-    def __init__(self, engine, params, system: str | None = None):
-        self.engine, self.params, self.system = engine, params, system
-        self.reset()
-
-    def reset(self) -> None:
-        """Forget the conversation."""
-        self.messages = [] if self.system is None else [{"role": "system", "content": self.system}]
-        self.cache, self.ids = self.engine.model.new_cache(), []
-
-    def turn(self, text: str):
-        """Start the assistant's answer to ``text``; returns the generation to step (call ``finish`` after it)."""
-        self.messages.append({"role": "user", "content": text})
-        rendered = self.engine.render_chat(self.messages)
-        said = self.engine.tokenizer.decode(self.ids, skip_special_tokens=False)
-        if self.ids and rendered.startswith(said) and len(rendered) > len(said):
-            ids = self.ids + self.engine.encode_text(rendered[len(said) :])
-        else:  # the template rewrote the history: read it again
-            self.cache, ids = self.engine.model.new_cache(), self.engine.encode_text(rendered)
-        return self.engine.start(ids, self.params, self.cache)
-
-    def finish(self, generation) -> None:
-        """Keep the answer and the cache that read it."""
-        self.messages.append({"role": "assistant", "content": generation.text})
-        self.cache, self.ids = generation.cache, generation.all_ids
-
-    def save(self, path: Path) -> int:
-        """Write the conversation's state and messages to a snapshot file; returns its bytes."""
-        from .engine import prefix_digest
-        from .snapshot import save_snapshot, take_snapshot
-
-        read = self.ids[: self.cache.seen_tokens]
-        snapshot = take_snapshot(self.cache, prefix_digest(self.engine.fingerprint, read), self.engine.fingerprint)
-        snapshot.extra = {"chat_messages": json.dumps(self.messages), "chat_token_ids": json.dumps(self.ids)}
-        save_snapshot(path, snapshot, self.engine.name)
-        return snapshot.nbytes
-
-    def load(self, path: Path) -> None:
-        """Continue the conversation saved in a snapshot file."""
-        from ..model.checkpoint import CheckpointError
-        from .engine import prefix_digest
-        from .snapshot import load_snapshot
-
-        snapshot = load_snapshot(path, self.engine.fingerprint)
-        if "chat_messages" not in snapshot.extra:
-            raise CheckpointError(f"{path}: no field 'chat_messages'; save it with /save in 'spikingbrain chat'")
-        ids = json.loads(snapshot.extra["chat_token_ids"])
-        if prefix_digest(self.engine.fingerprint, ids[: snapshot.token_count]) != snapshot.prefix_sha256:
-            raise CheckpointError(f"{path}: field 'chat_token_ids' does not match 'prefix_sha256'; the file was edited, delete it")
-        self.messages, self.ids, self.cache = json.loads(snapshot.extra["chat_messages"]), ids, snapshot.restore(self.engine.model)
-
-
 CHAT_HELP = "commands: /reset (forget the conversation), /save FILE, /load FILE, /quit"
 
 
 def _cmd_chat(args: argparse.Namespace) -> int:
-    params = sampling_from_args(args)
+    from ..serve.chat import ChatSession
+
+    params = _sampling_from_args(args)
     engine = _load_engine(args)
     session = ChatSession(engine, params, args.system)
     if args.load:
@@ -241,7 +179,7 @@ def _cmd_chat(args: argparse.Namespace) -> int:
 def _cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from .server import ServerSettings, create_app
+    from ..serve.server import ServerSettings, create_app
 
     api_key = args.api_key or os.environ.get("SPIKINGBRAIN_API_KEY") or None
     settings = ServerSettings(
@@ -269,12 +207,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def register(subparsers) -> None:
-    """Add ``chat``, ``ask`` and ``serve`` to the ``spikingbrain`` command."""
+    """Add ``spikingbrain chat``, ``ask`` and ``serve``."""
     chat = subparsers.add_parser("chat", help="interactive chat; the history stays in the model's state")
     _add_model_options(chat)
     chat.add_argument("--system", default=None, help="system prompt")
     chat.add_argument("--load", default=None, help="continue a conversation saved with /save")
-    add_sampling_arguments(chat)
+    _add_sampling_arguments(chat)
     chat.set_defaults(func=_cmd_chat)
 
     ask = subparsers.add_parser("ask", help="answer a question about a document of any length, reporting TTFT")
@@ -284,7 +222,7 @@ def register(subparsers) -> None:
     ask.add_argument("--state-cache", default=None, help="folder of state snapshots: the document's state is saved there and reused")
     ask.add_argument("--json", action="store_true", help="print the report as JSON")
     ask.add_argument("--quiet", action="store_true", help="no progress bar")
-    add_sampling_arguments(ask)
+    _add_sampling_arguments(ask)
     ask.set_defaults(func=_cmd_ask)
 
     serve = subparsers.add_parser("serve", help="OpenAI-compatible HTTP server with a prefix state cache")

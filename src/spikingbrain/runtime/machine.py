@@ -1,0 +1,61 @@
+"""The machine a run uses: torch threads, the thread environment, load average and a description for records."""
+
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+
+__all__ = ["set_threads", "thread_env", "load_average", "machine_info"]
+
+
+def set_threads(threads: int | None) -> int:
+    """Use ``threads`` torch CPU threads (None keeps torch's default) and return the count in use."""
+    import torch
+
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()
+
+
+def thread_env() -> dict[str, str | None]:
+    """The environment variables that change how CPU threads wait and how many run (recorded with each result).
+
+    On a machine shared with other busy processes, OpenMP's default spin-waiting threads can make
+    a 2-thread prefill an order of magnitude slower; ``OMP_WAIT_POLICY=PASSIVE`` avoids that.
+    """
+    return {name: os.environ.get(name) for name in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+
+
+def load_average() -> list[float] | None:
+    """The 1, 5 and 15 minute load averages (None where the platform has none)."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info() -> dict[str, object]:
+    """The machine and software a run used."""
+    import torch
+
+    return {
+        "nproc": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cpu": _cpu_model(),
+        "platform": platform.platform(),
+    }
