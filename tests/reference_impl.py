@@ -273,16 +273,19 @@ def _softmax_heads(sd, p, q, k, v, spec, n_keys, positions, proj):
 
 
 def _parallel_layer(sd, p, h, spec, n_keys, positions):
-    """Linear and softmax branches, each RMS-normalised, combined, then projected."""
+    """Linear and softmax branches, each RMS-normalised (the softmax one not for ``residual``), combined, projected."""
     B, T, _ = h.shape
     w = {"sum": (1.0, 1.0), "mean": (0.5, 0.5)}.get(spec.combine)
-    if w is None:
+    if spec.combine == "residual":  # per-head weights [H, 1] on the linear branch
+        w = (sd[p + "linear_weights"].double(), 1.0)
+    elif w is None:
         w = sd[p + "branch_weights"].double().tolist()
     if spec.shared_projections:
         q, k, v = _qkv(sd, p, h, spec)
         o_lin = _gla_heads(sd, p + "linear.", h, q, k, v, spec)
         o_soft = _softmax_heads(sd, p + "softmax.", q, k, v, spec, n_keys, positions, p)
-        o_soft = _rms_norm(o_soft, sd[p + "softmax.norm.weight"].double(), spec.eps)
+        if spec.combine != "residual":
+            o_soft = _rms_norm(o_soft, sd[p + "softmax.norm.weight"].double(), spec.eps)
         return _linear(sd, p + "o_proj", (w[0] * o_lin + w[1] * o_soft).reshape(B, T, -1))
     lin, soft = p + "linear.", p + "softmax."
     o_lin = _gla_heads(sd, lin, h, *_qkv(sd, lin, h, spec), spec)

@@ -91,6 +91,31 @@ def test_shared_projections_equal_separate_branches(kind, combine, gate):
         assert mixer.branch_weights.grad is not None and bool((mixer.branch_weights.grad != 0).all())
 
 
+@pytest.mark.parametrize("kind", ["swa", "full"])
+def test_residual_combine_starts_as_softmax_attention_and_adds_the_linear_branch(kind):
+    """``residual``: unnormalised softmax branch plus per-head weights (zero at first) times the linear branch."""
+    cfg = config(layer_mixers=[f"parallel-{kind}"], parallel_combine="residual", keep_first_tokens=2)
+    mixer = ParallelHybridAttention(cfg, kind)
+    randomize_(mixer)
+    torch.nn.init.zeros_(mixer.linear_weights)
+    assert mixer.softmax.norm is None and mixer.linear_weights.shape == (H, 1)
+    x = hidden(3)
+    q, k, v = qkv(mixer, x)
+    n_keys = 6 if kind == "swa" else None
+    positions = torch.arange(T).expand(B, T)
+    qr, kr = rope_reference(q, positions, 10000.0), rope_reference(k, positions, 10000.0)
+    o_soft = attention_reference(qr, kr, v, n_keys=n_keys, keep_first=2 if kind == "swa" else 0)
+    assert_close(mixer(x, mixer_inputs(), None), linear(mixer.o_proj, o_soft.reshape(B, T, H * D)), TOL, "starts as softmax")
+    with torch.no_grad():
+        mixer.linear_weights.copy_(torch.tensor([[0.5], [-1.0], [0.0], [2.0]]))
+    got = mixer(x, mixer_inputs(), None)
+    o_lin = linear_branch(mixer.linear, x, q, k, v, key_tied=False)
+    expected = linear(mixer.o_proj, (mixer.linear_weights.double() * o_lin + o_soft).reshape(B, T, H * D))
+    assert_close(got, expected, TOL, f"residual {kind}")
+    got.sum().backward()
+    assert mixer.linear_weights.grad is not None and bool((mixer.linear_weights.grad != 0).all())
+
+
 def test_separate_projections_equal_two_projected_branches():
     cfg = config(parallel_shared_projections=False, parallel_combine="learned")
     mixer = randomize_(ParallelHybridAttention(cfg, "swa"))
@@ -185,9 +210,23 @@ def test_key_tied_gate_is_stable_for_saturated_keys():
         ({"gla_gate": "key_tied", "gla_feature_map": "relu"}, "gla_feature_map='sigmoid'"),
         ({"gla_feature_map": "tanh"}, "gla_feature_map"),
         ({"num_sink_tokens": -1}, "num_sink_tokens"),
+        ({"parallel_combine": "residual", "parallel_shared_projections": False}, "parallel_shared_projections=true"),
+        ({"keep_first_tokens": -2}, "keep_first_tokens"),
     ],
 )
 def test_invalid_values_name_the_field_and_the_fix(fields, needle):
     with pytest.raises(ValueError, match=needle) as info:
         config(**fields)
     assert "use one of" in str(info.value) or "set " in str(info.value) or ">= 0" in str(info.value)
+
+
+def test_residual_parallel_model_equals_reference(tiny_model):
+    """A whole model of residual parallel layers (random, non-zero linear weights) against the fp64 reference."""
+    from reference_impl import reference_logits, spec_for
+
+    model = tiny_model(["parallel-swa", "gla", "parallel-full"], parallel_combine="residual", keep_first_tokens=2)
+    ids = torch.randint(1, 97, (2, 30), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        assert model.model.layers[0].attn.linear_weights.abs().sum() > 0  # randomised, so the branch counts
+        got = model(ids, use_cache=False).logits
+    assert_close(got, reference_logits(model.state_dict(), spec_for(model.config), ids), 5e-5, "residual model")

@@ -23,6 +23,7 @@ _INITS = [
     (r"norm\.weight$", "ones (identity RMSNorm scale)"),
     (r"\.sinks$", "normal(0, initializer_range)"),
     (r"\.branch_weights$", "0.5 per branch"),
+    (r"\.linear_weights$", "zeros (the layer starts as the softmax attention it replaces)"),
     (r"\.mlp\.router\.", "router: see upcycling (zeros for 'zeros', else normal(0, initializer_range))"),
     (r"\.mlp\.(shared_)?experts\.", "copy of the dense MLP, scaled (MoE upcycling)"),
 ]

@@ -14,7 +14,7 @@ __all__ = ["SpikingBrainConfig"]
 
 GLA_FEATURE_MAPS = ("relu", "identity", "sigmoid")
 GLA_GATES = ("lowrank", "key_tied")
-PARALLEL_COMBINES = ("sum", "mean", "learned")
+PARALLEL_COMBINES = ("sum", "mean", "learned", "residual")
 MOE_ROUTERS = ("softmax", "sigmoid")
 WINDOW_SEMANTICS = ("flash", "sdpa")
 
@@ -26,7 +26,9 @@ class SpikingBrainConfig(PretrainedConfig):
     style, one mixer per layer) or ``parallel-swa`` / ``parallel-full`` (SpikingBrain-76B style:
     GLA in parallel with sliding-window / full attention in the same layer, each branch's
     per-head output RMS-normalised, then combined by ``parallel_combine``: ``sum``, ``mean`` or
-    ``learned`` per-branch scalars initialised to 1/2; the branches share q/k/v/o unless
+    ``learned`` per-branch scalars initialised to 1/2; or ``residual``: the softmax branch as it
+    is (not normalised) plus the normalised linear branch times per-head weights that start at
+    zero, so that a converted layer starts as the teacher's attention; the branches share q/k/v/o unless
     ``parallel_shared_projections`` is false).
     ``sliding_window`` is W in flash-attn's ``window_size=(W, 0)`` sense (W + 1 keys per
     query) unless ``window_semantics="sdpa"`` (W keys, as in the release's SDPA fallback).
@@ -195,6 +197,11 @@ class SpikingBrainConfig(PretrainedConfig):
             )
         if self.parallel_combine not in PARALLEL_COMBINES:
             problems.append(f"parallel_combine={self.parallel_combine!r}; use one of {list(PARALLEL_COMBINES)}")
+        elif self.parallel_combine == "residual" and not self.parallel_shared_projections:
+            problems.append(
+                "parallel_combine='residual' weighs the linear branch per head before the shared o_proj; "
+                "set parallel_shared_projections=true or choose another parallel_combine"
+            )
         if self.num_sink_tokens < 0:
             problems.append(f"num_sink_tokens must be >= 0 (0 = no sinks), got {self.num_sink_tokens}")
         problems += self._moe_problems()

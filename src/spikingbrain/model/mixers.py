@@ -191,7 +191,9 @@ class ParallelHybridAttention(_Mixer):
 
     Each branch's per-head output is RMS-normalised (GLA's ``g_norm``, the softmax branch's
     ``norm``) and the two are combined with weights ``(1, 1)`` (``sum``), ``(1/2, 1/2)``
-    (``mean``) or learned scalars ``branch_weights`` (initialised to 1/2). Shared projections
+    (``mean``) or learned scalars ``branch_weights`` (initialised to 1/2). ``residual`` keeps the
+    softmax branch unnormalised and adds the linear branch times per-head ``linear_weights``
+    (initialised to 0): the layer then starts as plain softmax attention. Shared projections
     (default) feed one q/k/v to both branches and project their combination with one o_proj;
     separate projections give each branch its own q/k/v/o.
     """
@@ -201,15 +203,19 @@ class ParallelHybridAttention(_Mixer):
         super().__init__(config, projections=shared)
         self.shared = shared
         self.linear = GatedLinearAttention(config, projections=not shared)
-        self.softmax = SoftmaxAttention(config, kind, projections=not shared, output_norm=True)
         self.combine = config.parallel_combine
+        self.softmax = SoftmaxAttention(config, kind, projections=not shared, output_norm=self.combine != "residual")
         if self.combine == "learned":
             self.branch_weights = nn.Parameter(torch.full((2,), 0.5))
+        elif self.combine == "residual":  # per head, broadcast over [B, T, H, D] outputs
+            self.linear_weights = nn.Parameter(torch.zeros(config.num_attention_heads, 1))
 
     def weights(self) -> tuple:
         """Weights of the linear and the softmax branch."""
         if self.combine == "learned":
             return self.branch_weights[0], self.branch_weights[1]
+        if self.combine == "residual":
+            return self.linear_weights, 1.0
         return (1.0, 1.0) if self.combine == "sum" else (0.5, 0.5)
 
     def forward(self, x: torch.Tensor, inputs: MixerInputs, cache: ParallelState | None) -> torch.Tensor:

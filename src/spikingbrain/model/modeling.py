@@ -119,6 +119,8 @@ class SpikingBrainPreTrainedModel(PreTrainedModel):
             init.normal_(module.sinks, mean=0.0, std=self.config.initializer_range)
         elif isinstance(module, ParallelHybridAttention) and module.combine == "learned":
             init.constant_(module.branch_weights, 0.5)
+        elif isinstance(module, ParallelHybridAttention) and module.combine == "residual":
+            init.zeros_(module.linear_weights)
 
 
 def _mask_over(attention_mask: torch.Tensor | None, total: int) -> torch.Tensor | None:
