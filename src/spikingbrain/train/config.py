@@ -40,6 +40,10 @@ class StageConfig:
     ce_weight: float = 0.1
     temperature: float = 1.0
     spiking_k: float | None = None  # spike-aware training: from this stage on the student spikes (straight-through)
+    #: Sliding-window dropout: the probability that a micro-batch runs the sliding-window branches of parallel
+    #: layers with a window of ``short_window`` keys, so that training cannot ignore their linear branches.
+    window_dropout: float = 0.0
+    short_window: int = 64
 
 
 @dataclass
@@ -66,6 +70,8 @@ class TrainConfig:
     teacher_pretraining_tokens: float = 2e12
     device: str = "auto"
     threads: int | None = None
+    #: Recompute each block's activations in the backward pass: peak memory ~1/3, steps ~1/4 slower.
+    gradient_checkpointing: bool = False
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the field and the fix for any bad value."""
@@ -77,6 +83,10 @@ class TrainConfig:
                 raise ValueError(f"{where}.kind={stage.kind!r}; use one of {list(STAGE_KINDS)}")
             if stage.trainable not in TRAINABLE_SETS:
                 raise ValueError(f"{where}.trainable={stage.trainable!r}; use one of {list(TRAINABLE_SETS)}")
+            if not 0.0 <= stage.window_dropout <= 1.0:
+                raise ValueError(f"{where}.window_dropout must be a probability in [0, 1], got {stage.window_dropout}")
+            if stage.short_window < 0:
+                raise ValueError(f"{where}.short_window must be >= 0 keys, got {stage.short_window}")
             if stage.spiking_k is not None and not stage.spiking_k > 0:
                 raise ValueError(f"{where}.spiking_k must be > 0 (threshold = mean|x| / k; the report uses 3), got {stage.spiking_k}")
             for key in ("steps", "seq_len", "batch_size", "grad_accum"):

@@ -9,20 +9,22 @@ data position and RNG, so a killed run resumes onto the same loss curve.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import resource
 import shutil
 import time
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from ..convert.calibrate import calibrate_gla
 from ..eval.perplexity import perplexity
 from ..model.hf_import import is_source_parameter
+from ..model.mixers import ParallelHybridAttention
 from ..model.checkpoint import copy_tokenizer_files, written_folder
 from ..model.loading import load_model, load_tokenizer, resolve_folder
 from ..model.shipped import write_delta
@@ -31,6 +33,7 @@ from .config import StageConfig, TrainConfig
 from .data import PackedBatches, load_documents, pack, split_held_out, tokenize_documents
 from .report import plot_training_curve
 from .lora import LoRALinear, add_lora, lora_parameters, merge_lora
+from .losses import chunked_distill_loss, full_distill_loss
 
 __all__ = ["Trainer", "TrainingError", "distill_loss"]
 
@@ -55,17 +58,22 @@ def _pick_device(name: str) -> torch.device:
 
 
 def distill_loss(student, teacher, ids: torch.Tensor, kl_weight: float, ce_weight: float, temperature: float = 1.0):
-    """``kl_weight * T² KL(teacher || student) + ce_weight * CE(next token)`` per token, and its parts."""
+    """``kl_weight * T² KL(teacher || student) + ce_weight * CE(next token)`` per token, and its parts.
+
+    With frozen output heads (conversion training never trains them) the loss is computed from
+    the final hidden states a slice of positions at a time (``train.losses``), which never holds
+    the whole ``[tokens, vocab]`` logits; otherwise from the full logits.
+    """
+    if student.lm_head.weight.requires_grad or teacher.lm_head.weight.requires_grad:
+        with torch.no_grad():
+            target = teacher(ids, use_cache=False).logits
+        return full_distill_loss(student(ids, use_cache=False).logits, target, ids, kl_weight, ce_weight, temperature)
     with torch.no_grad():
-        target = teacher(ids, use_cache=False).logits.float()
-    logits = student(ids, use_cache=False).logits.float()
-    T, vocab = temperature, logits.shape[-1]
-    kl = F.kl_div(
-        F.log_softmax(logits.view(-1, vocab) / T, -1), F.log_softmax(target.view(-1, vocab) / T, -1),
-        log_target=True, reduction="batchmean",
-    ) * T * T
-    ce = F.cross_entropy(logits[:, :-1].reshape(-1, vocab), ids[:, 1:].reshape(-1))
-    return kl_weight * kl + ce_weight * ce, {"kl": kl.item(), "ce": ce.item()}
+        target = teacher.model(input_ids=ids, use_cache=False).last_hidden_state
+    hidden = student.model(input_ids=ids, use_cache=False).last_hidden_state
+    return chunked_distill_loss(
+        hidden, student.lm_head.weight, target, teacher.lm_head.weight, ids, kl_weight, ce_weight, temperature
+    )
 
 
 class Trainer:
@@ -94,6 +102,8 @@ class Trainer:
         self.student = load_model(config.student).to(self.device)
         self.teacher = load_model(config.teacher).to(self.device)
         self.teacher.requires_grad_(False)
+        if config.gradient_checkpointing:
+            self.student.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         self._check_pair()
         self.lora_names = []
         if any(s.trainable == "lora" for s in config.stages):
@@ -184,6 +194,24 @@ class Trainer:
     def _step_loss(self, ids: torch.Tensor, stage: StageConfig, layers: list[int]) -> tuple[torch.Tensor, dict]:
         """The loss of one micro-batch of a transfer or distill stage, and its parts for the log."""
         return self._transfer_loss(ids, layers) if stage.kind == "transfer" else self._distill_loss(ids, stage)
+
+    @contextlib.contextmanager
+    def _window_dropout(self, stage: StageConfig):
+        """With probability ``stage.window_dropout`` (drawn from the step number, so a resumed run draws
+        the same), the sliding-window branches of parallel layers see only ``stage.short_window`` keys."""
+        draw = torch.rand((), generator=torch.Generator().manual_seed(self.config.seed * 1_000_003 + self.global_step))
+        branches = [m.softmax for m in self.student.modules() if isinstance(m, ParallelHybridAttention) and m.softmax.window is not None]
+        if not branches or float(draw) >= stage.window_dropout:
+            yield
+            return
+        saved = [b.window for b in branches]
+        for b in branches:
+            b.window = min(stage.short_window, b.window)
+        try:
+            yield
+        finally:
+            for b, window in zip(branches, saved):
+                b.window = window
 
     def _local_rows(self, batch: torch.Tensor) -> torch.Tensor:
         """The rows of a global batch this process trains on (all of them in a single-process run)."""
@@ -408,7 +436,7 @@ class Trainer:
             for _ in range(stage.grad_accum):
                 batch = next(iterator)
                 ids = self._local_rows(batch).to(self.device)
-                with autocast:
+                with autocast, self._window_dropout(stage):
                     loss, parts = self._step_loss(ids, stage, layers)
                 (loss / stage.grad_accum).backward()
                 for key, value in {"loss": loss.item(), **parts}.items():
@@ -428,6 +456,7 @@ class Trainer:
                 "tokens_seen": self.tokens_seen,
                 "fraction_of_teacher_pretraining": self.tokens_seen / config.teacher_pretraining_tokens,
                 "tokens_per_second": stage.batch_size * stage.grad_accum * stage.seq_len / seconds,
+                "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # Linux reports KiB
             }
             last = self.stage_step == stage.steps
             if self.global_step % config.eval_every == 0 or last:
