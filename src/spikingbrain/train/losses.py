@@ -1,0 +1,111 @@
+"""Distillation losses computed a slice of positions at a time, so that no ``[tokens, vocab]`` tensor outlives its slice.
+
+The student's loss is ``kl_weight * T² KL(teacher || student) + ce_weight * CE(next token)``
+per token (the trainer's distillation loss). :func:`chunked_distill_loss` takes the student's
+and the teacher's final hidden states instead of their logits: for each slice of positions
+it projects both through their heads, computes the loss and its gradient with respect to the
+student's hidden states in closed form (``softmax - target``), and keeps only that gradient,
+which is ``[tokens, hidden]``. The value and the gradients equal those of the full loss.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.nn import functional as F
+
+__all__ = ["chunked_distill_loss", "full_distill_loss", "DEFAULT_LOSS_CHUNK"]
+
+#: Positions per slice: 256 x 49,152 fp32 logits are 50 MB.
+DEFAULT_LOSS_CHUNK = 256
+
+
+def full_distill_loss(logits, target_logits, ids, kl_weight: float, ce_weight: float, temperature: float = 1.0):
+    """The distillation loss from whole ``[B, T, V]`` logits; the reference the chunked loss must equal."""
+    T, vocab = temperature, logits.shape[-1]
+    logits, target_logits = logits.float(), target_logits.float()
+    kl = F.kl_div(
+        F.log_softmax(logits.reshape(-1, vocab) / T, -1), F.log_softmax(target_logits.reshape(-1, vocab) / T, -1),
+        log_target=True, reduction="batchmean",
+    ) * T * T
+    ce = F.cross_entropy(logits[:, :-1].reshape(-1, vocab), ids[:, 1:].reshape(-1))
+    return kl_weight * kl + ce_weight * ce, {"kl": kl.item(), "ce": ce.item()}
+
+
+def _scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``logits / temperature``, in place (the logits are a fresh temporary)."""
+    return logits if temperature == 1.0 else logits.div_(temperature)
+
+
+class _ChunkedDistill(torch.autograd.Function):
+    """Loss value in forward; the gradient for the student's hidden states is computed there too and scaled in backward."""
+
+    @staticmethod
+    def forward(ctx, hidden, head_weight, target_hidden, target_head_weight, ids, kl_weight, ce_weight, temperature, chunk):
+        B, L, _ = hidden.shape
+        flat, target_flat = hidden.reshape(B * L, -1), target_hidden.reshape(B * L, -1)
+        # Next-token targets in flat order; the last position of each row has none (-1).
+        next_ids = torch.cat((ids[:, 1:], torch.full((B, 1), -1, dtype=ids.dtype, device=ids.device)), 1).reshape(-1)
+        n_kl, n_ce = B * L, B * (L - 1)
+        grad = torch.empty_like(flat, dtype=torch.float32)
+        kl_sum = ce_sum = 0.0
+        Tm = temperature
+        for start in range(0, B * L, chunk):
+            rows = slice(start, min(start + chunk, B * L))
+            log_q = F.log_softmax(_scaled(flat[rows].float() @ head_weight.float().t(), Tm), -1)
+            log_p = F.log_softmax(_scaled(target_flat[rows].float() @ target_head_weight.float().t(), Tm), -1)
+            p = log_p.exp()
+            kl_sum += float(log_p.sub_(log_q).mul_(p).sum())  # sum p (log p - log q); log_p is spent
+            del log_p
+            # d(T² KL)/dz = T (q_T - p_T); d CE/dz = q - onehot (at temperature 1)
+            dz = log_q.exp().sub_(p).mul_(kl_weight * Tm / n_kl)
+            del p
+            targets = next_ids[rows]
+            scored = (targets >= 0).nonzero()[:, 0]
+            if Tm != 1.0:  # the cross-entropy is at temperature 1
+                log_q = F.log_softmax(flat[rows].float() @ head_weight.float().t(), -1)
+            ce_sum -= float(log_q[scored, targets[scored]].sum())
+            if ce_weight:
+                dce = log_q.exp_()  # log_q is spent
+                dce[targets < 0] = 0.0
+                dce[scored, targets[scored]] -= 1.0
+                dz.add_(dce, alpha=ce_weight / n_ce)
+            del log_q
+            grad[rows] = dz @ head_weight.float()
+        kl = torch.tensor(kl_sum * Tm * Tm / n_kl, dtype=torch.float64)
+        ce = torch.tensor(ce_sum / n_ce, dtype=torch.float64)
+        ctx.save_for_backward(grad.view_as(hidden).to(hidden.dtype))
+        ctx.mark_non_differentiable(kl, ce)
+        loss = (kl_weight * kl + ce_weight * ce).to(hidden.dtype)
+        return loss, kl, ce
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_kl, _grad_ce):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_loss, None, None, None, None, None, None, None, None
+
+
+def chunked_distill_loss(
+    hidden: torch.Tensor,
+    head_weight: torch.Tensor,
+    target_hidden: torch.Tensor,
+    target_head_weight: torch.Tensor,
+    ids: torch.Tensor,
+    kl_weight: float,
+    ce_weight: float,
+    temperature: float = 1.0,
+    chunk: int = DEFAULT_LOSS_CHUNK,
+):
+    """The distillation loss from final hidden states ``[B, T, hidden]`` and the heads' weights ``[V, hidden]``.
+
+    Returns ``(loss, {"kl": ..., "ce": ...})`` like :func:`full_distill_loss`. Gradients flow into
+    ``hidden`` only: the output heads are frozen during conversion training.
+    """
+    if head_weight.requires_grad:
+        raise ValueError("chunked_distill_loss keeps the output head frozen; train it with the full loss instead")
+    if chunk < 1:
+        raise ValueError(f"loss chunk must be >= 1 positions, got {chunk}")
+    loss, kl, ce = _ChunkedDistill.apply(
+        hidden, head_weight, target_hidden.detach(), target_head_weight.detach(), ids,
+        float(kl_weight), float(ce_weight), float(temperature), int(chunk),
+    )
+    return loss, {"kl": kl.item(), "ce": ce.item()}
