@@ -63,3 +63,35 @@ def test_rank_and_plan_by_hand():
     assert plan_from_ranking(ranking, 0, full_layers=1, parallel=True) == ["parallel-swa", "parallel-full", "parallel-swa", "parallel-swa"]
     with pytest.raises(ValueError, match="cannot plan"):
         plan_from_ranking(ranking, 4, full_layers=1)
+
+
+def test_auto_layout_conversion_records_and_reuses_its_ranking(pair, tmp_path, monkeypatch):
+    import json
+
+    from spikingbrain.cli import main
+    from spikingbrain.convert import selection
+    from spikingbrain.convert.converter import convert_transformer
+
+    teacher_folder = pair[0]
+    report = convert_transformer(teacher_folder, tmp_path / "auto", layout="auto", linear_layers=2, auto_full_layers=1,
+                                 sliding_window=16, keep_first_tokens=2, progress=False)
+    assert sorted(c["layer"] for c in report.layer_ranking) == [0, 1, 2, 3]
+    assert report.layer_mixers == plan_from_ranking(report.layer_ranking, 2, 1)
+    assert report.layer_mixers.count("gla") == 2 and report.layer_mixers.count("full") == 1
+    saved = json.loads((tmp_path / "auto" / "conversion_report.json").read_text())
+    assert saved["layer_ranking"] == report.layer_ranking
+    assert json.loads((tmp_path / "auto" / "config.json").read_text())["keep_first_tokens"] == 2
+
+    def no_measuring(*args, **kwargs):
+        raise AssertionError("the ranking should have been reused")
+
+    monkeypatch.setattr(selection, "measure_ranking", no_measuring)
+    args = ["convert", str(teacher_folder), str(tmp_path / "again"), "--layout", "auto-parallel", "--auto-full-layers", "1",
+            "--ranking", str(tmp_path / "auto" / "conversion_report.json"), "--parallel-combine", "residual", "--window", "16"]
+    assert main(args) == 0
+    again = json.loads((tmp_path / "again" / "config.json").read_text())
+    full = [i for i, m in enumerate(report.layer_mixers) if m == "full"]
+    assert again["layer_mixers"] == ["parallel-full" if i in full else "parallel-swa" for i in range(4)]
+    assert again["parallel_combine"] == "residual"
+    (tmp_path / "bad.json").write_text('{"layer_mixers": []}')
+    assert main(["convert", str(teacher_folder), str(tmp_path / "bad"), "--layout", "auto", "--ranking", str(tmp_path / "bad.json")]) == 2

@@ -19,12 +19,33 @@ def _layer_indices(text: str) -> list[int]:
         raise ValueError(f"layer list {text!r}: give 0-indexed layer numbers separated by commas, e.g. 6,13") from None
 
 
+def _read_ranking(path: str | None) -> list[dict] | None:
+    """The ``layer_ranking`` of a conversion report (or a bare ranking list) in the JSON file ``path``."""
+    if path is None:
+        return None
+    from pathlib import Path
+
+    try:
+        data = json.loads(Path(path).expanduser().read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"--ranking {path}: cannot read it as JSON ({err}); pass a conversion_report.json of an 'auto' conversion") from None
+    ranking = data.get("layer_ranking") if isinstance(data, dict) else data
+    if not ranking or not all(isinstance(c, dict) and {"layer", "kl", "retrieval"} <= set(c) for c in ranking):
+        raise ValueError(f"--ranking {path}: no layer ranking (entries with 'layer', 'kl', 'retrieval'); "
+                         "pass the conversion_report.json of an 'auto' conversion")
+    return ranking
+
+
 def _cmd_convert(args: argparse.Namespace) -> int:
     from ..convert.converter import convert_transformer
 
     overrides = {}
     if args.sinks:
         overrides["num_sink_tokens"] = args.sinks
+    if args.keep_first_tokens:
+        overrides["keep_first_tokens"] = args.keep_first_tokens
+    if args.parallel_combine:
+        overrides["parallel_combine"] = args.parallel_combine
     if args.key_tied:
         overrides.update(gla_gate="key_tied", gla_feature_map="sigmoid")
     upcycle = None
@@ -46,6 +67,9 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         overwrite=args.force,
         seed=args.seed,
         upcycle=upcycle,
+        linear_layers=args.linear_layers,
+        auto_full_layers=args.auto_full_layers,
+        ranking=_read_ranking(args.ranking),
         **overrides,
     )
     print(json.dumps(asdict(report), indent=1) if args.json else report.summary())
@@ -60,11 +84,21 @@ def register_convert(subparsers) -> None:
     parser.add_argument("--layout", default="alternating", help=f"layer layout: {LAYOUT_HELP}")
     parser.add_argument("--full-layers", default="", help="0-indexed layers that keep full attention, e.g. 6,13")
     parser.add_argument("--window", type=int, default=None, help="sliding window W of SWA layers (default 4096)")
+    parser.add_argument("--keep-first-tokens", type=int, default=0,
+                        help="first tokens every sliding-window query also sees (attention sinks, e.g. 4; 0 = plain window)")
+    auto = parser.add_argument_group("measured layouts (--layout auto / auto-parallel)")
+    auto.add_argument("--linear-layers", type=int, default=None, help="GLA layers of --layout auto (default: half the layers)")
+    auto.add_argument("--auto-full-layers", type=int, default=0,
+                      help="layers that keep full attention, chosen by the retrieval probe (76B layout: up to 3)")
+    auto.add_argument("--ranking", default=None,
+                      help="reuse the layer ranking of an earlier conversion_report.json instead of measuring (minutes)")
     parser.add_argument("--force", action="store_true", help="replace a non-empty output folder")
     parser.add_argument("--seed", type=int, default=0, help="seed of the new parameters' initialisation")
     group = parser.add_argument_group("SpikingBrain-76B features")
     group.add_argument("--sinks", type=int, default=0, help="learnable sink tokens per softmax attention (76B: 128)")
     group.add_argument("--key-tied", action="store_true", help="key-tied GLA: sigmoid features, decay 1 - k, no gate parameters")
+    group.add_argument("--parallel-combine", choices=("sum", "mean", "learned", "residual"), default=None,
+                       help="how parallel layers combine their branches (default learned; 'residual' starts as the teacher)")
     group.add_argument("--experts", type=int, default=0, help="upcycle MLPs into N routed experts (76B: 16); 0 keeps dense MLPs")
     group.add_argument("--top-k", type=int, default=1, help="experts per token (76B: 1)")
     group.add_argument("--shared-experts", type=int, default=1, help="always-on shared experts (76B: 1)")

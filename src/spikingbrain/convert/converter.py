@@ -13,7 +13,8 @@ from ..model.checkpoint import CheckpointError, copy_tokenizer_files, read_confi
 from ..model.hf_import import TRANSFORMER_FAMILIES, import_transformer
 from ..model.info import LAYOUT_LETTERS
 from ..model.loading import resolve_folder
-from .plan import plan_layers
+from .plan import AUTO_LAYOUTS, plan_layers
+from .selection import plan_from_ranking
 
 __all__ = ["ConversionReport", "convert_transformer", "describe_init"]
 
@@ -50,6 +51,7 @@ class ConversionReport:
     dropped: dict[str, str] = field(default_factory=dict)
     new: dict[str, str] = field(default_factory=dict)  # name -> initialisation
     copied_files: list[str] = field(default_factory=list)
+    layer_ranking: list[dict] = field(default_factory=list)  # measured layer costs of an 'auto' layout
 
     def summary(self) -> str:
         """A few human-readable lines."""
@@ -97,6 +99,10 @@ def convert_transformer(
     overwrite: bool = False,
     seed: int = 0,
     upcycle: dict | None = None,
+    linear_layers: int | None = None,
+    auto_full_layers: int = 0,
+    ranking: list[dict] | None = None,
+    progress: bool = True,
     **overrides,
 ) -> ConversionReport:
     """Convert a Llama/Qwen2/Mistral folder (or ``default``) into a SpikingBrain folder at ``output``.
@@ -108,6 +114,11 @@ def convert_transformer(
     ``upcycle`` (MoE fields such as ``num_experts``, ``num_experts_per_tok``, ``num_shared_experts``,
     ``dense_ffn_layers``, plus optional ``scaling`` and ``router_init``) turns the dense MLPs into
     Mixture-of-Experts layers by copying them into every expert (``convert.upcycle.upcycle_model``).
+    Layouts ``auto`` and ``auto-parallel`` choose layers by measurement (``convert.selection``):
+    ``auto`` makes the ``linear_layers`` (default: half) cheapest layers GLA and the rest SWA,
+    ``auto-parallel`` puts GLA in parallel with every layer; both give full attention to the
+    ``auto_full_layers`` layers that retrieval depends on most. ``ranking`` reuses the
+    ``layer_ranking`` of an earlier report instead of measuring again.
     """
     folder = resolve_folder(source)
     raw = read_config(folder)
@@ -119,7 +130,18 @@ def convert_transformer(
     output = Path(output).expanduser()
     if not overwrite:
         refuse_non_empty(output)
-    mixers = plan_layers(raw["num_hidden_layers"], layout, list(full_layers))
+    if layout in AUTO_LAYOUTS:
+        if full_layers:
+            raise ValueError(f"layout {layout!r} chooses the full-attention layers itself; pass auto_full_layers=N, not full_layers")
+        if ranking is None:
+            from .selection import measure_ranking
+            from ..model.loading import load_tokenizer
+
+            ranking = measure_ranking(folder, load_tokenizer(folder), progress=progress)
+        count = raw["num_hidden_layers"] // 2 if linear_layers is None else linear_layers
+        mixers = plan_from_ranking(ranking, count, auto_full_layers, parallel=layout == "auto-parallel")
+    else:
+        mixers = plan_layers(raw["num_hidden_layers"], layout, list(full_layers))
     if sliding_window is not None:
         overrides["sliding_window"] = sliding_window
     with torch.random.fork_rng():
@@ -139,6 +161,7 @@ def convert_transformer(
             dropped=imported.dropped,
             new={name: describe_init(name) for name in imported.new},
             copied_files=copy_tokenizer_files(folder, staging),
+            layer_ranking=list(ranking or []),
         )
         (staging / "conversion_report.json").write_text(json.dumps(asdict(report), indent=1))
     return report

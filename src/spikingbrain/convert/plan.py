@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..model.names import MIXER_TYPES, alternating_layers
 
-__all__ = ["plan_layers", "LAYOUT_HELP"]
+__all__ = ["plan_layers", "LAYOUT_HELP", "AUTO_LAYOUTS"]
 
 LAYOUT_HELP = (
     "'alternating' (SpikingBrain-7B: GLA on even layers, SWA on odd ones, the first layer GLA), "
@@ -12,8 +12,13 @@ LAYOUT_HELP = (
     "with full attention), "
     "'L:S' ratios such as '3:1' (3 GLA layers then 1 SWA layer, repeated), "
     "'full' (every layer keeps softmax attention: an exact copy of the source), "
+    "'auto' (GLA in the layers whose conversion costs least, measured on the source: held-out KL and a "
+    "pass-key probe; SWA elsewhere), 'auto-parallel' (GLA in parallel with every layer; with auto full layers "
+    "chosen by the probe), "
     "or an explicit comma-separated list with one mixer per layer (e.g. 'gla,swa,full,...')"
 )
+#: Layouts chosen by measuring the source model (``convert.selection``).
+AUTO_LAYOUTS = ("auto", "auto-parallel")
 
 
 def _ratio(layout: str, num_layers: int) -> list[str]:

@@ -22,7 +22,7 @@ from torch.nn import functional as F
 from ..model.mixers import GatedLinearAttention
 from .calibrate import calibrate_gla
 
-__all__ = ["RetrievalPrompt", "layer_costs", "rank_layers", "plan_from_ranking"]
+__all__ = ["RetrievalPrompt", "layer_costs", "rank_layers", "plan_from_ranking", "measure_ranking", "probe_inputs"]
 
 RetrievalPrompt = tuple[list[int], list[int]]  # (prompt ids, answer ids)
 
@@ -83,6 +83,47 @@ def layer_costs(
         if progress is not None:
             progress(i)
     return costs
+
+
+def probe_inputs(tokenizer, seq_len: int = 1024, rows: int = 2, prompts: int = 6, seed: int = 0):
+    """Default measurement data from Python's own documentation (``pydoc_data.topics``, in name order):
+    calibration rows from the first topics, held-out text rows from the last, and pass-key prompts
+    of ``seq_len`` tokens (``eval.passkey``) at three depths whose answers are the keys."""
+    import random
+
+    from pydoc_data.topics import topics
+
+    from ..eval.passkey import passkey_prompt
+
+    names = sorted(topics)
+    half = len(names) // 2
+
+    def rows_of(chosen: list[str]) -> torch.Tensor:
+        ids = tokenizer("\n\n".join(topics[n] for n in chosen), add_special_tokens=False)["input_ids"]
+        if len(ids) < rows * seq_len:
+            raise ValueError(f"pydoc topics give {len(ids)} tokens, fewer than {rows} x {seq_len}; use a shorter seq_len")
+        return torch.tensor(ids[: rows * seq_len]).view(rows, seq_len)
+
+    rng = random.Random(seed)
+    probe = []
+    for i in range(prompts):
+        key = str(rng.randint(10000, 99999))
+        depth = (0.1, 0.5, 0.9)[i % 3]
+        probe.append((passkey_prompt(tokenizer, seq_len, depth, key), tokenizer(" " + key, add_special_tokens=False)["input_ids"]))
+    return rows_of(names[:half]), rows_of(names[half:][::-1]), probe
+
+
+def measure_ranking(folder, tokenizer, seq_len: int = 1024, progress: bool = True, **mixer_fields) -> list[dict]:
+    """Rank the layers of the Transformer in ``folder`` (see the module docstring) on :func:`probe_inputs`."""
+    from ..model.hf_import import load_transformer
+    from ..runtime.progress import progress as progress_bar
+
+    teacher = load_transformer(folder).requires_grad_(False)
+    linear_student = load_transformer(folder, ["gla"] * teacher.config.num_hidden_layers, **mixer_fields)
+    calibration, text, prompts = probe_inputs(tokenizer, seq_len)
+    with progress_bar(teacher.config.num_hidden_layers, "ranking layers", disable=not progress) as bar:
+        costs = layer_costs(teacher, linear_student, text, prompts, calibration, progress=lambda i: bar.update(1))
+    return rank_layers(costs)
 
 
 def rank_layers(costs: list[dict]) -> list[dict]:
