@@ -107,3 +107,19 @@ def test_help_of_every_command_imports_neither_torch_nor_transformers():
     assert len(helped) >= 26 and all(helped.values()), helped  # every command and group printed its usage
     assert {"bench ttft", "eval ppl", "train", "serve", "demo"} <= set(helped)
     assert report["loaded"] == []
+
+
+def test_register_with_transformers_makes_auto_classes_load_our_folders():
+    """``import spikingbrain`` stays light; ``register_with_transformers()`` lets AutoModelForCausalLM load our configs."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, spikingbrain\n"
+        "assert 'torch' not in sys.modules\n"
+        "spikingbrain.register_with_transformers()\n"
+        "from transformers import AutoConfig\n"
+        "from transformers.models.auto.configuration_auto import CONFIG_MAPPING\n"
+        "assert 'spikingbrain' in CONFIG_MAPPING and 'gla_swa' in CONFIG_MAPPING\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

@@ -1,8 +1,8 @@
 """SpikingBrain-style hybrid language models in plain PyTorch.
 
 The names below load on first use (PEP 562), so ``import spikingbrain`` and the command line's
-``--help`` stay fast. Using any of them (or importing ``spikingbrain.model.modeling``) registers
-the ``spikingbrain`` and ``gla_swa`` model types with transformers' Auto classes, so
+``--help`` stay fast. :func:`register_with_transformers` (or using any of them) registers the
+``spikingbrain`` and ``gla_swa`` model types with transformers' Auto classes, so that
 ``AutoModelForCausalLM.from_pretrained(folder)`` works.
 """
 
@@ -17,7 +17,13 @@ __all__ = [
     "SpikingBrainConfig",
     "SpikingBrainForCausalLM",
     "save_official",
+    "register_with_transformers",
 ]
+
+
+def register_with_transformers() -> None:
+    """Register the ``spikingbrain`` and ``gla_swa`` model types with transformers' Auto classes."""
+    from .model import modeling, official  # noqa: F401  (importing them registers the types)
 
 
 def __getattr__(name: str):
