@@ -1,4 +1,5 @@
-"""`spikingbrain bench train`: the three training steps run, are timed side by side, and their ratios are consistent."""
+"""`spikingbrain bench train`: the training steps run, are timed side by side, their ratios are consistent, and the
+sliced distillation loss equals the full-logits one on the same first batch."""
 
 from __future__ import annotations
 
@@ -27,9 +28,16 @@ def test_bench_train_reports_side_by_side(tmp_path, capsys):
         torch.set_num_threads(threads)
     report = json.loads((out / "train.json").read_text())
     results = report["results"]
-    assert set(results) == {"transformers_finetune", "spikingbrain_finetune", "spikingbrain_distill"}
+    assert set(results) == {"transformers_finetune", "spikingbrain_finetune", "spikingbrain_distill_full_logits",
+                            "spikingbrain_distill", "spikingbrain_distill_checkpointed"}
+    first = report["first_step_loss"]
+    assert abs(first["spikingbrain_distill"] - first["spikingbrain_distill_full_logits"]) < 1e-5 * first["spikingbrain_distill"]
+    assert abs(first["spikingbrain_distill_checkpointed"] - first["spikingbrain_distill"]) < 1e-5 * first["spikingbrain_distill"]
+    assert report["distill_speedup_over_full_logits"] == (
+        results["spikingbrain_distill"]["tokens_per_second"] / results["spikingbrain_distill_full_logits"]["tokens_per_second"])
     for name, r in results.items():
         assert len(r["seconds"]) == 2 and r["tokens_per_second"] == 64 / r["median_seconds"]
+        assert r["peak_rss_bytes"] > 50 * 2**20  # the process holds torch and the models
         assert report["ratios_to_transformers_finetune"][name] == r["tokens_per_second"] / results["transformers_finetune"]["tokens_per_second"]
     assert (out / "train.png").read_bytes()[:4] == b"\x89PNG"
     assert "of transformers' fine-tune" in capsys.readouterr().out

@@ -1,13 +1,19 @@
-"""Training throughput side by side: conversion training steps against a plain fine-tune of the teacher with transformers.
+"""Training throughput and memory side by side: conversion training steps against a plain fine-tune of the teacher.
 
-Three steps, each a full optimizer step (forward, backward, AdamW) on the same token batches with
+Each step is a full optimizer step (forward, backward, AdamW) on the same token batches with
 the same trainable set (LoRA adapters of the same rank on the same projections, or every
-parameter but the embeddings), timed alternately, medians reported:
+parameter but the embeddings), timed alternately, medians reported, with the peak resident
+memory of each step (Linux: the high-water mark is reset before every step):
 
 - ``transformers_finetune``: the teacher as transformers' own model (SDPA), next-token cross-entropy;
 - ``spikingbrain_finetune``: the converted student, the same loss (the cost of our model alone);
-- ``spikingbrain_distill``: the converted student with the conversion loss (KL to the teacher's
-  logits computed on the fly, plus cross-entropy): what ``spikingbrain train`` runs.
+- ``spikingbrain_distill_full_logits``: the conversion loss (KL to the teacher's logits plus
+  cross-entropy) from whole ``[tokens, vocab]`` logits, as the trainer computed it before;
+- ``spikingbrain_distill``: the same loss a slice of positions at a time (``train.losses``),
+  what ``spikingbrain train`` runs;
+- ``spikingbrain_distill_checkpointed``: that, with gradient checkpointing.
+
+The first (warm-up) round also checks that the full-logits and the sliced loss agree.
 """
 
 from __future__ import annotations
@@ -37,6 +43,25 @@ def _trainable(model, mode: str, rank: int):
     return params
 
 
+def _reset_peak_rss() -> bool:
+    """Reset the process's resident-memory high-water mark (Linux); False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_bytes() -> int:
+    """The resident-memory high-water mark since the last reset (``VmHWM``)."""
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise OSError("no VmHWM line in /proc/self/status")
+
+
 def run_train_benchmark(student_ref: str, teacher_ref: str = "default", seq_len: int = 1024, batch_size: int = 2,
                         trainable: str = "lora", rank: int = 16, repeats: int = 5, threads: int | None = None,
                         seed: int = 0) -> dict:
@@ -45,6 +70,7 @@ def run_train_benchmark(student_ref: str, teacher_ref: str = "default", seq_len:
     from transformers import AutoModelForCausalLM
 
     from ..model.loading import load_model, resolve_folder
+    from ..train.losses import full_distill_loss
     from ..train.trainer import distill_loss
 
     threads = set_threads(threads)
@@ -52,17 +78,18 @@ def run_train_benchmark(student_ref: str, teacher_ref: str = "default", seq_len:
     torch.manual_seed(seed)
     teacher_hf = AutoModelForCausalLM.from_pretrained(resolve_folder(teacher_ref), dtype=torch.float32, attn_implementation="sdpa")
     teacher_ours = load_model(teacher_ref).requires_grad_(False)
-    student = load_model(student_ref)
-    vocab = student.config.vocab_size
+    vocab = teacher_ours.config.vocab_size
     batches = torch.randint(0, vocab, (repeats + 1, batch_size, seq_len), generator=torch.Generator().manual_seed(seed))
+    first_losses = {}
 
-    def stepper(model, loss_fn):
+    def stepper(name, model, loss_fn):
         model.train()
         params = _trainable(model, trainable, rank)
         optimizer = torch.optim.AdamW(params, lr=1e-5)
 
         def step(ids):
             loss = loss_fn(model, ids)
+            first_losses.setdefault(name, loss.item())
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -72,21 +99,35 @@ def run_train_benchmark(student_ref: str, teacher_ref: str = "default", seq_len:
     def ce(model, ids):
         return model(ids, labels=ids, use_cache=False).loss
 
-    student_ce = load_model(student_ref)
+    def distill_full_logits(model, ids):
+        with torch.no_grad():
+            target = teacher_ours(ids, use_cache=False).logits
+        return full_distill_loss(model(ids, use_cache=False).logits, target, ids, 1.0, 0.1)[0]
+
+    checkpointed = load_model(student_ref)
+    checkpointed.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     steps = {
-        "transformers_finetune": stepper(teacher_hf, ce),
-        "spikingbrain_finetune": stepper(student_ce, ce),
-        "spikingbrain_distill": stepper(student, lambda m, ids: distill_loss(m, teacher_ours, ids, 1.0, 0.1)[0]),
+        "transformers_finetune": (teacher_hf, ce),
+        "spikingbrain_finetune": (load_model(student_ref), ce),
+        "spikingbrain_distill_full_logits": (load_model(student_ref), distill_full_logits),
+        "spikingbrain_distill": (load_model(student_ref), lambda m, ids: distill_loss(m, teacher_ours, ids, 1.0, 0.1)[0]),
+        "spikingbrain_distill_checkpointed": (checkpointed, lambda m, ids: distill_loss(m, teacher_ours, ids, 1.0, 0.1)[0]),
     }
+    steps = {name: stepper(name, model, loss) for name, (model, loss) in steps.items()}
     seconds = {name: [] for name in steps}
+    peaks = {name: [] for name in steps}
     for i in range(repeats + 1):  # the first round warms up; names alternate within every round
         for name, step in steps.items():
+            reset = _reset_peak_rss()
             start = time.perf_counter()
             step(batches[i])
             if i:
                 seconds[name].append(time.perf_counter() - start)
+                if reset:
+                    peaks[name].append(_peak_rss_bytes())
     tokens = batch_size * seq_len
-    results = {name: {"median_seconds": statistics.median(s), "tokens_per_second": tokens / statistics.median(s), "seconds": s}
+    results = {name: {"median_seconds": statistics.median(s), "tokens_per_second": tokens / statistics.median(s), "seconds": s,
+                      "peak_rss_bytes": max(peaks[name]) if peaks[name] else None}
                for name, s in seconds.items()}
     base = results["transformers_finetune"]["tokens_per_second"]
     return {
@@ -94,25 +135,33 @@ def run_train_benchmark(student_ref: str, teacher_ref: str = "default", seq_len:
         "trainable": trainable, "lora_rank": rank if trainable == "lora" else None, "threads": threads,
         "repeats": repeats, "results": results,
         "ratios_to_transformers_finetune": {name: r["tokens_per_second"] / base for name, r in results.items()},
+        "distill_speedup_over_full_logits": results["spikingbrain_distill"]["tokens_per_second"]
+        / results["spikingbrain_distill_full_logits"]["tokens_per_second"],
+        "first_step_loss": first_losses,
+        "peak_rss_note": "process high-water mark during the step (all models of the benchmark are resident)",
         "machine": machine_info(),
     }
 
 
 def plot(report: dict, path) -> None:
-    """A bar chart of the training tokens/s of the three steps, as a PNG at ``path``."""
+    """Bars of each step's training tokens/s and peak memory, as a PNG at ``path``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     names = list(report["results"])
-    values = [report["results"][n]["tokens_per_second"] for n in names]
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    ax.barh(names, values, color=["gray", "tab:blue", "tab:orange"])
-    for y, v in enumerate(values):
-        ax.text(v, y, f" {v:.0f}", va="center")
-    ax.set_xlabel("training tokens/s (higher is better)")
-    ax.set_title(f"seq {report['seq_len']} x batch {report['batch_size']}, {report['trainable']}, {report['threads']} threads")
+    speed = [report["results"][n]["tokens_per_second"] for n in names]
+    memory = [(report["results"][n]["peak_rss_bytes"] or 0) / 2**30 for n in names]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8), sharey=True)
+    colors = ["gray"] + ["tab:blue"] * (len(names) - 1)
+    for ax, values, label, unit in ((left, speed, "training tokens/s (higher is better)", "{:.0f}"),
+                                    (right, memory, "peak resident memory, GiB (lower is better)", "{:.2f}")):
+        ax.barh(names, values, color=colors)
+        for y, v in enumerate(values):
+            ax.text(v, y, " " + unit.format(v), va="center")
+        ax.set_xlabel(label)
+    fig.suptitle(f"seq {report['seq_len']} x batch {report['batch_size']}, {report['trainable']}, {report['threads']} threads")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

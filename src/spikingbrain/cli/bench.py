@@ -108,7 +108,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     plot(report, out / "train.png")
     for name, r in report["results"].items():
         ratio = report["ratios_to_transformers_finetune"][name]
-        print(f"{name:24s} {r['tokens_per_second']:8.1f} tokens/s   x{ratio:.2f} of transformers' fine-tune")
+        memory = f"   peak {r['peak_rss_bytes'] / 2**30:.2f} GiB" if r["peak_rss_bytes"] else ""
+        print(f"{name:34s} {r['tokens_per_second']:8.1f} tokens/s   x{ratio:.2f} of transformers' fine-tune{memory}")
     print(f"wrote {out / 'train.json'} and {out / 'train.png'}")
     return 0
 
