@@ -126,7 +126,11 @@ def test_is_degenerate():
     assert is_degenerate("The answer is: The answer is: The answer is: The")
     assert is_degenerate("It is the the the end")
     assert is_degenerate("ok. Red door, red door, RED DOOR")
+    assert is_degenerate('The answer to the question "What is the answer to the question "What is the answer to')  # cut off
+    assert is_degenerate("The name is SandraViaViaViaVia")
+    assert is_degenerate("The code is:\n\n#\n\n#\n\n#")
     assert not is_degenerate("The door is teal.")
+    assert not is_degenerate("It was 1000000 years ago, in Mississippi.")
     assert not is_degenerate("The answer is: teal. The answer is: teal.")  # twice is not three times
     assert not is_degenerate("Pipwhistle")
     assert not is_degenerate("")

@@ -268,6 +268,7 @@ _PLACEHOLDER = "\x00document and question\x00"
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9\"'(])")
 _RULE = re.compile(r"^\s*([*=~^#+-])\1{2,}\s*$")
 _WORD = re.compile(r"\w+")
+_SYLLABLE_RUN = re.compile(r"([a-z]{2,}?)\1{2,}")  # the same letters three times inside one word: "viaviavia"
 
 
 def _prose_paragraphs(text: str) -> list[str]:
@@ -377,15 +378,21 @@ def score_needle(answer_text: str, expected: list[str] | str) -> bool:
     return False
 
 
-def is_degenerate(text: str) -> bool:
-    """Whether ``text`` repeats a word or phrase three or more times in a row (case, spacing and punctuation ignored)."""
-    words = [word.lower() for word in _WORD.findall(text)]
-    for size in range(1, len(words) // 3 + 1):
-        for start in range(len(words) - 3 * size + 1):
-            phrase = words[start : start + size]
-            if phrase == words[start + size : start + 2 * size] == words[start + 2 * size : start + 3 * size]:
+def _runs_three_times(pieces: list[str]) -> bool:
+    """Whether some run of pieces comes three times in a row, the third copy possibly cut off by the end."""
+    for size in range(1, len(pieces) // 2 + 1):
+        for start in range(len(pieces) - 2 * size + 1):
+            phrase = pieces[start : start + size]
+            third = pieces[start + 2 * size : start + 3 * size]
+            if pieces[start + size : start + 2 * size] == phrase and third and third == phrase[: len(third)]:
                 return True
     return False
+
+
+def is_degenerate(text: str) -> bool:
+    """Whether ``text`` says a word, phrase, symbol or syllable three times in a row (ignoring case; the last may be cut off)."""
+    lowered = text.lower()
+    return bool(_SYLLABLE_RUN.search(lowered)) or any(_runs_three_times(pieces) for pieces in (_WORD.findall(lowered), lowered.split()))
 
 
 def _answer_text(tokenizer, tokens: list[int]) -> str:
