@@ -167,3 +167,29 @@ def test_the_teacher_answers_questions_about_short_texts(default_tokenizer):
     result = run_needle({"teacher": load_model("default")}, default_tokenizer, [384], [0.5], trials=3, progress=False)
     teacher = result["models"]["teacher"]
     assert sum(a["correct"] for a in teacher["answers"]) >= 1, teacher["answers"]
+
+
+def test_eval_needle_command_compares_ours_with_the_teacher(pair, tmp_path, capsys):
+    """``spikingbrain eval needle`` on a tiny conversion and its teacher: JSON with both models and their ratio, a PNG."""
+    import json
+
+    import torch
+
+    from spikingbrain.cli import main
+
+    teacher, student, _ = pair
+    filler = tmp_path / "prose.txt"
+    filler.write_text("\n\n".join(f"The boat left the harbour at dawn on day {i}. Gulls followed it out." for i in range(200)))
+    out = tmp_path / "needle"
+    threads = torch.get_num_threads()
+    try:
+        code = main(["eval", "needle", "--model", str(student), "--baseline", str(teacher), "--lengths", "200",
+                     "--depths", "0.5", "--trials", "2", "--filler", str(filler), "--threads", "1", "--out", str(out)])
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0
+    result = json.loads((out / "needle.json").read_text())
+    assert set(result["models"]) == {"ours", "teacher"} and "ratio" in result
+    assert result["filler"] == str(filler) and len(result["models"]["ours"]["answers"]) == 2
+    assert (out / "needle.png").read_bytes()[:4] == b"\x89PNG"
+    assert "degenerate answers" in capsys.readouterr().out

@@ -1,4 +1,4 @@
-"""``spikingbrain eval ppl|passkey|harness`` and ``spikingbrain spikes``: quality of a model, with and without spiking."""
+"""``spikingbrain eval ppl|passkey|needle|harness`` and ``spikingbrain spikes``: quality of a model, with and without spiking."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ def register(subparsers) -> None:
     eval_sub = evaluate.add_subparsers(dest="eval", required=True)
     _register_ppl(eval_sub)
     _register_passkey(eval_sub)
+    _register_needle(eval_sub)
     _register_harness(eval_sub)
 
 
@@ -76,12 +77,10 @@ def _register_passkey(subparsers) -> None:
     p.set_defaults(func=_cmd_passkey)
 
 
-def _cmd_passkey(args: argparse.Namespace) -> int:
-    from ..eval.passkey import plot_heatmap, run_passkey
+def _retrieval_candidates(args: argparse.Namespace):
+    """The tokenizer, the models (ours and the baseline) and notes of a retrieval evaluation, after checking its arguments."""
     from ..model.loading import load_tokenizer
     from ..runtime.candidates import check_lengths
-    from ..runtime.machine import load_average, machine_info
-    from ..runtime.records import write_json
 
     if args.trials < 1 or any(not 0 <= d <= 1 for d in args.depths):
         raise ValueError(f"--trials must be >= 1 and --depths within 0..1 (got {args.trials}, {args.depths})")
@@ -89,6 +88,15 @@ def _cmd_passkey(args: argparse.Namespace) -> int:
     candidates, notes = candidates_from_args(args)
     for c in candidates:
         notes += check_lengths(c, args.lengths)
+    return tokenizer, candidates, notes
+
+
+def _cmd_passkey(args: argparse.Namespace) -> int:
+    from ..eval.passkey import plot_heatmap, run_passkey
+    from ..runtime.machine import load_average, machine_info
+    from ..runtime.records import write_json
+
+    tokenizer, candidates, notes = _retrieval_candidates(args)
     load_start = load_average()
     result = run_passkey({c.label: c.model for c in candidates}, tokenizer, sorted(set(args.lengths)), args.depths,
                          args.trials, args.seed)
@@ -101,6 +109,45 @@ def _cmd_passkey(args: argparse.Namespace) -> int:
     for note in notes:
         print(note)
     print(f"wrote {out / 'passkey.json'} and {png}")
+    return 0
+
+
+def _register_needle(subparsers) -> None:
+    p = subparsers.add_parser("needle", help="needle-in-prose QA: a fictional fact in prose, a question in the chat template (JSON + PNG)")
+    p.add_argument("--model", default="spikingbrain-smollm2", help="our model (folder or short name)")
+    p.add_argument("--baseline", default="default", help="the teacher, run by transformers (SDPA); 'none' to skip")
+    p.add_argument("--lengths", type=length_list, default=[1024, 4096], help="prompt lengths in tokens")
+    p.add_argument("--depths", type=float_list("0.1,0.5,0.9"), default=[0.1, 0.5, 0.9], help="fact depths (0 = start, 1 = end)")
+    p.add_argument("--trials", type=int, default=3, help="facts per cell (a different fact for every prompt)")
+    p.add_argument("--filler", default=None,
+                   help="prose to hide the fact in: a text file or a .jsonl with 'text' fields, e.g. a corpus's absent.jsonl "
+                        "(default: Python's pydoc topics)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--out", default="runs/eval-needle", help="folder for needle.json and needle.png")
+    p.set_defaults(func=_cmd_needle)
+
+
+def _cmd_needle(args: argparse.Namespace) -> int:
+    from ..eval.needle import plot_needle, run_needle
+    from ..runtime.records import write_json
+
+    tokenizer, candidates, notes = _retrieval_candidates(args)
+    names = {"ours": "ours", "baseline": "teacher"}
+    result = run_needle({names[c.name]: c.model for c in candidates}, tokenizer, sorted(set(args.lengths)), args.depths,
+                        args.trials, args.seed, filler_path=args.filler)
+    result.update(labels={names[c.name]: c.label for c in candidates}, filler=args.filler or "pydoc", notes=notes)
+    out = Path(args.out)
+    write_json(out / "needle.json", result)
+    plot_needle(result, out / "needle.png")
+    for name, m in result["models"].items():
+        print(f"{name}: " + ", ".join(f"{n} tokens {acc:.0%}" for n, acc in m["accuracy_by_length"].items())
+              + f"; degenerate answers {m['degenerate_fraction']:.0%}")
+    if result.get("ratio"):
+        print("ours / teacher: " + ", ".join(f"{k} {'-' if v is None else f'{v:.2f}'}" for k, v in result["ratio"].items()))
+    for note in notes:
+        print(note)
+    print(f"wrote {out / 'needle.json'} and {out / 'needle.png'}")
     return 0
 
 
