@@ -37,7 +37,7 @@ from spikingbrain.train.corpus import (
     encode_chat_example,
     fetch_package,
     html_to_text,
-    is_degenerate,
+    is_unusable_answer,
     load_corpus,
     read_records,
     rest_to_text,
@@ -586,11 +586,13 @@ def test_teacher_answers_sample_when_given_a_temperature(tokenizer):
                                      "repetition_penalty": 1.2}
 
 
-def test_is_degenerate():
-    assert is_degenerate("") and is_degenerate("Yes.") and is_degenerate("Elliot Elliot Elliot Elliot")
-    assert is_degenerate("The answer is: " * 12)
-    assert is_degenerate("Step one.\nStep one.\nStep one.")
-    assert not is_degenerate("A lighthouse keeper watches ships at night and keeps the lamp lit until dawn.")
+def test_unusable_answers():
+    assert is_unusable_answer("") and is_unusable_answer("Yes.") and is_unusable_answer("Elliot Elliot Elliot Elliot")
+    assert is_unusable_answer("The answer is: " * 12)
+    assert is_unusable_answer("Step one.\nStep one.\nStep one.")
+    looping = " ".join(f"The tool helps with task {word} and then it helps you upgrade your software." for word in "abcdefgh")
+    assert is_unusable_answer(looping)  # no phrase three times in a row, but mostly the same words again
+    assert not is_unusable_answer("A lighthouse keeper watches ships at night and keeps the lamp lit until dawn.")
 
 
 def test_add_chat_answers_prompts_from_the_training_texts(packages, tmp_path, tokenizer):

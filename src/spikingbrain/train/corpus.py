@@ -37,6 +37,7 @@ from urllib.parse import unquote
 
 import torch
 
+from ..eval.needle import is_degenerate
 from ..model.shipped import _sha256 as sha256_file
 from .data import Document, _chat_ids, split_held_out, write_text
 
@@ -56,7 +57,7 @@ __all__ = [
     "encode_chat_example",
     "fetch_package",
     "html_to_text",
-    "is_degenerate",
+    "is_unusable_answer",
     "load_corpus",
     "read_records",
     "rest_to_text",
@@ -1093,15 +1094,10 @@ def chat_prompts(documents: list[Document], n: int, seed: int = 0, min_chars: in
     return prompts
 
 
-def is_degenerate(text: str) -> bool:
-    """Whether an answer is unusable: under three words, a word or line repeated in a row, or mostly repeated phrases."""
+def is_unusable_answer(text: str) -> bool:
+    """Whether a teacher answer is unfit for training: under three words, repeating itself, or mostly repeated phrases."""
     words = text.split()
-    if len(words) < 3:
-        return True
-    if any(len(set(words[i : i + 4])) == 1 for i in range(len(words) - 3)):
-        return True
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    if lines and Counter(lines).most_common(1)[0][1] >= 3:
+    if len(words) < 3 or is_degenerate(text):
         return True
     trigrams = list(zip(words, words[1:], words[2:]))
     return len(trigrams) >= 20 and len(set(trigrams)) / len(trigrams) < 0.6
@@ -1163,7 +1159,7 @@ def teacher_answers(
             for i, row in zip(chunk, out[:, width:].tolist()):
                 if eos in row:
                     text = tokenizer.decode(row[: row.index(eos)], skip_special_tokens=True).strip()
-                    if not is_degenerate(text):
+                    if not is_unusable_answer(text):
                         answers[i] = text
             bar.update(len(chunk))
     bar.close()
