@@ -89,20 +89,14 @@ def spiking_section(ours, ids, report_dir: Path, context: int) -> dict:
     return {"markdown": markdown, "summary": summary, "json": {key: report[key] for key in keep}}
 
 
-def _chat_ids(tokenizer, prompt: str) -> list[int]:
-    if tokenizer.chat_template:
-        return list(tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                                  return_dict=True)["input_ids"])
-    return tokenizer(prompt, add_special_tokens=False)["input_ids"]
-
-
 def _samples(models: dict, tokenizer, new_tokens: int) -> list[dict]:
     """Greedy answers of every model to :data:`SAMPLE_PROMPTS`, with their speed."""
     from .eval.passkey import greedy_tokens
+    from .train.data import chat_prompt_ids
 
     rows = []
     for prompt in SAMPLE_PROMPTS:
-        ids = _chat_ids(tokenizer, prompt)
+        ids = chat_prompt_ids(tokenizer, prompt)
         row = {"prompt": prompt}
         for name, model in models.items():
             start = time.perf_counter()

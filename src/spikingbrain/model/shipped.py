@@ -67,7 +67,8 @@ def shipped_conversion_of(teacher: str) -> str | None:
     return None
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file's bytes, as hex."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
@@ -78,7 +79,7 @@ def _sha256(path: Path) -> str:
 def shipped_model_folder(name: str, progress: bool = True) -> Path:
     """The rebuilt folder of a shipped model (built on first use, cached, rebuilt when the delta changes)."""
     delta = shipped_delta_path(name)
-    source = {"distribution": "spikingbrain", "file": delta.name, "size": delta.stat().st_size, "sha256": _sha256(delta), "path": str(delta)}
+    source = {"distribution": "spikingbrain", "file": delta.name, "size": delta.stat().st_size, "sha256": file_sha256(delta), "path": str(delta)}
     return _build_folder(cache_dir() / name, source, build_from_delta, progress, label=f"the shipped model {name}")
 
 

@@ -38,8 +38,8 @@ from urllib.parse import unquote
 import torch
 
 from ..eval.needle import is_degenerate
-from ..model.shipped import _sha256 as sha256_file
-from .data import Document, _chat_ids, split_held_out, write_text
+from ..model.shipped import file_sha256
+from .data import Document, chat_prompt_ids, split_held_out, write_text
 
 __all__ = [
     "ABSENT_SOURCE",
@@ -560,7 +560,7 @@ def fetch_package(source: Source, work_dir: Path) -> tuple[Path, str]:
 
 
 def _file_entry(path: Path, name: str) -> dict:
-    return {"path": name, "bytes": path.stat().st_size, "sha256": sha256_file(path)}
+    return {"path": name, "bytes": path.stat().st_size, "sha256": file_sha256(path)}
 
 
 def _write_records(path: Path, records: Iterable[dict]) -> Path:
@@ -1141,7 +1141,7 @@ def teacher_answers(
     if eos is None:
         raise ValueError("the tokenizer has no eos_token_id, so answers cannot end; use a chat tokenizer")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    prompt_ids = [_chat_ids(tokenizer, prompt) for prompt in prompts]
+    prompt_ids = [chat_prompt_ids(tokenizer, prompt) for prompt in prompts]
     order = sorted(range(len(prompts)), key=lambda i: len(prompt_ids[i]))
     sampling = {"do_sample": True, "temperature": temperature, "top_p": 0.9, "top_k": 0} if temperature > 0 else {
         "do_sample": False}
@@ -1213,7 +1213,7 @@ def _conversation_ids(tokenizer, prompt: str, answer: str) -> list[int]:
 
 def _answer_span(tokenizer, prompt: str, answer: str) -> tuple[list[int], int, int]:
     """``(ids, start, end)``: the rendered conversation and the slice of the answer plus its end-of-turn token."""
-    prefix, ids = _chat_ids(tokenizer, prompt), _conversation_ids(tokenizer, prompt, answer)
+    prefix, ids = chat_prompt_ids(tokenizer, prompt), _conversation_ids(tokenizer, prompt, answer)
     eos = tokenizer.eos_token_id
     if ids[: len(prefix)] != prefix or eos not in ids[len(prefix) :]:
         raise ValueError("the chat template does not render the user turn as a prefix of the conversation, ending the "
@@ -1231,7 +1231,7 @@ def encode_chat_example(tokenizer, prompt: str, answer: str, max_len: int | None
     ids, start, end = _answer_span(tokenizer, prompt, answer)
     if max_len is not None and len(ids) > max_len:
         answer_tokens = len(ids) - start
-        floor = len(_chat_ids(tokenizer, "")) + answer_tokens
+        floor = len(chat_prompt_ids(tokenizer, "")) + answer_tokens
         if floor > max_len:
             raise ValueError(f"the answer takes {answer_tokens} tokens, {floor} with the chat template, more than "
                              f"max_len={max_len}; raise max_len or leave the item out")

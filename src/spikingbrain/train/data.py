@@ -24,6 +24,7 @@ from ..runtime.text import read_text
 from .options import PYDOC, TEXT_SUFFIXES
 
 __all__ = [
+    "chat_prompt_ids",
     "Document",
     "TEXT_SUFFIXES",
     "load_documents",
@@ -295,11 +296,13 @@ def _default_prompts(tokenizer, seed: int) -> list[list[int]]:
         return [[int(start)]]
     texts = [request.format(topic) for topic in SYNTH_TOPICS for request in SYNTH_REQUESTS]
     random.Random(seed).shuffle(texts)
-    return [_chat_ids(tokenizer, text) for text in texts]
+    return [chat_prompt_ids(tokenizer, text) for text in texts]
 
 
-def _chat_ids(tokenizer, text: str) -> list[int]:
-    """Ids of one user message in the chat template, ready for the assistant's answer."""
+def chat_prompt_ids(tokenizer, text: str) -> list[int]:
+    """Ids of one user message in the chat template, ready for the assistant's answer (plain text without a template)."""
+    if not tokenizer.chat_template:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
     messages = [{"role": "user", "content": text}]
     return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"])
 
@@ -327,7 +330,7 @@ def synth_documents(
     if prompts is None:
         prompt_ids = _default_prompts(tokenizer, seed)
     elif getattr(tokenizer, "chat_template", None):
-        prompt_ids = [_chat_ids(tokenizer, text) for text in prompts]
+        prompt_ids = [chat_prompt_ids(tokenizer, text) for text in prompts]
     else:
         prompt_ids = [tokenizer(text, add_special_tokens=True)["input_ids"] for text in prompts]
     if not prompt_ids:
