@@ -108,3 +108,15 @@ def test_window_dropout_shortens_parallel_windows_for_the_step_only():
         with Trainer._window_dropout(owner, StageConfig(kind="distill", steps=1, window_dropout=0.5, short_window=8)):
             again.append(windows()[0] == 8)
     assert draws == again and 5 < sum(draws) < 35
+
+
+def test_boolean_config_keys_read_from_yaml_and_overrides(tmp_path):
+    """``gradient_checkpointing`` (the config's boolean) reads YAML booleans and ``--set`` values, and refuses others."""
+    from spikingbrain.train.config import load_train_config
+
+    path = tmp_path / "c.yaml"
+    path.write_text("student: s\nout: o\ngradient_checkpointing: true\nstages:\n  - {kind: distill, steps: 1}\n")
+    assert load_train_config(path).gradient_checkpointing is True
+    assert load_train_config(path, ["gradient_checkpointing=false"]).gradient_checkpointing is False
+    with pytest.raises(ValueError, match="gradient_checkpointing = 'sometimes': expected bool"):
+        load_train_config(path, ["gradient_checkpointing=sometimes"])

@@ -137,6 +137,8 @@ def _coerce(value, hint, where: str):
             return value
         if base is str and isinstance(value, str):
             return value
+        if base is bool and isinstance(value, bool):
+            return value
     names = " or ".join(getattr(k, "__name__", str(k)) for k in allowed)
     raise ValueError(f"{where} = {value!r}: expected {names}")
 
