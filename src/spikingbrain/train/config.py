@@ -40,7 +40,7 @@ class StageConfig:
     ce_weight: float = 0.1
     temperature: float = 1.0
     spiking_k: float | None = None  # spike-aware training: from this stage on the student spikes (straight-through)
-    #: Sliding-window dropout: the probability that a micro-batch runs the sliding-window branches of parallel
+    #: Sliding-window dropout: the probability that a training step (all its micro-batches) runs the sliding-window branches of parallel
     #: layers with a window of ``short_window`` keys, so that training cannot ignore their linear branches.
     window_dropout: float = 0.0
     short_window: int = 64
