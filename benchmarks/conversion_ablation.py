@@ -28,7 +28,7 @@ import time
 import torch
 
 from spikingbrain.convert.calibrate import calibrate_gla
-from spikingbrain.convert.selection import measure_ranking, plan_from_ranking
+from spikingbrain.convert.selection import measure_ranking, plan_from_ranking, read_ranking
 from spikingbrain.eval.passkey import run_passkey
 from spikingbrain.eval.perplexity import perplexity
 from spikingbrain.model.hf_import import load_transformer
@@ -98,11 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     sep = tokenizer.eos_token_id
     held = torch.tensor([t for doc in tokenize_documents(held_docs, tokenizer) for t in (*doc, sep)][:8192])
     calibration = pack(tokenize_documents(train_docs, tokenizer), 1024, sep)[:2]
-    if args.ranking:
-        data = json.loads(open(args.ranking).read())
-        ranking = data["layer_ranking"] if isinstance(data, dict) else data
-    else:
-        ranking = measure_ranking(folder, tokenizer)
+    ranking = read_ranking(args.ranking) if args.ranking else measure_ranking(folder, tokenizer)
     teacher = load_transformer(folder).requires_grad_(False)
     table = variants(ranking, teacher.config.num_hidden_layers)
     chosen = list(table) if args.variants == "all" else args.variants.split(",")

@@ -120,3 +120,19 @@ def test_boolean_config_keys_read_from_yaml_and_overrides(tmp_path):
     assert load_train_config(path, ["gradient_checkpointing=false"]).gradient_checkpointing is False
     with pytest.raises(ValueError, match="gradient_checkpointing = 'sometimes': expected bool"):
         load_train_config(path, ["gradient_checkpointing=sometimes"])
+
+
+def test_distill_loss_refuses_slicing_with_a_trainable_head():
+    from spikingbrain import SpikingBrainConfig, SpikingBrainForCausalLM
+    from spikingbrain.train.trainer import distill_loss
+
+    config = SpikingBrainConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+                                num_key_value_heads=2, layer_mixers=["full"])
+    student, teacher = SpikingBrainForCausalLM(config), SpikingBrainForCausalLM(config).requires_grad_(False)
+    ids = torch.randint(0, 61, (1, 9), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="frozen output heads"):
+        distill_loss(student, teacher, ids, 1.0, 0.1, sliced=True)
+    loss, _ = distill_loss(student, teacher, ids, 1.0, 0.1)  # a trainable head: the full-logits loss
+    with torch.no_grad():
+        expected, _ = full_distill_loss(student(ids, use_cache=False).logits, teacher(ids, use_cache=False).logits, ids, 1.0, 0.1)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)

@@ -70,7 +70,6 @@ def run_train_benchmark(student_ref: str, teacher_ref: str = "default", seq_len:
     from transformers import AutoModelForCausalLM
 
     from ..model.loading import load_model, resolve_folder
-    from ..train.losses import full_distill_loss
     from ..train.trainer import distill_loss
 
     threads = set_threads(threads)
@@ -99,17 +98,12 @@ def run_train_benchmark(student_ref: str, teacher_ref: str = "default", seq_len:
     def ce(model, ids):
         return model(ids, labels=ids, use_cache=False).loss
 
-    def distill_full_logits(model, ids):
-        with torch.no_grad():
-            target = teacher_ours(ids, use_cache=False).logits
-        return full_distill_loss(model(ids, use_cache=False).logits, target, ids, 1.0, 0.1)[0]
-
     checkpointed = load_model(student_ref)
     checkpointed.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     steps = {
         "transformers_finetune": (teacher_hf, ce),
         "spikingbrain_finetune": (load_model(student_ref), ce),
-        "spikingbrain_distill_full_logits": (load_model(student_ref), distill_full_logits),
+        "spikingbrain_distill_full_logits": (load_model(student_ref), lambda m, ids: distill_loss(m, teacher_ours, ids, 1.0, 0.1, sliced=False)[0]),
         "spikingbrain_distill": (load_model(student_ref), lambda m, ids: distill_loss(m, teacher_ours, ids, 1.0, 0.1)[0]),
         "spikingbrain_distill_checkpointed": (checkpointed, lambda m, ids: distill_loss(m, teacher_ours, ids, 1.0, 0.1)[0]),
     }

@@ -19,25 +19,9 @@ def _layer_indices(text: str) -> list[int]:
         raise ValueError(f"layer list {text!r}: give 0-indexed layer numbers separated by commas, e.g. 6,13") from None
 
 
-def _read_ranking(path: str | None) -> list[dict] | None:
-    """The ``layer_ranking`` of a conversion report (or a bare ranking list) in the JSON file ``path``."""
-    if path is None:
-        return None
-    from pathlib import Path
-
-    try:
-        data = json.loads(Path(path).expanduser().read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise ValueError(f"--ranking {path}: cannot read it as JSON ({err}); pass a conversion_report.json of an 'auto' conversion") from None
-    ranking = data.get("layer_ranking") if isinstance(data, dict) else data
-    if not ranking or not all(isinstance(c, dict) and {"layer", "kl", "retrieval"} <= set(c) for c in ranking):
-        raise ValueError(f"--ranking {path}: no layer ranking (entries with 'layer', 'kl', 'retrieval'); "
-                         "pass the conversion_report.json of an 'auto' conversion")
-    return ranking
-
-
 def _cmd_convert(args: argparse.Namespace) -> int:
     from ..convert.converter import convert_transformer
+    from ..convert.selection import read_ranking
 
     overrides = {}
     if args.sinks:
@@ -69,7 +53,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         upcycle=upcycle,
         linear_layers=args.linear_layers,
         auto_full_layers=args.auto_full_layers,
-        ranking=_read_ranking(args.ranking),
+        ranking=read_ranking(args.ranking) if args.ranking else None,
         **overrides,
     )
     print(json.dumps(asdict(report), indent=1) if args.json else report.summary())

@@ -22,7 +22,7 @@ from torch.nn import functional as F
 from ..model.mixers import GatedLinearAttention
 from .calibrate import calibrate_gla
 
-__all__ = ["RetrievalPrompt", "layer_costs", "rank_layers", "plan_from_ranking", "measure_ranking", "probe_inputs"]
+__all__ = ["RetrievalPrompt", "layer_costs", "rank_layers", "plan_from_ranking", "measure_ranking", "probe_inputs", "read_ranking"]
 
 RetrievalPrompt = tuple[list[int], list[int]]  # (prompt ids, answer ids)
 
@@ -124,6 +124,22 @@ def measure_ranking(folder, tokenizer, seq_len: int = 1024, progress: bool = Tru
     with progress_bar(teacher.config.num_hidden_layers, "ranking layers", disable=not progress) as bar:
         costs = layer_costs(teacher, linear_student, text, prompts, calibration, progress=lambda i: bar.update(1))
     return rank_layers(costs)
+
+
+def read_ranking(path) -> list[dict]:
+    """The ``layer_ranking`` of a conversion report (or a bare ranking list) in the JSON file ``path``."""
+    import json
+    from pathlib import Path
+
+    try:
+        data = json.loads(Path(path).expanduser().read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"ranking {path}: cannot read it as JSON ({err}); pass a conversion_report.json of an 'auto' conversion") from None
+    ranking = data.get("layer_ranking") if isinstance(data, dict) else data
+    if not ranking or not all(isinstance(c, dict) and {"layer", "kl", "retrieval"} <= set(c) for c in ranking):
+        raise ValueError(f"ranking {path}: no layer ranking (entries with 'layer', 'kl', 'retrieval'); "
+                         "pass the conversion_report.json of an 'auto' conversion")
+    return ranking
 
 
 def rank_layers(costs: list[dict]) -> list[dict]:

@@ -42,19 +42,11 @@ def causal_attention(q, k, v, scale=None, key_padding_mask=None, num_sinks: int 
     """Full causal attention through ``scaled_dot_product_attention``."""
     B, Tq, H, Hkv, D, Tk = _check(q, k, v, key_padding_mask, num_sinks)
     scale = D**-0.5 if scale is None else scale
-    qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
     if Tq == Tk and key_padding_mask is None and not num_sinks:
+        qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
         o = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale, enable_gqa=Hkv != H)
-    else:
-        q_pos = torch.arange(Tk - Tq, Tk, device=q.device).unsqueeze(1)
-        k_pos = torch.arange(Tk, device=q.device).unsqueeze(0)
-        mask = (k_pos <= q_pos).unsqueeze(0)
-        if key_padding_mask is not None:
-            mask = mask & (key_padding_mask.bool().unsqueeze(1) | (k_pos == q_pos))
-        if num_sinks:
-            mask = F.pad(mask, (num_sinks, 0), value=True)
-        o = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask.unsqueeze(1), scale=scale, enable_gqa=Hkv != H)
-    return o.transpose(1, 2)
+        return o.transpose(1, 2)
+    return _dense_masked_attention(q, k, v, None, scale, key_padding_mask, num_sinks, 0)
 
 
 def _prepend_sinks(windows: torch.Tensor, sinks: torch.Tensor) -> torch.Tensor:
@@ -89,7 +81,7 @@ def sliding_window_attention(
     keep_first = min(keep_first, Tk)
     if key_padding_mask is not None:
         if keep_first:
-            return _dense_window_attention(q, k, v, window, scale, key_padding_mask, num_sinks, keep_first)
+            return _dense_masked_attention(q, k, v, window, scale, key_padding_mask, num_sinks, keep_first)
         return _sliding_window_masked(q, k, v, window, scale, key_padding_mask, block_size, num_sinks)
     offset = Tk - Tq
     # Queries at key positions < window + keep_first: their window still holds some of the first keys.
@@ -99,7 +91,7 @@ def sliding_window_attention(
         end = num_sinks + offset + n_near
         q_near, k_near, v_near = q[:, :n_near], k[:, :end], v[:, :end]
         if keep_first:
-            parts.append(_dense_window_attention(q_near, k_near, v_near, window, scale, None, num_sinks, keep_first))
+            parts.append(_dense_masked_attention(q_near, k_near, v_near, window, scale, None, num_sinks, keep_first))
         else:  # positions < window: nothing is cut off yet
             parts.append(causal_attention(q_near, k_near, v_near, scale, num_sinks=num_sinks))
     if n_near < Tq:
@@ -111,17 +103,18 @@ def sliding_window_attention(
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
-def _dense_window_attention(q, k, v, window: int, scale: float, key_padding_mask, num_sinks: int, keep_first: int):
-    """Sliding-window attention with the first ``keep_first`` real keys always visible, through one dense mask.
+def _dense_masked_attention(q, k, v, window: int | None, scale: float, key_padding_mask, num_sinks: int, keep_first: int):
+    """Causal attention through one dense mask: over all keys (``window=None``) or a sliding window with the
+    first ``keep_first`` real keys always visible (with a padding mask: the first real keys of each row).
 
-    For the few queries near the start of a sequence and for padded batches; with a padding
-    mask the first real keys of each row are kept.
+    For cached or padded full attention, the few window queries near the start of a sequence and
+    padded window batches with kept keys.
     """
     B, Tq, H, Hkv, D, Tk = _check(q, k, v, key_padding_mask, num_sinks)
     q_pos = torch.arange(Tk - Tq, Tk, device=q.device).unsqueeze(1)
     k_pos = torch.arange(Tk, device=q.device).unsqueeze(0)
     causal = k_pos <= q_pos
-    in_window = q_pos - k_pos <= window
+    in_window = q_pos - k_pos <= window if window is not None else torch.ones_like(causal)
     if key_padding_mask is None:
         mask = (causal & (in_window | (k_pos < keep_first))).unsqueeze(0)
     else:

@@ -57,14 +57,18 @@ def _pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def distill_loss(student, teacher, ids: torch.Tensor, kl_weight: float, ce_weight: float, temperature: float = 1.0):
+def distill_loss(student, teacher, ids: torch.Tensor, kl_weight: float, ce_weight: float, temperature: float = 1.0,
+                 sliced: bool | None = None):
     """``kl_weight * T² KL(teacher || student) + ce_weight * CE(next token)`` per token, and its parts.
 
     With frozen output heads (conversion training never trains them) the loss is computed from
     the final hidden states a slice of positions at a time (``train.losses``), which never holds
-    the whole ``[tokens, vocab]`` logits; otherwise from the full logits.
+    the whole ``[tokens, vocab]`` logits; otherwise, or with ``sliced=False``, from the full logits.
     """
-    if student.lm_head.weight.requires_grad or teacher.lm_head.weight.requires_grad:
+    heads_frozen = not (student.lm_head.weight.requires_grad or teacher.lm_head.weight.requires_grad)
+    if sliced and not heads_frozen:
+        raise ValueError("the sliced distillation loss needs frozen output heads; freeze lm_head or pass sliced=None")
+    if not (heads_frozen if sliced is None else sliced):
         with torch.no_grad():
             target = teacher(ids, use_cache=False).logits
         return full_distill_loss(student(ids, use_cache=False).logits, target, ids, kl_weight, ce_weight, temperature)
@@ -199,6 +203,9 @@ class Trainer:
     def _window_dropout(self, stage: StageConfig):
         """With probability ``stage.window_dropout`` (drawn from the step number, so a resumed run draws
         the same), the sliding-window branches of parallel layers see only ``stage.short_window`` keys."""
+        if not stage.window_dropout:  # the usual case: no draw, no walk over the modules
+            yield
+            return
         draw = torch.rand((), generator=torch.Generator().manual_seed(self.config.seed * 1_000_003 + self.global_step))
         branches = [m.softmax for m in self.student.modules() if isinstance(m, ParallelHybridAttention) and m.softmax.window is not None]
         if not branches or float(draw) >= stage.window_dropout:
