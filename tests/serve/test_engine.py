@@ -6,6 +6,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from spikingbrain.serve.engine import SamplingParams, TextStream, sample_token
 
@@ -131,3 +133,12 @@ def test_chunks_end_on_absolute_multiples(tiny_engine):
     assert tiny_engine.chunk_ends(0, 40) == [16, 32, 40]
     assert tiny_engine.chunk_ends(20, 40) == [32, 40]
     assert tiny_engine.chunk_ends(32, 33) == [33]
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=st.text("ab\u00e9", max_size=12), pattern=st.text("ab\u00e9", min_size=1, max_size=8))
+def test_held_stop_prefix_equals_brute_force(text, pattern):
+    from spikingbrain.serve.engine import _border_table, _prefix_ending
+
+    expected = max((n for n in range(1, len(pattern)) if text.endswith(pattern[:n])), default=0)
+    assert _prefix_ending(text, pattern, _border_table(pattern)) == expected

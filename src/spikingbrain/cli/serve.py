@@ -188,6 +188,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         default_max_tokens=args.default_max_tokens,
         max_body_bytes=args.max_body_bytes,
         request_timeout_s=args.request_timeout,
+        body_timeout_s=args.body_timeout,
         max_active=args.max_active,
         api_key=api_key,
         cache_bytes=int(args.cache_mib * 2**20),
@@ -235,7 +236,8 @@ def register(subparsers) -> None:
     serve.add_argument("--max-tokens-limit", type=int, default=4096, help="largest max_tokens a request may ask for")
     serve.add_argument("--default-max-tokens", type=int, default=256)
     serve.add_argument("--max-body-bytes", type=int, default=8 * 2**20)
-    serve.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request")
+    serve.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request, from its arrival to its last token")
+    serve.add_argument("--body-timeout", type=float, default=30.0, help="seconds a client has to send the whole request body (then 408, connection closed)")
     serve.add_argument("--max-active", type=int, default=8, help="requests generating at once (others wait)")
     serve.add_argument("--cache-mib", type=float, default=512, help="memory budget of the prefix state cache")
     serve.add_argument("--cache-dir", default=None, help="also keep prefix states in this folder (atomic writes)")

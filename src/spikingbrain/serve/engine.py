@@ -17,7 +17,11 @@ from typing import Callable, Iterator
 
 import torch
 
-__all__ = ["SamplingParams", "sample_token", "TextStream", "Engine", "Generation", "model_fingerprint", "prefix_digest"]
+__all__ = ["SamplingParams", "sample_token", "TextStream", "Engine", "Generation", "model_fingerprint", "prefix_digest", "MAX_STOP_STRINGS", "MAX_STOP_CHARS"]
+
+#: At most this many stop strings per request (as OpenAI), each of at most this many characters.
+MAX_STOP_STRINGS = 4
+MAX_STOP_CHARS = 256
 
 
 @dataclass
@@ -49,6 +53,10 @@ class SamplingParams:
             found.append(("seed", f"seed must be in [-2**63, 2**64), got {self.seed}"))
         if any(not s for s in self.stop):
             found.append(("stop", "stop strings must not be empty"))
+        if len(self.stop) > MAX_STOP_STRINGS:
+            found.append(("stop", f"at most {MAX_STOP_STRINGS} stop strings are allowed, got {len(self.stop)}"))
+        if any(len(s) > MAX_STOP_CHARS for s in self.stop):
+            found.append(("stop", f"a stop string may have at most {MAX_STOP_CHARS} characters, got {max(map(len, self.stop))}"))
         return found
 
     def generator(self) -> torch.Generator:
@@ -58,24 +66,55 @@ class SamplingParams:
 
 
 def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator, seen: torch.Tensor | None = None) -> int:
-    """One token id from 1-D ``logits``: repetition penalty on ``seen`` ids, then greedy or temperature/top-k/top-p sampling."""
-    logits = logits.float().clone()
+    """One token id from 1-D ``logits``: repetition penalty on ``seen`` ids, then greedy or temperature/top-k/top-p sampling.
+
+    Computed in float64 with penalised logits clamped to finite values and the largest logit
+    shifted to 0 before dividing by the temperature, so every accepted value (temperature
+    5e-324, top_p 1e-320, repetition_penalty 1e-40) gives finite probabilities.
+    """
+    logits = logits.to(torch.float64, copy=True)
     if seen is not None and params.repetition_penalty != 1.0:
         picked = logits[seen]
         logits[seen] = torch.where(picked > 0, picked / params.repetition_penalty, picked * params.repetition_penalty)
+        largest = torch.finfo(torch.float64).max
+        logits = logits.clamp(-largest, largest)
     if params.temperature == 0:
         return int(torch.argmax(logits))
-    logits = logits / params.temperature
+    logits = (logits - logits.max()) / params.temperature
     if 0 < params.top_k < logits.numel():
         threshold = torch.topk(logits, params.top_k).values[-1]
         logits = logits.masked_fill(logits < threshold, float("-inf"))
     if params.top_p < 1.0:
         order = torch.argsort(logits, descending=True)
         probs = torch.softmax(logits[order], dim=-1)
-        before = torch.cumsum(probs, dim=-1) - probs  # mass of strictly more likely tokens
-        logits[order[before >= params.top_p]] = float("-inf")
+        dropped = torch.cumsum(probs, dim=-1) - probs >= params.top_p  # mass of strictly more likely tokens
+        dropped[0] = False  # the most likely token always stays
+        logits[order[dropped]] = float("-inf")
     probs = torch.softmax(logits, dim=-1)
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def _border_table(pattern: str) -> list[int]:
+    """Knuth-Morris-Pratt table: for each prefix of ``pattern``, the length of its longest proper border."""
+    border, k = [0] * len(pattern), 0
+    for i in range(1, len(pattern)):
+        while k and pattern[i] != pattern[k]:
+            k = border[k - 1]
+        if pattern[i] == pattern[k]:
+            k += 1
+        border[i] = k
+    return border
+
+
+def _prefix_ending(text: str, pattern: str, border: list[int]) -> int:
+    """Length of the longest proper prefix of ``pattern`` that ``text`` ends with, in time linear in ``len(pattern)``."""
+    state = 0
+    for char in text[max(0, len(text) - len(pattern) + 1) :]:
+        while state and pattern[state] != char:
+            state = border[state - 1]
+        if pattern[state] == char:
+            state += 1
+    return state
 
 
 class TextStream:
@@ -84,6 +123,8 @@ class TextStream:
     def __init__(self, tokenizer, stop: tuple[str, ...] = ()):
         self.tokenizer = tokenizer
         self.stop = tuple(stop)
+        self.borders = [_border_table(s) for s in self.stop]
+        self.longest = max(map(len, self.stop), default=0)
         self.ids: list[int] = []
         self.emitted = 0
         self.text = ""
@@ -93,15 +134,14 @@ class TextStream:
         """Add a token; return the text that is now final (``stopped`` turns true when a stop string appears)."""
         self.ids.append(token_id)
         self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        longest = max((len(s) for s in self.stop), default=0)
-        start = max(0, self.emitted - longest)
+        start = max(0, self.emitted - self.longest)
         hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
         if hits:
             self.stopped = True
             return self._emit_to(min(hits))
         if self.text.endswith("\ufffd"):
             return ""
-        held = max((n for s in self.stop for n in range(1, len(s)) if self.text.endswith(s[:n])), default=0)
+        held = max((_prefix_ending(self.text, s, border) for s, border in zip(self.stop, self.borders)), default=0)
         return self._emit_to(len(self.text) - held)
 
     def flush(self) -> str:
@@ -151,6 +191,11 @@ class Engine:
         self.model, self.tokenizer, self.name, self.chunk_size = model, tokenizer, name, chunk_size
         self.eos_ids = _stop_ids(model, tokenizer)
         self.fingerprint = model_fingerprint(model)
+        self.max_token_chars = max(1, max(len(t or "") for t in tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))))
+
+    def certainly_over(self, text: str, max_tokens: int) -> bool:
+        """Whether ``text`` has more than ``max_tokens`` tokens, told from its length alone (no token is longer than ``max_token_chars``)."""
+        return len(text) > max_tokens * self.max_token_chars
 
     def encode_text(self, text: str) -> list[int]:
         """Token ids of plain text (no special tokens added)."""

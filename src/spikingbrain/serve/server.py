@@ -21,19 +21,20 @@ from collections import OrderedDict
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
+import anyio
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.exceptions import HTTPException
 
 from ..model.checkpoint import CheckpointError
 from .engine import Engine, Generation, SamplingParams, prefix_digest
+from .protocol import APIError, ChatRequest, CommonRequest, CompletionRequest, ErrorBody, Message, parse_request, request_body_schemas
 from .snapshot import Snapshot, load_snapshot, save_snapshot, take_snapshot
 
-__all__ = ["ServerSettings", "PrefixCache", "Scheduler", "APIError", "create_app"]
+__all__ = ["ServerSettings", "PrefixCache", "Scheduler", "APIError", "create_app", "timeout_error"]
 
 
 @dataclass
@@ -45,22 +46,11 @@ class ServerSettings:
     default_max_tokens: int = 256
     max_body_bytes: int = 8 * 2**20
     request_timeout_s: float = 600.0
+    body_timeout_s: float = 30.0
     max_active: int = 8
     api_key: str | None = None
     cache_bytes: int = 512 * 2**20
     cache_dir: Path | None = None
-
-
-class APIError(Exception):
-    """An error answered with an OpenAI-style body."""
-
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None, code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.kind, self.param, self.code = status, message, kind, param, code
-
-    def body(self) -> dict:
-        """The JSON error body."""
-        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
 
 
 class PrefixCache:
@@ -154,6 +144,11 @@ class PrefixCache:
             }
 
 
+def timeout_error() -> APIError:
+    """The 408 of a request that ran past the server's time limit."""
+    return APIError(408, "the request ran past the server's time limit per request; ask for fewer tokens or a shorter prompt", "timeout_error", code="timeout")
+
+
 @dataclass
 class Job:
     """A request waiting for or under generation, with the queue its events go to."""
@@ -237,6 +232,9 @@ class Scheduler:
     def _admit(self, job: Job) -> None:
         if job.cancelled:
             return
+        if time.monotonic() > job.deadline:
+            job.send("error", timeout_error())
+            return
         snapshot = self.prefix_cache.lookup(job.prompt_ids, self.engine.chunk_size)
         cache = None if snapshot is None else snapshot.restore(self.engine.model)
         job.generation = self.engine.start(job.prompt_ids, job.params, cache, on_boundary=self._boundary_saver(job.prompt_ids))
@@ -269,7 +267,7 @@ class Scheduler:
             return
         if time.monotonic() > job.deadline:
             self._retire(job)
-            job.send("error", APIError(408, "the request ran past the server's time limit per request; ask for fewer tokens", "timeout_error", code="timeout"))
+            job.send("error", timeout_error())
             return
         piece = job.generation.step()
         if piece:
@@ -279,84 +277,21 @@ class Scheduler:
             job.send("done", job.generation)
 
 
-class ToleratedModel(BaseModel):
-    """Request models: strict types, unknown fields ignored (as OpenAI clients send many)."""
+#: Requests whose body is parsed and tokenized at once, in worker threads (the rest wait their turn).
+PREPARING_AT_ONCE = 2
 
-    model_config = ConfigDict(strict=True, extra="ignore")
-
-
-class TextPart(ToleratedModel):
-    """A text part of a message's content."""
-
-    type: Literal["text"]
-    text: str
-
-
-class Message(ToleratedModel):
-    """One chat message."""
-
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
-
-
-class StreamOptions(ToleratedModel):
-    """Streaming options."""
-
-    include_usage: bool = False
-
-
-class CommonRequest(ToleratedModel):
-    """Fields shared by completions and chat completions (``top_k``, ``repetition_penalty``: extensions)."""
-
-    model: str
-    max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    repetition_penalty: float | None = None
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    stream: bool | None = False
-    stream_options: StreamOptions | None = None
-    n: int | None = None
-    logprobs: bool | int | None = None
-
-
-class ChatRequest(CommonRequest):
-    """Body of ``/v1/chat/completions``."""
-
-    messages: list[Message]
-    max_completion_tokens: int | None = None
-    tools: list | None = None
-
-
-class CompletionRequest(CommonRequest):
-    """Body of ``/v1/completions``."""
-
-    prompt: str | list[str] | list[int]
-    echo: bool | None = None
-    suffix: str | None = None
-    best_of: int | None = None
-
-
-def _param_name(loc: tuple) -> str:
-    names = [str(p) for p in loc if not (isinstance(p, str) and (p in {"str", "int", "float", "bool"} or "[" in p or "-" in p))]
-    return ".".join(names)
-
-
-def _parse(model_class, body: dict):
-    try:
-        return model_class.model_validate(body)
-    except ValidationError as err:
-        first = err.errors()[0]
-        param = _param_name(first["loc"])
-        got = first.get("input")
-        shown = json.dumps(got)[:80] if first["type"] != "missing" else None
-        detail = f"{first['msg']}" + (f" (got {shown})" if shown is not None else "")
-        raise APIError(400, f"field '{param}': {detail}", param=param, code="invalid_type" if first["type"] != "missing" else "missing_field") from None
+ERROR_RESPONSES = {status: {"model": ErrorBody, "description": what} for status, what in (
+    (400, "invalid request (the field is named in error.param)"),
+    (401, "missing or wrong API key"),
+    (404, "unknown model"),
+    (408, "the body did not arrive in time, or the request ran past the time limit"),
+    (413, "request body over the limit"),
+)}
 
 
 def _message_text(message: Message) -> str:
+    if message.content is None:
+        return ""
     return message.content if isinstance(message.content, str) else "".join(p.text for p in message.content)
 
 
@@ -365,6 +300,7 @@ def create_app(engine: Engine, settings: ServerSettings | None = None):
     settings = settings or ServerSettings()
     prefix_cache = PrefixCache(engine.fingerprint, engine.name, settings.cache_bytes, settings.cache_dir)
     scheduler = Scheduler(engine, prefix_cache, settings.max_active)
+    preparing = anyio.CapacityLimiter(PREPARING_AT_ONCE)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -375,17 +311,37 @@ def create_app(engine: Engine, settings: ServerSettings | None = None):
     app = FastAPI(title="spikingbrain", lifespan=lifespan)
     app.state.scheduler, app.state.prefix_cache, app.state.settings = scheduler, prefix_cache, settings
 
+    def error_response(err: APIError) -> JSONResponse:
+        return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
     @app.exception_handler(APIError)
     async def api_error(request, err: APIError):
-        return JSONResponse(err.body(), status_code=err.status)
+        return error_response(err)
 
     @app.exception_handler(HTTPException)
     async def http_error(request, err: HTTPException):
-        return JSONResponse(APIError(err.status_code, str(err.detail)).body(), status_code=err.status_code)
+        return error_response(APIError(err.status_code, str(err.detail), headers=err.headers))
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request, err: RequestValidationError):
-        return JSONResponse(APIError(400, str(err)).body(), status_code=400)
+        return error_response(APIError(400, str(err)))
+
+    @app.exception_handler(Exception)
+    async def server_error(request, err: Exception):
+        return error_response(APIError(500, f"internal error: {type(err).__name__}", "server_error"))
+
+    def openapi() -> dict:
+        """The spec, with the request bodies declared from the pydantic models the server parses them with."""
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+            request_bodies, components = request_body_schemas({"/v1/chat/completions": ChatRequest, "/v1/completions": CompletionRequest})
+            for path, request_body in request_bodies.items():
+                schema["paths"][path]["post"]["requestBody"] = request_body
+            schema.setdefault("components", {}).setdefault("schemas", {}).update(components)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
 
     def check_key(request: Request) -> None:
         if settings.api_key is None:
@@ -394,23 +350,35 @@ def create_app(engine: Engine, settings: ServerSettings | None = None):
         if not hmac.compare_digest(given.encode(), f"Bearer {settings.api_key}".encode()):
             raise APIError(401, "missing or wrong API key; send 'Authorization: Bearer KEY'", code="invalid_api_key")
 
-    async def read_body(request: Request) -> dict:
+    async def read_body(request: Request) -> bytes:
+        """The raw body, refused over ``max_body_bytes`` (413) or when it does not arrive within ``body_timeout_s`` (408, connection closed)."""
         check_key(request)
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > settings.max_body_bytes:
             raise APIError(413, f"request body of {declared} bytes is over the limit of {settings.max_body_bytes} bytes", code="body_too_large")
-        raw = b""
-        async for part in request.stream():
-            raw += part
-            if len(raw) > settings.max_body_bytes:
-                raise APIError(413, f"request body is over the limit of {settings.max_body_bytes} bytes", code="body_too_large")
+
+        async def collect() -> bytes:
+            parts, size = [], 0
+            async for part in request.stream():
+                parts.append(part)
+                size += len(part)
+                if size > settings.max_body_bytes:
+                    raise APIError(413, f"request body is over the limit of {settings.max_body_bytes} bytes", code="body_too_large")
+            return b"".join(parts)
+
         try:
-            body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise APIError(400, f"the request body is not valid JSON ({err}); send a JSON object", code="invalid_json") from None
-        if not isinstance(body, dict):
-            raise APIError(400, f"the request body must be a JSON object, got {type(body).__name__}", code="invalid_json")
-        return body
+            return await asyncio.wait_for(collect(), settings.body_timeout_s)
+        except asyncio.TimeoutError:
+            raise APIError(
+                408, f"the request body did not arrive within {settings.body_timeout_s} s; send the whole body at once", "timeout_error", code="body_timeout", headers={"Connection": "close"}
+            ) from None
+
+    async def off_the_loop(prepare, raw: bytes, deadline: float):
+        """``prepare(raw)`` in a worker thread (at most PREPARING_AT_ONCE at a time), a 408 past the deadline."""
+        try:
+            return await asyncio.wait_for(anyio.to_thread.run_sync(prepare, raw, limiter=preparing, abandon_on_cancel=True), max(0.0, deadline - time.monotonic()))
+        except asyncio.TimeoutError:
+            raise timeout_error() from None
 
     def sampling(req: CommonRequest, max_tokens: int | None) -> SamplingParams:
         if req.model != engine.name:
@@ -439,35 +407,51 @@ def create_app(engine: Engine, settings: ServerSettings | None = None):
             raise APIError(400, f"field '{name}': {message}", param=name, code="invalid_value")
         return params
 
-    def check_prompt(ids: list[int]) -> None:
+    def over_the_limit(count: str, param: str) -> APIError:
+        return APIError(400, f"the prompt has {count}, over this server's limit of {settings.max_prompt_tokens} tokens; shorten it", param=param, code="context_length_exceeded")
+
+    def encode(text: str, param: str) -> list[int]:
+        """Token ids of a prompt, refused from its length alone when it cannot fit (no tokenizing)."""
+        if engine.certainly_over(text, settings.max_prompt_tokens):
+            raise over_the_limit(f"{len(text)} characters (tokens hold at most {engine.max_token_chars})", param)
+        return engine.encode_text(text)
+
+    def check_prompt(ids: list[int], param: str) -> None:
         if not ids:
             raise APIError(400, "the prompt is empty; give at least one token of text", param="prompt", code="empty_prompt")
         if len(ids) > settings.max_prompt_tokens:
-            raise APIError(
-                400,
-                f"the prompt has {len(ids)} tokens, over this server's limit of {settings.max_prompt_tokens}; shorten it",
-                param="messages",
-                code="context_length_exceeded",
-            )
+            raise over_the_limit(f"{len(ids)} tokens", param)
 
-    async def run_job(request: Request, ids: list[int], params: SamplingParams, stream: bool, render):
-        job = Job(ids, params, time.monotonic() + settings.request_timeout_s, asyncio.get_running_loop())
+    async def next_event(job: Job, request: Request | None) -> tuple[str, object]:
+        """The job's next event; a timeout error at its deadline, whatever the scheduler is doing (``request``: watch for a disconnect)."""
+        while True:
+            remaining = job.deadline - time.monotonic()
+            if remaining <= 0:
+                job.cancelled = True
+                return "error", timeout_error()
+            try:
+                return await asyncio.wait_for(job.events.get(), timeout=min(1.0, remaining))
+            except asyncio.TimeoutError:
+                if request is not None and await request.is_disconnected():
+                    return "disconnected", None
+
+    def as_api_error(value) -> APIError:
+        return value if isinstance(value, APIError) else APIError(500, f"generation failed: {value}", "server_error")
+
+    async def run_job(request: Request, ids: list[int], params: SamplingParams, deadline: float, stream: bool, render):
+        job = Job(ids, params, deadline, asyncio.get_running_loop())
         scheduler.submit(job)
         created, ident = int(time.time()), uuid.uuid4().hex[:24]
         if not stream:
             try:
-                while True:
-                    try:
-                        kind, value = await asyncio.wait_for(job.events.get(), timeout=1.0)
-                    except asyncio.TimeoutError:
-                        if await request.is_disconnected():
-                            job.cancelled = True
-                            return JSONResponse({}, status_code=499)
-                        continue
-                    if kind == "error":
-                        raise value if isinstance(value, APIError) else APIError(500, f"generation failed: {value}", "server_error")
-                    if kind == "done":
-                        return JSONResponse(render(ident, created, value, None, final=True))
+                kind, value = await next_event(job, request)
+                while kind == "text":
+                    kind, value = await next_event(job, request)
+                if kind == "disconnected":
+                    return JSONResponse({}, status_code=499)
+                if kind == "error":
+                    raise as_api_error(value)
+                return JSONResponse(render(ident, created, value, None, final=True))
             finally:
                 job.cancelled = True
 
@@ -475,12 +459,11 @@ def create_app(engine: Engine, settings: ServerSettings | None = None):
             try:
                 yield sse(render(ident, created, None, "", first=True))
                 while True:
-                    kind, value = await job.events.get()
+                    kind, value = await next_event(job, None)
                     if kind == "text":
                         yield sse(render(ident, created, None, value))
                     elif kind == "error":
-                        error = value if isinstance(value, APIError) else APIError(500, f"generation failed: {value}", "server_error")
-                        yield sse(error.body())
+                        yield sse(as_api_error(value).body())
                         break
                     else:
                         yield sse(render(ident, created, value, None, final=True))
@@ -541,26 +524,27 @@ def create_app(engine: Engine, settings: ServerSettings | None = None):
     async def health():
         return {"status": "ok", "model": engine.name, **scheduler.load(), "prefix_cache": prefix_cache.stats()}
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses={401: ERROR_RESPONSES[401]})
     async def models(request: Request):
         check_key(request)
         return {"object": "list", "data": [{"id": engine.name, "object": "model", "created": 0, "owned_by": "spikingbrain"}]}
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
-        req = _parse(ChatRequest, await read_body(request))
+    def prepare_chat(raw: bytes):
+        req = parse_request(ChatRequest, raw)
         if not req.messages:
             raise APIError(400, "field 'messages': the list is empty; send at least one message", param="messages", code="empty_messages")
+        for i, message in enumerate(req.messages):
+            if message.content is None and message.role != "assistant":
+                raise APIError(400, f"field 'messages.{i}.content': only an assistant message may have null content", param=f"messages.{i}.content", code="invalid_value")
         if req.tools:
             raise APIError(400, "field 'tools': tool calls are not supported", param="tools", code="unsupported_value")
         params = sampling(req, req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens)
-        ids = engine.encode_chat([{"role": "system" if m.role == "developer" else m.role, "content": _message_text(m)} for m in req.messages])
-        check_prompt(ids)
-        return await run_job(request, ids, params, bool(req.stream), ChatRender(req))
+        ids = encode(engine.render_chat([{"role": "system" if m.role == "developer" else m.role, "content": _message_text(m)} for m in req.messages]), "messages")
+        check_prompt(ids, "messages")
+        return req, ids, params
 
-    @app.post("/v1/completions")
-    async def completions(request: Request):
-        req = _parse(CompletionRequest, await read_body(request))
+    def prepare_completion(raw: bytes):
+        req = parse_request(CompletionRequest, raw)
         if req.echo or req.suffix:
             raise APIError(400, "fields 'echo' and 'suffix' are not supported", param="echo" if req.echo else "suffix", code="unsupported_value")
         params = sampling(req, req.max_tokens)
@@ -574,9 +558,22 @@ def create_app(engine: Engine, settings: ServerSettings | None = None):
                 raise APIError(400, f"field 'prompt': token ids must be in [0, {engine.model.config.vocab_size})", param="prompt", code="invalid_value")
             ids = list(prompt)
         else:
-            ids = engine.encode_text(prompt)
-        check_prompt(ids)
-        return await run_job(request, ids, params, bool(req.stream), CompletionRender(req))
+            ids = encode(prompt, "prompt")
+        check_prompt(ids, "prompt")
+        return req, ids, params
+
+    async def serve(request: Request, prepare, render_class):
+        deadline = time.monotonic() + settings.request_timeout_s
+        req, ids, params = await off_the_loop(prepare, await read_body(request), deadline)
+        return await run_job(request, ids, params, deadline, bool(req.stream), render_class(req))
+
+    @app.post("/v1/chat/completions", responses=ERROR_RESPONSES)
+    async def chat_completions(request: Request):
+        return await serve(request, prepare_chat, ChatRender)
+
+    @app.post("/v1/completions", responses=ERROR_RESPONSES)
+    async def completions(request: Request):
+        return await serve(request, prepare_completion, CompletionRender)
 
     return app
 
