@@ -147,3 +147,77 @@ def test_config_and_checkpoint_errors(tmp_path, pair, capsys):
     extended.stages.append(dataclasses.replace(extended.stages[2], name="distill-more", steps=1))
     summary = Trainer(extended, resume=True, progress=False).run()
     assert summary["steps"] == 1 + 2 + 2 + 1
+
+
+def test_new_parameters_train_at_their_own_learning_rate(tmp_path, pair):
+    # Adam's first step moves every weight by lr * g / (|g| + eps): by the group's lr wherever the gradient is not tiny
+    cfg = write_config(tmp_path / "c.yaml", pair, tmp_path / "run", calibrate=False, checkpoint_every=1)
+    config = load_train_config(cfg, ["stages.0.steps=1", "stages.1.steps=1", "stages.1.new_lr_scale=10",
+                                     "stages.1.grad_accum=1", "stages.1.lr=1e-3"])
+    config.stages = config.stages[1:]
+    trainer = Trainer(config, progress=False)
+    before = {n: p.detach().clone() for n, p in trainer.student.named_parameters()}
+    trainer.run()
+    trained = load_file_tensors(tmp_path / "run" / "checkpoints" / "step-1" / "trained.safetensors")
+    new = trainer._new_parameter_names()
+    moves = {n: (t - before[n]).abs().max().item() for n, t in trained.items()}
+    moved = {n: m for n, m in moves.items() if m > 0}  # LoRA's A factors get no gradient while B is still zero
+    assert any(n in new for n in moved) and any(n not in new for n in moved)
+    for name, move in moved.items():
+        assert move == pytest.approx(1e-2 if name in new else 1e-3, rel=1e-3), name
+
+
+def load_file_tensors(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def test_checkpoint_from_before_a_new_config_key_resumes(tmp_path, pair):
+    # a key added with its default (here new_lr_scale) must not orphan checkpoints written without it
+    cfg = write_config(tmp_path / "c.yaml", pair, tmp_path / "run", steps=(2, 2))
+    config = load_train_config(cfg)
+    Trainer(config, progress=False).run()
+    state_path = tmp_path / "run" / "checkpoints" / "step-5" / "trainer_state.json"
+    state = json.loads(state_path.read_text())
+    # the fingerprint as the trainer wrote it before: every field but the bookkeeping ones, without the newer keys
+    old = config.to_dict()
+    for key in ("out", "checkpoint_every", "keep_checkpoints", "eval_every", "threads", "device",
+                "eval_passkey_lengths", "eval_passkey_trials"):
+        del old[key]
+    for stage in old["stages"]:
+        del stage["new_lr_scale"]
+    state["fingerprint"] = json.dumps(old)
+    state_path.write_text(json.dumps(state))
+    extended = load_train_config(cfg, ["stages.1.steps=2", "stages.2.steps=2"])
+    extended.stages.append(dataclasses.replace(extended.stages[2], name="more", steps=1))
+    assert Trainer(extended, resume=True, progress=False).run()["steps"] == 6
+    # while a real difference in that key is still refused
+    state["fingerprint"] = json.dumps({**old, "stages": [{**s, "new_lr_scale": 3.0} for s in old["stages"]]})
+    state_path.write_text(json.dumps(state))
+    (tmp_path / "run" / "checkpoints" / "step-6").rename(tmp_path / "step-6-away")
+    with pytest.raises(TrainingError, match=r"config differs in \['stages'\]"):
+        Trainer(extended, resume=True, progress=False).run()
+
+
+def test_pass_key_curve_is_logged_and_drawn(tmp_path, pair):
+    from spikingbrain.eval.passkey import run_passkey
+    from spikingbrain.train.trainer import PASSKEY_DEPTHS
+
+    cfg = write_config(tmp_path / "c.yaml", pair, tmp_path / "run", steps=(2, 2), eval_passkey_lengths=[96, 160],
+                       eval_passkey_trials=1)
+    trainer = Trainer(load_train_config(cfg), progress=False)
+    trainer.run()
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    evaluated = [r for r in records if "ppl_ratio" in r]
+    assert all(set(r["passkey"]) == {"96", "160"} for r in evaluated)
+    # the last evaluation is the final student's: recompute it independently from the saved folder
+    final = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final").eval()
+    again = run_passkey({"final": final}, trainer.tokenizer, [96, 160], PASSKEY_DEPTHS, trials=1, seed=0)
+    assert evaluated[-1]["passkey"] == again["models"]["final"]["accuracy_by_length"]
+    teacher = AutoModelForCausalLM.from_pretrained(pair[0]).eval()
+    expected_teacher = run_passkey({"t": teacher}, trainer.tokenizer, [96, 160], PASSKEY_DEPTHS, trials=1, seed=0)
+    assert records[0]["teacher_passkey"] == expected_teacher["models"]["t"]["accuracy_by_length"]
+    curve = json.loads((tmp_path / "run" / "curve.json").read_text())
+    assert curve["teacher_passkey"] == records[0]["teacher_passkey"]
+    assert [p["passkey"] for p in curve["points"]] == [r["passkey"] for r in evaluated]

@@ -76,7 +76,7 @@ def greedy_tokens(model, ids: list[int], new_tokens: int) -> list[int]:
 
 
 def run_passkey(models: dict[str, object], tokenizer, lengths: list[int], depths: list[float], trials: int = 1,
-                seed: int = 0, new_tokens: int = 8, progress_desc: str = "passkey") -> dict:
+                seed: int = 0, new_tokens: int = 8, progress_desc: str = "passkey", show_progress: bool = True) -> dict:
     """Accuracy of each named model over ``lengths`` x ``depths``, with every answer kept."""
     from ..runtime.progress import progress
 
@@ -84,7 +84,7 @@ def run_passkey(models: dict[str, object], tokenizer, lengths: list[int], depths
     keys = {(n, d, t): str(rng.randint(10000, 99999)) for n in lengths for d in depths for t in range(trials)}
     prompts = {spec: passkey_prompt(tokenizer, spec[0], spec[1], key) for spec, key in keys.items()}
     result = {"lengths": list(lengths), "depths": list(depths), "trials": trials, "seed": seed, "models": {}}
-    with progress(len(models) * len(keys), progress_desc) as bar:
+    with progress(len(models) * len(keys), progress_desc, disable=not show_progress) as bar:
         for name, model in models.items():
             answers, grid = [], [[0.0] * len(lengths) for _ in depths]
             for (n, d, t), key in keys.items():

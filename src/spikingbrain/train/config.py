@@ -9,7 +9,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["StageConfig", "TrainConfig", "load_train_config", "apply_overrides", "STAGE_KINDS", "TRAINABLE_SETS"]
+__all__ = ["StageConfig", "TrainConfig", "comparable_fingerprint", "load_train_config", "apply_overrides", "STAGE_KINDS", "TRAINABLE_SETS"]
 
 #: calibrate: closed-form least-squares fit of GLA output-norm scales to the teacher (one step);
 #: transfer: each converted mixer matches the teacher's attention output (MSE);
@@ -44,6 +44,9 @@ class StageConfig:
     #: layers with a window of ``short_window`` keys, so that training cannot ignore their linear branches.
     window_dropout: float = 0.0
     short_window: int = 64
+    #: Learning-rate multiplier for the parameters the conversion added (gates, norms, parallel-layer weights), e.g. 10 so
+    #: that a linear branch whose weights start at zero grows within a short run; 1 trains them at ``lr`` like the rest.
+    new_lr_scale: float = 1.0
 
 
 @dataclass
@@ -72,6 +75,10 @@ class TrainConfig:
     threads: int | None = None
     #: Recompute each block's activations in the backward pass: peak memory ~1/3, steps ~1/4 slower.
     gradient_checkpointing: bool = False
+    #: Pass-key accuracy of the student at these prompt lengths at every evaluation (3 depths x ``eval_passkey_trials``
+    #: keys each), logged beside the perplexity and drawn in ``curve.png``; empty: perplexity only.
+    eval_passkey_lengths: list[int] = field(default_factory=list)
+    eval_passkey_trials: int = 3
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the field and the fix for any bad value."""
@@ -96,9 +103,13 @@ class TrainConfig:
                 raise ValueError(f"{where}: a calibrate stage is closed-form; set steps: 1 (got {stage.steps})")
             if stage.lr <= 0:
                 raise ValueError(f"{where}.lr must be > 0, got {stage.lr}")
+            if stage.new_lr_scale <= 0:
+                raise ValueError(f"{where}.new_lr_scale must be > 0 (1 trains new parameters at lr), got {stage.new_lr_scale}")
         if not 0 < self.held_out_fraction < 1:
             raise ValueError(f"config: held_out_fraction must be in (0, 1), got {self.held_out_fraction}")
-        for key in ("checkpoint_every", "eval_every", "keep_checkpoints", "lora_rank"):
+        if any(n < 16 for n in self.eval_passkey_lengths):
+            raise ValueError(f"config: eval_passkey_lengths must be prompt lengths of >= 16 tokens, got {self.eval_passkey_lengths}")
+        for key in ("checkpoint_every", "eval_every", "keep_checkpoints", "lora_rank", "eval_passkey_trials"):
             if getattr(self, key) < 1:
                 raise ValueError(f"config: {key} must be >= 1, got {getattr(self, key)}")
         if self.eval_context < 2:
@@ -114,9 +125,24 @@ class TrainConfig:
         data = self.to_dict()
         if through_stage is not None:
             data["stages"] = data["stages"][: through_stage + 1]
-        for key in ("out", "checkpoint_every", "keep_checkpoints", "eval_every", "threads", "device"):
+        for key in EVALUATION_KEYS:
             data.pop(key)
-        return json.dumps(data, sort_keys=True)
+        return json.dumps(comparable_fingerprint(data), sort_keys=True)
+
+
+#: Keys that change what a run writes or measures, not what it trains: a checkpoint resumes across them.
+EVALUATION_KEYS = ("out", "checkpoint_every", "keep_checkpoints", "eval_every", "threads", "device",
+                   "eval_passkey_lengths", "eval_passkey_trials")
+
+
+def comparable_fingerprint(data: dict) -> dict:
+    """A fingerprint without the keys at their defaults, so that a checkpoint written before a key with a
+    default existed still resumes (the key's default is what that run used)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
+    stage_defaults = {f.name: f.default for f in dataclasses.fields(StageConfig) if f.default is not dataclasses.MISSING}
+    data = {k: v for k, v in data.items() if defaults.get(k, object()) != v}
+    data["stages"] = [{k: v for k, v in s.items() if stage_defaults.get(k, object()) != v} for s in data.get("stages", [])]
+    return data
 
 
 def _coerce(value, hint, where: str):

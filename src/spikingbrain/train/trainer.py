@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ..convert.calibrate import calibrate_gla
+from ..eval.passkey import run_passkey
 from ..eval.perplexity import perplexity
 from ..model.hf_import import is_source_parameter
 from ..model.mixers import ParallelHybridAttention
@@ -29,13 +30,17 @@ from ..model.checkpoint import copy_tokenizer_files, written_folder
 from ..model.loading import load_model, load_tokenizer, resolve_folder
 from ..model.shipped import write_delta
 from ..spiking.apply import spikify
-from .config import StageConfig, TrainConfig
+from .config import StageConfig, TrainConfig, comparable_fingerprint
 from .data import PackedBatches, load_documents, pack, split_held_out, tokenize_documents
 from .report import plot_training_curve
 from .lora import LoRALinear, add_lora, lora_parameters, merge_lora
 from .losses import chunked_distill_loss, full_distill_loss
 
 __all__ = ["Trainer", "TrainingError", "distill_loss"]
+
+
+#: Where the key sits in the training run's pass-key prompts: near the start, the middle, near the end.
+PASSKEY_DEPTHS = [0.1, 0.5, 0.9]
 
 
 class TrainingError(ValueError):
@@ -145,7 +150,7 @@ class Trainer:
         params = dict(self.student.named_parameters())
         converted = {i for i, m in enumerate(self.student.config.layer_mixers) if m != "full"}
         lora = set(lora_parameters(self.student))
-        new = {n for n in params if not is_source_parameter(n.replace(".base.", ".")) and n not in lora}
+        new = self._new_parameter_names()
         if stage.trainable == "new":
             names = new
         elif stage.trainable == "lora":
@@ -159,7 +164,22 @@ class Trainer:
             names = {n for n in names if ".attn." in n and int(n.split(".")[2]) in converted}
         if not names:
             raise TrainingError(f"stage {stage.name or stage.kind}: trainable={stage.trainable!r} selects no parameters in this model")
-        return {n: params[n] for n in sorted(names)}
+        # source-model parameters first, then the new ones: the order of the optimizer's two groups (see _optimizer)
+        return {n: params[n] for n in sorted(names, key=lambda n: (n in new, n))}
+
+    def _new_parameter_names(self) -> set[str]:
+        """The parameters the conversion added (the source model has no such tensor), adapters excluded."""
+        lora = set(lora_parameters(self.student))
+        return {n for n, _ in self.student.named_parameters() if not is_source_parameter(n.replace(".base.", ".")) and n not in lora}
+
+    def _optimizer(self, trainable: dict[str, torch.nn.Parameter], new: set[str], stage: StageConfig) -> torch.optim.Optimizer:
+        """AdamW over the trainable parameters, in their order; the conversion's ``new`` ones (last in
+        ``_trainable``'s order) in a second group at ``lr * new_lr_scale``."""
+        groups = [
+            {"params": [p for n, p in trainable.items() if n not in new], "lr": stage.lr},
+            {"params": [p for n, p in trainable.items() if n in new], "lr": stage.lr * stage.new_lr_scale},
+        ]
+        return torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=stage.weight_decay)
 
     # ----- losses -------------------------------------------------------------------------
 
@@ -293,7 +313,7 @@ class Trainer:
         # stages after the checkpoint's own may differ: a run can be extended or cut short
         through = state.get("stage_index", 0)
         theirs = json.loads(state.get("fingerprint") or "{}")
-        theirs["stages"] = theirs.get("stages", [])[: through + 1]
+        theirs = comparable_fingerprint({**theirs, "stages": theirs.get("stages", [])[: through + 1]})
         ours = json.loads(self.config.fingerprint(through))
         if theirs != ours:
             differ = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
@@ -337,10 +357,21 @@ class Trainer:
         self.metrics_path.write_text("".join(line + "\n" for line in keep))
 
     def evaluate(self) -> dict:
-        """Held-out perplexity of the student (and its ratio to the teacher's)."""
+        """Held-out perplexity of the student (and its ratio to the teacher's), and its pass-key accuracy by
+        length when ``eval_passkey_lengths`` asks for it."""
         result = perplexity(self.student, self.held_out_ids, self.config.eval_context)
+        record = {"ppl": result["ppl"], "ppl_ratio": result["ppl"] / self.teacher_ppl, "eval_tokens": result["tokens"]}
+        if self.config.eval_passkey_lengths:
+            record["passkey"] = self._passkey_accuracy(self.student)
         self.student.train()
-        return {"ppl": result["ppl"], "ppl_ratio": result["ppl"] / self.teacher_ppl, "eval_tokens": result["tokens"]}
+        return record
+
+    def _passkey_accuracy(self, model) -> dict[str, float]:
+        """Pass-key accuracy by prompt length (``eval.passkey``: 3 depths x ``eval_passkey_trials`` keys, fixed seed)."""
+        model.eval()
+        result = run_passkey({"model": model}, self.tokenizer, self.config.eval_passkey_lengths, PASSKEY_DEPTHS,
+                             trials=self.config.eval_passkey_trials, seed=self.config.seed, show_progress=False)
+        return result["models"]["model"]["accuracy_by_length"]
 
     def run(self) -> dict:
         """Train every stage to the end (resuming if asked); returns a summary."""
@@ -351,7 +382,10 @@ class Trainer:
             if self.writes_files:
                 self.metrics_path.unlink(missing_ok=True)
                 (self.out / "train_config.json").write_text(json.dumps(config.to_dict(), indent=1))
-            self._log({"step": 0, "stage": "converted", "tokens_seen": 0, "teacher_ppl": self.teacher_ppl, **self.evaluate()})
+            teacher = {"teacher_ppl": self.teacher_ppl}
+            if config.eval_passkey_lengths:
+                teacher["teacher_passkey"] = self._passkey_accuracy(self.teacher)
+            self._log({"step": 0, "stage": "converted", "tokens_seen": 0, **teacher, **self.evaluate()})
         else:
             self._truncate_metrics()
         total_steps = sum(s.steps for s in config.stages)
@@ -425,8 +459,9 @@ class Trainer:
         for p in trainable.values():
             p.requires_grad_(True)
         self.ever_trained |= set(trainable)
+        new = self._new_parameter_names()  # by the plain names, before a sharded run wraps the modules
         trainable = self._prepare_trainable(trainable)
-        optimizer = torch.optim.AdamW(list(trainable.values()), lr=stage.lr, weight_decay=stage.weight_decay)
+        optimizer = self._optimizer(trainable, new, stage)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, stage))
         rows = pack(self.train_tokens, stage.seq_len, self.separator)
         batches = PackedBatches(rows, stage.batch_size, seed=config.seed + 1000 * self.stage_index)
