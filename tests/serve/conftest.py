@@ -83,3 +83,33 @@ def live_server():
         server.should_exit = True
         thread.join(timeout=30)
         sock.close()
+
+
+@pytest.fixture(scope="module")
+def served_tiny(tiny_folder):
+    """``spikingbrain serve`` on the tiny folder as its own process (model name 'tiny', small limits): (base_url, pid)."""
+    import os
+    import subprocess
+    import sys
+    import urllib.request
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    limits = ["--max-tokens-limit", "8", "--default-max-tokens", "4", "--max-prompt-tokens", "256", "--max-body-bytes", "65536"]
+    timeouts = ["--request-timeout", "20", "--body-timeout", "5", "--cache-mib", "16"]
+    command = [sys.executable, "-m", "spikingbrain.cli", "serve", "--model", str(tiny_folder), "--served-model-name", "tiny", "--port", str(port)]
+    proc = subprocess.Popen([*command, "--threads", "1", "--chunk-size", "16", *limits, *timeouts], env={**os.environ, "SPIKINGBRAIN_API_KEY": ""})
+    base_url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            urllib.request.urlopen(base_url + "/health", timeout=5).read()
+            break
+        except OSError:
+            assert time.monotonic() < deadline and proc.poll() is None, "the server did not come up"
+            time.sleep(0.2)
+    yield base_url, proc.pid
+    proc.terminate()
+    proc.wait(timeout=30)

@@ -11,6 +11,7 @@ import time
 import pytest
 import torch
 
+from spikingbrain.runtime.machine import resident_bytes
 from spikingbrain.serve.engine import MAX_STOP_CHARS, Engine, SamplingParams, sample_token
 from spikingbrain.serve.protocol import MAX_JSON_DEPTH
 from spikingbrain.serve.server import ServerSettings
@@ -153,20 +154,15 @@ def test_a_long_step_does_not_hold_its_or_other_answers_past_the_timeout(tiny_en
     )[0]
 
 
-def rss_bytes() -> int:
-    with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmRSS:"))
-
-
 def test_huge_prompts_are_refused_by_length_and_tokenized_off_the_event_loop(tiny_engine, live_server):
     app = live_server(tiny_engine, ServerSettings(max_prompt_tokens=32768))
     huge = "word " * (int(7.2 * 2**20) // 5)
-    before = rss_bytes()
+    before = resident_bytes()
     for _ in range(3):
         status, payload = raw(app, "POST", "/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": huge}]})
         assert_openai_error(payload, 400, status, code="context_length_exceeded", param="messages")
         assert "characters" in payload["error"]["message"]
-    assert rss_bytes() - before < 150 * 2**20, "a refused prompt was tokenized"
+    assert resident_bytes() - before < 150 * 2**20, "a refused prompt was tokenized"
     # just under the length bound: tokenized in a worker thread while /health keeps answering
     big = "word " * (32768 * tiny_engine.max_token_chars // 5 - 10)
     order = []

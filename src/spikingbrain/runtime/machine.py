@@ -1,4 +1,4 @@
-"""The machine a run uses: torch threads, the thread environment, load average and a description for records."""
+"""The machine a run uses: torch threads, the thread environment, load average, resident memory and a description for records."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import os
 import platform
 from pathlib import Path
 
-__all__ = ["set_threads", "thread_env", "load_average", "machine_info"]
+__all__ = ["set_threads", "thread_env", "load_average", "resident_bytes", "machine_info"]
 
 
 def set_threads(threads: int | None) -> int:
@@ -35,6 +35,14 @@ def load_average() -> list[float] | None:
         return [round(x, 2) for x in os.getloadavg()]
     except (AttributeError, OSError):
         return None
+
+
+def resident_bytes(pid: int | str = "self") -> int:
+    """The resident memory of a process now (``VmRSS`` of ``/proc/PID/status``; Linux)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise OSError(f"no VmRSS line in /proc/{pid}/status")
 
 
 def _cpu_model() -> str:
