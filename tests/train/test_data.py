@@ -15,8 +15,11 @@ from spikingbrain.cli import main
 from spikingbrain.train.data import (
     Document,
     PackedBatches,
+    encode_chat_example,
+    encode_documents,
     load_documents,
     pack,
+    pack_loss_masks,
     split_held_out,
     synth_documents,
     tokenize_documents,
@@ -193,6 +196,52 @@ def test_pack_hand_computed():
     assert pack(lists, 9, 0).dtype == torch.long
     with pytest.raises(ValueError, match=r"only 9 tokens .* seq_len=10; add text or lower the sequence length"):
         pack(lists, 10, 0)
+
+
+def test_pack_loss_masks_hand_computed():
+    # stream: 1 2 3 0 | 4 5 0 6 | 0 7 8 0 | (9 0 dropped); the second and fourth documents are chat examples
+    lists = [[1, 2, 3], [4, 5], [6], [7, 8], [9]]
+    masks = [None, [False, True], None, [True, True], [True]]
+    assert pack(lists, 4, 0).tolist() == [[1, 2, 3, 0], [4, 5, 0, 6], [0, 7, 8, 0]]
+    assert pack_loss_masks(lists, masks, 4).int().tolist() == [[1, 1, 1, 1], [0, 1, 0, 1], [1, 1, 1, 0]]
+    assert pack_loss_masks(lists, masks, 3).int().tolist() == [[1, 1, 1], [1, 0, 1], [0, 1, 1], [1, 1, 0]]
+    # rows of 5: both chat examples straddle two rows ([4 | 5] and [7 | 8]), so nothing of them is scored
+    assert pack(lists, 5, 0).tolist() == [[1, 2, 3, 0, 4], [5, 0, 6, 0, 7]]
+    assert pack_loss_masks(lists, masks, 5).int().tolist() == [[1, 1, 1, 1, 0], [0, 0, 1, 1, 0]]
+
+
+def test_packed_batches_carry_the_loss_mask_rows():
+    rows = torch.arange(12).view(6, 2)
+    mask = rows % 3 == 0
+    batches = PackedBatches(rows, batch_size=4, seed=0, loss_mask=mask)
+    for _ in range(3):
+        ids, got = batches.next_with_mask()
+        assert torch.equal(got, ids % 3 == 0)
+    with pytest.raises(ValueError, match=r"loss_mask has shape \(6, 1\), the rows \(6, 2\)"):
+        PackedBatches(rows, batch_size=4, seed=0, loss_mask=mask[:, :1])
+
+
+def test_chat_examples_in_jsonl_files(tmp_path):
+    path = tmp_path / "chat.jsonl"
+    path.write_text('{"prompt": "Where is the key?", "answer": "Under the mat.", "kind": "chat"}\n{"text": "plain"}\n')
+    docs = load_documents([path])
+    assert [(d.text, d.answer) for d in docs] == [("Where is the key?", "Under the mat."), ("plain", None)]
+    for content, expected in [('{"prompt": 3, "answer": "x"}', ["line 1", "'prompt' and 'answer'", "int"]),
+                              ('{"prompt": "q", "answer": " "}', ["line 1", "'answer' is empty"])]:
+        path.write_text(content + "\n")
+        with pytest.raises(ValueError) as err:
+            load_documents([path])
+        assert all(part in str(err.value) for part in expected), str(err.value)
+
+
+@pytest.mark.real_model
+def test_encode_documents_renders_chat_examples_with_the_answer_mask(default_tokenizer):
+    docs = [Document("plain", "Some text."), Document("chat", "Where is the key?", answer="Under the mat.")]
+    (plain_ids, plain_mask), (chat_ids, chat_mask) = encode_documents(docs, default_tokenizer)
+    assert plain_mask is None and plain_ids == default_tokenizer.encode("Some text.", add_special_tokens=False)
+    assert (chat_ids, chat_mask) == encode_chat_example(default_tokenizer, "Where is the key?", "Under the mat.")
+    assert default_tokenizer.decode([i for i, m in zip(chat_ids, chat_mask) if m]) == "Under the mat.<|im_end|>"
+    assert tokenize_documents(docs, default_tokenizer) == [plain_ids, chat_ids]
 
 
 def test_packed_batches_cover_every_row_once_per_epoch():

@@ -136,3 +136,47 @@ def test_distill_loss_refuses_slicing_with_a_trainable_head():
     with torch.no_grad():
         expected, _ = full_distill_loss(student(ids, use_cache=False).logits, teacher(ids, use_cache=False).logits, ids, 1.0, 0.1)
     assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def _loss_by_hand(logits, target_logits, ids, mask, kl_weight, ce_weight, T):
+    """Position by position: KL where the next token is a target (the last position: its own token), CE likewise."""
+    B, L, _ = logits.shape
+    kl_terms, ce_terms = [], []
+    for b in range(B):
+        for t in range(L):
+            scored = bool(mask[b, t + 1]) if t + 1 < L else bool(mask[b, t])
+            if scored:
+                log_q = torch.log_softmax(logits[b, t] / T, -1)
+                log_p = torch.log_softmax(target_logits[b, t] / T, -1)
+                kl_terms.append((log_p.exp() * (log_p - log_q)).sum() * T * T)
+            if t + 1 < L and mask[b, t + 1]:
+                ce_terms.append(-torch.log_softmax(logits[b, t], -1)[ids[b, t + 1]])
+    kl = torch.stack(kl_terms).mean()
+    ce = torch.stack(ce_terms).mean()
+    return kl_weight * kl + ce_weight * ce
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 1000])
+def test_answer_only_mask_scores_the_answers_in_both_losses(chunk):
+    # a hand-made mask: row 0 scores an "answer" at tokens 5..7 only, row 1 is plain text (all scored)
+    hidden, head, target_hidden, target_head, ids = case()
+    mask = torch.zeros(ids.shape, dtype=torch.bool)
+    mask[0, 5:8] = True
+    mask[1] = True
+    expected = _loss_by_hand(hidden @ head.t(), target_hidden @ target_head.t(), ids, mask, 1.0, 0.3, 1.5)
+    full_hidden = hidden.clone().requires_grad_(True)
+    full, _ = full_distill_loss(full_hidden @ head.t(), target_hidden @ target_head.t(), ids, 1.0, 0.3, 1.5, loss_mask=mask)
+    full.backward()
+    chunk_hidden = hidden.clone().requires_grad_(True)
+    got, _ = chunked_distill_loss(chunk_hidden, head, target_hidden, target_head, ids, 1.0, 0.3, 1.5, chunk, loss_mask=mask)
+    got.backward()
+    assert full.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert got.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert torch.allclose(chunk_hidden.grad, full_hidden.grad, rtol=1e-4, atol=1e-7)
+    # positions whose prediction is not scored get no gradient (row 0 scores the predictions at 4, 5 and 6)
+    assert chunk_hidden.grad[0, [0, 1, 2, 3, 7, 8]].abs().max() == 0 and chunk_hidden.grad[0, 4:7].abs().min() > 0
+    # an all-true mask is the unmasked loss
+    every = torch.ones(ids.shape, dtype=torch.bool)
+    plain, _ = chunked_distill_loss(hidden, head, target_hidden, target_head, ids, 1.0, 0.3, 1.5, chunk)
+    masked, _ = chunked_distill_loss(hidden, head, target_hidden, target_head, ids, 1.0, 0.3, 1.5, chunk, loss_mask=every)
+    assert masked.item() == plain.item()

@@ -221,3 +221,63 @@ def test_pass_key_curve_is_logged_and_drawn(tmp_path, pair):
     curve = json.loads((tmp_path / "run" / "curve.json").read_text())
     assert curve["teacher_passkey"] == records[0]["teacher_passkey"]
     assert [p["passkey"] for p in curve["points"]] == [r["passkey"] for r in evaluated]
+
+
+def test_chat_examples_train_on_their_answers_only(tmp_path, pair):
+    # data: plain text plus chat examples; the first distill step's logged loss must be the loss over plain text
+    # and the answers only, recomputed here from the same batch and a hand-built mask
+    import copy
+
+    from spikingbrain.train.data import PackedBatches, encode_chat_example, pack
+    from spikingbrain.train.trainer import distill_loss
+
+    teacher, student, data = pair
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text("".join(json.dumps({"prompt": f"Note {i}: the code word is lantern-{i}. What is the code word?",
+                                         "answer": f"The code word is lantern-{i}."}) + "\n" for i in range(40)))
+    cfg = write_config(tmp_path / "c.yaml", (teacher, student, chats), tmp_path / "run", calibrate=False,
+                       held_out_fraction=0.1)
+    plain = tmp_path / "plain.txt"
+    plain.write_text("The river keeps moving past the old mill, and the lamps are lit one by one. " * 12)
+    config = load_train_config(cfg, ["stages.0.steps=1", "stages.1.steps=1", "stages.1.grad_accum=1", "stages.1.seq_len=256",
+                                     f"data=[{plain}, {chats}]", "held_out_fraction=0.05"])
+    config.stages = config.stages[1:]
+    trainer = Trainer(config, progress=False)
+    assert trainer.train_masks is not None and sum(m is not None for m in trainer.train_masks) > 30
+    untrained = copy.deepcopy(trainer.student)
+    trainer.run()
+    logged = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[1])
+    stage = config.stages[0]
+    rows = pack(trainer.train_tokens, stage.seq_len, trainer.separator)
+    batch = next(PackedBatches(rows, stage.batch_size, seed=config.seed))
+    # the mask by hand: walk the same stream, scoring plain text and the answers of chat examples inside one row
+    flat_mask, position = [], 0
+    for ids, mask in zip(trainer.train_tokens, trainer.train_masks):
+        if mask is None:
+            flat_mask += [True] * (len(ids) + 1)
+        else:
+            fits = position // stage.seq_len == (position + len(ids) - 1) // stage.seq_len
+            flat_mask += [m and fits for m in mask] + [False]
+        position += len(ids) + 1
+    mask_rows = torch.tensor(flat_mask[: rows.numel()]).view(rows.shape)
+    index = [next(i for i in range(len(rows)) if torch.equal(rows[i], row)) for row in batch]
+    mask = mask_rows[index]
+    assert 0 < mask.sum() < mask.numel()  # the batch holds both kinds
+    with torch.no_grad():
+        expected, _ = distill_loss(untrained, trainer.teacher, batch, stage.kl_weight, stage.ce_weight, loss_mask=mask)
+        unmasked, _ = distill_loss(untrained, trainer.teacher, batch, stage.kl_weight, stage.ce_weight)
+    assert logged["loss"] == pytest.approx(expected.item(), rel=1e-4)
+    assert logged["loss"] != pytest.approx(unmasked.item(), rel=1e-3)
+    # what the mask scores in a chat example is its answer (and end-of-turn token)
+    chat_doc = next(i for i, m in enumerate(trainer.train_masks) if m is not None)
+    ids, answer_mask = trainer.train_tokens[chat_doc], trainer.train_masks[chat_doc]
+    answer = trainer.tokenizer.decode([t for t, m in zip(ids, answer_mask) if m])
+    assert answer.startswith("The code word is lantern-") and answer.endswith("<|im_end|>")
+    assert (ids, answer_mask) == encode_chat_example(trainer.tokenizer, *_prompt_and_answer(trainer.tokenizer.decode(ids)))
+
+
+def _prompt_and_answer(text: str) -> tuple[str, str]:
+    """The user's prompt and the assistant's answer of one rendered SmolLM2 chat."""
+    user = text.split("<|im_start|>user\n", 1)[1].split("<|im_end|>", 1)[0]
+    answer = text.split("<|im_start|>assistant\n", 1)[1].split("<|im_end|>", 1)[0]
+    return user, answer

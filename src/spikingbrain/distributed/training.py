@@ -51,8 +51,8 @@ class _StepLoss(nn.Module):
         self.student = trainer.student
         self.trainer = trainer
 
-    def forward(self, ids: torch.Tensor, stage: StageConfig, layers: list[int]):
-        return Trainer._step_loss(self.trainer, ids, stage, layers)
+    def forward(self, ids: torch.Tensor, stage: StageConfig, layers: list[int], loss_mask: torch.Tensor | None = None):
+        return Trainer._step_loss(self.trainer, ids, stage, layers, loss_mask)
 
 
 class _Unit(nn.Module):
@@ -100,13 +100,13 @@ class DistributedTrainer(Trainer):
         rows = batch.shape[0] // self.world
         return batch[self.rank * rows : (self.rank + 1) * rows]
 
-    def _step_loss(self, ids: torch.Tensor, stage: StageConfig, layers: list[int]):
+    def _step_loss(self, ids: torch.Tensor, stage: StageConfig, layers: list[int], loss_mask: torch.Tensor | None = None):
         if self._sharded is not None:
-            loss, parts = self._sharded(ids, stage, layers)
+            loss, parts = self._sharded(ids, stage, layers, loss_mask)
         else:
             if self._wrapped is None or self._wrapped[0] != self.stage_index:  # trainable parameters change per stage
                 self._wrapped = (self.stage_index, DistributedDataParallel(_StepLoss(self)))
-            loss, parts = self._wrapped[1](ids, stage, layers)
+            loss, parts = self._wrapped[1](ids, stage, layers, loss_mask)
         # The log shows the global batch's values: the mean over ranks ("loss" here replaces the local one).
         values = torch.tensor([loss.item(), *parts.values()], dtype=torch.float64)
         dist.all_reduce(values)

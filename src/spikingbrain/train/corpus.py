@@ -7,8 +7,8 @@ extracts plain text per source, splits it by document into ``train.jsonl`` and
 (``ABSENT_SOURCE``) entirely out of training in ``absent.jsonl``, adds a few percent of
 synthetic retrieval items to ``retrieval.jsonl`` and writes ``manifest.json``. ``add_chat``
 later asks a teacher to answer prompts built from the training texts (``chat.jsonl``).
-Chat-style items (``prompt``, ``answer``, ``kind``) become training rows with
-``encode_chat_example``, whose loss mask covers the answer only.
+Chat-style items (``prompt``, ``answer``, ``kind``) are training data as they are: the trainer
+renders them in the chat template and scores the answer only (``train.data.encode_chat_example``).
 """
 
 from __future__ import annotations
@@ -54,7 +54,6 @@ __all__ = [
     "brown_to_text",
     "build_corpus",
     "chat_prompts",
-    "encode_chat_example",
     "fetch_package",
     "html_to_text",
     "is_unusable_answer",
@@ -1199,50 +1198,3 @@ def add_chat(
     manifest["outputs"]["chat.jsonl"] = _file_entry(out_dir / "chat.jsonl", "chat.jsonl")
     write_text(manifest_path, json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")
     return manifest
-
-
-# ----------------------------------------------------------------------------- the answer-only loss mask
-
-TRUNCATION_MARK = "\n\n[...]\n\n"
-
-
-def _conversation_ids(tokenizer, prompt: str, answer: str) -> list[int]:
-    messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
-    return list(tokenizer.apply_chat_template(messages, return_dict=True)["input_ids"])
-
-
-def _answer_span(tokenizer, prompt: str, answer: str) -> tuple[list[int], int, int]:
-    """``(ids, start, end)``: the rendered conversation and the slice of the answer plus its end-of-turn token."""
-    prefix, ids = chat_prompt_ids(tokenizer, prompt), _conversation_ids(tokenizer, prompt, answer)
-    eos = tokenizer.eos_token_id
-    if ids[: len(prefix)] != prefix or eos not in ids[len(prefix) :]:
-        raise ValueError("the chat template does not render the user turn as a prefix of the conversation, ending the "
-                         "assistant's turn with EOS; encode_chat_example needs such a template")
-    return ids, len(prefix), len(ids) - ids[::-1].index(eos)
-
-
-def encode_chat_example(tokenizer, prompt: str, answer: str, max_len: int | None = None) -> tuple[list[int], list[bool]]:
-    """``(input_ids, loss_mask)`` of [user: prompt][assistant: answer] in the chat template, True on the answer and its end token.
-
-    Over ``max_len`` tokens the middle of the prompt is cut (its start and its end, where the
-    question usually stands, are kept, joined by ``[...]``); an answer that cannot fit even
-    with an empty prompt is an error.
-    """
-    ids, start, end = _answer_span(tokenizer, prompt, answer)
-    if max_len is not None and len(ids) > max_len:
-        answer_tokens = len(ids) - start
-        floor = len(chat_prompt_ids(tokenizer, "")) + answer_tokens
-        if floor > max_len:
-            raise ValueError(f"the answer takes {answer_tokens} tokens, {floor} with the chat template, more than "
-                             f"max_len={max_len}; raise max_len or leave the item out")
-        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        keep = len(prompt_ids)
-        while len(ids) > max_len:
-            keep -= len(ids) - max_len
-            if keep <= 0:
-                ids, start, end = _answer_span(tokenizer, "", answer)
-                break
-            head = tokenizer.decode(prompt_ids[: (keep + 1) // 2])
-            tail = tokenizer.decode(prompt_ids[len(prompt_ids) - keep // 2 :]) if keep > 1 else ""
-            ids, start, end = _answer_span(tokenizer, head + TRUNCATION_MARK + tail, answer)
-    return ids, [start <= i < end for i in range(len(ids))]

@@ -1,9 +1,11 @@
 """Training text: loading documents, a held-out split, tokenising, packing, batches and teacher-sampled text.
 
 Sources are ``.txt`` / ``.md`` files (one document each), ``.jsonl`` files (one document per
-line, field ``text``), folders of them, or ``pydoc`` (Python's own ``pydoc_data.topics``,
-one document per topic). Documents are split by a hash of their names, so training never
-sees held-out text; packed rows join documents with a separator token after each one.
+line: field ``text``, or fields ``prompt`` and ``answer`` for a chat example), folders of them,
+or ``pydoc`` (Python's own ``pydoc_data.topics``, one document per topic). Documents are split
+by a hash of their names, so training never sees held-out text; packed rows join documents
+with a separator token after each one. A chat example is rendered in the model's chat template
+and its loss mask covers the answer only; plain text is scored everywhere.
 """
 
 from __future__ import annotations
@@ -31,7 +33,10 @@ __all__ = [
     "split_held_out",
     "separator_for",
     "tokenize_documents",
+    "encode_documents",
+    "encode_chat_example",
     "pack",
+    "pack_loss_masks",
     "PackedBatches",
     "synth_documents",
     "write_jsonl",
@@ -47,6 +52,8 @@ class Document:
     name: str
     text: str
     key: str = ""
+    #: Set for a chat example: ``text`` is the user's prompt, this the assistant's answer (the only part scored).
+    answer: str | None = None
 
     @property
     def split_key(self) -> str:
@@ -57,8 +64,27 @@ class Document:
 # ----------------------------------------------------------------------------- loading
 
 
+def _jsonl_document(record, name: str, where: str) -> Document | None:
+    """The document of one JSON line: ``{"text"}``, or ``{"prompt", "answer"}`` for a chat example; None when blank."""
+    if isinstance(record, dict) and "answer" in record:
+        prompt, answer = record.get("prompt"), record["answer"]
+        if not (isinstance(prompt, str) and isinstance(answer, str)):
+            raise ValueError(f"{where}: a chat example needs string fields 'prompt' and 'answer' (got "
+                             f"{type(prompt).__name__} and {type(answer).__name__}); write {{\"prompt\": \"...\", \"answer\": \"...\"}}")
+        if not answer.strip():
+            raise ValueError(f"{where}: the chat example's 'answer' is empty; give it the answer to train on, or drop the line")
+        return Document(name, prompt, answer=answer)
+    text = record.get("text") if isinstance(record, dict) else None
+    if not isinstance(text, str):
+        raise ValueError(
+            f"{where}: no string field 'text' (got {type(text).__name__}); "
+            'write each line as {"text": "..."} or, for a chat example, {"prompt": "...", "answer": "..."}'
+        )
+    return Document(name, text) if text.strip() else None
+
+
 def _read_jsonl(path: Path) -> list[Document]:
-    """One document per line of a JSON-lines file (field ``text``); blank lines and blank texts are skipped."""
+    """One document per line of a JSON-lines file (see :func:`_jsonl_document`); blank lines and blank texts are skipped."""
     documents = []
     for number, line in enumerate(read_text(path).splitlines(), start=1):
         if not line.strip():
@@ -67,14 +93,9 @@ def _read_jsonl(path: Path) -> list[Document]:
             record = json.loads(line)
         except json.JSONDecodeError as err:
             raise ValueError(f"{path}, line {number}: invalid JSON ({err.msg}); write one JSON object per line") from None
-        text = record.get("text") if isinstance(record, dict) else None
-        if not isinstance(text, str):
-            raise ValueError(
-                f"{path}, line {number}: no string field 'text' (got {type(text).__name__}); "
-                'write each line as {"text": "..."}'
-            )
-        if text.strip():
-            documents.append(Document(f"{path}:{number}", text))
+        document = _jsonl_document(record, f"{path}:{number}", f"{path}, line {number}")
+        if document is not None:
+            documents.append(document)
     if not documents:
         raise ValueError(f"{path}: no line has any text; add lines like {{\"text\": \"...\"}}")
     return documents
@@ -163,24 +184,39 @@ def separator_for(tokenizer) -> int:
 
 
 def tokenize_documents(documents: list[Document], tokenizer, separator_id: int | None = None) -> list[list[int]]:
-    """Token ids of each document, with no special tokens added and special-token text read as plain text.
+    """Token ids of each document (see :func:`encode_documents`)."""
+    return [ids for ids, _ in encode_documents(documents, tokenizer, separator_id)]
 
-    A document that still contains ``separator_id`` (default: the tokenizer's EOS) is an error,
+
+def encode_documents(documents: list[Document], tokenizer, separator_id: int | None = None) -> list[tuple[list[int], list[bool] | None]]:
+    """``(ids, loss_mask)`` of each document: plain text with no special tokens added and special-token text read as
+    plain text (mask None: every token is scored); a chat example in the chat template with the answer-only mask.
+
+    Plain text that still contains ``separator_id`` (default: the tokenizer's EOS) is an error,
     since packing uses that id to mark where documents end.
     """
     separator = separator_for(tokenizer) if separator_id is None else int(separator_id)
-    if not documents:
-        return []
+    plain = [doc for doc in documents if doc.answer is None]
     encoded = tokenizer(
-        [doc.text for doc in documents], add_special_tokens=False, split_special_tokens=True, verbose=False
-    )["input_ids"]
-    for doc, ids in zip(documents, encoded):
+        [doc.text for doc in plain], add_special_tokens=False, split_special_tokens=True, verbose=False
+    )["input_ids"] if plain else []
+    for doc, ids in zip(plain, encoded):
         if separator in ids:
             raise ValueError(
                 f"{doc.name}: the text contains the separator token {separator} "
                 f"({tokenizer.convert_ids_to_tokens(separator)!r}); remove it or choose another separator_id"
             )
-    return [list(ids) for ids in encoded]
+    plain_ids = iter(encoded)
+    result = []
+    for doc in documents:
+        if doc.answer is None:
+            result.append((list(next(plain_ids)), None))
+            continue
+        try:
+            result.append(encode_chat_example(tokenizer, doc.text, doc.answer))
+        except ValueError as err:
+            raise ValueError(f"{doc.name}: {err}") from None
+    return result
 
 
 def pack(token_lists: list[list[int]], seq_len: int, separator_id: int) -> torch.LongTensor:
@@ -198,6 +234,25 @@ def pack(token_lists: list[list[int]], seq_len: int, separator_id: int) -> torch
     return flat[: rows * seq_len].view(rows, seq_len)
 
 
+def pack_loss_masks(token_lists: list[list[int]], loss_masks: list[list[bool] | None], seq_len: int) -> torch.BoolTensor:
+    """Which tokens of :func:`pack`'s rows are scored as next-token targets, ``[N, seq_len]``.
+
+    Plain text (mask None) and its separator are scored everywhere; a chat example only where
+    its mask says, and not at all when it straddles two rows (its answer would lose the prompt).
+    """
+    flags, position = [], 0
+    for ids, mask in zip(token_lists, loss_masks):
+        if mask is None:
+            flags.append([True] * (len(ids) + 1))
+        else:
+            whole_in_one_row = position // seq_len == (position + len(ids) - 1) // seq_len
+            flags.append([bool(m) and whole_in_one_row for m in mask] + [False])
+        position += len(ids) + 1
+    flat = torch.tensor(list(chain.from_iterable(flags)), dtype=torch.bool)
+    rows = position // seq_len
+    return flat[: rows * seq_len].view(rows, seq_len)
+
+
 def _epoch_seed(seed: int, epoch: int) -> int:
     """The generator seed of one epoch's shuffle, fixed by ``(seed, epoch)``."""
     return int.from_bytes(hashlib.sha256(f"{seed}\0{epoch}".encode()).digest()[:8], "big") >> 1
@@ -211,12 +266,14 @@ class PackedBatches:
     with the same rows give the same next batches as continuing.
     """
 
-    def __init__(self, rows: torch.LongTensor, batch_size: int, seed: int):
+    def __init__(self, rows: torch.LongTensor, batch_size: int, seed: int, loss_mask: torch.BoolTensor | None = None):
         if rows.dim() != 2 or rows.shape[0] < 1:
             raise ValueError(f"rows must be a non-empty [N, seq_len] tensor, got shape {tuple(rows.shape)}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.rows, self.batch_size, self.seed = rows, batch_size, seed
+        if loss_mask is not None and loss_mask.shape != rows.shape:
+            raise ValueError(f"loss_mask has shape {tuple(loss_mask.shape)}, the rows {tuple(rows.shape)}; pack both from the same documents")
+        self.rows, self.batch_size, self.seed, self.loss_mask = rows, batch_size, seed, loss_mask
         self.epoch, self.position = 0, 0
         self._order = self._permutation(0)
 
@@ -238,6 +295,10 @@ class PackedBatches:
         return self
 
     def __next__(self) -> torch.LongTensor:
+        return self.next_with_mask()[0]
+
+    def next_with_mask(self) -> tuple[torch.LongTensor, torch.BoolTensor | None]:
+        """The next batch and its rows of ``loss_mask`` (None without one)."""
         picked, count = [], 0
         while count < self.batch_size:
             take = min(self.batch_size - count, len(self._order) - self.position)
@@ -246,7 +307,8 @@ class PackedBatches:
             if self.position == len(self._order):
                 self.epoch, self.position = self.epoch + 1, 0
                 self._order = self._permutation(self.epoch)
-        return self.rows[torch.cat(picked)]
+        index = torch.cat(picked)
+        return self.rows[index], None if self.loss_mask is None else self.loss_mask[index]
 
     def state_dict(self) -> dict:
         """Position in the stream: epoch, row position in the epoch, seed, and the shape it applies to."""
@@ -305,6 +367,53 @@ def chat_prompt_ids(tokenizer, text: str) -> list[int]:
         return tokenizer(text, add_special_tokens=False)["input_ids"]
     messages = [{"role": "user", "content": text}]
     return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"])
+
+
+# ----------------------------------------------------------------------------- chat examples: the answer-only loss mask
+
+TRUNCATION_MARK = "\n\n[...]\n\n"
+
+
+def _conversation_ids(tokenizer, prompt: str, answer: str) -> list[int]:
+    messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
+    return list(tokenizer.apply_chat_template(messages, return_dict=True)["input_ids"])
+
+
+def _answer_span(tokenizer, prompt: str, answer: str) -> tuple[list[int], int, int]:
+    """``(ids, start, end)``: the rendered conversation and the slice of the answer plus its end-of-turn token."""
+    prefix, ids = chat_prompt_ids(tokenizer, prompt), _conversation_ids(tokenizer, prompt, answer)
+    eos = tokenizer.eos_token_id
+    if ids[: len(prefix)] != prefix or eos not in ids[len(prefix) :]:
+        raise ValueError("the chat template does not render the user turn as a prefix of the conversation, ending the "
+                         "assistant's turn with EOS; encode_chat_example needs such a template")
+    return ids, len(prefix), len(ids) - ids[::-1].index(eos)
+
+
+def encode_chat_example(tokenizer, prompt: str, answer: str, max_len: int | None = None) -> tuple[list[int], list[bool]]:
+    """``(input_ids, loss_mask)`` of [user: prompt][assistant: answer] in the chat template, True on the answer and its end token.
+
+    Over ``max_len`` tokens the middle of the prompt is cut (its start and its end, where the
+    question usually stands, are kept, joined by ``[...]``); an answer that cannot fit even
+    with an empty prompt is an error.
+    """
+    ids, start, end = _answer_span(tokenizer, prompt, answer)
+    if max_len is not None and len(ids) > max_len:
+        answer_tokens = len(ids) - start
+        floor = len(chat_prompt_ids(tokenizer, "")) + answer_tokens
+        if floor > max_len:
+            raise ValueError(f"the answer takes {answer_tokens} tokens, {floor} with the chat template, more than "
+                             f"max_len={max_len}; raise max_len or leave the item out")
+        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        keep = len(prompt_ids)
+        while len(ids) > max_len:
+            keep -= len(ids) - max_len
+            if keep <= 0:
+                ids, start, end = _answer_span(tokenizer, "", answer)
+                break
+            head = tokenizer.decode(prompt_ids[: (keep + 1) // 2])
+            tail = tokenizer.decode(prompt_ids[len(prompt_ids) - keep // 2 :]) if keep > 1 else ""
+            ids, start, end = _answer_span(tokenizer, head + TRUNCATION_MARK + tail, answer)
+    return ids, [start <= i < end for i in range(len(ids))]
 
 
 def synth_documents(

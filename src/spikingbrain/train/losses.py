@@ -13,21 +13,40 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
-__all__ = ["chunked_distill_loss", "full_distill_loss", "DEFAULT_LOSS_CHUNK"]
+__all__ = ["chunked_distill_loss", "full_distill_loss", "scored_positions", "DEFAULT_LOSS_CHUNK"]
 
 #: Positions per slice: 256 x 49,152 fp32 logits are 50 MB.
 DEFAULT_LOSS_CHUNK = 256
 
 
-def full_distill_loss(logits, target_logits, ids, kl_weight: float, ce_weight: float, temperature: float = 1.0):
-    """The distillation loss from whole ``[B, T, V]`` logits; the reference the chunked loss must equal."""
+def scored_positions(ids: torch.Tensor, loss_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(kl, ce)`` boolean ``[B, T]`` masks of the positions whose prediction is scored.
+
+    ``loss_mask[b, t]`` says whether token ``t`` is a target (None: every token). Position ``t``
+    predicts token ``t + 1``: its KL and cross-entropy count where that token is a target; the
+    last position has no next token, so its KL counts where its own token is one, and it has no
+    cross-entropy.
+    """
+    mask = torch.ones_like(ids, dtype=torch.bool) if loss_mask is None else loss_mask.to(torch.bool)
+    kl = torch.cat((mask[:, 1:], mask[:, -1:]), 1)
+    ce = torch.cat((mask[:, 1:], torch.zeros_like(mask[:, :1])), 1)
+    return kl, ce
+
+
+def full_distill_loss(logits, target_logits, ids, kl_weight: float, ce_weight: float, temperature: float = 1.0,
+                      loss_mask: torch.Tensor | None = None):
+    """The distillation loss from whole ``[B, T, V]`` logits, averaged over the scored positions
+    (:func:`scored_positions`); the reference the chunked loss must equal."""
     T, vocab = temperature, logits.shape[-1]
     logits, target_logits = logits.float(), target_logits.float()
-    kl = F.kl_div(
+    kl_at, ce_at = scored_positions(ids, loss_mask)
+    kl_each = F.kl_div(
         F.log_softmax(logits.reshape(-1, vocab) / T, -1), F.log_softmax(target_logits.reshape(-1, vocab) / T, -1),
-        log_target=True, reduction="batchmean",
-    ) * T * T
-    ce = F.cross_entropy(logits[:, :-1].reshape(-1, vocab), ids[:, 1:].reshape(-1))
+        log_target=True, reduction="none",
+    ).sum(-1)
+    kl = kl_each[kl_at.reshape(-1)].sum() / kl_at.sum().clamp_min(1) * T * T
+    ce_each = F.cross_entropy(logits[:, :-1].reshape(-1, vocab), ids[:, 1:].reshape(-1), reduction="none")
+    ce = ce_each[ce_at[:, :-1].reshape(-1)].sum() / ce_at.sum().clamp_min(1)
     return kl_weight * kl + ce_weight * ce, {"kl": kl.item(), "ce": ce.item()}
 
 
@@ -40,12 +59,14 @@ class _ChunkedDistill(torch.autograd.Function):
     """Loss value in forward; the gradient for the student's hidden states is computed there too and scaled in backward."""
 
     @staticmethod
-    def forward(ctx, hidden, head_weight, target_hidden, target_head_weight, ids, kl_weight, ce_weight, temperature, chunk):
+    def forward(ctx, hidden, head_weight, target_hidden, target_head_weight, ids, loss_mask, kl_weight, ce_weight,
+                temperature, chunk):
         B, L, _ = hidden.shape
         flat, target_flat = hidden.reshape(B * L, -1), target_hidden.reshape(B * L, -1)
-        # Next-token targets in flat order; the last position of each row has none (-1).
-        next_ids = torch.cat((ids[:, 1:], torch.full((B, 1), -1, dtype=ids.dtype, device=ids.device)), 1).reshape(-1)
-        n_kl, n_ce = B * L, B * (L - 1)
+        # Next-token targets in flat order (the last position of each row has none), and where each loss counts.
+        next_ids = torch.cat((ids[:, 1:], ids[:, :1]), 1).reshape(-1)
+        kl_at, ce_at = (m.reshape(-1) for m in scored_positions(ids, loss_mask))
+        n_kl, n_ce = max(1, int(kl_at.sum())), max(1, int(ce_at.sum()))
         grad = torch.empty_like(flat, dtype=torch.float32)
         kl_sum = ce_sum = 0.0
         Tm = temperature
@@ -54,19 +75,21 @@ class _ChunkedDistill(torch.autograd.Function):
             log_q = F.log_softmax(_scaled(flat[rows].float() @ head_weight.float().t(), Tm), -1)
             log_p = F.log_softmax(_scaled(target_flat[rows].float() @ target_head_weight.float().t(), Tm), -1)
             p = log_p.exp()
-            kl_sum += float(log_p.sub_(log_q).mul_(p).sum())  # sum p (log p - log q); log_p is spent
+            kl_rows = kl_at[rows]
+            kl_sum += float(log_p.sub_(log_q).mul_(p).sum(-1)[kl_rows].sum())  # sum p (log p - log q); log_p is spent
             del log_p
             # d(T² KL)/dz = T (q_T - p_T); d CE/dz = q - onehot (at temperature 1)
             dz = log_q.exp().sub_(p).mul_(kl_weight * Tm / n_kl)
+            dz[~kl_rows] = 0.0
             del p
-            targets = next_ids[rows]
-            scored = (targets >= 0).nonzero()[:, 0]
+            targets, ce_rows = next_ids[rows], ce_at[rows]
+            scored = ce_rows.nonzero()[:, 0]
             if Tm != 1.0:  # the cross-entropy is at temperature 1
                 log_q = F.log_softmax(flat[rows].float() @ head_weight.float().t(), -1)
             ce_sum -= float(log_q[scored, targets[scored]].sum())
             if ce_weight:
                 dce = log_q.exp_()  # log_q is spent
-                dce[targets < 0] = 0.0
+                dce[~ce_rows] = 0.0
                 dce[scored, targets[scored]] -= 1.0
                 dz.add_(dce, alpha=ce_weight / n_ce)
             del log_q
@@ -81,7 +104,7 @@ class _ChunkedDistill(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _grad_kl, _grad_ce):
         (grad,) = ctx.saved_tensors
-        return grad * grad_loss, None, None, None, None, None, None, None, None
+        return grad * grad_loss, None, None, None, None, None, None, None, None, None
 
 
 def chunked_distill_loss(
@@ -94,18 +117,19 @@ def chunked_distill_loss(
     ce_weight: float,
     temperature: float = 1.0,
     chunk: int = DEFAULT_LOSS_CHUNK,
+    loss_mask: torch.Tensor | None = None,
 ):
     """The distillation loss from final hidden states ``[B, T, hidden]`` and the heads' weights ``[V, hidden]``.
 
-    Returns ``(loss, {"kl": ..., "ce": ...})`` like :func:`full_distill_loss`. Gradients flow into
-    ``hidden`` only: the output heads are frozen during conversion training.
+    Returns ``(loss, {"kl": ..., "ce": ...})`` like :func:`full_distill_loss`, over the same scored
+    positions. Gradients flow into ``hidden`` only: the output heads are frozen during conversion training.
     """
     if head_weight.requires_grad:
         raise ValueError("chunked_distill_loss keeps the output head frozen; train it with the full loss instead")
     if chunk < 1:
         raise ValueError(f"loss chunk must be >= 1 positions, got {chunk}")
     loss, kl, ce = _ChunkedDistill.apply(
-        hidden, head_weight, target_hidden.detach(), target_head_weight.detach(), ids,
+        hidden, head_weight, target_hidden.detach(), target_head_weight.detach(), ids, loss_mask,
         float(kl_weight), float(ce_weight), float(temperature), int(chunk),
     )
     return loss, {"kl": kl.item(), "ce": ce.item()}

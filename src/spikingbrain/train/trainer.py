@@ -31,7 +31,7 @@ from ..model.loading import load_model, load_tokenizer, resolve_folder
 from ..model.shipped import write_delta
 from ..spiking.apply import spikify
 from .config import StageConfig, TrainConfig, comparable_fingerprint
-from .data import PackedBatches, load_documents, pack, split_held_out, tokenize_documents
+from .data import PackedBatches, encode_documents, load_documents, pack, pack_loss_masks, split_held_out, tokenize_documents
 from .report import plot_training_curve
 from .lora import LoRALinear, add_lora, lora_parameters, merge_lora
 from .losses import chunked_distill_loss, full_distill_loss
@@ -63,8 +63,9 @@ def _pick_device(name: str) -> torch.device:
 
 
 def distill_loss(student, teacher, ids: torch.Tensor, kl_weight: float, ce_weight: float, temperature: float = 1.0,
-                 sliced: bool | None = None):
-    """``kl_weight * T² KL(teacher || student) + ce_weight * CE(next token)`` per token, and its parts.
+                 sliced: bool | None = None, loss_mask: torch.Tensor | None = None):
+    """``kl_weight * T² KL(teacher || student) + ce_weight * CE(next token)`` per scored token, and its parts
+    (``loss_mask``: which tokens are targets, see ``train.losses.scored_positions``; None: all).
 
     With frozen output heads (conversion training never trains them) the loss is computed from
     the final hidden states a slice of positions at a time (``train.losses``), which never holds
@@ -76,12 +77,14 @@ def distill_loss(student, teacher, ids: torch.Tensor, kl_weight: float, ce_weigh
     if not (heads_frozen if sliced is None else sliced):
         with torch.no_grad():
             target = teacher(ids, use_cache=False).logits
-        return full_distill_loss(student(ids, use_cache=False).logits, target, ids, kl_weight, ce_weight, temperature)
+        return full_distill_loss(student(ids, use_cache=False).logits, target, ids, kl_weight, ce_weight, temperature,
+                                 loss_mask)
     with torch.no_grad():
         target = teacher.model(input_ids=ids, use_cache=False).last_hidden_state
     hidden = student.model(input_ids=ids, use_cache=False).last_hidden_state
     return chunked_distill_loss(
-        hidden, student.lm_head.weight, target, teacher.lm_head.weight, ids, kl_weight, ce_weight, temperature
+        hidden, student.lm_head.weight, target, teacher.lm_head.weight, ids, kl_weight, ce_weight, temperature,
+        loss_mask=loss_mask,
     )
 
 
@@ -137,7 +140,11 @@ class Trainer:
         docs = load_documents(self.config.data)
         train_docs, held_docs = split_held_out(docs, self.config.held_out_fraction, self.config.seed)
         self.separator = self.tokenizer.eos_token_id
-        self.train_tokens = tokenize_documents(train_docs, self.tokenizer, self.separator)
+        encoded = encode_documents(train_docs, self.tokenizer, self.separator)
+        self.train_tokens = [ids for ids, _ in encoded]
+        # answer-only masks where the data has chat examples (None: every token is scored, as for plain text)
+        masks = [mask for _, mask in encoded]
+        self.train_masks = masks if any(m is not None for m in masks) else None
         held = tokenize_documents(held_docs, self.tokenizer, self.separator)
         flat = [t for doc in held for t in (*doc, self.separator)]
         self.held_out_ids = torch.tensor(flat[: self.config.eval_max_tokens], dtype=torch.long)
@@ -212,12 +219,17 @@ class Trainer:
         """Mean square of a teacher attention output: the denominator of the relative transfer error."""
         return target.float().pow(2).mean().clamp_min(1e-12)
 
-    def _distill_loss(self, ids: torch.Tensor, stage: StageConfig) -> tuple[torch.Tensor, dict]:
-        return distill_loss(self.student, self.teacher, ids, stage.kl_weight, stage.ce_weight, stage.temperature)
+    def _distill_loss(self, ids: torch.Tensor, stage: StageConfig, loss_mask: torch.Tensor | None) -> tuple[torch.Tensor, dict]:
+        return distill_loss(self.student, self.teacher, ids, stage.kl_weight, stage.ce_weight, stage.temperature,
+                            loss_mask=loss_mask)
 
-    def _step_loss(self, ids: torch.Tensor, stage: StageConfig, layers: list[int]) -> tuple[torch.Tensor, dict]:
-        """The loss of one micro-batch of a transfer or distill stage, and its parts for the log."""
-        return self._transfer_loss(ids, layers) if stage.kind == "transfer" else self._distill_loss(ids, stage)
+    def _step_loss(self, ids: torch.Tensor, stage: StageConfig, layers: list[int],
+                   loss_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+        """The loss of one micro-batch of a transfer or distill stage, and its parts for the log (a transfer
+        stage matches every position's attention output, so it ignores ``loss_mask``)."""
+        if stage.kind == "transfer":
+            return self._transfer_loss(ids, layers)
+        return self._distill_loss(ids, stage, loss_mask)
 
     @contextlib.contextmanager
     def _window_dropout(self, stage: StageConfig):
@@ -464,7 +476,8 @@ class Trainer:
         optimizer = self._optimizer(trainable, new, stage)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, stage))
         rows = pack(self.train_tokens, stage.seq_len, self.separator)
-        batches = PackedBatches(rows, stage.batch_size, seed=config.seed + 1000 * self.stage_index)
+        masks = None if self.train_masks is None else pack_loss_masks(self.train_tokens, self.train_masks, stage.seq_len)
+        batches = PackedBatches(rows, stage.batch_size, seed=config.seed + 1000 * self.stage_index, loss_mask=masks)
         if state is not None:
             self._restore_optimizer(self._resume_from, state, optimizer, scheduler, batches)
         layers = sorted({int(n.split(".")[2]) for n in trainable if n.startswith("model.layers.")})
@@ -476,10 +489,12 @@ class Trainer:
             t0 = time.perf_counter()
             totals: dict[str, float] = {}
             for _ in range(stage.grad_accum):
-                batch = next(iterator)
+                batch, mask = iterator.next_with_mask()
                 ids = self._local_rows(batch).to(self.device)
+                if mask is not None:
+                    mask = self._local_rows(mask).to(self.device)
                 with autocast, self._window_dropout(stage):
-                    loss, parts = self._step_loss(ids, stage, layers)
+                    loss, parts = self._step_loss(ids, stage, layers, mask)
                 (loss / stage.grad_accum).backward()
                 for key, value in {"loss": loss.item(), **parts}.items():
                     totals[key] = totals.get(key, 0.0) + value / stage.grad_accum
