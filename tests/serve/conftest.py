@@ -34,18 +34,6 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def ieee_denormals():
-    """Subnormal floats as IEEE-754 says: training tests in the same process turn on flush-to-zero, which reads 5e-324 as 0."""
-    import sys
-
-    flushed = sys.float_info.min / 2 == 0.0
-    torch.set_flush_denormal(False)
-    yield
-    if flushed:
-        torch.set_flush_denormal(True)
-
-
 @pytest.fixture(scope="session")
 def tiny_folder(tmp_path_factory, default_folder) -> Path:
     """A saved tiny model folder with the embedded model's tokenizer and chat template."""

@@ -281,3 +281,19 @@ def _prompt_and_answer(text: str) -> tuple[str, str]:
     user = text.split("<|im_start|>user\n", 1)[1].split("<|im_end|>", 1)[0]
     answer = text.split("<|im_start|>assistant\n", 1)[1].split("<|im_end|>", 1)[0]
     return user, answer
+
+
+def test_training_leaves_the_flush_to_zero_mode_as_it_found_it(tmp_path, pair):
+    # training flushes subnormal floats (fast attention backward on CPU); afterwards 5e-324 is a number again
+    import sys
+
+    from spikingbrain.runtime.machine import flushing_denormals
+
+    tiny = sys.float_info.min / 2
+    assert tiny > 0
+    cfg = write_config(tmp_path / "c.yaml", pair, tmp_path / "run", steps=(1, 1))
+    Trainer(load_train_config(cfg), progress=False).run()
+    assert sys.float_info.min / 2 == tiny and torch.tensor(5e-324, dtype=torch.float64).item() > 0
+    with flushing_denormals():
+        assert sys.float_info.min / 2 == 0.0 and torch.tensor([tiny], dtype=torch.float64).mul(1.0).item() == 0.0
+    assert sys.float_info.min / 2 == tiny

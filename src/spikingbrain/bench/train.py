@@ -21,7 +21,7 @@ from __future__ import annotations
 import statistics
 import time
 
-from ..runtime.machine import machine_info, set_threads
+from ..runtime.machine import flushing_denormals, machine_info, set_threads
 
 __all__ = ["run_train_benchmark", "plot"]
 
@@ -73,7 +73,6 @@ def run_train_benchmark(student_ref: str, teacher_ref: str = "default", seq_len:
     from ..train.trainer import distill_loss
 
     threads = set_threads(threads)
-    torch.set_flush_denormal(True)
     torch.manual_seed(seed)
     teacher_hf = AutoModelForCausalLM.from_pretrained(resolve_folder(teacher_ref), dtype=torch.float32, attn_implementation="sdpa")
     teacher_ours = load_model(teacher_ref).requires_grad_(False)
@@ -110,15 +109,16 @@ def run_train_benchmark(student_ref: str, teacher_ref: str = "default", seq_len:
     steps = {name: stepper(name, model, loss) for name, (model, loss) in steps.items()}
     seconds = {name: [] for name in steps}
     peaks = {name: [] for name in steps}
-    for i in range(repeats + 1):  # the first round warms up; names alternate within every round
-        for name, step in steps.items():
-            reset = _reset_peak_rss()
-            start = time.perf_counter()
-            step(batches[i])
-            if i:
-                seconds[name].append(time.perf_counter() - start)
-                if reset:
-                    peaks[name].append(_peak_rss_bytes())
+    with flushing_denormals():  # as the trainer runs
+        for i in range(repeats + 1):  # the first round warms up; names alternate within every round
+            for name, step in steps.items():
+                reset = _reset_peak_rss()
+                start = time.perf_counter()
+                step(batches[i])
+                if i:
+                    seconds[name].append(time.perf_counter() - start)
+                    if reset:
+                        peaks[name].append(_peak_rss_bytes())
     tokens = batch_size * seq_len
     results = {name: {"median_seconds": statistics.median(s), "tokens_per_second": tokens / statistics.median(s), "seconds": s,
                       "peak_rss_bytes": max(peaks[name]) if peaks[name] else None}

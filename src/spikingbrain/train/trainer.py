@@ -29,6 +29,7 @@ from ..model.mixers import ParallelHybridAttention
 from ..model.checkpoint import copy_tokenizer_files, written_folder
 from ..model.loading import load_model, load_tokenizer, resolve_folder
 from ..model.shipped import write_delta
+from ..runtime.machine import flushing_denormals
 from ..spiking.apply import spikify
 from .config import StageConfig, TrainConfig, comparable_fingerprint
 from .data import PackedBatches, encode_documents, load_documents, pack, pack_loss_masks, split_held_out, tokenize_documents
@@ -106,8 +107,6 @@ class Trainer:
         self._resume_from = latest if resume else None
         if config.threads:
             torch.set_num_threads(config.threads)
-        # Attention backward on CPU meets denormal floats (tiny softmax weights) and runs ~8x slower without this.
-        torch.set_flush_denormal(True)
         self.device = _pick_device(config.device)
         torch.manual_seed(config.seed)  # adapters are initialised below: same seed, same run
         self.tokenizer = load_tokenizer(config.student)
@@ -386,7 +385,12 @@ class Trainer:
         return result["models"]["model"]["accuracy_by_length"]
 
     def run(self) -> dict:
-        """Train every stage to the end (resuming if asked); returns a summary."""
+        """Train every stage to the end (resuming if asked); returns a summary. Subnormal floats are flushed
+        to zero meanwhile (``runtime.machine.flushing_denormals``)."""
+        with flushing_denormals():
+            return self._run()
+
+    def _run(self) -> dict:
         config = self.config
         state = self._load_checkpoint(self._resume_from) if self._resume_from else None
         self.teacher_ppl = perplexity(self.teacher, self.held_out_ids, config.eval_context)["ppl"]
