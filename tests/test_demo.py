@@ -64,6 +64,11 @@ def test_tiny_demo_writes_the_report(tiny_folders, tmp_path, capsys):
     assert data["memory"]["1048576"]["teacher"] == 2 * 2 * 2 * 8 * 4 * 1048576
     assert data["memory"]["1048576"]["ours"] == data["memory"]["131072"]["ours"] < 10_000
     assert len(data["samples"]) == 3 and all({"teacher", "ours"} <= set(row) for row in data["samples"])
+    from spikingbrain.eval.needle import is_degenerate
+
+    flags = [row["ours"]["degenerate"] for row in data["samples"]]
+    assert flags == [is_degenerate(row["ours"]["text"]) for row in data["samples"]]
+    assert "degenerate sample answers (repetition)" in printed.out and f"{sum(flags)} of 3" in printed.out
     for png in ("passkey.png", "ttft/ttft.png", "decode/decode.png"):
         assert (out / png).stat().st_size > 0
     report = (out / "report.md").read_text()
@@ -131,3 +136,42 @@ def test_quick_conversion_refuses_a_foreign_folder(tmp_path):
     with pytest.raises(ValueError, match="not a quick conversion"):
         quick_conversion("default", tmp_path)
     assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.real_model
+def test_demo_reports_a_further_model_beside_ours(tiny_folders, tmp_path, capsys):
+    """``--also``: a second conversion gets its own perplexity, pass-key and sample rows, measured as ours is."""
+    import shutil
+
+    from spikingbrain.demo import also_models
+    from spikingbrain.eval.perplexity import perplexity
+    from spikingbrain.model.shipped import shipped_conversions_of
+    from spikingbrain.model.loading import load_model, load_tokenizer
+
+    ours, teacher = tiny_folders
+    other = tmp_path / "other"
+    shutil.copytree(ours, other)
+    torch.manual_seed(1)
+    model = load_model(other)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    model.save_pretrained(other)
+    out = tmp_path / "report"
+    code = main(["demo", "--model", str(ours), "--teacher", str(teacher), "--also", str(other), "--out", str(out),
+                 "--ttft-lengths", "64", "--baseline-lengths", "64", "--passkey-lengths", "96", "--decode-contexts", "32",
+                 "--ppl-tokens", "200", "--ppl-context", "100", "--max-new-tokens", "2"])
+    printed = capsys.readouterr()
+    assert code == 0, printed.err
+    data = json.loads((out / "demo.json").read_text())
+    assert data["also"] == [str(other)] and set(data["perplexity"]) == {"teacher", "ours", str(other)}
+    expected = perplexity(load_model(other), held_out_ids(load_tokenizer(ours), 200), 100)["ppl"]
+    assert data["perplexity"][str(other)]["ppl"] == pytest.approx(expected, rel=1e-6)
+    assert data["perplexity"][str(other)]["ppl"] != data["perplexity"]["ours"]["ppl"]
+    assert set(data["passkey"]["models"]) == {"teacher", "ours", str(other)}
+    assert all(str(other) in row for row in data["samples"])
+    assert set(data["ttft"]["candidates"]) == {"ours", "baseline"}  # speed: our main model only
+    assert f"{other}: held-out perplexity" in printed.out and f"{other}: pass-key accuracy at 96" in printed.out
+    # 'auto' names the shipped conversions of the teacher other than ours; 'none' is dropped by the command line
+    assert also_models(["auto"], str(teacher), str(ours)) == []
+    assert also_models(["auto", "x", "x"], "default", "spikingbrain-smollm2") == [*shipped_conversions_of("default")[1:], "x"]

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from .runtime.lengths import format_length
 
-__all__ = ["run_demo", "held_out_ids", "spiking_section", "summary_rows", "format_summary", "SAMPLE_PROMPTS", "QUICK", "LONG"]
+__all__ = ["run_demo", "also_models", "held_out_ids", "spiking_section", "summary_rows", "format_summary", "SAMPLE_PROMPTS", "QUICK", "LONG"]
 
 SAMPLE_PROMPTS = (
     "What is the capital of France?",
@@ -90,7 +90,9 @@ def spiking_section(ours, ids, report_dir: Path, context: int) -> dict:
 
 
 def _samples(models: dict, tokenizer, new_tokens: int) -> list[dict]:
-    """Greedy answers of every model to :data:`SAMPLE_PROMPTS`, with their speed."""
+    """Greedy answers of every model to :data:`SAMPLE_PROMPTS`, with their speed and whether they degenerate into
+    repetition (``eval.needle.is_degenerate``)."""
+    from .eval.needle import is_degenerate
     from .eval.passkey import greedy_tokens
     from .train.data import chat_prompt_ids
 
@@ -103,9 +105,23 @@ def _samples(models: dict, tokenizer, new_tokens: int) -> list[dict]:
             tokens = greedy_tokens(model, ids, new_tokens)
             if tokenizer.eos_token_id in tokens:
                 tokens = tokens[: tokens.index(tokenizer.eos_token_id)]
-            row[name] = {"text": tokenizer.decode(tokens, skip_special_tokens=True).strip(), "seconds": time.perf_counter() - start}
+            text = tokenizer.decode(tokens, skip_special_tokens=True).strip()
+            row[name] = {"text": text, "seconds": time.perf_counter() - start, "degenerate": is_degenerate(text)}
         rows.append(row)
     return rows
+
+
+def also_models(refs: list[str], teacher_ref: str, model_ref: str) -> list[str]:
+    """The further models a demo scores beside ours: ``refs``, where ``auto`` stands for every shipped conversion of
+    ``teacher_ref`` other than ``model_ref``."""
+    from .model.shipped import shipped_conversions_of
+
+    found: list[str] = []
+    for ref in refs:
+        for name in (shipped_conversions_of(teacher_ref) if ref == "auto" else [ref]):
+            if name != model_ref and name not in found:
+                found.append(name)
+    return found
 
 
 def _error(result: dict, name: str) -> str | None:
@@ -184,6 +200,12 @@ def run_demo(model_ref: str, teacher_ref: str, out: Path, settings: dict, thread
         models = {name: m for name, m in (("teacher", teacher), ("ours", ours)) if m is not None}
         if "ours" not in models:
             raise ValueError(f"our model {model_ref!r} could not be loaded: {_error(result, 'load_ours')}")
+        result["also"] = []
+        for ref in also_models(settings.get("also", []), teacher_ref, str(model_ref)):
+            loaded = _step(result, f"load {ref}", f"loading {ref} (quality, pass keys and samples only)", lambda ref=ref: load_model(ref))
+            if loaded is not None:
+                models[ref] = loaded
+                result["also"].append(ref)
         held_out = held_out_ids(tokenizer, settings["ppl_tokens"])
 
         def quality():
@@ -199,6 +221,8 @@ def run_demo(model_ref: str, teacher_ref: str, out: Path, settings: dict, thread
 
         result["passkey"] = _step(result, "passkey", f"pass-key retrieval at {', '.join(map(format_length, settings['passkey']))} tokens", passkey)
         result["samples"] = _step(result, "samples", "sample generations", lambda: _samples(models, tokenizer, settings["max_new_tokens"]))
+        for ref in result["also"]:  # the speed steps measure our main model only
+            del models[ref]
         pair = make_candidates(ours, model_ref, teacher, teacher_ref)
         if teacher is not None:
             result["memory"] = {str(n): {"teacher": decode.analytic_cache_bytes(teacher, n), "ours": decode.analytic_cache_bytes(ours, n)}
@@ -247,6 +271,24 @@ def summary_rows(result: dict) -> list[tuple[str, str, str, str]]:
     for n in passkey.get("lengths", []):
         acc = {name: m["accuracy_by_length"][str(n)] for name, m in passkey["models"].items()}
         rows.append((f"pass-key accuracy at {format_length(n)}", f"{acc.get('teacher', float('nan')):.0%}", f"{acc.get('ours', float('nan')):.0%}", ""))
+    for name in result.get("also", []):  # further models: their quality rows, the model named in the metric
+        if name in ppl and "teacher" in ppl:
+            rows.append((f"{name}: held-out perplexity", f"{ppl['teacher']['ppl']:.2f}", f"{ppl[name]['ppl']:.2f}",
+                         f"ours/teacher {ppl[name]['ppl'] / ppl['teacher']['ppl']:.2f}"))
+        for n in passkey.get("lengths", []) if name in passkey.get("models", {}) else []:
+            acc = {key: m["accuracy_by_length"][str(n)] for key, m in passkey["models"].items()}
+            rows.append((f"{name}: pass-key accuracy at {format_length(n)}", f"{acc.get('teacher', float('nan')):.0%}",
+                         f"{acc[name]:.0%}", ""))
+    samples = result.get("samples") or []
+    if samples:
+        def degenerate(name: str) -> str:
+            if name not in samples[0]:
+                return "-"
+            return f"{sum(row[name]['degenerate'] for row in samples)} of {len(samples)}"
+
+        rows.append(("degenerate sample answers (repetition)", degenerate("teacher"), degenerate("ours"), ""))
+        rows += [(f"{name}: degenerate sample answers", degenerate("teacher"), degenerate(name), "")
+                 for name in result.get("also", [])]
     ttft = result.get("ttft") or {}
     ratios = _by_length(ttft.get("ratios", []))
     measured = [n for n, r in ratios.items() if not r["extrapolated"]]
@@ -336,7 +378,8 @@ def write_markdown(result: dict, path: Path) -> Path:
         lines += ["## Sample generations (greedy)", ""]
         for row in result["samples"]:
             lines.append(f"**{row['prompt']}**")
-            lines += [f"- {name}: {row[name]['text']!r} ({row[name]['seconds']:.1f} s)" for name in row if name != "prompt"]
+            lines += [f"- {name}: {row[name]['text']!r} ({row[name]['seconds']:.1f} s"
+                      f"{', degenerate' if row[name]['degenerate'] else ''})" for name in row if name != "prompt"]
             lines.append("")
     lines += ["## Steps", "", *_markdown_table([("step", "status", "seconds", "error")] + [
         (s["title"], s.get("status", "interrupted"), s.get("seconds", ""), s.get("error", "")) for s in result["steps"]]), ""]

@@ -20,6 +20,9 @@ def register(subparsers) -> None:
                         "otherwise a quick conversion of --teacher made in <out>/quick-conversion")
     p.add_argument("--convert-steps", type=int, default=QUICK_CONVERSION_STEPS,
                    help="distillation steps of a quick conversion (1024 tokens each; 0: calibration only)")
+    p.add_argument("--also", action="append", default=None, metavar="MODEL",
+                   help="a further model whose perplexity, pass keys and samples are reported beside ours (repeatable); "
+                        "default 'auto': the other shipped conversions of --teacher; 'none': no further model")
     p.add_argument("--teacher", default="default", help="the Transformer it is compared with, run by transformers (SDPA)")
     p.add_argument("--out", default="runs/demo", help="report folder (report.md, demo.json, PNGs)")
     p.add_argument("--budget", type=float, default=None,
@@ -48,6 +51,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         "ppl_tokens": args.ppl_tokens, "ppl_context": args.ppl_context, "max_new_tokens": args.max_new_tokens,
         "budget_s": args.budget or (3600.0 if args.long else 600.0), "long": bool(args.long),
         "convert_steps": args.convert_steps,
+        "also": [ref for ref in (args.also or ["auto"]) if ref != "none"],
     }
     result = run_demo(args.model, args.teacher, Path(args.out), settings, args.threads)
     print()

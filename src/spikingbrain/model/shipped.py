@@ -25,7 +25,7 @@ from .embedded import MARKER_FILENAME, _build_folder, cache_dir, default_model_f
 from .hf_import import import_transformer
 from .names import SHIPPED_MODELS, SHORT_NAMES
 
-__all__ = ["resolve_folder", "shipped_delta_path", "shipped_conversion_of", "shipped_model_folder", "write_delta",
+__all__ = ["resolve_folder", "shipped_delta_path", "shipped_conversion_of", "shipped_conversions_of", "shipped_model_folder", "write_delta",
            "build_from_delta", "export_model"]
 _CONFIG_KEYS_NOT_OVERRIDDEN = ("architectures", "transformers_version", "model_type", "dtype", "torch_dtype", "_name_or_path")
 
@@ -53,9 +53,10 @@ def shipped_delta_path(name: str) -> Path:
     return path
 
 
-def shipped_conversion_of(teacher: str) -> str | None:
-    """The short name of a shipped model converted from ``teacher`` (as its delta names it, e.g. ``default``) whose
-    delta file this installation has, else None."""
+def shipped_conversions_of(teacher: str) -> list[str]:
+    """The short names of the shipped models converted from ``teacher`` (as their deltas name it, e.g. ``default``)
+    whose delta files this installation has, in the order of ``SHIPPED_MODELS``."""
+    names = []
     for name in SHIPPED_MODELS:
         try:
             path = shipped_delta_path(name)
@@ -63,8 +64,13 @@ def shipped_conversion_of(teacher: str) -> str | None:
             continue
         with safe_open(str(path), framework="pt") as f:
             if (f.metadata() or {}).get("teacher") == str(teacher):
-                return name
-    return None
+                names.append(name)
+    return names
+
+
+def shipped_conversion_of(teacher: str) -> str | None:
+    """The first of :func:`shipped_conversions_of` ``teacher``, else None."""
+    return next(iter(shipped_conversions_of(teacher)), None)
 
 
 def file_sha256(path: Path) -> str:
