@@ -120,7 +120,7 @@ def register_quantize(subparsers) -> None:
     p = subparsers.add_parser("quantize", help="W8ASpike: INT8 group weights (calibrated) and/or spiking activations, saved as a model folder")
     p.add_argument("--model", default="default", help="model folder or short name")
     p.add_argument("--out", required=True, help="folder to write")
-    p.add_argument("--group-size", type=int, default=128, help="input channels per INT8 scale (W8ASpike: 128)")
+    p.add_argument("--group-size", type=int, default=128, help="input channels per INT8 scale (W8ASpike: 128; 0: one scale per output channel)")
     p.add_argument("--calibration-text", default=None, help="UTF-8 text for clip calibration (default: plain round-to-nearest)")
     p.add_argument("--samples", type=int, default=128, help="calibration windows (W8ASpike: 128)")
     p.add_argument("--sample-tokens", type=int, default=256, help="tokens per calibration window")

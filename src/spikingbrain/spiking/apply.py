@@ -19,7 +19,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from .neuron import spike_counts, spike_quantize
+from .neuron import SpikingInput, spike_counts, spike_quantize
 
 __all__ = [
     "DEFAULT_TARGETS",
@@ -88,6 +88,8 @@ class _SpikeInput:
 
     def __call__(self, module: nn.Module, args: tuple) -> tuple:
         x = args[0]
+        if self.observer is None and getattr(module, "takes_spiking_input", False):
+            return (SpikingInput(x, self.k), *args[1:])  # the layer counts the spikes itself (INT8 layers)
         if self.observer is None:
             return (spike_quantize(x, self.k), *args[1:])
         counts, threshold = spike_counts(x.detach(), self.k)

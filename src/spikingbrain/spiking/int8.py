@@ -8,17 +8,31 @@ integer arithmetic inside each group. Calibration picks, per row and group, the 
 minimises the output error ``e H eᵀ`` where ``H = XᵀX`` is the Gram matrix of the layer's
 inputs on calibration text (the inputs as the layer sees them: spiked when spiking is on).
 The settings live in ``config.weight_quantization`` so a saved INT8 model reloads as INT8.
+``group_size`` 0 means one scale per output channel (the whole row is one group).
+
+The integer path: when a spiking hook hands an ``Int8Linear`` its raw input (``SpikingInput``)
+on a device with int8 matmuls (``ops.int8``; CPU) and no gradient is wanted, the layer computes
+``y = V_th · Σ_g s_g (counts_g @ codes_gᵀ) + b`` with int8 counts, int8 codes and int32
+accumulation (``torch._int_mm``, one product per group); counts beyond ±127 add a base-128 carry
+product for the rows that have them, so the result equals the fp32 simulation up to fp32
+rounding. Counting (division, rounding, int8 cast, carry detection) and the dequantisation
+(scales, threshold, bias) are each one ``torch.compile`` (inductor) kernel where compiling works,
+eager otherwise (``fused_passes``). Elsewhere the layer falls back to the simulation: the spiked
+input times the dequantised weight.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import warnings
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops.int8 import int8_matmul_available, integer_matmul, split_digits
 from .apply import DEFAULT_TARGETS, current_spiking, spikify, spiking_linears
+from .neuron import SpikingInput, adaptive_threshold, round_half_up, spike_quantize
 
 __all__ = [
     "CLIP_GRID",
@@ -30,6 +44,8 @@ __all__ = [
     "prepare_int8_layers",
     "quantize_model_int8",
     "fake_quantize_int8",
+    "set_integer_matmul",
+    "fused_passes",
 ]
 
 #: Clip ratios tried by calibration (1.0 = no clipping, the round-to-nearest default).
@@ -45,11 +61,13 @@ def _groups(weight: torch.Tensor, group_size: int) -> torch.Tensor:
 
 
 def quantize_groups(weight: torch.Tensor, group_size: int = 128, clip: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(codes int8 [out, in], scales fp32 [out, groups])`` of a 2-D weight; ``clip`` ``[out, groups]`` scales the range."""
+    """``(codes int8 [out, in], scales fp32 [out, groups])`` of a 2-D weight (``group_size`` 0: per output channel);
+    ``clip`` ``[out, groups]`` scales the range."""
     if weight.dim() != 2:
         raise ValueError(f"INT8 weight quantization needs a 2-D weight, got shape {tuple(weight.shape)}")
-    if group_size < 1:
-        raise ValueError(f"group_size must be >= 1, got {group_size}")
+    if group_size < 0:
+        raise ValueError(f"group_size must be >= 1 (or 0: per output channel), got {group_size}")
+    group_size = group_size or weight.shape[1]
     groups = _groups(weight.detach().float(), group_size)
     amax = groups.abs().amax(-1)
     if clip is not None:
@@ -68,6 +86,7 @@ def clip_ratios(weight: torch.Tensor, gram: torch.Tensor, group_size: int = 128,
     """Per row and group, the clip ratio in ``grid`` with the least output error ``e H_gg eᵀ`` (``gram`` = ``XᵀX``)."""
     weight = weight.detach().float()
     inp = weight.shape[1]
+    group_size = group_size or inp
     if gram.shape != (inp, inp):
         raise ValueError(f"Gram matrix has shape {tuple(gram.shape)}, expected ({inp}, {inp}) for this weight")
     groups = _groups(weight, group_size)
@@ -88,22 +107,74 @@ def clip_ratios(weight: torch.Tensor, gram: torch.Tensor, group_size: int = 128,
     return best_clip
 
 
+class _Fused:
+    """``fn`` compiled by inductor on first use; eager where compiling fails (say, no C++ compiler) or is off."""
+
+    compile = True
+
+    def __init__(self, fn: Callable):
+        self.fn, self.compiled = fn, None
+
+    def __call__(self, *args):
+        if not _Fused.compile:
+            return self.fn(*args)
+        if self.compiled is None:
+            try:
+                compiled = torch.compile(self.fn, dynamic=True)
+                result = compiled(*args)
+            except Exception as error:  # any compiler failure: the eager function computes the same
+                warnings.warn(f"torch.compile failed ({type(error).__name__}); the integer path runs eager", stacklevel=2)
+                self.compiled = self.fn
+                return self.fn(*args)
+            self.compiled = compiled
+            return result
+        return self.compiled(*args)
+
+
+def fused_passes(enabled: bool) -> None:
+    """Compile (True, the default) or run eager (False) the counting and dequantising passes of the integer path."""
+    _Fused.compile = bool(enabled)
+
+
+def _low_plane(x: torch.Tensor, threshold: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The int8 low digits of the spike counts of ``x`` ``[M, K]`` and which rows have counts beyond ±127."""
+    low, carry = split_digits(round_half_up(x / threshold))
+    return low, carry.ne(0).any(-1)
+
+
+def _dequantize(products: torch.Tensor, threshold: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``V_th · Σ_g s_g · products_g (+ bias)`` from integer ``products`` ``[G, M, N]`` and ``scales`` ``[G, 1, N]``,
+    in fp32 (fp64 for fp64 inputs)."""
+    dtype = torch.promote_types(threshold.dtype, torch.float32)
+    y = (products.to(dtype) * scales).sum(0) * threshold.to(dtype)
+    return y if bias is None else y + bias.to(dtype)
+
+
+_fused_low_plane, _fused_dequantize = _Fused(_low_plane), _Fused(_dequantize)
+
+
 class Int8Linear(nn.Module):
-    """A linear layer whose weight is stored as INT8 codes with one fp32 scale per group of input channels."""
+    """A linear layer whose weight is stored as INT8 codes with one fp32 scale per group of input channels
+    (``group_size`` 0: per output channel); with spiking input it multiplies in integers (module docstring)."""
+
+    #: a spiking hook hands this layer its raw input (``SpikingInput``) instead of the spiked one
+    takes_spiking_input = True
 
     def __init__(self, in_features: int, out_features: int, bias: bool, group_size: int = 128):
         super().__init__()
-        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
-        groups = -(-in_features // group_size)
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size or in_features
+        groups = -(-in_features // self.group_size)
         self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8))
         self.register_buffer("weight_scale", torch.ones(out_features, groups, dtype=torch.float32))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        self.integer_matmul = True
+        self._layout: tuple | None = None
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, group_size: int = 128, clip: torch.Tensor | None = None) -> "Int8Linear":
         """Quantize a dense linear layer (optionally with calibrated clip ratios)."""
         layer = cls(linear.in_features, linear.out_features, linear.bias is not None, group_size)
-        codes, scales = quantize_groups(linear.weight, group_size, clip)
+        codes, scales = quantize_groups(linear.weight, layer.group_size, clip)
         layer.weight.copy_(codes)
         layer.weight_scale.copy_(scales)
         if linear.bias is not None:
@@ -114,18 +185,57 @@ class Int8Linear(nn.Module):
         """The weight as fp32."""
         return dequantize_groups(self.weight, self.weight_scale, self.group_size)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | SpikingInput) -> torch.Tensor:
+        if isinstance(x, SpikingInput):
+            if self.integer_matmul and not torch.is_grad_enabled() and int8_matmul_available(x.x.device):
+                return self._integer_forward(x.x, x.k)
+            x = spike_quantize(x.x, x.k)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, self.dequantized_weight().to(x.dtype), bias)
+
+    def _integer_layout(self) -> tuple[list[tuple[slice, torch.Tensor]], torch.Tensor]:
+        """Per group: its input columns and codes ``[K_g, N]`` (contiguous), and the scales ``[G, 1, N]``; rebuilt when the buffers change."""
+        key = tuple((t.data_ptr(), t._version) for t in (self.weight, self.weight_scale))
+        if self._layout is None or self._layout[0] != key:
+            columns = [slice(start, start + self.group_size) for start in range(0, self.in_features, self.group_size)]
+            groups = [(cols, self.weight[:, cols].t().contiguous()) for cols in columns]
+            self._layout = key, groups, self.weight_scale.t().unsqueeze(1).contiguous()
+        return self._layout[1], self._layout[2]
+
+    def _integer_forward(self, x: torch.Tensor, k: float) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features)
+        threshold = adaptive_threshold(flat, k)
+        low, carried = _fused_low_plane(flat, threshold)
+        groups, scales = self._integer_layout()
+        products = torch.empty(len(groups), flat.shape[0], self.out_features, dtype=torch.int32, device=x.device)
+        for g, (cols, codes_t) in enumerate(groups):
+            torch._int_mm(low[:, cols], codes_t, out=products[g])
+        y = _fused_dequantize(products, threshold, scales, self.bias)
+        rows = carried.nonzero().squeeze(1)
+        if rows.numel():  # counts beyond ±127: add 128 x the carries' product, exactly, for these rows
+            _, carry = split_digits(round_half_up(flat[rows] / threshold[rows]))
+            exact = products[:, rows].long() + 128 * torch.stack([integer_matmul(carry[:, cols], codes_t) for cols, codes_t in groups])
+            y[rows] = _dequantize(exact, threshold[rows], scales, self.bias)
+        return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, int8 groups of {self.group_size}"
 
 
+def set_integer_matmul(model: nn.Module, enabled: bool) -> int:
+    """Turn the integer path of every ``Int8Linear`` in ``model`` on (the default) or off (the fp32 simulation); returns how many."""
+    layers = [m for m in model.modules() if isinstance(m, Int8Linear)]
+    for layer in layers:
+        layer.integer_matmul = bool(enabled)
+    return len(layers)
+
+
 def weight_quantization_settings(group_size: int = 128, targets: Iterable[str] = DEFAULT_TARGETS) -> dict:
     """The validated ``config.weight_quantization`` dictionary."""
-    if int(group_size) != group_size or group_size < 1:
-        raise ValueError(f"weight_quantization group_size must be a positive integer (W8ASpike uses 128), got {group_size}")
+    if int(group_size) != group_size or group_size < 0:
+        raise ValueError(
+            f"weight_quantization group_size must be a positive integer (W8ASpike uses 128) or 0 (per output channel), got {group_size}"
+        )
     targets = list(targets)
     if not targets:
         raise ValueError(f"weight_quantization targets must name projections like {list(DEFAULT_TARGETS)}")

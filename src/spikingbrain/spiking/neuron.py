@@ -13,9 +13,19 @@ its spikes is ``s``: the collapsed form is exact, not an approximation of the si
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
-__all__ = ["adaptive_threshold", "spike_counts", "spike_quantize", "integrate_and_fire", "THRESHOLD_RANGE"]
+__all__ = [
+    "adaptive_threshold",
+    "round_half_up",
+    "spike_counts",
+    "spike_quantize",
+    "integrate_and_fire",
+    "SpikingInput",
+    "THRESHOLD_RANGE",
+]
 
 #: Clamp of the threshold, as in the released W8ASpike code.
 THRESHOLD_RANGE = (1e-5, 1e4)
@@ -28,11 +38,23 @@ def adaptive_threshold(x: torch.Tensor, k: float = 3.0) -> torch.Tensor:
     return (x.abs().mean(-1, keepdim=True) / k).clamp(*THRESHOLD_RANGE)
 
 
+def round_half_up(q: torch.Tensor) -> torch.Tensor:
+    """``floor(q + 1/2)`` exactly, in ``q``'s dtype: round half to even, then lift the ties it rounded down."""
+    rounded = torch.round(q)
+    return rounded + (q - rounded == 0.5).to(q.dtype)  # q - round(q) is exact in floating point
+
+
 def spike_counts(x: torch.Tensor, k: float = 3.0) -> tuple[torch.Tensor, torch.Tensor]:
     """``(counts, threshold)``: signed integer spike counts ``floor(x / V_th + 1/2)`` (int32) and ``V_th``."""
     threshold = adaptive_threshold(x, k)
-    # the + 1/2 in fp64 is exact for any fp32 quotient, so ties and near-ties match the simulation
-    return torch.floor((x / threshold).double() + 0.5).to(torch.int32), threshold
+    return round_half_up(x / threshold).to(torch.int32), threshold
+
+
+class SpikingInput(NamedTuple):
+    """What a spiking hook hands to a layer that computes with the counts itself: the raw input and ``k``."""
+
+    x: torch.Tensor
+    k: float
 
 
 class _StraightThrough(torch.autograd.Function):

@@ -1,0 +1,135 @@
+"""The integer path of spiking INT8 layers (``torch._int_mm``) against the fp32 simulation and hand-computed integer products.
+
+References: the simulation is the spiked input (``spike_quantize``) times the dequantised
+weight, which the layer computes when its integer path is off; integer products are summed
+here with Python integers.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from reference_impl import assert_close
+from spikingbrain import SpikingBrainConfig, SpikingBrainForCausalLM
+from spikingbrain.ops.int8 import int8_matmul_available, integer_matmul, split_digits
+from spikingbrain.spiking.apply import spikify
+from spikingbrain.spiking.int8 import Int8Linear, fused_passes, quantize_model_int8, set_integer_matmul
+from spikingbrain.spiking.neuron import SpikingInput, round_half_up, spike_counts, spike_quantize
+
+pytestmark = pytest.mark.skipif(not int8_matmul_available("cpu"), reason="this torch has no CPU int8 matmul")
+
+
+def test_integer_matmul_by_hand():
+    values = torch.tensor([[300.0, -5.0, 2000.0, 127.0], [-128.0, 0.0, 1.0, -16500.0], [1.0, 2.0, 3.0, 4.0]])
+    codes = torch.tensor([[1, -2], [3, 4], [-127, 5], [7, 127]], dtype=torch.int8)
+    # row 0, column 0: 300·1 − 5·3 + 2000·(−127) + 127·7 = 300 − 15 − 254000 + 889
+    assert integer_matmul(values, codes)[0, 0].item() == -252826
+    expected = [[sum(int(v) * int(c) for v, c in zip(row, col)) for col in codes.T.tolist()] for row in values.tolist()]
+    assert integer_matmul(values, codes).tolist() == expected
+
+
+def test_digits_recombine_exactly():
+    values = torch.tensor([0.0, 127, -127, 128, -128, 191, 192, -16500, 70000, 123456789])
+    low, carry = split_digits(values)
+    assert (low.double() + 128 * carry.double()).tolist() == values.double().tolist()
+    assert torch.equal(carry[:3], torch.zeros(3))  # counts within ±127 need no carry
+
+
+def test_round_half_up_equals_the_fp64_formula():
+    gen = torch.Generator().manual_seed(0)
+    q = torch.cat([torch.randn(10000, generator=gen) * 300, torch.arange(-40, 40) / 2, torch.tensor([0.49999997, -0.50000006, 2.5000002])])
+    q = torch.cat([q, q.nextafter(torch.tensor(float("inf"))), q.nextafter(torch.tensor(float("-inf")))])
+    assert torch.equal(round_half_up(q), torch.floor(q.double() + 0.5).float())
+
+
+def _layer(in_features, out_features, group_size, bias, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    linear = torch.nn.Linear(in_features, out_features, bias=bias)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(out_features, in_features, generator=gen))
+        if bias:
+            linear.bias.copy_(torch.randn(out_features, generator=gen))
+    return Int8Linear.from_linear(linear, group_size)
+
+
+def _massive(shape, seed=1):
+    """Inputs whose spike counts reach thousands (massive activations in a few channels)."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(*shape, generator=gen)
+    x[:, ::7, 5] = 1e5  # the count of this channel nears k · channels where it dominates the threshold
+    x[0, ::5, 17] = -3e4
+    return x
+
+
+@pytest.mark.parametrize("group_size", [128, 0, 64])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("compiled", [True, False])
+def test_integer_path_equals_the_simulation_on_large_counts(group_size, bias, compiled):
+    layer = _layer(1100, 24, group_size, bias)
+    x = _massive((3, 40, 1100))
+    counts, threshold = spike_counts(x)
+    assert counts.abs().max() > 2000 and (counts.abs() > 127).any(-1).float().mean() < 0.3
+    fused_passes(compiled)
+    try:
+        with torch.inference_mode():
+            integer = layer(SpikingInput(x, 3.0))
+            simulated = torch.nn.functional.linear(spike_quantize(x, 3.0), layer.dequantized_weight(), layer.bias)
+    finally:
+        fused_passes(True)
+    # fp32 rounding of the simulation: a few ulps of the sum of the magnitudes of its terms
+    bound = 4e-7 * (counts.abs().float() * threshold) @ layer.dequantized_weight().abs().T + 1e-6
+    assert ((integer - simulated).abs() <= bound).all()
+
+
+def test_integer_path_by_hand():
+    layer = Int8Linear(4, 2, bias=True, group_size=2)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[1, -2, 3, 4], [-127, 5, 7, 127]], dtype=torch.int8))
+        layer.weight_scale.copy_(torch.tensor([[0.5, 0.25], [2.0, 1.0]]))
+        layer.bias.copy_(torch.tensor([1.0, -1.0]))
+    # mean |x| = 0.9375; with k = 375 the threshold is 0.0025 and the counts reach 1200
+    x = torch.tensor([[3.0, -0.5, 0.25, 0.0]])
+    counts, threshold = spike_counts(x, k=375.0)
+    assert counts.tolist() == [[1200, -200, 100, 0]]
+    v = threshold.item()
+    row0 = v * (0.5 * (1200 * 1 + -200 * -2) + 0.25 * (100 * 3)) + 1.0
+    row1 = v * (2.0 * (1200 * -127 + -200 * 5) + 1.0 * (100 * 7)) - 1.0
+    with torch.inference_mode():
+        assert layer(SpikingInput(x, 375.0)).tolist()[0] == pytest.approx([row0, row1], rel=1e-6)
+
+
+def test_outside_inference_the_layer_simulates_with_a_straight_through_gradient():
+    layer = _layer(40, 6, 16, True)
+    x = torch.randn(5, 40, requires_grad=True)
+    y = layer(SpikingInput(x, 3.0))
+    assert torch.equal(y, torch.nn.functional.linear(spike_quantize(x, 3.0), layer.dequantized_weight(), layer.bias))
+    y.sum().backward()
+    assert_close(x.grad, layer.dequantized_weight().sum(0).expand(5, 40), 1e-6, "straight-through gradient")
+
+
+def _int_mm_calls(model, ids):
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile, torch.inference_mode():
+        logits = model(ids).logits
+    return logits, sum(event.count for event in profile.key_averages() if event.key == "aten::_int_mm")
+
+
+def test_a_saved_spiking_int8_model_uses_the_integer_path_and_equals_the_simulation(tmp_path):
+    config = SpikingBrainConfig(
+        vocab_size=64, hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2,
+        num_hidden_layers=2, layer_mixers=["gla", "swa"], sliding_window=5, max_position_embeddings=256,
+    )
+    model = SpikingBrainForCausalLM(config).eval()
+    with torch.no_grad():
+        model.model.embeddings.weight[:, 3] *= 2000  # a massive-activation channel: counts in the thousands
+    ids = torch.randint(0, 64, (2, 20), generator=torch.Generator().manual_seed(0))
+    spikify(model, k=3)
+    quantize_model_int8(model, group_size=128)
+    model.save_pretrained(tmp_path)
+    loaded = SpikingBrainForCausalLM.from_pretrained(tmp_path).eval()
+    integer, calls = _int_mm_calls(loaded, ids)
+    assert calls > 0
+    assert set_integer_matmul(loaded, False) == 15  # q k v o gk_proj.0 gate up down; q k v o gate up down
+    simulated, calls = _int_mm_calls(loaded, ids)
+    assert calls == 0
+    assert_close(integer, simulated, 1e-4, "logits, integer path against simulation")
