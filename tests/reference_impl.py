@@ -170,9 +170,10 @@ class SpikingWeights(dict):
     ``floor(x / V_th + 1/2)`` with ``V_th = clamp(mean|x| / k, 1e-5, 1e4)`` per token, written out here
     independently of the library. Options: spike the post-RoPE query per head; INT8 K/V per token and head."""
 
-    def __init__(self, state, k=3.0, spike_query=False, int8_kv=False):
+    def __init__(self, state, k=3.0, spike_query=False, int8_kv=False, dense_inputs=()):
         super().__init__(state)
         self.spike_k, self.spike_query, self.int8_kv = k, spike_query, int8_kv
+        self.dense_inputs = tuple(dense_inputs)  # projections (name endings) whose inputs do not spike
 
 
 def spike_reference(x, k):
@@ -192,7 +193,7 @@ _SPIKED = ("q_proj", "k_proj", "v_proj", "o_proj", "gk_proj.0", "gate_proj", "up
 
 
 def _linear(sd, name, x):
-    if getattr(sd, "spike_k", None) and name.endswith(_SPIKED):
+    if getattr(sd, "spike_k", None) and name.endswith(_SPIKED) and not name.endswith(getattr(sd, "dense_inputs", ())):
         x = spike_reference(x, sd.spike_k)
     y = x @ sd[f"{name}.weight"].double().T
     bias = sd.get(f"{name}.bias")

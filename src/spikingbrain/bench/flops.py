@@ -34,7 +34,7 @@ def projection_params_per_token(config) -> dict[str, int]:
     h, D = config.hidden_size, config.head_dim
     H, Hkv = config.num_attention_heads, config.num_key_value_heads
     qkvo = h * H * D + 2 * h * Hkv * D + H * D * h
-    gate = h * config.gla_gate_rank + config.gla_gate_rank * Hkv * D
+    gate = h * Hkv * D if config.gla_gate_rank == 0 else h * config.gla_gate_rank + config.gla_gate_rank * Hkv * D
     mlp = 3 * h * config.intermediate_size
     n_gla = sum(1 for m in config.layer_mixers if m == "gla")
     return {

@@ -80,7 +80,7 @@ def calibrate_gla(
         o = target.reshape(-1, mixer.num_heads, mixer.head_dim).double()
         mixer.g_norm.weight.fill_(1.0)
         if gate_grid and not mixer.key_tied:  # a key-tied gate has no parameters to fit
-            bias = mixer.gk_proj[1].bias
+            bias = mixer.gate_bias
             group = mixer.num_heads // mixer.num_kv_heads
             scores = []
             for value in gate_grid:

@@ -35,7 +35,8 @@ class SpikingBrainConfig(PretrainedConfig):
     ``keep_first_tokens`` first positions of a sequence stay visible to every sliding-window
     query after the window has passed them (StreamingLLM's attention sinks; 0 = plain window).
     GLA options: ``gla_feature_map`` on q and k; ``gla_gate="lowrank"`` (7B: gate of rank
-    ``gla_gate_rank`` with log decay ``logsigmoid(gate) / gla_gate_normalizer``) or
+    ``gla_gate_rank`` with log decay ``logsigmoid(gate) / gla_gate_normalizer``; rank 0: one
+    full-rank ``gk_proj`` linear, the released W8ASpike layout) or
     ``"key_tied"`` (76B: decay ``1 - k`` with sigmoid features, no gate parameters); per-head
     output RMSNorm. ``num_sink_tokens`` learnable sink states per layer give keys and values
     that every query of every softmax attention sees (never in outputs, no position shift).

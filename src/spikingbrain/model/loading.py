@@ -13,6 +13,7 @@ from .hf_import import TRANSFORMER_FAMILIES, load_transformer
 from .modeling import SpikingBrainForCausalLM
 from .official import GLAswaConfig
 from .shipped import resolve_folder
+from .w8aspike_release import is_w8aspike_release, load_w8aspike_release
 
 __all__ = ["resolve_folder", "read_source_config", "load_model", "load_tokenizer", "NATIVE_TYPES"]
 
@@ -32,10 +33,16 @@ def read_source_config(folder: Path) -> tuple[dict, bool]:
 
 
 def load_model(ref: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> SpikingBrainForCausalLM:
-    """A SpikingBrain model (eval mode) for any supported reference; Llama-family folders load as all-``full`` layers."""
+    """A SpikingBrain model (eval mode) for any supported reference; Llama-family folders load as all-``full`` layers,
+    released W8ASpike folders as INT8 spiking models (:mod:`.w8aspike_release`)."""
     folder = resolve_folder(ref)
-    _, native = read_source_config(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype) if native else load_transformer(folder, dtype=dtype)
+    raw, native = read_source_config(folder)
+    if raw["model_type"] == GLAswaConfig.model_type and is_w8aspike_release(folder):
+        model = load_w8aspike_release(folder, dtype=dtype)
+    elif native:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    else:
+        model = load_transformer(folder, dtype=dtype)
     return model.to(device).eval()
 
 

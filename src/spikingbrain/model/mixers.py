@@ -93,7 +93,9 @@ class GatedLinearAttention(_Mixer):
         super().__init__(config, projections)
         hidden, D = config.hidden_size, config.head_dim
         self.key_tied = config.gla_gate == "key_tied"
-        if not self.key_tied:
+        if not self.key_tied and config.gla_gate_rank == 0:  # full rank: the released W8ASpike layout
+            self.gk_proj = nn.Linear(hidden, self.num_kv_heads * D, bias=True)
+        elif not self.key_tied:
             self.gk_proj = nn.Sequential(
                 nn.Linear(hidden, config.gla_gate_rank, bias=False),
                 nn.Linear(config.gla_gate_rank, self.num_kv_heads * D, bias=True),
@@ -102,6 +104,11 @@ class GatedLinearAttention(_Mixer):
         self.feature_map = _FEATURE_MAPS[config.gla_feature_map]()
         self.gate_normalizer = config.gla_gate_normalizer
         self.chunk_size = config.gla_chunk_size
+
+    @property
+    def gate_bias(self) -> nn.Parameter:
+        """The bias of the gate's output (low rank: of its second linear)."""
+        return self.gk_proj.bias if isinstance(self.gk_proj, nn.Linear) else self.gk_proj[1].bias
 
     def log_decay(self, x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """Log decay per key channel ``[B, T, Hkv, D]`` (fp32) from the input and the key pre-activation.

@@ -111,7 +111,7 @@ class SpikingBrainPreTrainedModel(PreTrainedModel):
         super()._init_weights(module)
         if isinstance(module, GatedLinearAttention) and not module.key_tied:
             # New gate parameters as in the SpikingBrain release: xavier-uniform with gain 2^-2.5, zero bias.
-            for linear in module.gk_proj:
+            for linear in (m for m in module.gk_proj.modules() if isinstance(m, nn.Linear)):
                 init.xavier_uniform_(linear.weight, gain=2**-2.5)
                 if linear.bias is not None:
                     init.zeros_(linear.bias)

@@ -31,8 +31,8 @@ def official_config_dict(config: SpikingBrainConfig) -> dict:
         problems.append(f"layer_mixers {config.layer_mixers} (only gla and swa exist in the official format)")
     if config.gla_feature_map != "relu":
         problems.append(f"gla_feature_map={config.gla_feature_map!r} (official: relu)")
-    if config.gla_gate != "lowrank":
-        problems.append(f"gla_gate={config.gla_gate!r} (official: lowrank)")
+    if config.gla_gate != "lowrank" or config.gla_gate_rank == 0:
+        problems.append(f"gla_gate={config.gla_gate!r} of rank {config.gla_gate_rank} (official: lowrank, rank >= 1)")
     if config.num_sink_tokens:
         problems.append(f"num_sink_tokens={config.num_sink_tokens} (the official format has no sinks)")
     if config.num_experts:

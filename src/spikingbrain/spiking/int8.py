@@ -230,8 +230,8 @@ def set_integer_matmul(model: nn.Module, enabled: bool) -> int:
     return len(layers)
 
 
-def weight_quantization_settings(group_size: int = 128, targets: Iterable[str] = DEFAULT_TARGETS) -> dict:
-    """The validated ``config.weight_quantization`` dictionary."""
+def weight_quantization_settings(group_size: int = 128, targets: Iterable[str] = DEFAULT_TARGETS, dense: Iterable[str] = ()) -> dict:
+    """The validated ``config.weight_quantization`` dictionary; ``dense`` names target modules that keep a dense weight."""
     if int(group_size) != group_size or group_size < 0:
         raise ValueError(
             f"weight_quantization group_size must be a positive integer (W8ASpike uses 128) or 0 (per output channel), got {group_size}"
@@ -239,7 +239,8 @@ def weight_quantization_settings(group_size: int = 128, targets: Iterable[str] =
     targets = list(targets)
     if not targets:
         raise ValueError(f"weight_quantization targets must name projections like {list(DEFAULT_TARGETS)}")
-    return {"bits": 8, "group_size": int(group_size), "targets": targets}
+    dense = sorted(dense)
+    return {"bits": 8, "group_size": int(group_size), "targets": targets, **({"dense": dense} if dense else {})}
 
 
 def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -249,8 +250,9 @@ def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
 
 def prepare_int8_layers(model: nn.Module, settings: dict) -> None:
     """Swap the target linear layers for empty ``Int8Linear`` ones, so INT8 weights can be loaded into them."""
+    dense = set(settings.get("dense", ()))
     for name, linear in spiking_linears(model, settings["targets"]).items():
-        if isinstance(linear, nn.Linear):
+        if isinstance(linear, nn.Linear) and name not in dense:
             _replace(model, name, Int8Linear(linear.in_features, linear.out_features, linear.bias is not None, settings["group_size"]))
 
 
