@@ -1,0 +1,158 @@
+"""Prefill tokens/s of the integer spiking path against fp32 dense of the same model, side by side in one run.
+
+Usage: python benchmarks/int8_prefill.py [--model spikingbrain-smollm2] [--lengths 4k,16k,64k] [--out DIR]
+
+Variants, each timed on the same prompt of every length (``model(ids, use_cache=True,
+logits_to_keep=1)`` under ``torch.inference_mode()``, streaming prefill as the model does it):
+``fp32_dense``; ``int8_spiking_integer`` (W8ASpike: INT8 group weights, spiking k = 3, the
+integer path with fused passes); ``int8_spiking_simulated`` (the same weights, fp32
+simulation). With ``--layer-shape`` also one projection alone: fp32 linear, integer path with
+torch.compile'd passes and with eager passes. Without ``--model`` the model is a random
+SmolLM2-135M-shaped hybrid (its activations have no massive outliers, so carries are rarer than
+in a trained model). Writes int8_prefill.json (load average before and after, machine) and
+int8_prefill.png. A busy machine makes every figure slower and the ratios noisy: compare the
+load average with the core count before reading them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from pathlib import Path
+
+import torch
+
+from spikingbrain import SpikingBrainConfig, SpikingBrainForCausalLM
+from spikingbrain.bench.common import time_call
+from spikingbrain.runtime.lengths import format_length, parse_lengths
+from spikingbrain.runtime.machine import load_average, machine_info, set_threads
+from spikingbrain.runtime.records import command_line, write_json
+from spikingbrain.spiking.apply import spikify, unspikify
+from spikingbrain.spiking.int8 import fused_passes, quantize_model_int8, set_integer_matmul
+from spikingbrain.spiking.neuron import SpikingInput
+
+VARIANTS = ("fp32_dense", "int8_spiking_integer", "int8_spiking_simulated")
+
+
+def smollm2_shaped(window: int) -> SpikingBrainForCausalLM:
+    """A random hybrid with SmolLM2-135M's shapes (30 layers, hidden 576, FFN 1536)."""
+    config = SpikingBrainConfig(
+        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+        num_attention_heads=9, num_key_value_heads=3, sliding_window=window, rope_theta=1e5,
+    )
+    torch.manual_seed(0)
+    return SpikingBrainForCausalLM(config).eval()
+
+
+def models(model_ref: str | None, window: int, group_size: int) -> dict[str, SpikingBrainForCausalLM]:
+    """The dense fp32 model and its W8ASpike copy (round-to-nearest INT8 weights, spiking k = 3)."""
+    if model_ref:
+        from spikingbrain.model.loading import load_model
+
+        dense = unspikify(load_model(model_ref))
+        if dense.config.weight_quantization:
+            raise SystemExit(f"{model_ref}: already INT8; give the dense model, the benchmark quantises it")
+    else:
+        dense = smollm2_shaped(window)
+    w8aspike = copy.deepcopy(dense)
+    spikify(w8aspike, k=3)
+    quantize_model_int8(w8aspike, group_size=group_size)
+    return {"dense": dense, "w8aspike": w8aspike}
+
+
+def time_prefill(model, length: int, repeats: int, max_seconds: float) -> dict:
+    ids = torch.randint(3, model.config.vocab_size, (1, length), generator=torch.Generator().manual_seed(length))
+
+    def prefill():
+        model(ids, use_cache=True, logits_to_keep=1)
+
+    with torch.inference_mode():
+        timing = time_call(prefill, repeats=repeats, warmup=1, max_seconds=max_seconds)
+    return {"seconds": timing["median_s"], "tokens_per_s": length / timing["median_s"], "runs": timing["runs"],
+            "cpu_per_wall": timing["cpu_per_wall"]}
+
+
+def time_layer(shape: tuple[int, int, int], group_size: int, repeats: int) -> dict:
+    """One projection ``[M, K] -> [M, N]``: fp32 linear, integer path with compiled and with eager passes (ms)."""
+    from spikingbrain.spiking.int8 import Int8Linear
+
+    M, K, N = shape
+    linear = torch.nn.Linear(K, N, bias=False)
+    layer = Int8Linear.from_linear(linear, group_size)
+    x = torch.randn(M, K, generator=torch.Generator().manual_seed(0))
+    result = {"shape": list(shape)}
+    with torch.inference_mode():
+        result["fp32_linear_ms"] = 1e3 * time_call(lambda: linear(x), repeats=repeats, warmup=2)["median_s"]
+        for name, compiled in (("integer_compiled_ms", True), ("integer_eager_ms", False)):
+            fused_passes(compiled)
+            result[name] = 1e3 * time_call(lambda: layer(SpikingInput(x, 3.0)), repeats=repeats, warmup=2)["median_s"]
+    fused_passes(True)
+    return result
+
+
+def plot(result: dict, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["prefill"]
+    labels = [format_length(r["length"]) for r in rows]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    width = 0.8 / len(VARIANTS)
+    for i, variant in enumerate(VARIANTS):
+        ax.bar([j + i * width for j in range(len(rows))], [r[variant]["tokens_per_s"] for r in rows], width, label=variant)
+    ax.set_xticks([j + width for j in range(len(rows))], labels)
+    ax.set_xlabel("prompt tokens")
+    ax.set_ylabel("prefill tokens/s")
+    load = result["load_average_before"]
+    ax.set_title(f"prefill, {result['machine']['torch_threads']} threads, load average {load[0] if load else '?'}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None, help="a dense model reference (default: random SmolLM2-135M-shaped hybrid)")
+    parser.add_argument("--lengths", default="4k,16k,64k", help="prompt lengths, e.g. 4k,16k,64k")
+    parser.add_argument("--window", type=int, default=2048, help="sliding window of the random model")
+    parser.add_argument("--group-size", type=int, default=128, help="INT8 weight group (0: per output channel)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--max-seconds", type=float, default=120.0, help="stop repeating a measurement after this long")
+    parser.add_argument("--layer-shape", default="4096,576,1536", help="M,K,N of the single-projection measurement ('' skips it)")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--out", default="runs/bench-int8-prefill")
+    args = parser.parse_args(argv)
+
+    threads = set_threads(args.threads)
+    result = {"command": command_line(), "machine": {**machine_info(), "torch_threads": threads},
+              "load_average_before": load_average(), "settings": vars(args)}
+    if args.layer_shape:
+        result["layer"] = time_layer(tuple(int(v) for v in args.layer_shape.split(",")), args.group_size, args.repeats)
+        print(f"layer {result['layer']}", file=sys.stderr)
+    built = models(args.model, args.window, args.group_size)
+    result["prefill"] = []
+    for length in parse_lengths(args.lengths):
+        row = {"length": length}
+        row["fp32_dense"] = time_prefill(built["dense"], length, args.repeats, args.max_seconds)
+        for variant, integer in (("int8_spiking_integer", True), ("int8_spiking_simulated", False)):
+            set_integer_matmul(built["w8aspike"], integer)
+            row[variant] = time_prefill(built["w8aspike"], length, args.repeats, args.max_seconds)
+        row["integer_over_dense"] = row["int8_spiking_integer"]["tokens_per_s"] / row["fp32_dense"]["tokens_per_s"]
+        print(f"{format_length(length)}: " + ", ".join(f"{v} {row[v]['tokens_per_s']:.0f} tok/s" for v in VARIANTS)
+              + f", integer / dense {row['integer_over_dense']:.2f}x", file=sys.stderr)
+        result["prefill"].append(row)
+    result["load_average_after"] = load_average()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    result["files"] = {"json": str(out / "int8_prefill.json"), "png": str(plot(result, out / "int8_prefill.png"))}
+    write_json(out / "int8_prefill.json", result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
