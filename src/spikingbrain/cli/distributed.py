@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from ..distributed.options import DEFAULT_TIMEOUT_S
+from ..model.names import SHORT_NAMES
 
 __all__ = ["register"]
 
@@ -16,7 +17,7 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "prefill", help="sequence-parallel prefill of one prompt over several processes (writes logits and the final cache)"
     )
-    parser.add_argument("--model", default="default", help="model folder, 'default' or 'spikingbrain-smollm2'")
+    parser.add_argument("--model", default="default", help=f"model folder or short name ({', '.join(SHORT_NAMES)})")
     parser.add_argument("--text", required=True, help="text file holding the prompt")
     parser.add_argument("--nproc", type=int, default=2, help="local processes to start (ignored under torchrun)")
     parser.add_argument("--out", required=True, help="output .safetensors: key 'logits' (last position) and the cache tensors")

@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+from ..model.names import SHORT_NAMES
+
 __all__ = ["register"]
 
 
@@ -36,7 +38,7 @@ def _sampling_from_args(args: argparse.Namespace):
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="default", help="model folder or short name ('default', 'spikingbrain-smollm2')")
+    parser.add_argument("--model", default="default", help=f"model folder or short name ({', '.join(SHORT_NAMES)})")
     parser.add_argument("--chunk-size", type=int, default=256, help="tokens per prefill step (snapshots fall on its multiples)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
 

@@ -17,7 +17,10 @@ MIXER_TYPES = ("gla", "swa", "full", *PARALLEL_MIXERS)
 PRESET_NAMES = ("spikingbrain-7b", "spikingbrain-76b")
 
 #: Short name of a shipped conversion -> its delta file inside the package (src/spikingbrain/shipped/).
-SHIPPED_MODELS = {"spikingbrain-smollm2": "spikingbrain-smollm2.safetensors"}
+SHIPPED_MODELS = {
+    "spikingbrain-smollm2": "spikingbrain-smollm2.safetensors",  # the SpikingBrain-7B layout: GLA + SWA, constant state
+    "spikingbrain-smollm2-hybrid": "spikingbrain-smollm2-hybrid.safetensors",  # the 76B layout scaled down
+}
 #: Short names accepted wherever a model folder is: the embedded teacher and the shipped conversions.
 SHORT_NAMES = ("default", *SHIPPED_MODELS)
 

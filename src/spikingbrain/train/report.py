@@ -44,7 +44,9 @@ def plot_training_curve(run: str | Path) -> tuple[Path, Path]:
     if with_passkey:
         _plot_passkey(axes[0][1], with_passkey, curve["teacher_passkey"] or {})
     ax.set_xscale("log")
-    ax.set_yscale("log")
+    ratios = [p["ppl_ratio"] for p in curve["points"]]
+    if max(ratios) > 3 * min(ratios):  # a conversion from far away: a log axis; a narrow range reads better linear
+        ax.set_yscale("log")
     ax.axhline(1.15, color="gray", linestyle="--", linewidth=1, label="target 1.15")
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set_xlabel("training tokens (the untrained conversion is drawn at 1)")
