@@ -390,7 +390,8 @@ def _answer_span(tokenizer, prompt: str, answer: str) -> tuple[list[int], int, i
 
 
 def encode_chat_example(tokenizer, prompt: str, answer: str, max_len: int | None = None) -> tuple[list[int], list[bool]]:
-    """``(input_ids, loss_mask)`` of [user: prompt][assistant: answer] in the chat template, True on the answer and its end token.
+    """``(input_ids, loss_mask)`` of a user turn holding ``prompt`` and an assistant turn holding ``answer`` in the chat
+    template, True on the answer and its end token.
 
     Over ``max_len`` tokens the middle of the prompt is cut (its start and its end, where the
     question usually stands, are kept, joined by ``[...]``); an answer that cannot fit even
