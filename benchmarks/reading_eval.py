@@ -18,26 +18,10 @@ teacher next to the conversion issue's targets.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 DEPTHS = [0.1, 0.5, 0.9]
-
-
-def corpus_ids(tokenizer, path: Path, max_tokens: int):
-    """The first ``max_tokens`` tokens of a corpus part's documents, each followed by EOS (as training packs them)."""
-    import torch
-
-    from spikingbrain.train.data import load_documents, separator_for, tokenize_documents
-
-    separator = separator_for(tokenizer)
-    flat: list[int] = []
-    for document in tokenize_documents(load_documents([path]), tokenizer, separator):
-        flat += [*document, separator]
-        if len(flat) >= max_tokens:
-            break
-    return torch.tensor(flat[:max_tokens], dtype=torch.long)
 
 
 def score_models(models: dict, tokenizer, args) -> dict:
@@ -45,9 +29,11 @@ def score_models(models: dict, tokenizer, args) -> dict:
     from spikingbrain.eval.needle import run_needle
     from spikingbrain.eval.passkey import run_passkey
     from spikingbrain.eval.perplexity import perplexity
+    from spikingbrain.train.data import joined_token_ids, load_documents
 
     corpus = Path(args.corpus)
-    texts = {part: corpus_ids(tokenizer, corpus / f"{part}.jsonl", args.ppl_tokens) for part in ("held_out", "absent")}
+    texts = {part: joined_token_ids(load_documents([corpus / f"{part}.jsonl"]), tokenizer, args.ppl_tokens)
+             for part in ("held_out", "absent")}
     result = {"perplexity": {name: {} for name in models}}
     for name, model in models.items():
         for part, ids in texts.items():

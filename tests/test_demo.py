@@ -145,7 +145,6 @@ def test_demo_reports_a_further_model_beside_ours(tiny_folders, tmp_path, capsys
 
     from spikingbrain.demo import also_models
     from spikingbrain.eval.perplexity import perplexity
-    from spikingbrain.model.shipped import shipped_conversions_of
     from spikingbrain.model.loading import load_model, load_tokenizer
 
     ours, teacher = tiny_folders
@@ -174,4 +173,4 @@ def test_demo_reports_a_further_model_beside_ours(tiny_folders, tmp_path, capsys
     assert f"{other}: held-out perplexity" in printed.out and f"{other}: pass-key accuracy at 96" in printed.out
     # 'auto' names the shipped conversions of the teacher other than ours; 'none' is dropped by the command line
     assert also_models(["auto"], str(teacher), str(ours)) == []
-    assert also_models(["auto", "x", "x"], "default", "spikingbrain-smollm2") == [*shipped_conversions_of("default")[1:], "x"]
+    assert also_models(["auto", "x", "x"], "default", "spikingbrain-smollm2") == ["spikingbrain-smollm2-hybrid", "x"]

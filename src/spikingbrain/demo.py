@@ -47,14 +47,10 @@ LONG = {"ttft": [512 * 2**i for i in range(10)], "baseline_ttft": [512 * 2**i fo
 
 def held_out_ids(tokenizer, max_tokens: int = 8192, seed: int = 0, fraction: float = 0.1):
     """The first ``max_tokens`` of the held-out pydoc documents joined by EOS (as conversion training measures them)."""
-    import torch
-
-    from .train.data import load_documents, separator_for, split_held_out, tokenize_documents
+    from .train.data import joined_token_ids, load_documents, split_held_out
 
     _, held = split_held_out(load_documents(["pydoc"]), fraction, seed)
-    separator = separator_for(tokenizer)
-    flat = [t for doc in tokenize_documents(held, tokenizer, separator) for t in (*doc, separator)]
-    return torch.tensor(flat[:max_tokens], dtype=torch.long)
+    return joined_token_ids(held, tokenizer, max_tokens)
 
 
 def spiking_section(ours, ids, report_dir: Path, context: int) -> dict:

@@ -158,19 +158,15 @@ def test_new_parameters_train_at_their_own_learning_rate(tmp_path, pair):
     trainer = Trainer(config, progress=False)
     before = {n: p.detach().clone() for n, p in trainer.student.named_parameters()}
     trainer.run()
-    trained = load_file_tensors(tmp_path / "run" / "checkpoints" / "step-1" / "trained.safetensors")
+    from safetensors.torch import load_file
+
+    trained = load_file(str(tmp_path / "run" / "checkpoints" / "step-1" / "trained.safetensors"))
     new = trainer._new_parameter_names()
     moves = {n: (t - before[n]).abs().max().item() for n, t in trained.items()}
     moved = {n: m for n, m in moves.items() if m > 0}  # LoRA's A factors get no gradient while B is still zero
     assert any(n in new for n in moved) and any(n not in new for n in moved)
     for name, move in moved.items():
         assert move == pytest.approx(1e-2 if name in new else 1e-3, rel=1e-3), name
-
-
-def load_file_tensors(path: Path) -> dict:
-    from safetensors.torch import load_file
-
-    return load_file(str(path))
 
 
 def test_checkpoint_from_before_a_new_config_key_resumes(tmp_path, pair):

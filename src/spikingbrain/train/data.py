@@ -35,6 +35,7 @@ __all__ = [
     "tokenize_documents",
     "encode_documents",
     "encode_chat_example",
+    "joined_token_ids",
     "pack",
     "pack_loss_masks",
     "PackedBatches",
@@ -217,6 +218,15 @@ def encode_documents(documents: list[Document], tokenizer, separator_id: int | N
         except ValueError as err:
             raise ValueError(f"{doc.name}: {err}") from None
     return result
+
+
+def joined_token_ids(documents: list[Document], tokenizer, max_tokens: int | None = None,
+                     separator_id: int | None = None) -> torch.LongTensor:
+    """The documents' ids each followed by the separator (default EOS), as one 1-D tensor of at most ``max_tokens``:
+    the text a held-out perplexity is measured on, joined as training packs it."""
+    separator = separator_for(tokenizer) if separator_id is None else int(separator_id)
+    flat = [t for ids in tokenize_documents(documents, tokenizer, separator) for t in (*ids, separator)]
+    return torch.tensor(flat[:max_tokens], dtype=torch.long)
 
 
 def pack(token_lists: list[list[int]], seq_len: int, separator_id: int) -> torch.LongTensor:

@@ -32,7 +32,7 @@ from ..model.shipped import write_delta
 from ..runtime.machine import flushing_denormals
 from ..spiking.apply import spikify
 from .config import StageConfig, TrainConfig, comparable_fingerprint
-from .data import PackedBatches, encode_documents, load_documents, pack, pack_loss_masks, split_held_out, tokenize_documents
+from .data import PackedBatches, encode_documents, joined_token_ids, load_documents, pack, pack_loss_masks, split_held_out
 from .report import plot_training_curve
 from .lora import LoRALinear, add_lora, lora_parameters, merge_lora
 from .losses import chunked_distill_loss, full_distill_loss
@@ -144,9 +144,7 @@ class Trainer:
         # answer-only masks where the data has chat examples (None: every token is scored, as for plain text)
         masks = [mask for _, mask in encoded]
         self.train_masks = masks if any(m is not None for m in masks) else None
-        held = tokenize_documents(held_docs, self.tokenizer, self.separator)
-        flat = [t for doc in held for t in (*doc, self.separator)]
-        self.held_out_ids = torch.tensor(flat[: self.config.eval_max_tokens], dtype=torch.long)
+        self.held_out_ids = joined_token_ids(held_docs, self.tokenizer, self.config.eval_max_tokens, self.separator)
         if self.writes_files:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "held_out.txt").write_text("\n\n".join(d.text for d in held_docs))
