@@ -151,7 +151,12 @@ def timeout_error() -> APIError:
 
 @dataclass
 class Job:
-    """A request waiting for or under generation, with the queue its events go to."""
+    """A request waiting for or under generation, with the queue its events go to.
+
+    A job submitted with ``generation`` already set (anything with ``step()``, ``done`` and a
+    cache) is stepped as is, without a prefix-cache lookup: the document reader starts its
+    questions from a kept document state that way.
+    """
 
     prompt_ids: list[int]
     params: SamplingParams
@@ -235,9 +240,10 @@ class Scheduler:
         if time.monotonic() > job.deadline:
             job.send("error", timeout_error())
             return
-        snapshot = self.prefix_cache.lookup(job.prompt_ids, self.engine.chunk_size)
-        cache = None if snapshot is None else snapshot.restore(self.engine.model)
-        job.generation = self.engine.start(job.prompt_ids, job.params, cache, on_boundary=self._boundary_saver(job.prompt_ids))
+        if job.generation is None:  # a job may arrive with its own generation (the document reader's), stepped as is
+            snapshot = self.prefix_cache.lookup(job.prompt_ids, self.engine.chunk_size)
+            cache = None if snapshot is None else snapshot.restore(self.engine.model)
+            job.generation = self.engine.start(job.prompt_ids, job.params, cache, on_boundary=self._boundary_saver(job.prompt_ids))
         with self.condition:
             self.active.append(job)
 
