@@ -1,25 +1,14 @@
-"""OpenAI-compatible HTTP server: a step scheduler over per-request caches and a prefix state cache.
-
-One scheduler thread owns the model. Each request gets its own cache and generation; the
-scheduler runs one unit of work (a prefill chunk or one decoded token) of each active request
-in turn, so concurrent requests progress together without touching each other's state, and a
-request's output depends only on its own prompt and seed. Prompts are prefilled in chunks that
-end at multiples of the chunk size; the cache after such a boundary is kept in a
-:class:`PrefixCache` under the hash of the tokens before it, so a later prompt that shares the
-prefix (the same long document, the same system prompt) starts from there.
-"""
+"""OpenAI-compatible HTTP server: routes, limits and error bodies over the scheduler of :mod:`.scheduler`."""
 
 from __future__ import annotations
 
 import asyncio
 import hmac
 import json
-import threading
 import time
 import uuid
-from collections import OrderedDict
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import anyio
@@ -29,12 +18,11 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from ..model.checkpoint import CheckpointError
-from .engine import Engine, Generation, SamplingParams, prefix_digest
+from .engine import Engine, Generation, SamplingParams
 from .protocol import APIError, ChatRequest, CommonRequest, CompletionRequest, ErrorBody, Message, parse_request, request_body_schemas
-from .snapshot import Snapshot, load_snapshot, save_snapshot, take_snapshot
+from .scheduler import Job, PrefixCache, Scheduler, timeout_error
 
-__all__ = ["ServerSettings", "PrefixCache", "Scheduler", "APIError", "create_app", "timeout_error"]
+__all__ = ["ServerSettings", "PrefixCache", "Scheduler", "Job", "APIError", "create_app", "timeout_error"]
 
 
 @dataclass
@@ -51,236 +39,6 @@ class ServerSettings:
     api_key: str | None = None
     cache_bytes: int = 512 * 2**20
     cache_dir: Path | None = None
-
-
-class PrefixCache:
-    """Snapshots keyed by the hash of their token prefix: an LRU in memory under a byte budget, optionally on disk."""
-
-    def __init__(self, fingerprint: str, model_name: str, byte_budget: int, folder: Path | None = None):
-        self.fingerprint, self.model_name, self.byte_budget = fingerprint, model_name, byte_budget
-        self.folder = None if folder is None else Path(folder)
-        self.entries: OrderedDict[str, Snapshot] = OrderedDict()
-        self.nbytes = self.hits = self.misses = self.disk_errors = 0
-        self.lock = threading.Lock()
-
-    def key(self, ids: list[int]) -> str:
-        """The cache key of a token prefix."""
-        return prefix_digest(self.fingerprint, ids)
-
-    def _path(self, key: str) -> Path:
-        return self.folder / f"{key}.safetensors"
-
-    def get(self, key: str) -> Snapshot | None:
-        """The snapshot stored under ``key`` (memory first, then disk), or None."""
-        with self.lock:
-            if key in self.entries:
-                self.entries.move_to_end(key)
-                return self.entries[key]
-        if self.folder is None or not self._path(key).is_file():
-            return None
-        try:
-            snapshot = load_snapshot(self._path(key), self.fingerprint)
-        except CheckpointError:
-            return None
-        if snapshot.prefix_sha256 != key:
-            return None
-        self._remember(key, snapshot)
-        return snapshot
-
-    def lookup(self, ids: list[int], chunk_size: int) -> Snapshot | None:
-        """The longest stored snapshot of a prefix of ``ids`` that ends on a chunk boundary and leaves a token to feed."""
-        for end in range((len(ids) - 1) // chunk_size * chunk_size, 0, -chunk_size):
-            snapshot = self.get(self.key(ids[:end]))
-            if snapshot is not None:
-                with self.lock:
-                    self.hits += 1
-                return snapshot
-        with self.lock:
-            self.misses += 1
-        return None
-
-    def contains(self, key: str) -> bool:
-        """Whether ``key`` is stored in memory or on disk."""
-        with self.lock:
-            if key in self.entries:
-                return True
-        return self.folder is not None and self._path(key).is_file()
-
-    def put(self, snapshot: Snapshot) -> None:
-        """Store a snapshot in memory (evicting the least recently used) and, with a folder, on disk.
-
-        A failed disk write (full disk, no permission) is counted in ``disk_errors``, not raised:
-        the request that made the snapshot goes on.
-        """
-        self._remember(snapshot.prefix_sha256, snapshot)
-        if self.folder is not None:
-            try:
-                save_snapshot(self._path(snapshot.prefix_sha256), snapshot, self.model_name)
-            except OSError:
-                with self.lock:
-                    self.disk_errors += 1
-
-    def _remember(self, key: str, snapshot: Snapshot) -> None:
-        if snapshot.nbytes > self.byte_budget:
-            return
-        with self.lock:
-            if key in self.entries:
-                self.nbytes -= self.entries.pop(key).nbytes
-            self.entries[key] = snapshot
-            self.nbytes += snapshot.nbytes
-            while self.nbytes > self.byte_budget:
-                self.nbytes -= self.entries.popitem(last=False)[1].nbytes
-
-    def stats(self) -> dict:
-        """Entries, bytes, hits, misses and failed disk writes."""
-        with self.lock:
-            return {
-                "entries": len(self.entries),
-                "bytes": self.nbytes,
-                "byte_budget": self.byte_budget,
-                "hits": self.hits,
-                "misses": self.misses,
-                "disk_errors": self.disk_errors,
-            }
-
-
-def timeout_error() -> APIError:
-    """The 408 of a request that ran past the server's time limit."""
-    return APIError(408, "the request ran past the server's time limit per request; ask for fewer tokens or a shorter prompt", "timeout_error", code="timeout")
-
-
-@dataclass
-class Job:
-    """A request waiting for or under generation, with the queue its events go to.
-
-    A job submitted with ``generation`` already set (anything with ``step()``, ``done`` and a
-    cache) is stepped as is, without a prefix-cache lookup: the document reader starts its
-    questions from a kept document state that way.
-    """
-
-    prompt_ids: list[int]
-    params: SamplingParams
-    deadline: float
-    loop: asyncio.AbstractEventLoop
-    events: asyncio.Queue = field(default_factory=asyncio.Queue)
-    cancelled: bool = False
-    generation: Generation | None = None
-
-    def send(self, kind: str, value) -> None:
-        """Hand an event to the request's coroutine (called from the scheduler thread); dropped once its loop is closed."""
-        try:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
-        except RuntimeError:  # the server is shutting down
-            self.cancelled = True
-
-
-class Scheduler:
-    """The thread that owns the model: admits jobs, restores prefixes, and steps active generations in turn."""
-
-    def __init__(self, engine: Engine, prefix_cache: PrefixCache, max_active: int = 8):
-        self.engine, self.prefix_cache, self.max_active = engine, prefix_cache, max_active
-        self.waiting: list[Job] = []
-        self.active: list[Job] = []
-        self.condition = threading.Condition()
-        self.stopped = False
-        self.cancelled = 0
-        self.thread = threading.Thread(target=self._loop, name="spikingbrain-scheduler", daemon=True)
-
-    def start(self) -> None:
-        """Start the scheduler thread."""
-        self.thread.start()
-
-    def stop(self) -> None:
-        """Stop the scheduler thread after its current step."""
-        with self.condition:
-            self.stopped = True
-            self.condition.notify()
-        self.thread.join()
-
-    def submit(self, job: Job) -> None:
-        """Queue a job."""
-        with self.condition:
-            self.waiting.append(job)
-            self.condition.notify()
-
-    def load(self) -> dict:
-        """Active and waiting job counts, and how many jobs were dropped because their client left."""
-        with self.condition:
-            return {"active": len(self.active), "waiting": len(self.waiting), "cancelled": self.cancelled}
-
-    def _loop(self) -> None:
-        while True:
-            with self.condition:
-                while not self.stopped and not self.waiting and not self.active:
-                    self.condition.wait()
-                if self.stopped:
-                    return
-                admitted = self.waiting[: self.max_active - len(self.active)]
-                del self.waiting[: len(admitted)]
-            for job in admitted:
-                self._guard(job, self._admit)
-            for job in list(self.active):
-                self._guard(job, self._advance)
-
-    def _guard(self, job: Job, action) -> None:
-        try:
-            action(job)
-        except Exception as err:  # a failing request must not stop the others
-            self._retire(job)
-            job.send("error", err)
-
-    def _retire(self, job: Job) -> None:
-        with self.condition:
-            if job in self.active:
-                self.active.remove(job)
-
-    def _admit(self, job: Job) -> None:
-        if job.cancelled:
-            return
-        if time.monotonic() > job.deadline:
-            job.send("error", timeout_error())
-            return
-        if job.generation is None:  # a job may arrive with its own generation (the document reader's), stepped as is
-            snapshot = self.prefix_cache.lookup(job.prompt_ids, self.engine.chunk_size)
-            cache = None if snapshot is None else snapshot.restore(self.engine.model)
-            job.generation = self.engine.start(job.prompt_ids, job.params, cache, on_boundary=self._boundary_saver(job.prompt_ids))
-        with self.condition:
-            self.active.append(job)
-
-    def _boundary_saver(self, ids: list[int]):
-        """Store the cache at the last two chunk boundaries of a prompt (a shared prefix then always finds one).
-
-        States larger than the whole memory budget are not stored (neither in memory nor on disk).
-        """
-        size = self.engine.chunk_size
-        keep_from = (len(ids) // size - 1) * size
-
-        def save(end: int, cache) -> None:
-            if end < keep_from or end > len(ids):
-                return
-            if cache.nbytes() > self.prefix_cache.byte_budget:  # would be evicted at once: do not copy it
-                return
-            key = self.prefix_cache.key(ids[:end])
-            if not self.prefix_cache.contains(key):
-                self.prefix_cache.put(take_snapshot(cache, key, self.engine.fingerprint))
-
-        return save
-
-    def _advance(self, job: Job) -> None:
-        if job.cancelled:
-            self._retire(job)
-            self.cancelled += 1
-            return
-        if time.monotonic() > job.deadline:
-            self._retire(job)
-            job.send("error", timeout_error())
-            return
-        piece = job.generation.step()
-        if piece:
-            job.send("text", piece)
-        if job.generation.done:
-            self._retire(job)
-            job.send("done", job.generation)
 
 
 #: Requests whose body is parsed and tokenized at once, in worker threads (the rest wait their turn).
