@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from .engine import Engine, Generation, SamplingParams
+from .reader import add_reader
 from .protocol import APIError, ChatRequest, CommonRequest, CompletionRequest, ErrorBody, Message, parse_request, request_body_schemas
 from .scheduler import Job, PrefixCache, Scheduler, timeout_error
 
@@ -114,20 +115,21 @@ def create_app(engine: Engine, settings: ServerSettings | None = None):
         if not hmac.compare_digest(given.encode(), f"Bearer {settings.api_key}".encode()):
             raise APIError(401, "missing or wrong API key; send 'Authorization: Bearer KEY'", code="invalid_api_key")
 
-    async def read_body(request: Request) -> bytes:
-        """The raw body, refused over ``max_body_bytes`` (413) or when it does not arrive within ``body_timeout_s`` (408, connection closed)."""
+    async def read_body(request: Request, limit: int | None = None) -> bytes:
+        """The raw body, refused over ``limit`` (default ``max_body_bytes``; 413) or when it does not arrive within ``body_timeout_s`` (408, connection closed)."""
         check_key(request)
+        limit = settings.max_body_bytes if limit is None else limit
         declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > settings.max_body_bytes:
-            raise APIError(413, f"request body of {declared} bytes is over the limit of {settings.max_body_bytes} bytes", code="body_too_large")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise APIError(413, f"request body of {declared} bytes is over the limit of {limit} bytes", code="body_too_large")
 
         async def collect() -> bytes:
             parts, size = [], 0
             async for part in request.stream():
                 parts.append(part)
                 size += len(part)
-                if size > settings.max_body_bytes:
-                    raise APIError(413, f"request body is over the limit of {settings.max_body_bytes} bytes", code="body_too_large")
+                if size > limit:
+                    raise APIError(413, f"request body is over the limit of {limit} bytes", code="body_too_large")
             return b"".join(parts)
 
         try:
@@ -339,6 +341,7 @@ def create_app(engine: Engine, settings: ServerSettings | None = None):
     async def completions(request: Request):
         return await serve(request, prepare_completion, CompletionRender)
 
+    add_reader(app, engine, scheduler, settings, check_key, read_body, Job)  # the page at / and /v1/documents
     return app
 
 
