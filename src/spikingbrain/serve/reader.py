@@ -144,10 +144,15 @@ def add_reader(app, engine, scheduler, settings, check_key, read_body, job_class
         return array.array("i", ids), len(text)
 
     async def watch(document: Document, job) -> None:
-        """Follow a reading job: progress events after each chunk, then the kept state (or the error)."""
+        """Follow a reading job: progress events after each chunk (or the cache's count every 0.25 s), then the kept state (or the error)."""
         generation = job.generation
         while True:
-            kind, value = await job.events.get()
+            try:
+                kind, value = await asyncio.wait_for(job.events.get(), PROGRESS_EVERY_S)
+            except asyncio.TimeoutError:
+                kind, value = "progress", generation.cache.seen_tokens
+            if document.state == "cancelled":
+                return
             if kind == "progress":
                 document.tokens_read = value
                 continue
