@@ -3,6 +3,10 @@
 Parallel layers hold a GLA state and one of the two key/value caches. Softmax caches also
 keep the keys and values of the layer's sink tokens, computed once per cache: ``extend``
 returns them in front of the real keys, as the attention kernels expect (``num_sinks``).
+
+:class:`RowCaches` puts the caches of several sequences side by side for one batched decode
+step: each row keeps its own cache (its own length, window and positions), and the mixers read
+and extend it as a one-row forward would.
 """
 
 from __future__ import annotations
@@ -10,7 +14,7 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache
 
-__all__ = ["GLAState", "WindowKV", "FullKV", "ParallelState", "SpikingBrainCache"]
+__all__ = ["GLAState", "WindowKV", "FullKV", "ParallelState", "SpikingBrainCache", "RowCaches"]
 
 
 class _LayerCache:
@@ -247,3 +251,29 @@ class SpikingBrainCache(Cache):
 
     def __repr__(self) -> str:
         return f"SpikingBrainCache(seen_tokens={self.seen_tokens}, layers={self.layer_mixers}, bytes={self.nbytes()})"
+
+
+class RowCaches:
+    """One layer's cache entries of the rows of a batched decode step, row by row (None: a padding row without state).
+
+    ``of_layer`` builds it from whole-model caches; a parallel layer reads its two branches
+    through ``linear`` and ``softmax``.
+    """
+
+    def __init__(self, entries: list[_LayerCache | None]):
+        self.entries = list(entries)
+
+    @classmethod
+    def of_layer(cls, caches: list[SpikingBrainCache | None], layer_idx: int) -> "RowCaches":
+        """The entries of layer ``layer_idx`` of every row's cache."""
+        return cls([None if c is None else c.layers[layer_idx] for c in caches])
+
+    @property
+    def linear(self) -> "RowCaches":
+        """The GLA states of a parallel layer's rows."""
+        return RowCaches([None if e is None else e.linear for e in self.entries])
+
+    @property
+    def softmax(self) -> "RowCaches":
+        """The key/value caches of a parallel layer's rows."""
+        return RowCaches([None if e is None else e.softmax for e in self.entries])

@@ -12,7 +12,7 @@ from torch.nn import functional as F
 from ..ops import apply_rotary, causal_attention, chunk_gla, recurrent_gla, sliding_window_attention
 from ..spiking.int8 import fake_quantize_int8
 from ..spiking.neuron import spike_quantize
-from .cache import FullKV, GLAState, ParallelState, WindowKV
+from .cache import FullKV, GLAState, ParallelState, RowCaches, WindowKV
 from .config import SpikingBrainConfig
 from .layers import RMSNorm
 from .names import PARALLEL_MIXERS
@@ -30,6 +30,10 @@ class MixerInputs:
     cos: torch.Tensor  # [B, T, head_dim] rotary tables for the new positions
     sin: torch.Tensor
     key_mask: torch.Tensor | None  # [B, past + T] true for real tokens (None: no padding)
+
+    def row(self, i: int) -> "MixerInputs":
+        """The inputs of batch row ``i`` alone (rows of a batched decode step carry no padding mask)."""
+        return MixerInputs(cos=self.cos[i : i + 1], sin=self.sin[i : i + 1], key_mask=None)
 
     def mask_of_last(self, length: int) -> torch.Tensor | None:
         """The padding mask of the last ``length`` positions (None: no padding)."""
@@ -75,10 +79,22 @@ class _Mixer(nn.Module):
         ``proj`` owns the projections (for sink keys and values)."""
         raise NotImplementedError
 
+    def heads_of_rows(self, x, q, k, v, inputs: MixerInputs, cache, proj: "_Mixer") -> torch.Tensor:
+        """:meth:`heads`, one row at a time on its own entry when ``cache`` is a :class:`RowCaches`
+        (exactly what a one-row forward computes; padding rows give zeros)."""
+        if not isinstance(cache, RowCaches):
+            return self.heads(x, q, k, v, inputs, cache, proj)
+        out = q.new_zeros(q.shape)
+        for i, entry in enumerate(cache.entries):
+            if entry is not None:
+                one = slice(i, i + 1)
+                out[one] = self.heads(x[one], q[one], k[one], v[one], inputs.row(i), entry, proj)
+        return out
+
     def forward(self, x: torch.Tensor, inputs: MixerInputs, cache) -> torch.Tensor:
-        """Mix ``x`` ``[B, T, hidden]`` over time; ``cache`` is this layer's cache entry (or None)."""
+        """Mix ``x`` ``[B, T, hidden]`` over time; ``cache`` is this layer's cache entry, a :class:`RowCaches` (or None)."""
         B, T, _ = x.shape
-        o = self.heads(x, *self.project(x), inputs, cache, self)
+        o = self.heads_of_rows(x, *self.project(x), inputs, cache, self)
         return self.o_proj(o.reshape(B, T, self.num_heads * self.head_dim))
 
 
@@ -225,14 +241,14 @@ class ParallelHybridAttention(_Mixer):
             return self.linear_weights, 1.0
         return (1.0, 1.0) if self.combine == "sum" else (0.5, 0.5)
 
-    def forward(self, x: torch.Tensor, inputs: MixerInputs, cache: ParallelState | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, inputs: MixerInputs, cache: ParallelState | RowCaches | None) -> torch.Tensor:
         linear_cache, softmax_cache = (None, None) if cache is None else (cache.linear, cache.softmax)
         w_linear, w_softmax = self.weights()
         if not self.shared:
             return w_linear * self.linear(x, inputs, linear_cache) + w_softmax * self.softmax(x, inputs, softmax_cache)
         B, T, _ = x.shape
         q, k, v = self.project(x)
-        o = w_linear * self.linear.heads(x, q, k, v, inputs, linear_cache) + w_softmax * self.softmax.heads(
+        o = w_linear * self.linear.heads_of_rows(x, q, k, v, inputs, linear_cache, None) + w_softmax * self.softmax.heads_of_rows(
             x, q, k, v, inputs, softmax_cache, self
         )
         return self.o_proj(o.reshape(B, T, self.num_heads * self.head_dim))

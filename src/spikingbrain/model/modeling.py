@@ -17,13 +17,14 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from ..ops import rotary_cos_sin, rotary_inv_freq
 from ..spiking.apply import spikify
 from ..spiking.int8 import prepare_int8_layers
-from .cache import SpikingBrainCache
+from .cache import RowCaches, SpikingBrainCache
 from .checkpoint import CheckpointError, check_state_dict, read_config, read_shapes
 from .config import SpikingBrainConfig
 from .layers import RMSNorm, SwiGLU
 from .mixers import GatedLinearAttention, MixerInputs, ParallelHybridAttention, SoftmaxAttention, build_mixer
 from .moe import MoEFeedForward, RouterStats, load_balancing_loss
 from .official_format import save_official
+from .packed import PackedLinears, packing_available
 
 __all__ = [
     "HybridBlock",
@@ -68,6 +69,8 @@ class HybridBlock(nn.Module):
         x = x + self.attn(self.attn_norm(x), inputs, cache)
         if not self.is_moe:
             return x + self.mlp(self.mlp_norm(x)), None
+        if isinstance(cache, RowCaches):  # experts see each row alone: their batch would depend on the neighbours' routing
+            return x + torch.cat([self.mlp(self.mlp_norm(x[i : i + 1]))[0] for i in range(x.shape[0])]), None
         y, stats = self.mlp(self.mlp_norm(x), inputs.mask_of_last(x.shape[1]))
         return x + y, stats
 
@@ -198,6 +201,34 @@ class SpikingBrainModel(SpikingBrainPreTrainedModel):
         )
 
 
+    def forward_rows(self, input_ids: torch.LongTensor, caches: list[SpikingBrainCache | None]) -> torch.Tensor:
+        """Final hidden states ``[B, 1, hidden]`` of one new token per row, row ``i`` read through ``caches[i]``
+        (None: a padding row, left without state).
+
+        Each row's caches, rotary positions and sequence mixing are its own, exactly as in a one-row
+        forward; embeddings, projections, norms and MLPs run once over the whole batch.
+        """
+        if input_ids.shape != (len(caches), 1):
+            raise ValueError(f"input_ids must be [rows, 1] = {(len(caches), 1)}, got {tuple(input_ids.shape)}")
+        limit = self.config.max_sequence_length
+        past = [0 if c is None else c.seen_tokens for c in caches]
+        if limit is not None and max(past) + 1 > limit:
+            raise ValueError(
+                f"sequence of {max(past) + 1} tokens exceeds max_sequence_length={limit} in the model config; "
+                "shorten the input or raise max_sequence_length (null = unlimited)"
+            )
+        x = self.embeddings(input_ids)
+        positions = torch.tensor(past, device=x.device).view(-1, 1)
+        cos, sin = rotary_cos_sin(positions, rotary_inv_freq(self.config.head_dim, self.config.rope_theta, x.device))
+        inputs = MixerInputs(cos=cos.to(x.dtype), sin=sin.to(x.dtype), key_mask=None)
+        for i, layer in enumerate(self.layers):
+            x, _ = layer(x, inputs, RowCaches.of_layer(caches, i))
+        for cache in caches:
+            if cache is not None:
+                cache.seen_tokens += 1
+        return self.norm(x)
+
+
 class SpikingBrainForCausalLM(SpikingBrainPreTrainedModel, GenerationMixin):
     """SpikingBrain language model with streaming prefill and ``generate()`` support."""
 
@@ -226,6 +257,22 @@ class SpikingBrainForCausalLM(SpikingBrainPreTrainedModel, GenerationMixin):
     def new_cache(self) -> SpikingBrainCache:
         """An empty inference cache for this model."""
         return SpikingBrainCache.for_config(self.config)
+
+    @torch.inference_mode()
+    def decode_rows(self, input_ids: torch.LongTensor, caches: list[SpikingBrainCache | None], packed: bool = False) -> torch.Tensor:
+        """Logits ``[B, vocab]`` of one new token per row, each row continuing its own cache (None: padding row).
+
+        A row's logits equal a one-row decode step on its cache up to the rounding of the batched
+        matmuls; with the number of rows fixed, they do not depend on the other rows. ``packed``
+        computes the linears with oneDNN-packed copies of their weights for this number of rows
+        (:mod:`.packed`: faster on CPU, the linear weights' memory a second time).
+        """
+        if not packed or not packing_available():
+            return self.lm_head(self.model.forward_rows(input_ids, caches))[:, 0]
+        store = self.__dict__.setdefault("_packed_linears", {})
+        linears = store.setdefault(len(caches), PackedLinears(self, len(caches)))
+        with linears.active():
+            return self.lm_head(self.model.forward_rows(input_ids, caches))[:, 0]
 
     def forward(
         self,

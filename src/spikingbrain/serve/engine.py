@@ -1,10 +1,15 @@
-"""Text generation on one cache: chunked prefill aligned to absolute positions, seeded sampling, stop strings.
+"""Text generation on per-request caches: chunked prefill aligned to absolute positions, batched decoding, seeded sampling, stop strings.
 
 A :class:`Generation` is a small state machine that a caller steps one unit of work at a time
 (one prefill chunk or one decoded token), so a scheduler can interleave many of them. Prefill
 chunks always end at multiples of ``chunk_size`` counted from the start of the sequence, so a
 cache restored at such a boundary continues with exactly the computations of an uninterrupted
 run.
+
+:meth:`Engine.decode` decodes one token of many generations in one batched forward, each row on
+its own cache. It always runs ``decode_rows`` rows (padding rows fill the rest), also for a
+generation alone: the matmuls' rounding depends on the number of rows, not on what the other rows
+hold, so a generation's tokens are the same whoever shares its steps.
 """
 
 from __future__ import annotations
@@ -17,11 +22,17 @@ from typing import Callable, Iterator
 
 import torch
 
-__all__ = ["SamplingParams", "sample_token", "TextStream", "Engine", "Generation", "model_fingerprint", "prefix_digest", "MAX_STOP_STRINGS", "MAX_STOP_CHARS"]
+__all__ = [
+    "SamplingParams", "sample_token", "TextStream", "Engine", "Generation", "model_fingerprint", "prefix_digest", "MAX_STOP_STRINGS", "MAX_STOP_CHARS",
+    "DECODE_ROWS",
+]
 
 #: At most this many stop strings per request (as OpenAI), each of at most this many characters.
 MAX_STOP_STRINGS = 4
 MAX_STOP_CHARS = 256
+
+#: Rows of every batched decode step (the batch-invariance bucket; see docs/serving.md for its cost).
+DECODE_ROWS = 8
 
 
 @dataclass
@@ -183,12 +194,16 @@ def _stop_ids(model, tokenizer) -> set[int]:
 
 
 class Engine:
-    """A loaded model and tokenizer with prompt encoding and aligned, chunked prefill."""
+    """A loaded model and tokenizer with prompt encoding, aligned chunked prefill and batched decoding over ``decode_rows`` rows
+    (``packed_decode``: with oneDNN-packed weights, see :mod:`spikingbrain.model.packed`)."""
 
-    def __init__(self, model, tokenizer, name: str, chunk_size: int = 256):
+    def __init__(self, model, tokenizer, name: str, chunk_size: int = 256, decode_rows: int = DECODE_ROWS, packed_decode: bool = True):
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        if decode_rows < 1:
+            raise ValueError(f"decode_rows must be >= 1, got {decode_rows}")
         self.model, self.tokenizer, self.name, self.chunk_size = model, tokenizer, name, chunk_size
+        self.decode_rows, self.packed_decode = decode_rows, packed_decode
         self.eos_ids = _stop_ids(model, tokenizer)
         self.fingerprint = model_fingerprint(model)
         self.max_token_chars = max(1, max(len(t or "") for t in tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))))
@@ -231,6 +246,25 @@ class Engine:
                 on_chunk(end)
         return logits
 
+    def decode(self, generations: list["Generation"]) -> list[str]:
+        """Decode one token of each generation (all past their prefill), ``decode_rows`` rows per forward; the new text of each.
+
+        A generation whose cache holds the model's ``max_sequence_length`` already ends with
+        finish reason ``length`` instead of taking part.
+        """
+        if any(g.done or g.prefilling for g in generations):
+            raise ValueError("decode takes generations that have finished their prefill and are not done")
+        limit = self.model.config.max_sequence_length
+        pieces = {id(g): g.end_at_context_limit() for g in generations if limit is not None and g.cache.seen_tokens >= limit}
+        rows = [g for g in generations if id(g) not in pieces]
+        for start in range(0, len(rows), self.decode_rows):
+            group = rows[start : start + self.decode_rows]
+            padding = self.decode_rows - len(group)
+            ids = torch.tensor([g.pending for g in group] + [0] * padding).view(-1, 1)
+            logits = self.model.decode_rows(ids, [g.cache for g in group] + [None] * padding, packed=self.packed_decode)
+            pieces.update((id(g), g.take_logits(row)) for g, row in zip(group, logits))
+        return [pieces[id(g)] for g in generations]
+
     def start(self, prompt_ids: list[int], params: SamplingParams, cache=None, **kwargs) -> "Generation":
         """A generation for ``prompt_ids`` (``cache`` may already hold a prefix of them)."""
         return Generation(self, prompt_ids, params, self.model.new_cache() if cache is None else cache, **kwargs)
@@ -270,25 +304,38 @@ class Generation:
         return self.finish_reason is not None
 
     @property
+    def prefilling(self) -> bool:
+        """Whether prompt tokens remain to be read (the first token comes with the last prefill chunk)."""
+        return self.cache.seen_tokens < len(self.prompt_ids)
+
+    @property
     def all_ids(self) -> list[int]:
         """Prompt, completion and the end-of-sequence token if one was sampled (the cache has read all but the last)."""
         return self.prompt_ids + self.completion_ids + ([] if self.eos_token is None else [self.eos_token])
 
     def step(self) -> str:
-        """Do one prefill chunk or decode one token; return the new final text (possibly empty)."""
+        """Do one prefill chunk or decode one token (a batched step of its own); return the new final text (possibly empty)."""
         if self.done:
             return ""
+        return self.prefill_chunk() if self.prefilling else self.engine.decode([self])[0]
+
+    def prefill_chunk(self) -> str:
+        """Read the next aligned chunk of the prompt; after the last one, sample the first token and return its text."""
         seen, n = self.cache.seen_tokens, len(self.prompt_ids)
-        if seen < n:
-            end = self.engine.chunk_ends(seen, n)[0]
-            logits = self.engine.forward(self.prompt_ids[seen:end], self.cache)
-            if end % self.engine.chunk_size == 0 and self.on_boundary is not None:
-                self.on_boundary(end, self.cache)
-            if end < n:
-                return ""
-        else:
-            logits = self.engine.forward([self.pending], self.cache)
+        end = self.engine.chunk_ends(seen, n)[0]
+        logits = self.engine.forward(self.prompt_ids[seen:end], self.cache)
+        if end % self.engine.chunk_size == 0 and self.on_boundary is not None:
+            self.on_boundary(end, self.cache)
+        return self.take_logits(logits) if end == n else ""
+
+    def take_logits(self, logits: torch.Tensor) -> str:
+        """Sample the next token from ``logits`` and return the text that is now final."""
         return self._take(sample_token(logits, self.params, self.rng, self.seen))
+
+    def end_at_context_limit(self) -> str:
+        """Finish with reason ``length`` because the cache is full; return the text held back until now."""
+        self.finish_reason = "length"
+        return self.stream.flush()
 
     def _take(self, token: int) -> str:
         if self.first_token_time is None:

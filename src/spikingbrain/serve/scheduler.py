@@ -1,12 +1,19 @@
 """The scheduler thread that owns the model, the jobs it serves and the prefix state cache.
 
-One scheduler thread owns the model. Each request gets its own cache and generation; the
-scheduler runs one unit of work (a prefill chunk or one decoded token) of each active request
-in turn, so concurrent requests progress together without touching each other's state, and a
-request's output depends only on its own prompt and seed. Prompts are prefilled in chunks that
-end at multiples of the chunk size; the cache after such a boundary is kept in a
-:class:`PrefixCache` under the hash of the tokens before it, so a later prompt that shares the
-prefix (the same long document, the same system prompt) starts from there.
+One scheduler thread owns the model. Each request gets its own cache and generation. Every
+turn of the scheduler (continuous batching):
+
+1. admits waiting jobs up to ``max_active``;
+2. decodes one token of *every* job past its prefill in one batched forward
+   (:meth:`Engine.decode`: each row on its own cache, in a fixed number of rows, so a request's
+   tokens do not depend on its neighbours);
+3. reads one prefill chunk (at most ``chunk_size`` tokens) of one job still reading its
+   prompt, the jobs taking turns: a long document being read costs the others one chunk per
+   turn, and a short prompt's first token waits for at most one chunk of each other prompt.
+
+Prompts are prefilled in chunks that end at multiples of the chunk size; the cache after such
+a boundary is kept in a :class:`PrefixCache` under the hash of the tokens before it, so a later
+prompt that shares the prefix (the same long document, the same system prompt) starts from there.
 """
 
 from __future__ import annotations
@@ -126,9 +133,12 @@ def timeout_error() -> APIError:
 class Job:
     """A request waiting for or under generation, with the queue its events go to.
 
-    A job submitted with ``generation`` already set (anything with ``step()``, ``done`` and a
-    cache) is stepped as is, without a prefix-cache lookup: the document reader starts its
-    questions from a kept document state that way.
+    A job submitted with ``generation`` already set (anything with ``step()``, ``done``,
+    ``prefilling`` and a cache) is stepped as is, without a prefix-cache lookup: the document
+    reader starts its questions from a kept document state that way. A :class:`Generation`
+    decodes in the shared batched step; another object (a wrapper) decodes through its own
+    ``step()``, in a batch of its own. With ``progress`` the job also gets a ``("progress",
+    tokens read)`` event after every prefill chunk that is not its last.
     """
 
     prompt_ids: list[int]
@@ -138,6 +148,7 @@ class Job:
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: bool = False
     generation: Generation | None = None
+    progress: bool = False
 
     def send(self, kind: str, value) -> None:
         """Hand an event to the request's coroutine (called from the scheduler thread); dropped once its loop is closed."""
@@ -148,7 +159,8 @@ class Job:
 
 
 class Scheduler:
-    """The thread that owns the model: admits jobs, restores prefixes, and steps active generations in turn."""
+    """The thread that owns the model: admits jobs, restores prefixes, decodes all active generations in one batched
+    step per turn and reads one prefill chunk between two such steps."""
 
     def __init__(self, engine: Engine, prefix_cache: PrefixCache, max_active: int = 8):
         self.engine, self.prefix_cache, self.max_active = engine, prefix_cache, max_active
@@ -157,6 +169,7 @@ class Scheduler:
         self.condition = threading.Condition()
         self.stopped = False
         self.cancelled = 0
+        self.decode_steps = self.decoded_tokens = self.prefill_chunks = 0
         self.thread = threading.Thread(target=self._loop, name="spikingbrain-scheduler", daemon=True)
 
     def start(self) -> None:
@@ -177,9 +190,16 @@ class Scheduler:
             self.condition.notify()
 
     def load(self) -> dict:
-        """Active and waiting job counts, and how many jobs were dropped because their client left."""
+        """Active and waiting job counts, jobs dropped because their client left, and the batched work done so far."""
         with self.condition:
-            return {"active": len(self.active), "waiting": len(self.waiting), "cancelled": self.cancelled}
+            return {
+                "active": len(self.active),
+                "waiting": len(self.waiting),
+                "cancelled": self.cancelled,
+                "decode_steps": self.decode_steps,
+                "decoded_tokens": self.decoded_tokens,
+                "prefill_chunks": self.prefill_chunks,
+            }
 
     def _loop(self) -> None:
         while True:
@@ -192,8 +212,26 @@ class Scheduler:
                 del self.waiting[: len(admitted)]
             for job in admitted:
                 self._guard(job, self._admit)
-            for job in list(self.active):
-                self._guard(job, self._advance)
+            self._turn()
+
+    def _turn(self) -> None:
+        """Drop left or late jobs, decode every decoding job (one batched step), then one prefill chunk."""
+        for job in list(self.active):
+            self._guard(job, self._check)
+        decoding = [job for job in self.active if not job.generation.prefilling]
+        batched = [job for job in decoding if isinstance(job.generation, Generation)]
+        if batched:
+            self._decode(batched)
+        for job in decoding:
+            if job not in batched:
+                self._guard(job, self._step)
+        reading = next((job for job in self.active if job.generation.prefilling), None)
+        if reading is not None:
+            with self.condition:  # its turn is over: the next prompt reads next time
+                self.active.remove(reading)
+                self.active.append(reading)
+            self.prefill_chunks += 1
+            self._guard(reading, self._step)
 
     def _guard(self, job: Job, action) -> None:
         try:
@@ -239,16 +277,38 @@ class Scheduler:
 
         return save
 
-    def _advance(self, job: Job) -> None:
+    def _check(self, job: Job) -> None:
+        """Retire a job whose client left (its cache goes with it) or that ran past its deadline."""
         if job.cancelled:
             self._retire(job)
+            job.generation = None
             self.cancelled += 1
-            return
-        if time.monotonic() > job.deadline:
+        elif time.monotonic() > job.deadline:
             self._retire(job)
+            job.generation = None
             job.send("error", timeout_error())
+
+    def _decode(self, jobs: list[Job]) -> None:
+        """One token of each job in one batched forward; a failure of that forward fails all of its rows."""
+        try:
+            pieces = self.engine.decode([job.generation for job in jobs])
+        except Exception as err:
+            for job in jobs:
+                self._retire(job)
+                job.send("error", err)
             return
+        self.decode_steps += 1
+        self.decoded_tokens += len(jobs)
+        for job, piece in zip(jobs, pieces):
+            self._deliver(job, piece)
+
+    def _step(self, job: Job) -> None:
         piece = job.generation.step()
+        if job.progress and job.generation.prefilling:
+            job.send("progress", job.generation.cache.seen_tokens)
+        self._deliver(job, piece)
+
+    def _deliver(self, job: Job, piece: str) -> None:
         if piece:
             job.send("text", piece)
         if job.generation.done:
