@@ -1,8 +1,10 @@
-"""Serving benchmarks: TTFT of a second question on a cached long document, and concurrent streaming clients.
+"""Serving benchmarks: TTFT of a second question on a cached long document, concurrent streaming clients, continuous batching.
 
 Usage:
   python benchmarks/serve_bench.py document [--model spikingbrain-smollm2] [--tokens 32768] [--json docs/serve-document.json]
   python benchmarks/serve_bench.py concurrent [--model default] [--clients 8] [--seconds 60] [--json docs/serve-concurrent.json]
+  python benchmarks/serve_bench.py batching [--model spikingbrain-smollm2] [--clients 8] [--seconds 60] [--document-tokens 32768]
+      [--json docs/serve-batching.json] [--png docs/serve-batching.png]
 
 ``document`` asks two questions about the same document three ways, side by side in one run:
 the ``ask`` command with ``--state-cache`` (two processes: the first reads the document and saves
@@ -13,6 +15,12 @@ disk). TTFT is measured by the client: from sending the request to the first tex
 ``concurrent`` first serves each client's request alone (the reference text and single-client
 tokens/s), then runs all clients at once for the given time, each repeating its request; every
 answer is compared with its reference.
+
+``batching`` measures continuous batching in one run: the cost of a decode step (one row alone
+through the plain forward, and the server's fixed bucket of 8 rows holding 1 or 8 requests, with
+and without packed weights), then ``concurrent`` on one server, then the time to first token of
+short prompts sent one after another while a long document (``--document-tokens``) is being read
+by the same server. It writes JSON and a PNG.
 """
 
 from __future__ import annotations
@@ -149,44 +157,46 @@ def bench_document(args) -> dict:
     return result
 
 
-def bench_concurrent(args) -> dict:
-    torch.set_num_threads(args.threads)
-    engine = Engine(load_model(args.model), load_tokenizer(args.model), args.model, chunk_size=args.chunk_size)
-    url, stop = start_server(engine, ServerSettings(max_active=args.clients))
-    topics = ["the sea", "a mountain", "bread", "the moon", "a library", "winter", "a train", "music"]
-    requests = [
-        dict(messages=[{"role": "user", "content": f"Write two sentences about {topics[i % len(topics)]}."}],
-             temperature=0.8, top_p=0.95, seed=1000 + i, max_tokens=args.max_tokens)
-        for i in range(args.clients)
+CLIENT_TOPICS = ["the sea", "a mountain", "bread", "the moon", "a library", "winter", "a train", "music"]
+
+
+def client_requests(clients: int, max_tokens: int) -> list[dict]:
+    """One seeded sampling request per client."""
+    return [
+        dict(messages=[{"role": "user", "content": f"Write two sentences about {CLIENT_TOPICS[i % len(CLIENT_TOPICS)]}."}],
+             temperature=0.8, top_p=0.95, seed=1000 + i, max_tokens=max_tokens)
+        for i in range(clients)
     ]
-    result = {"model": args.model, "clients": args.clients, "seconds": args.seconds, "max_tokens": args.max_tokens, "threads": args.threads,
-              "machine": machine_info(), "load_average_before": load_average()}
+
+
+def serve_alone_then_together(url: str, model: str, requests: list[dict], seconds: float) -> dict:
+    """Each request alone (reference text, one client's tokens/s), then all at once for ``seconds``, each client repeating its request."""
     print("each request alone", file=sys.stderr, flush=True)
-    solo = [stream_chat(url, args.model, **r) for r in requests]
+    solo = [stream_chat(url, model, **r) for r in requests]
     solo_tokens, solo_seconds = sum(s["completion_tokens"] for s in solo), sum(s["seconds"] for s in solo)
-    print(f"  {solo_tokens / solo_seconds:.1f} tokens/s; now {args.clients} clients for {args.seconds} s", file=sys.stderr, flush=True)
+    print(f"  {solo_tokens / solo_seconds:.1f} tokens/s; now {len(requests)} clients for {seconds} s", file=sys.stderr, flush=True)
     outcomes = [[] for _ in requests]
     start = time.perf_counter()
 
     def client(i):
-        while time.perf_counter() - start < args.seconds:
+        while time.perf_counter() - start < seconds:
             try:
-                got = stream_chat(url, args.model, **requests[i])
+                got = stream_chat(url, model, **requests[i])
                 outcomes[i].append({"equal": got["text"] == solo[i]["text"] and got["finish_reason"] == solo[i]["finish_reason"],
                                     "tokens": got["completion_tokens"], "ttft_s": got["ttft_s"], "error": None})
             except Exception as err:  # counted, reported
                 outcomes[i].append({"equal": False, "tokens": 0, "ttft_s": None, "error": repr(err)})
 
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(args.clients)]
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(requests))]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     wall = time.perf_counter() - start
-    stop()
     flat = [o for per in outcomes for o in per]
     tokens = sum(o["tokens"] for o in flat)
-    result.update({
+    print(f"  {tokens / wall:.1f} tokens/s together", file=sys.stderr, flush=True)
+    return {
         "solo": {"tokens": solo_tokens, "seconds": round(solo_seconds, 2), "tokens_per_second": round(solo_tokens / solo_seconds, 2),
                  "ttft_s": [round(s["ttft_s"], 3) for s in solo]},
         "concurrent": {"responses": len(flat), "errors": sum(o["error"] is not None for o in flat),
@@ -194,9 +204,145 @@ def bench_concurrent(args) -> dict:
                        "tokens_per_second": round(tokens / wall, 2), "responses_per_client": [len(p) for p in outcomes],
                        "median_ttft_s": round(sorted(o["ttft_s"] for o in flat if o["ttft_s"] is not None)[len(flat) // 2], 3) if flat else None},
         "aggregate_over_solo": round(tokens / wall / (solo_tokens / solo_seconds), 2),
-        "load_average_after": load_average(),
-    })
+    }
+
+
+def bench_concurrent(args) -> dict:
+    torch.set_num_threads(args.threads)
+    engine = Engine(load_model(args.model), load_tokenizer(args.model), args.model, chunk_size=args.chunk_size)
+    url, stop = start_server(engine, ServerSettings(max_active=args.clients))
+    result = {"model": args.model, "clients": args.clients, "seconds": args.seconds, "max_tokens": args.max_tokens, "threads": args.threads,
+              "machine": machine_info(), "load_average_before": load_average()}
+    result.update(serve_alone_then_together(url, args.model, client_requests(args.clients, args.max_tokens), args.seconds))
+    stop()
+    result["load_average_after"] = load_average()
     return result
+
+
+def decode_step_costs(engine: Engine, repeats: int) -> dict:
+    """Milliseconds of one decode step: one row through the plain forward, and buckets of ``decode_rows`` rows holding 1 or all requests."""
+    import copy
+
+    from spikingbrain.bench.common import time_call
+
+    model, rows = engine.model, engine.decode_rows
+    gen = torch.Generator().manual_seed(0)
+    caches = []
+    for length in range(64, 64 + 32 * rows, 32):  # rows of different lengths
+        cache = model.new_cache()
+        engine.prefill(torch.randint(10, 40000, (length,), generator=gen).tolist(), cache)
+        caches.append(cache)
+    token = torch.tensor([[100]])
+    one = copy.deepcopy(caches[0])
+    with torch.inference_mode():
+        costs = {"one_row_forward": time_call(lambda: model(token, cache=one, use_cache=True, logits_to_keep=1), repeats)["median_s"]}
+    for packed in (False, True):
+        name = "packed" if packed else "linear"
+        alone = [copy.deepcopy(caches[0])] + [None] * (rows - 1)
+        costs[f"bucket_one_request_{name}"] = time_call(lambda: model.decode_rows(token.expand(rows, 1), alone, packed=packed), repeats)["median_s"]
+        full = [copy.deepcopy(c) for c in caches]
+        costs[f"bucket_full_{name}"] = time_call(lambda: model.decode_rows(token.expand(rows, 1), full, packed=packed), repeats)["median_s"]
+    ms = {k: round(1e3 * v, 2) for k, v in costs.items()}
+    print(f"decode step ms: {ms}", file=sys.stderr, flush=True)
+    return {
+        "rows": rows,
+        "milliseconds": ms,
+        "one_request_bucket_over_one_row": round(costs["bucket_one_request_packed"] / costs["one_row_forward"], 2),
+        "full_bucket_tokens_per_s_over_one_row": round(rows * costs["one_row_forward"] / costs["bucket_full_packed"], 2),
+        "packed_weights_bytes": sum(p.nbytes() for p in model.__dict__.get("_packed_linears", {}).values()),
+    }
+
+
+def short_answers_while_reading(url: str, model: str, document: str, shorts: list[dict], max_shorts: int) -> dict:
+    """Stream a question about ``document`` and, while it is being read, short requests one after another; their TTFTs."""
+    reading = {}
+
+    def read():
+        reading.update(stream_chat(url, model, [{"role": "user", "content": f"{document}\n\nWhat is this documentation about?"}], temperature=0, max_tokens=8))
+        reading["done_at"] = time.perf_counter()
+
+    start = time.perf_counter()
+    reader = threading.Thread(target=read)
+    reader.start()
+    time.sleep(2.0)  # let the document's reading start
+    answers = []
+    while reader.is_alive() and len(answers) < max_shorts:
+        request = shorts[len(answers) % len(shorts)]
+        sent = time.perf_counter()
+        got = stream_chat(url, model, **request)
+        answers.append({**got, "first_token_at": sent + got["ttft_s"], "request": len(answers) % len(shorts)})
+        print(f"  short ttft {got['ttft_s']:.2f} s", file=sys.stderr, flush=True)
+    reader.join()
+    document_first = start + reading["ttft_s"]
+    during = [a for a in answers if a["first_token_at"] < document_first]
+    ttfts = sorted(a["ttft_s"] for a in during)
+    return {
+        "document_prompt_tokens": reading["prompt_tokens"],
+        "document_ttft_s": round(reading["ttft_s"], 2),
+        "shorts": [{"ttft_s": round(a["ttft_s"], 3), "during_reading": a in during, "text": a["text"], "request": a["request"]} for a in answers],
+        "p50_ttft_s_during_reading": round(ttfts[len(ttfts) // 2], 3) if ttfts else None,
+    }
+
+
+def bench_batching(args) -> dict:
+    torch.set_num_threads(args.threads)
+    tokenizer = load_tokenizer(args.model)
+    engine = Engine(load_model(args.model), tokenizer, args.model, chunk_size=args.chunk_size)
+    result = {"model": args.model, "clients": args.clients, "seconds": args.seconds, "max_tokens": args.max_tokens, "threads": args.threads,
+              "chunk_size": args.chunk_size, "document_tokens": args.document_tokens, "machine": machine_info(), "load_average_before": load_average()}
+    result["decode_step"] = decode_step_costs(engine, args.repeats)
+    document = document_text(tokenizer, args.document_tokens)
+    settings = ServerSettings(max_active=args.clients, max_prompt_tokens=args.document_tokens + 1024, request_timeout_s=7200)
+    url, stop = start_server(engine, settings)
+    result.update(serve_alone_then_together(url, args.model, client_requests(args.clients, args.max_tokens), args.seconds))
+    result["load_average_middle"] = load_average()
+    shorts = [dict(messages=[{"role": "user", "content": q}], temperature=0, max_tokens=8) for q in ("What is 2 plus 2?", "Name a colour.", "Say hello.")]
+    solo_shorts = [stream_chat(url, args.model, **r)["text"] for r in shorts]
+    print(f"short prompts while a {args.document_tokens}-token document is read", file=sys.stderr, flush=True)
+    reading = short_answers_while_reading(url, args.model, document, shorts, args.max_shorts)
+    reading["short_answers_equal_solo"] = all(s["text"] == solo_shorts[s["request"]] for s in reading["shorts"])
+    result["while_reading"] = reading
+    stop()
+    result["targets"] = {
+        "aggregate_over_one_client": {"measured": result["aggregate_over_solo"], "target": ">= 4"},
+        "p50_short_ttft_s_while_reading": {"measured": reading["p50_ttft_s_during_reading"], "target": "<= 2"},
+    }
+    result["load_average_after"] = load_average()
+    return result
+
+
+def plot_batching(result: dict, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (rate, ttft, step) = plt.subplots(1, 3, figsize=(13, 4))
+    one_row = 1e3 / result["decode_step"]["milliseconds"]["one_row_forward"]
+    bars = {"one row, plain forward": one_row, "1 client (server)": result["solo"]["tokens_per_second"],
+            f"{result['clients']} clients (server)": result["concurrent"]["tokens_per_second"]}
+    rate.bar(range(len(bars)), list(bars.values()), color=["grey", "tab:blue", "tab:green"])
+    rate.set_xticks(range(len(bars)), list(bars), fontsize=8)
+    rate.set_ylabel("decoded tokens/s")
+    rate.set_title(f"aggregate {result['aggregate_over_solo']}x one client")
+    shorts = result["while_reading"]["shorts"]
+    ttft.bar(range(len(shorts)), [s["ttft_s"] for s in shorts], color=["tab:orange" if s["during_reading"] else "grey" for s in shorts])
+    ttft.axhline(2.0, color="red", linestyle="--", label="target 2 s")
+    ttft.set_xlabel("short prompt (orange: while the document was read)")
+    ttft.set_ylabel("time to first token (s)")
+    ttft.set_title(f"{result['while_reading']['document_prompt_tokens']}-token document being read")
+    ttft.legend()
+    ms = result["decode_step"]["milliseconds"]
+    step.bar(range(len(ms)), list(ms.values()))
+    step.set_xticks(range(len(ms)), [k.replace("bucket_", "").replace("_", " ") for k in ms], rotation=30, ha="right", fontsize=8)
+    step.set_ylabel("ms per decode step")
+    step.set_title(f"bucket of {result['decode_step']['rows']} rows")
+    load = result["load_average_before"]
+    fig.suptitle(f"{result['model']}, {result['threads']} thread(s), load average {load[0] if load else '?'} (shared machine)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -212,13 +358,25 @@ def main(argv: list[str] | None = None) -> int:
     con.add_argument("--seconds", type=float, default=60.0)
     con.add_argument("--max-tokens", type=int, default=48)
     con.add_argument("--json", default="docs/serve-concurrent.json")
-    for p in (doc, con):
+    bat = sub.add_parser("batching", help="continuous batching: decode-step costs, concurrent clients, short TTFT while a document is read")
+    bat.add_argument("--model", default="spikingbrain-smollm2")
+    bat.add_argument("--clients", type=int, default=8)
+    bat.add_argument("--seconds", type=float, default=60.0)
+    bat.add_argument("--max-tokens", type=int, default=48)
+    bat.add_argument("--document-tokens", type=int, default=32768)
+    bat.add_argument("--max-shorts", type=int, default=9, help="short prompts sent while the document is read")
+    bat.add_argument("--repeats", type=int, default=7, help="timed calls per decode-step measurement")
+    bat.add_argument("--json", default="docs/serve-batching.json")
+    bat.add_argument("--png", default="docs/serve-batching.png")
+    for p in (doc, con, bat):
         p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
         p.add_argument("--chunk-size", type=int, default=256, help="prefill chunk (prefix states fall on its multiples)")
     args = parser.parse_args(argv)
     if args.model not in SHORT_NAMES and not Path(args.model).is_dir():
         parser.error(f"--model {args.model}: not a short name {SHORT_NAMES} nor a folder")
-    result = bench_document(args) if args.what == "document" else bench_concurrent(args)
+    result = {"document": bench_document, "concurrent": bench_concurrent, "batching": bench_batching}[args.what](args)
+    if args.what == "batching":
+        result["files"] = {"json": args.json, "png": str(plot_batching(result, Path(args.png)))}
     print(json.dumps({k: v for k, v in result.items() if k != "machine"}, indent=2))
     write_json(args.json, result)
     return 0

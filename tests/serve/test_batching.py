@@ -177,3 +177,20 @@ def test_a_short_prompt_is_answered_while_a_long_one_is_being_read(tiny_engine):
         "short": alone(tiny_engine, short_ids, **greedy)[0],
         "long": alone(tiny_engine, long_ids, **greedy)[0],
     }
+
+
+def test_a_row_at_the_context_limit_ends_with_length_and_the_others_go_on(tiny_engine):
+    from .conftest import make_tiny
+
+    engine = Engine(make_tiny(max_sequence_length=12), tiny_engine.tokenizer, "tiny", chunk_size=16)
+    full, other = list(range(5, 15)), list(range(20, 23))  # 10 and 3 prompt tokens
+    params = SamplingParams(temperature=0, max_tokens=20)
+    solo_other = run_alone(engine, other, SamplingParams(temperature=0, max_tokens=5))
+    rows = [engine.start(full, params), engine.start(other, SamplingParams(temperature=0, max_tokens=5))]
+    for g in rows:
+        g.prefill_chunk()
+    while not all(g.done for g in rows):
+        engine.decode([g for g in rows if not g.done])
+    # the cache holds 10 prompt tokens after prefill, then one per decode step up to 12: the first token and two more
+    assert rows[0].finish_reason == "length" and len(rows[0].completion_ids) == 3
+    assert same_bits(rows[1], solo_other)
