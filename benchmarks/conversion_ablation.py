@@ -11,6 +11,8 @@ scored on the pydoc held-out split the shipped model's training uses (first 8192
 - ``auto``: 15 GLA layers chosen by measurement (``spikingbrain convert --layout auto``);
 - ``auto+sinks``: the same with 4 kept tokens;
 - ``auto10+sinks``: only the 10 cheapest layers GLA;
+- ``auto10+sinks+distance``: the same with the gate biases set from the teacher's mean attention
+  distance per head (``calibrate_gla(decay_init="distance")``) instead of the calibration's grid search;
 - ``hybrid+sinks``: GLA in parallel with every layer (``residual``: the linear branch starts at
   zero), 3 full-attention layers chosen by the retrieval probe, SWA elsewhere, 4 kept tokens.
 
@@ -40,16 +42,18 @@ from spikingbrain.train.data import load_documents, pack, split_held_out, tokeni
 SINKS = {"keep_first_tokens": 4}
 
 
-def variants(ranking: list[dict], layers: int) -> dict[str, tuple[list[str], dict]]:
-    """Name -> (mixers, config fields) of every variant in the module docstring."""
+def variants(ranking: list[dict], layers: int) -> dict[str, tuple[list[str], dict, str]]:
+    """Name -> (mixers, config fields, calibration decay init) of every variant in the module docstring."""
     half = layers // 2
     return {
-        "alternating": (alternating_layers(layers), {}),
-        "alternating+sinks": (alternating_layers(layers), SINKS),
-        "auto": (plan_from_ranking(ranking, half), {}),
-        "auto+sinks": (plan_from_ranking(ranking, half), SINKS),
-        "auto10+sinks": (plan_from_ranking(ranking, 10), SINKS),
-        "hybrid+sinks": (plan_from_ranking(ranking, 0, full_layers=3, parallel=True), {**SINKS, "parallel_combine": "residual"}),
+        "alternating": (alternating_layers(layers), {}, "grid"),
+        "alternating+sinks": (alternating_layers(layers), SINKS, "grid"),
+        "auto": (plan_from_ranking(ranking, half), {}, "grid"),
+        "auto+sinks": (plan_from_ranking(ranking, half), SINKS, "grid"),
+        "auto10+sinks": (plan_from_ranking(ranking, 10), SINKS, "grid"),
+        "auto10+sinks+distance": (plan_from_ranking(ranking, 10), SINKS, "distance"),
+        "hybrid+sinks": (plan_from_ranking(ranking, 0, full_layers=3, parallel=True),
+                         {**SINKS, "parallel_combine": "residual"}, "grid"),
     }
 
 
@@ -108,12 +112,12 @@ def main(argv: list[str] | None = None) -> int:
     result = {"teacher": score(teacher, tokenizer, held), "rows": [], "ranking": ranking, "machine": machine_info()}
     print(f"teacher: {json.dumps(result['teacher'])}", flush=True)
     for name in chosen:
-        mixers, fields = table[name]
+        mixers, fields, decay_init = table[name]
         start = time.perf_counter()
         torch.manual_seed(0)
         model = load_transformer(folder, mixers, sliding_window=1024, **fields)
-        calibrate_gla(model, teacher, calibration)
-        row = {"variant": name, "mixers": mixers, **fields, **score(model, tokenizer, held), "seconds": time.perf_counter() - start}
+        calibrate_gla(model, teacher, calibration, decay_init=decay_init)
+        row = {"variant": name, "mixers": mixers, **fields, "decay_init": decay_init, **score(model, tokenizer, held), "seconds": time.perf_counter() - start}
         result["rows"].append(row)
         print(f"{name}: ppl x{row['ppl_2048'] / result['teacher']['ppl_2048']:.3f} (2048) "
               f"x{row['ppl_8192'] / result['teacher']['ppl_8192']:.3f} (8192), pass key {row['passkey']}", flush=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -51,7 +52,8 @@ def test_tiny_demo_writes_the_report(tiny_folders, tmp_path, capsys):
     printed = capsys.readouterr()
     assert code == 0, printed.err
     data = json.loads((out / "demo.json").read_text())
-    assert not data["partial"] and [s["status"] for s in data["steps"]] == ["done"] * 8
+    assert not data["partial"] and [s["status"] for s in data["steps"]] == ["done"] * 9
+    assert data["training"] is None  # a plain folder carries no training curve
     assert set(data["perplexity"]) == {"teacher", "ours"} and data["perplexity"]["ours"]["tokens"] == 198
     assert data["passkey"]["lengths"] == [96] and set(data["passkey"]["models"]) == {"teacher", "ours"}
     assert [r["length"] for r in data["ttft"]["candidates"]["ours"]["rows"]] == [64, 128, 256]
@@ -174,3 +176,25 @@ def test_demo_reports_a_further_model_beside_ours(tiny_folders, tmp_path, capsys
     # 'auto' names the shipped conversions of the teacher other than ours; 'none' is dropped by the command line
     assert also_models(["auto"], str(teacher), str(ours)) == []
     assert also_models(["auto", "x", "x"], "default", "spikingbrain-smollm2") == ["spikingbrain-smollm2-hybrid", "x"]
+
+
+@pytest.mark.parametrize("name", ["spikingbrain-smollm2", "spikingbrain-smollm2-hybrid"])
+def test_shipped_deltas_carry_the_curves_the_docs_show(name):
+    from spikingbrain.model.shipped import shipped_training_curve
+
+    docs = json.loads((Path(__file__).resolve().parents[1] / "docs" / f"{name}-curve.json").read_text())
+    assert shipped_training_curve(name)["points"] == docs["points"]
+
+
+def test_training_section_draws_the_shipped_curves(tmp_path, tiny_folders):
+    from spikingbrain.demo import training_section
+
+    names = ["spikingbrain-smollm2", "spikingbrain-smollm2-hybrid"]
+    section = training_section([*names, str(tiny_folders[0])], tmp_path)  # a plain folder carries no curve
+    assert list(section["models"]) == names
+    for name in names:
+        last = json.loads((Path(__file__).resolve().parents[1] / "docs" / f"{name}-curve.json").read_text())["points"][-1]
+        assert section["models"][name]["tokens_seen"] == last["tokens_seen"]
+        assert section["models"][name]["ppl_ratio"] == last["ppl_ratio"]
+    assert Path(section["files"]["png"]).read_bytes()[:4] == b"\x89PNG"
+    assert training_section([str(tiny_folders[0])], tmp_path) is None

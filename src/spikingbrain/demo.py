@@ -7,7 +7,8 @@ when the shipped delta is missing, a quick conversion made first by
 
 1. quality: held-out perplexity of both (the held-out split of Python's ``pydoc_data``
    topics, seed 0, 10 %, its first 8192 tokens in 2048-token windows: the measurement of
-   docs/spikingbrain-smollm2-curve.json) and pass-key retrieval at a few lengths;
+   docs/spikingbrain-smollm2-curve.json) and pass-key retrieval at a few lengths, beside the
+   training curves the shipped models' deltas carry (:func:`training_section`);
 2. a few sample generations (greedy, chat template);
 3. decode latency per token and cache bytes per sequence at a few contexts
    (:mod:`spikingbrain.bench.decode`);
@@ -30,7 +31,7 @@ from pathlib import Path
 
 from .runtime.lengths import format_length
 
-__all__ = ["run_demo", "also_models", "held_out_ids", "spiking_section", "summary_rows", "format_summary", "SAMPLE_PROMPTS", "QUICK", "LONG"]
+__all__ = ["run_demo", "also_models", "held_out_ids", "spiking_section", "training_section", "summary_rows", "format_summary", "SAMPLE_PROMPTS", "QUICK", "LONG"]
 
 SAMPLE_PROMPTS = (
     "What is the capital of France?",
@@ -83,6 +84,24 @@ def spiking_section(ours, ids, report_dir: Path, context: int) -> dict:
     ])
     keep = ("k", "ppl", "ppl_spiking", "ppl_ratio", "tokens", "overall", "energy")
     return {"markdown": markdown, "summary": summary, "json": {key: report[key] for key in keep}}
+
+
+def training_section(names: list[str], out: Path) -> dict | None:
+    """The training curves the shipped models among ``names`` carry: each one's tokens, share of the teacher's
+    pretraining and last evaluation, and ``training-curves.png`` with all of them; None when none carries one."""
+    from .model.names import SHIPPED_MODELS
+    from .model.shipped import shipped_training_curve
+    from .train.report import plot_training_curves
+
+    curves = {name: curve for name in names if name in SHIPPED_MODELS and (curve := shipped_training_curve(name))}
+    if not curves:
+        return None
+    models = {}
+    for name, curve in curves.items():
+        last = curve["points"][-1]
+        models[name] = {key: last[key] for key in ("tokens_seen", "fraction_of_teacher_pretraining", "ppl_ratio", "passkey") if key in last}
+    png = plot_training_curves(curves, out / "training-curves.png", "shipped conversions of the teacher, as trained")
+    return {"models": models, "files": {"png": str(png)}}
 
 
 def _samples(models: dict, tokenizer, new_tokens: int) -> list[dict]:
@@ -202,6 +221,8 @@ def run_demo(model_ref: str, teacher_ref: str, out: Path, settings: dict, thread
             if loaded is not None:
                 models[ref] = loaded
                 result["also"].append(ref)
+        result["training"] = _step(result, "training", "training curves of the shipped models",
+                                   lambda: training_section([str(model_ref), *result["also"]], out))
         held_out = held_out_ids(tokenizer, settings["ppl_tokens"])
 
         def quality():
@@ -275,6 +296,12 @@ def summary_rows(result: dict) -> list[tuple[str, str, str, str]]:
             acc = {key: m["accuracy_by_length"][str(n)] for key, m in passkey["models"].items()}
             rows.append((f"{name}: pass-key accuracy at {format_length(n)}", f"{acc.get('teacher', float('nan')):.0%}",
                          f"{acc[name]:.0%}", ""))
+    trained = (result.get("training") or {}).get("models", {})
+    for name, label in ((str(result["model"]), ""), *((name, f"{name}: ") for name in result.get("also", []))):
+        if name in trained:
+            t = trained[name]
+            rows.append((f"{label}training tokens (share of the teacher's pretraining)", "-",
+                         f"{t['tokens_seen']:,} ({t['fraction_of_teacher_pretraining']:.1e})", ""))
     samples = result.get("samples") or []
     if samples:
         def degenerate(name: str) -> str:
@@ -358,6 +385,9 @@ def write_markdown(result: dict, path: Path) -> Path:
         lines += ["## Quality", "",
                   f"Held-out perplexity on {any_ppl['tokens']} scored tokens of the pydoc held-out split "
                   f"(windows of {any_ppl['context']} tokens): " + ", ".join(f"{k} {v['ppl']:.2f}" for k, v in ppl.items()) + ".", ""]
+    if result.get("training"):
+        lines += ["Training curves of the shipped models (held-out perplexity ratio and pass-key accuracy as each was "
+                  "trained, from its delta file):", "", "![training curves](training-curves.png)", ""]
     if result.get("passkey"):
         lines += ["Pass-key retrieval (key at half depth, one random key per length):", "", "![passkey](passkey.png)", ""]
     if result.get("ttft"):

@@ -82,3 +82,103 @@ def test_norm_weights_are_the_least_squares_fit():
                 trial = copy.deepcopy(mixer)
                 trial.g_norm.weight.fill_(value)
                 assert relative <= (_pre_o(trial, x, inputs) - target).pow(2).sum().item() / target.pow(2).sum().item() + 1e-12
+
+
+def _brute_force_attention(attention, x, inputs):
+    """Softmax weights ``[B, H, T, T]`` and outputs ``[B, T, H, D]`` of one attention layer, one dot product at a time."""
+    from spikingbrain.ops.rotary import apply_rotary
+
+    q, k, v = attention.project(x)
+    q, k = apply_rotary(q, inputs.cos, inputs.sin), apply_rotary(k, inputs.cos, inputs.sin)
+    B, T, H, D = q.shape
+    group = H // k.shape[2]
+    weights = torch.zeros(B, H, T, T, dtype=torch.float64)
+    out = torch.zeros(B, T, H, D, dtype=torch.float64)
+    for b in range(B):
+        for h in range(H):
+            for t in range(T):
+                scores = [float(q[b, t, h] @ k[b, s, h // group]) / D**0.5 for s in range(t + 1)]
+                top = max(scores)
+                exps = [torch.tensor(z - top, dtype=torch.float64).exp() for z in scores]
+                total = sum(exps)
+                for s in range(t + 1):
+                    weights[b, h, t, s] = exps[s] / total
+                    out[b, t, h] += weights[b, h, t, s] * v[b, s, h // group].double()
+    return weights, out
+
+
+def _mean_distance(weights, skip_first):
+    """Per-head mean distance over queries t >= skip_first, weights renormalised over keys s >= skip_first."""
+    B, H, T, _ = weights.shape
+    result = torch.zeros(H, dtype=torch.float64)
+    for h in range(H):
+        values = []
+        for b in range(B):
+            for t in range(skip_first, T):
+                kept = weights[b, h, t, skip_first : t + 1]
+                values.append(float(sum(p * (t - skip_first - j) for j, p in enumerate(kept)) / kept.sum()))
+        result[h] = sum(values) / len(values)
+    return result
+
+
+def test_mean_attention_distance_matches_brute_force():
+    from spikingbrain.convert.calibrate import mean_attention_distance
+
+    teacher = tiny_model(["full", "full"], seed=3).double()
+    ids = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(1))
+    captured = {}
+    teacher.model.layers[1].attn.register_forward_pre_hook(lambda module, args: captured.update(x=args[0], inputs=args[1]))
+    teacher.model.layers[1].attn.o_proj.register_forward_pre_hook(lambda module, args: captured.update(o=args[0]))
+    with torch.no_grad():
+        teacher(ids, use_cache=False)
+        attention = teacher.model.layers[1].attn
+        weights, out = _brute_force_attention(attention, captured["x"], captured["inputs"])
+        assert torch.allclose(out.reshape(captured["o"].shape), captured["o"], atol=1e-10)  # the weights are the layer's own
+        for skip in (0, 3):
+            got = mean_attention_distance(attention, captured["x"], captured["inputs"], skip_first=skip)
+            assert torch.allclose(got, _mean_distance(weights, skip), atol=1e-10)
+
+
+def test_gate_bias_for_distance_gives_that_mean_look_back():
+    from spikingbrain.convert.calibrate import gate_bias_for_distance
+
+    # hand-computed: mean look-back 9 -> decay 0.9 per step -> sigmoid(b) = 0.9^16, b = log(0.9^16 / (1 - 0.9^16))
+    expected = torch.tensor(0.9**16 / (1 - 0.9**16), dtype=torch.float64).log()
+    assert abs(float(gate_bias_for_distance(torch.tensor([9.0]), 16)[0]) - float(expected)) < 1e-9
+    model = tiny_model(["gla"], seed=4).double()
+    mixer = model.model.layers[0].attn
+    with torch.no_grad():
+        for layer in mixer.gk_proj:
+            layer.weight.zero_()
+        distances = torch.tensor([3.0, 40.0])
+        mixer.gate_bias.copy_(gate_bias_for_distance(distances, mixer.gate_normalizer).repeat_interleave(mixer.head_dim))
+        x = torch.randn(1, 5, 32, dtype=torch.float64)
+        k = torch.zeros(1, 5, mixer.num_kv_heads, mixer.head_dim, dtype=torch.float64)
+        decay = mixer.log_decay(x, k).double().exp()[0, 0, :, 0]  # per kv head, through the layer's own gate
+    assert torch.allclose(decay / (1 - decay), distances.double(), rtol=1e-4)  # the gate runs in fp32
+    assert float(gate_bias_for_distance(torch.tensor([1e9]), 16)[0]) == 8.0  # clamped to the grid's range
+
+
+def test_distance_decay_init_sets_each_kv_head_from_the_teacher():
+    from spikingbrain.convert.calibrate import calibrate_gla, gate_bias_for_distance
+
+    teacher = tiny_model(["full", "full"], seed=5).double()
+    student = tiny_model(["gla", "swa"], seed=6).double()
+    for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        getattr(student.model.layers[0].attn, name).load_state_dict(getattr(teacher.model.layers[0].attn, name).state_dict())
+    ids = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(2))
+    captured = {}
+    teacher.model.layers[0].attn.register_forward_pre_hook(lambda module, args: captured.update(x=args[0], inputs=args[1]))
+    with torch.no_grad():
+        teacher(ids, use_cache=False)
+        weights, _ = _brute_force_attention(teacher.model.layers[0].attn, captured["x"], captured["inputs"])
+    calibrate_gla(student, teacher, ids, decay_init="distance", skip_first=2)
+    per_kv_head = _mean_distance(weights, 2).view(2, 2).mean(-1)
+    mixer = student.model.layers[0].attn
+    assert torch.allclose(mixer.gate_bias.view(2, -1), gate_bias_for_distance(per_kv_head, 16).unsqueeze(-1), atol=1e-9)
+    try:
+        calibrate_gla(student, teacher, ids, decay_init="teacher")
+    except ValueError as err:
+        assert "decay_init 'teacher'" in str(err) and "grid" in str(err)
+    else:
+        raise AssertionError("an unknown decay_init was accepted")

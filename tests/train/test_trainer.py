@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from spikingbrain.cli import main
@@ -84,6 +85,10 @@ def test_training_lowers_the_losses(tmp_path, pair):
     curve = json.loads((tmp_path / "run" / "curve.json").read_text())
     assert [p["step"] for p in curve["points"]] == [r["step"] for r in records if "ppl_ratio" in r] == [0, 12, 36]
     assert (tmp_path / "run" / "curve.png").read_bytes()[:4] == b"\x89PNG"
+    with safe_open(str(tmp_path / "run" / "delta.safetensors"), framework="pt") as f:  # the delta carries the curve
+        carried = json.loads(f.metadata()["training_curve"])
+    assert [(p["step"], p["ppl"]) for p in carried["points"]] == [(r["step"], r["ppl"]) for r in records if "ppl_ratio" in r]
+    assert summary["ppl"] == records[-1]["ppl"]  # the final evaluation is the last step's
 
 
 def test_killed_run_resumes_onto_the_same_curve(tmp_path, pair):

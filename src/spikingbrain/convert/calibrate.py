@@ -3,7 +3,9 @@
 For every GLA layer (parallel hybrid layers are left as they are), from the teacher's own layer input ``x`` and attention output ``o`` (before
 ``o_proj``): (1) each key-value head gets the constant gate bias, from a grid, whose per-head
 normalised output ``n`` best explains ``o`` after a least-squares scale per head and channel;
-(2) the output-norm weight of channel ``d`` becomes ``w_d = Σ n_d o_d / Σ n_d²`` over tokens and
+with ``decay_init="distance"`` the bias instead makes a geometric decay's mean
+look-back equal the mean query-key distance of the teacher's softmax weights in that head (keys past
+the first ``skip_first``, which act as attention sinks); (2) the output-norm weight of channel ``d`` becomes ``w_d = Σ n_d o_d / Σ n_d²`` over tokens and
 heads, the scale that minimises ``|w n - o|²`` (0 where the two are uncorrelated, so a layer
 never starts worse than skipping attention).
 """
@@ -14,11 +16,15 @@ import torch
 
 from ..model.mixers import GatedLinearAttention
 from ..model.modeling import SpikingBrainForCausalLM
+from ..ops.rotary import apply_rotary
 
-__all__ = ["calibrate_gla", "GATE_BIAS_GRID"]
+__all__ = ["calibrate_gla", "GATE_BIAS_GRID", "DECAY_INITS", "mean_attention_distance", "gate_bias_for_distance"]
 
 #: Gate biases tried per head: decay per step sigmoid(b)^(1/16) from 0.61 (b=-8) to 0.99998 (b=8).
 GATE_BIAS_GRID = (-8.0, -6.0, -4.0, -2.0, 0.0, 2.0, 4.0, 6.0, 8.0)
+
+#: How ``calibrate_gla`` chooses the gate biases: the grid search, or the teacher's attention distances.
+DECAY_INITS = ("grid", "distance")
 
 
 def _teacher_attention(teacher: SpikingBrainForCausalLM, ids: torch.Tensor, layers: list[int]) -> dict[int, list]:
@@ -45,6 +51,32 @@ def _teacher_attention(teacher: SpikingBrainForCausalLM, ids: torch.Tensor, laye
     return captured
 
 
+def mean_attention_distance(attention, x: torch.Tensor, inputs, skip_first: int = 4) -> torch.Tensor:
+    """Mean query-key distance ``Σ_s p_ts (t - s)`` of a softmax attention's weights per query head ``[H]``,
+    averaged over queries ``t >= skip_first`` with the weights renormalised over keys ``s >= skip_first``."""
+    q, k, _ = attention.project(x)
+    q, k = apply_rotary(q, inputs.cos, inputs.sin).double(), apply_rotary(k, inputs.cos, inputs.sin).double()
+    k = k.repeat_interleave(q.shape[2] // k.shape[2], dim=2)
+    T = q.shape[1]
+    position = torch.arange(T)
+    distance = (position[:, None] - position[None, :]).double()  # [t, s]
+    means = []
+    for row_q, row_k in zip(q, k):  # one row at a time: [H, T, T] per row
+        scores = torch.einsum("thd,shd->hts", row_q, row_k) * q.shape[-1] ** -0.5
+        weights = scores.masked_fill(distance < 0, float("-inf")).softmax(-1)[:, skip_first:, skip_first:]
+        weights = weights / weights.sum(-1, keepdim=True)
+        means.append((weights * distance[skip_first:, skip_first:]).sum(-1).mean(-1))
+    return torch.stack(means).mean(0)
+
+
+def gate_bias_for_distance(distance: torch.Tensor, normalizer: float, low: float = -8.0, high: float = 8.0) -> torch.Tensor:
+    """The gate bias ``b`` whose decay per step ``a = sigmoid(b)^(1/normalizer)`` has mean look-back
+    ``a / (1 - a)`` equal to ``distance`` (so ``a = m / (1 + m)``), clamped to ``[low, high]``."""
+    decay = distance.double() / (1 + distance.double())
+    power = (normalizer * torch.log(decay.clamp_min(1e-300))).exp().clamp(1e-12, 1 - 1e-12)
+    return torch.logit(power).clamp(low, high)
+
+
 def _normalised_output(mixer: GatedLinearAttention, x, inputs) -> torch.Tensor:
     """The mixer's per-head output after an RMSNorm of weight 1, ``[tokens, heads, D]`` in fp64."""
     seen = {}
@@ -68,9 +100,13 @@ def _fit_error(n: torch.Tensor, o: torch.Tensor, dims) -> torch.Tensor:
 
 @torch.no_grad()
 def calibrate_gla(
-    student: SpikingBrainForCausalLM, teacher: SpikingBrainForCausalLM, ids: torch.Tensor, gate_grid=GATE_BIAS_GRID
+    student: SpikingBrainForCausalLM, teacher: SpikingBrainForCausalLM, ids: torch.Tensor, gate_grid=GATE_BIAS_GRID,
+    decay_init: str = "grid", skip_first: int = 4,
 ) -> dict[int, float]:
-    """Fit gate biases and output-norm weights of every GLA layer; returns each layer's relative error ``|w n - o|² / |o|²``."""
+    """Fit gate biases (``decay_init``: ``grid`` or ``distance``, see the module docstring) and output-norm
+    weights of every GLA layer; returns each layer's relative error ``|w n - o|² / |o|²``."""
+    if decay_init not in DECAY_INITS:
+        raise ValueError(f"decay_init {decay_init!r} is not one of {DECAY_INITS}")
     layers = [i for i, block in enumerate(student.model.layers) if isinstance(block.attn, GatedLinearAttention)]
     captured = _teacher_attention(teacher, ids, layers)
     errors = {}
@@ -79,7 +115,12 @@ def calibrate_gla(
         mixer = student.model.layers[i].attn
         o = target.reshape(-1, mixer.num_heads, mixer.head_dim).double()
         mixer.g_norm.weight.fill_(1.0)
-        if gate_grid and not mixer.key_tied:  # a key-tied gate has no parameters to fit
+        if decay_init == "distance" and not mixer.key_tied:
+            heads = mean_attention_distance(teacher.model.layers[i].attn, x, inputs, skip_first)
+            per_kv_head = heads.view(mixer.num_kv_heads, -1).mean(-1)
+            bias = gate_bias_for_distance(per_kv_head, mixer.gate_normalizer)
+            mixer.gate_bias.copy_(bias.to(mixer.gate_bias.dtype).repeat_interleave(mixer.head_dim))
+        elif gate_grid and not mixer.key_tied:  # a key-tied gate has no parameters to fit
             bias = mixer.gate_bias
             group = mixer.num_heads // mixer.num_kv_heads
             scores = []

@@ -25,8 +25,8 @@ from .embedded import MARKER_FILENAME, _build_folder, cache_dir, default_model_f
 from .hf_import import import_transformer
 from .names import SHIPPED_MODELS, SHORT_NAMES
 
-__all__ = ["resolve_folder", "shipped_delta_path", "shipped_conversion_of", "shipped_conversions_of", "shipped_model_folder", "write_delta",
-           "build_from_delta", "export_model"]
+__all__ = ["resolve_folder", "shipped_delta_path", "shipped_conversion_of", "shipped_conversions_of", "shipped_model_folder",
+           "shipped_training_curve", "write_delta", "build_from_delta", "export_model"]
 _CONFIG_KEYS_NOT_OVERRIDDEN = ("architectures", "transformers_version", "model_type", "dtype", "torch_dtype", "_name_or_path")
 
 
@@ -71,6 +71,13 @@ def shipped_conversions_of(teacher: str) -> list[str]:
 def shipped_conversion_of(teacher: str) -> str | None:
     """The first of :func:`shipped_conversions_of` ``teacher``, else None."""
     return next(iter(shipped_conversions_of(teacher)), None)
+
+
+def shipped_training_curve(name: str) -> dict | None:
+    """The training curve a shipped model's delta carries (``train.report.training_curve`` of its run), else None."""
+    with safe_open(str(shipped_delta_path(name)), framework="pt") as f:
+        curve = (f.metadata() or {}).get("training_curve")
+    return None if curve is None else json.loads(curve)
 
 
 def file_sha256(path: Path) -> str:

@@ -1,12 +1,14 @@
 """The training curve of a run: held-out perplexity ratio (student / teacher), and pass-key accuracy where the run
-measured it, against training tokens."""
+measured it, against training tokens; one run's curve, or several models' curves side by side."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-__all__ = ["training_curve", "plot_training_curve"]
+__all__ = ["training_curve", "plot_training_curve", "plot_training_curves"]
+
+_TOKENS_LABEL = "training tokens (the untrained conversion is drawn at 1)"
 
 
 def training_curve(run: str | Path) -> dict:
@@ -22,56 +24,101 @@ def training_curve(run: str | Path) -> dict:
     return {"run": str(run), "teacher_ppl": teacher, "teacher_passkey": teacher_passkey, "points": points}
 
 
-def plot_training_curve(run: str | Path) -> tuple[Path, Path]:
-    """Write ``curve.json`` and ``curve.png`` into the run folder; returns their paths."""
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _tokens(points: list[dict]) -> list[int]:
+    """Training tokens of each point; the untrained conversion (0 tokens) at 1, for the log axis."""
+    return [max(p["tokens_seen"], 1) for p in points]
+
+
+def _plot_ratio(ax, series: dict[str, list[dict]], title: str) -> None:
+    """Perplexity ratio against training tokens, one line per series, with the 1.15 target."""
+    for label, points in series.items():
+        ax.plot(_tokens(points), [p["ppl_ratio"] for p in points], "o-", label=label)
+    ax.set_xscale("log")
+    ratios = [p["ppl_ratio"] for points in series.values() for p in points]
+    if max(ratios) > 3 * min(ratios):  # a conversion from far away: a log axis; a narrow range reads better linear
+        ax.set_yscale("log")
+    ax.axhline(1.15, color="gray", linestyle="--", linewidth=1, label="target 1.15")
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xlabel(_TOKENS_LABEL)
+    ax.set_ylabel("held-out perplexity / teacher's")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+
+
+def _plot_passkey(ax, series: dict[str, tuple[list[int], list[float], float | None]], ylabel: str) -> None:
+    """Pass-key accuracy (%) against training tokens, one line per series; each series' teacher value dashed."""
+    for i, (label, (tokens, accuracy, teacher)) in enumerate(series.items()):
+        line = ax.plot(tokens, [100 * a for a in accuracy], "o-", label=label)
+        if teacher is not None:
+            ax.axhline(100 * teacher, color=line[0].get_color(), linestyle="--", linewidth=1, label="teacher (dashed)" if i == 0 else None)
+    ax.set_xscale("log")
+    ax.set_ylim(-5, 105)
+    ax.set_xlabel(_TOKENS_LABEL)
+    ax.set_ylabel(ylabel)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values)
+
+
+def plot_training_curve(run: str | Path) -> tuple[Path, Path]:
+    """Write ``curve.json`` and ``curve.png`` into the run folder; returns their paths."""
+    plt = _pyplot()
     run = Path(run)
     curve = training_curve(run)
     json_path, png_path = run / "curve.json", run / "curve.png"
     json_path.write_text(json.dumps(curve, indent=1))
     with_passkey = [p for p in curve["points"] if "passkey" in p]
     fig, axes = plt.subplots(1, 2 if with_passkey else 1, figsize=(13 if with_passkey else 7, 4.5), squeeze=False)
-    ax = axes[0][0]
-    stages = list(dict.fromkeys(p["stage"] for p in curve["points"]))
-    for stage in stages:
-        pts = [p for p in curve["points"] if p["stage"] == stage]
-        # the untrained conversion sits at 0 tokens: plot it at 1 token on the log axis
-        ax.plot([max(p["tokens_seen"], 1) for p in pts], [p["ppl_ratio"] for p in pts], "o-", label=stage)
+    stages = {stage: [p for p in curve["points"] if p["stage"] == stage] for stage in dict.fromkeys(p["stage"] for p in curve["points"])}
+    title = f"{run.name}: teacher perplexity {curve['teacher_ppl']:.2f}" if curve["teacher_ppl"] else run.name
+    _plot_ratio(axes[0][0], stages, title)
     if with_passkey:
-        _plot_passkey(axes[0][1], with_passkey, curve["teacher_passkey"] or {})
-    ax.set_xscale("log")
-    ratios = [p["ppl_ratio"] for p in curve["points"]]
-    if max(ratios) > 3 * min(ratios):  # a conversion from far away: a log axis; a narrow range reads better linear
-        ax.set_yscale("log")
-    ax.axhline(1.15, color="gray", linestyle="--", linewidth=1, label="target 1.15")
-    ax.axhline(1.0, color="black", linewidth=0.8)
-    ax.set_xlabel("training tokens (the untrained conversion is drawn at 1)")
-    ax.set_ylabel("held-out perplexity / teacher's")
-    ax.set_title(f"{run.name}: teacher perplexity {curve['teacher_ppl']:.2f}" if curve["teacher_ppl"] else run.name)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
+        teacher = curve["teacher_passkey"] or {}
+        lengths = sorted({n for p in with_passkey for n in p["passkey"]}, key=int)
+        by_length = {}
+        for length in lengths:
+            pts = [p for p in with_passkey if length in p["passkey"]]
+            by_length[f"{length} tokens"] = (_tokens(pts), [p["passkey"][length] for p in pts], teacher.get(length))
+        _plot_passkey(axes[0][1], by_length, "pass-key accuracy, % (dashed: the teacher)")
     fig.tight_layout()
     fig.savefig(png_path, dpi=120)
     plt.close(fig)
     return json_path, png_path
 
 
-def _plot_passkey(ax, points: list[dict], teacher: dict[str, float]) -> None:
-    """Pass-key accuracy by prompt length against training tokens; the teacher's as dashed lines."""
-    lengths = sorted({n for p in points for n in p["passkey"]}, key=int)
-    for i, length in enumerate(lengths):
-        pts = [p for p in points if length in p["passkey"]]
-        line = ax.plot([max(p["tokens_seen"], 1) for p in pts], [100 * p["passkey"][length] for p in pts], "o-", label=f"{length} tokens")
-        if length in teacher:
-            ax.axhline(100 * teacher[length], color=line[0].get_color(), linestyle="--", linewidth=1,
-                       label="teacher (dashed)" if i == 0 else None)
-    ax.set_xscale("log")
-    ax.set_ylim(-5, 105)
-    ax.set_xlabel("training tokens (the untrained conversion is drawn at 1)")
-    ax.set_ylabel("pass-key accuracy, % (dashed: the teacher)")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+def plot_training_curves(curves: dict[str, dict], path: str | Path, title: str = "") -> Path:
+    """Several models' training curves (``training_curve`` dicts by model name) in one PNG: the perplexity ratio, and
+    the pass-key accuracy averaged over the lengths each run measured (dashed: the teacher's, same lengths)."""
+    plt = _pyplot()
+    keyed = {name: [p for p in c["points"] if "passkey" in p] for name, c in curves.items()}
+    keyed = {name: pts for name, pts in keyed.items() if pts}
+    fig, axes = plt.subplots(1, 2 if keyed else 1, figsize=(13 if keyed else 7, 4.5), squeeze=False)
+    _plot_ratio(axes[0][0], {name: c["points"] for name, c in curves.items()}, title or "training curves")
+    if keyed:
+        means = {}
+        for name, pts in keyed.items():
+            lengths = sorted(pts[-1]["passkey"], key=int)
+            teacher = curves[name].get("teacher_passkey") or {}
+            label = f"{name} ({', '.join(lengths)} tokens)"
+            means[label] = (_tokens(pts), [_mean(p["passkey"].get(n, 0.0) for n in lengths) for p in pts],
+                            _mean(teacher[n] for n in lengths) if all(n in teacher for n in lengths) else None)
+        _plot_passkey(axes[0][1], means, "mean pass-key accuracy, % (dashed: the teacher)")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

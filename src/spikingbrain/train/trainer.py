@@ -33,7 +33,7 @@ from ..runtime.machine import flushing_denormals
 from ..spiking.apply import spikify
 from .config import StageConfig, TrainConfig, comparable_fingerprint
 from .data import PackedBatches, encode_documents, joined_token_ids, load_documents, pack, pack_loss_masks, split_held_out
-from .report import plot_training_curve
+from .report import plot_training_curve, training_curve
 from .lora import LoRALinear, add_lora, lora_parameters, merge_lora
 from .losses import chunked_distill_loss, full_distill_loss
 
@@ -101,6 +101,7 @@ class Trainer:
         self.out = Path(config.out).expanduser()
         self.checkpoints = self.out / "checkpoints"
         self.metrics_path = self.out / "metrics.jsonl"
+        self._evaluated_at: dict[int, dict] = {}  # the latest evaluation, by the step it was made at
         latest = self._latest_checkpoint()
         if latest is not None and not resume:
             raise TrainingError(f"{self.out} already holds checkpoints ({latest.name}); pass --resume to continue or choose a new --out")
@@ -373,6 +374,7 @@ class Trainer:
         if self.config.eval_passkey_lengths:
             record["passkey"] = self._passkey_accuracy(self.student)
         self.student.train()
+        self._evaluated_at = {self.global_step: record}
         return record
 
     def _passkey_accuracy(self, model) -> dict[str, float]:
@@ -412,7 +414,7 @@ class Trainer:
             self._run_stage(stage, state if index == start_index else None, bar)
             state = None
         bar.close()
-        final = self.evaluate()
+        final = self._evaluated_at.get(self.global_step) or self.evaluate()  # the last step of a stage is evaluated
         summary = {"steps": self.global_step, "tokens_seen": self.tokens_seen, "teacher_ppl": self.teacher_ppl, **final}
         self.export_delta(self.out / "delta.safetensors")
         self._save_final_model(self.out / "final")
@@ -432,6 +434,8 @@ class Trainer:
         }
         scales = {m.scale for m in self.student.modules() if isinstance(m, LoRALinear)}
         extra = {"lora_scale": scales.pop() if scales else 1.0, "tokens_seen": self.tokens_seen, "steps": self.global_step}
+        if self.metrics_path.is_file():  # the delta carries its training curve (``model.shipped.shipped_training_curve``)
+            extra["training_curve"] = training_curve(self.out)
         return write_delta(path, tensors, self.student.config.to_dict(), self.config.teacher, extra)
 
     def _save_final_model(self, folder: Path) -> None:
