@@ -89,8 +89,8 @@ def test_seeded_sampling_is_reproducible_in_a_batch(tiny_engine):
         assert all(same_bits(a, b) for a, b in zip(together, solo))
 
 
-def stream_and_leave(app, body: dict, chunks: int) -> list[str]:
-    """Read ``chunks`` server-sent events of a streaming completion, then close the connection."""
+def stream_and_leave(app, body: dict, chunks: int, before_leaving) -> list[str]:
+    """Read ``chunks`` server-sent events of a streaming completion, call ``before_leaving()``, then close the connection."""
     host, port = app.state.base_url.removeprefix("http://").split(":")
     conn = http.client.HTTPConnection(host, int(port), timeout=60)
     conn.request("POST", "/v1/completions", body=json.dumps({**body, "stream": True}), headers={"Content-Type": "application/json"})
@@ -100,6 +100,7 @@ def stream_and_leave(app, body: dict, chunks: int) -> list[str]:
         line = response.readline().decode()
         if line.startswith("data: {"):
             texts.append(json.loads(line[6:])["choices"][0]["text"])
+    before_leaving()
     conn.sock.close()
     conn.close()
     return texts
@@ -119,12 +120,13 @@ def test_a_client_leaving_mid_batch_frees_its_row_and_changes_no_other_answer(ti
         barrier.wait()
         return "".join(c.choices[0].text for c in client(app).completions.create(stream=True, **r))
 
-    def leave():
-        barrier.wait()
-        texts = stream_and_leave(app, leaver, chunks=4)
+    def find_its_cache():
         with scheduler.condition:
             caches.extend(weakref.ref(job.generation.cache) for job in scheduler.active if job.generation.prompt_ids == leaver_ids)
-        return texts
+
+    def leave():
+        barrier.wait()
+        return stream_and_leave(app, leaver, chunks=4, before_leaving=find_its_cache)
 
     with ThreadPoolExecutor(len(stayers) + 1) as pool:
         left = pool.submit(leave)

@@ -5,8 +5,9 @@ keep the keys and values of the layer's sink tokens, computed once per cache: ``
 returns them in front of the real keys, as the attention kernels expect (``num_sinks``).
 
 :class:`RowCaches` puts the caches of several sequences side by side for one batched decode
-step: each row keeps its own cache (its own length, window and positions), and the mixers read
-and extend it as a one-row forward would.
+step: each row keeps its own cache (its own length, window and positions), and the softmax
+mixers read and extend it as a one-row forward would; GLA states, all of one shape, are stacked
+for the step (:func:`stack_states`) and handed back row by row (:func:`unstack_states`).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache
 
-__all__ = ["GLAState", "WindowKV", "FullKV", "ParallelState", "SpikingBrainCache", "RowCaches"]
+__all__ = ["GLAState", "WindowKV", "FullKV", "ParallelState", "SpikingBrainCache", "RowCaches", "stack_states", "unstack_states"]
 
 
 class _LayerCache:
@@ -50,6 +51,21 @@ class GLAState(_LayerCache):
     def map_tensors(self, fn):
         if self.state is not None:
             self.state = fn(self.state)
+
+
+def stack_states(states: list[GLAState | None], shape: tuple[int, int, int], like: torch.Tensor) -> GLAState:
+    """One GLA state ``[rows, Hkv, K, V]`` holding the rows' states (zeros for padding rows and empty states)."""
+    stacked = GLAState()
+    zeros = torch.zeros(1, *shape, dtype=torch.float32, device=like.device)
+    stacked.state = torch.cat([zeros if s is None or s.state is None else s.state for s in states])
+    return stacked
+
+
+def unstack_states(stacked: GLAState, states: list[GLAState | None]) -> None:
+    """Give every (non-padding) row its own copy of its row of ``stacked``."""
+    for i, state in enumerate(states):
+        if state is not None:
+            state.state = stacked.state[i : i + 1].clone()
 
 
 class WindowKV(_LayerCache):

@@ -12,7 +12,7 @@ from torch.nn import functional as F
 from ..ops import apply_rotary, causal_attention, chunk_gla, recurrent_gla, sliding_window_attention
 from ..spiking.int8 import fake_quantize_int8
 from ..spiking.neuron import spike_quantize
-from .cache import FullKV, GLAState, ParallelState, RowCaches, WindowKV
+from .cache import FullKV, GLAState, ParallelState, RowCaches, WindowKV, stack_states, unstack_states
 from .config import SpikingBrainConfig
 from .layers import RMSNorm
 from .names import PARALLEL_MIXERS
@@ -135,6 +135,15 @@ class GatedLinearAttention(_Mixer):
         if self.key_tied:
             return F.logsigmoid(-k.float())
         return (F.logsigmoid(self.gk_proj(x).float()) / self.gate_normalizer).view(k.shape)
+
+    def heads_of_rows(self, x, q, k, v, inputs, cache, proj=None) -> torch.Tensor:
+        """:meth:`heads`; over a :class:`RowCaches`, all rows at once on their stacked states (the recurrence is per row)."""
+        if not isinstance(cache, RowCaches):
+            return self.heads(x, q, k, v, inputs, cache, proj)
+        stacked = stack_states(cache.entries, (k.shape[2], k.shape[3], v.shape[3]), q)
+        o = self.heads(x, q, k, v, inputs, stacked, proj)
+        unstack_states(stacked, cache.entries)
+        return o
 
     def heads(self, x, q, k, v, inputs, cache: GLAState | None, proj=None) -> torch.Tensor:
         B, T = x.shape[:2]
