@@ -1,7 +1,7 @@
 """The reader page in a real headless Chromium against ``spikingbrain serve``: a document, two questions, a binary file.
 
 Usage:
-  python benchmarks/reader_page.py [--model default] [--api-key KEY] [--document FILE]
+  python benchmarks/reader_page.py [--model default] [--api-key KEY] [--spiking K] [--document FILE]
       [--question Q --question Q2 ...] [--screenshot docs/img/reader.png] [--json docs/reader-page.json]
 
 ``spikingbrain serve`` runs as its own process (with ``--api-key``, through SPIKINGBRAIN_API_KEY).
@@ -99,7 +99,7 @@ def drive(page, base_url: str, port: int, key: str | None, document: Path, quest
         })
     if screenshot is not None:
         screenshot.parent.mkdir(parents=True, exist_ok=True)
-        page.screenshot(path=str(screenshot))
+        page.screenshot(path=str(screenshot), full_page=True)
     record["document_after_questions"] = get(port, f"/v1/documents/{ident}", key)
     binary = document.with_name("photo.jpg")
     binary.write_bytes(b"\xff\xd8\xff\xe0\x00\x10JFIF\x00\x01\x01\x00" + bytes(range(256)) * 8)
@@ -121,7 +121,7 @@ def run(args) -> dict:
         document.write_bytes(MINUTES.encode() if args.document is None else Path(args.document).read_bytes())
         os.environ["SPIKINGBRAIN_API_KEY"] = args.api_key or ""
         load_before = load_average()
-        proc, port = start_server(args.model, args.model, 600.0, 30.0)
+        proc, port = start_server(args.model, args.model, 600.0, 30.0, () if args.spiking is None else ("--spiking", str(args.spiking)))
         try:
             with sync_playwright() as playwright:
                 context = playwright.chromium.launch_persistent_context(
@@ -140,6 +140,7 @@ def run(args) -> dict:
     read = record["document_after_reading"]
     record.update(
         model=args.model,
+        spiking=args.spiking,
         chromium=executable,
         reading={"tokens": read["tokens"], "seconds": read["seconds"], "tokens_per_second": read["tokens_per_second"]},
         ttft_seconds=[a["server_answer"]["ttft_seconds"] for a in record["answers"]],
@@ -156,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--api-key", default=None, help="start the server with this key; the page must ask for it")
     parser.add_argument("--document", default=None, help="the document to open (default: a short meeting record)")
     parser.add_argument("--question", action="append", default=[], help="a question to ask (repeatable; default: two about the meeting)")
-    parser.add_argument("--screenshot", default=None, help="PNG of the page after the questions")
+    parser.add_argument("--spiking", type=float, default=None, metavar="K", help="serve the model spiking (the panel then shows per-layer firing)")
+    parser.add_argument("--screenshot", default=None, help="PNG of the whole page after the questions")
     parser.add_argument("--json", default=None, help="write the record here")
     args = parser.parse_args(argv)
     record = run(args)

@@ -58,12 +58,13 @@ def hostile_cases(model: str) -> list[tuple[str, bytes | None]]:
     ]
 
 
-def start_server(model: str, name: str, request_timeout: float, body_timeout: float) -> tuple[subprocess.Popen, int]:
+def start_server(model: str, name: str, request_timeout: float, body_timeout: float, extra: tuple[str, ...] = ()) -> tuple[subprocess.Popen, int]:
+    """``spikingbrain serve`` as its own process on a free loopback port (``extra``: more of its options), once /health answers."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     command = [sys.executable, "-m", "spikingbrain.cli", "serve", "--model", model, "--served-model-name", name, "--port", str(port), "--threads", "1"]
-    proc = subprocess.Popen([*command, "--request-timeout", str(request_timeout), "--body-timeout", str(body_timeout)], stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([*command, "--request-timeout", str(request_timeout), "--body-timeout", str(body_timeout), *extra], stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
     while True:
         try:

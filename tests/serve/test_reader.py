@@ -187,3 +187,10 @@ def test_spiking_model_reports_the_firing_of_the_answer_alone(tiny_engine, live_
     assert [f["layer"] for f in done["firing"]] == [0, 1]
     assert [f["fired"] for f in done["firing"]] == pytest.approx(expected, abs=0.01)
     assert all(0 < f["fired"] < 1 for f in done["firing"])
+
+
+def test_serve_refuses_spiking_with_a_state_folder(tmp_path, capsys):
+    from spikingbrain.cli import main
+
+    assert main(["serve", "--model", str(tmp_path / "never-loaded"), "--spiking", "3", "--cache-dir", str(tmp_path / "states")]) == 2
+    assert "--spiking and --cache-dir do not go together" in capsys.readouterr().err

@@ -196,7 +196,13 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         cache_bytes=int(args.cache_mib * 2**20),
         cache_dir=None if args.cache_dir is None else Path(args.cache_dir).expanduser(),
     )
+    if args.spiking is not None and settings.cache_dir is not None:
+        raise ValueError("--spiking and --cache-dir do not go together: stored states are keyed by the weights alone, so dense and spiking states would mix; drop one")
     engine = _load_engine(args, args.served_model_name)
+    if args.spiking is not None:
+        from ..spiking.apply import spikify
+
+        spikify(engine.model, k=args.spiking)
     app = create_app(engine, settings)
     print(
         f"serving {engine.name!r} on http://{args.host}:{args.port}/v1 "
@@ -243,5 +249,6 @@ def register(subparsers) -> None:
     serve.add_argument("--max-active", type=int, default=8, help="requests generating at once (others wait)")
     serve.add_argument("--cache-mib", type=float, default=512, help="memory budget of the prefix state cache")
     serve.add_argument("--cache-dir", default=None, help="also keep prefix states in this folder (atomic writes)")
+    serve.add_argument("--spiking", type=float, default=None, metavar="K", help="spike every projection's input (threshold mean|x|/K; the report uses 3); the reader page then shows per-layer firing")
     serve.add_argument("--log-level", default="warning")
     serve.set_defaults(func=_cmd_serve)

@@ -233,12 +233,13 @@ def add_reader(app, engine, scheduler, settings, check_key, read_body, job_class
         max_tokens = body.get("max_tokens", min(settings.default_max_tokens, settings.max_tokens_limit))
         temperature = body.get("temperature", 0.0)
         seed = body.get("seed")
-        for field, value, kinds in (("max_tokens", max_tokens, int), ("temperature", temperature, (int, float)), ("seed", seed, (int, type(None)))):
+        penalty = body.get("repetition_penalty", 1.0)
+        for field, value, kinds in (("max_tokens", max_tokens, int), ("temperature", temperature, (int, float)), ("repetition_penalty", penalty, (int, float)), ("seed", seed, (int, type(None)))):
             if isinstance(value, bool) or not isinstance(value, kinds):
                 raise APIError(400, f"field '{field}': wrong type {type(value).__name__}", param=field, code="invalid_type")
         if max_tokens > settings.max_tokens_limit:
             raise APIError(400, f"field 'max_tokens': {max_tokens} is over this server's limit of {settings.max_tokens_limit}", param="max_tokens", code="invalid_value")
-        params = SamplingParams(temperature=float(temperature), max_tokens=max_tokens, seed=seed)
+        params = SamplingParams(temperature=float(temperature), repetition_penalty=float(penalty), max_tokens=max_tokens, seed=seed)
         problems = params.problems()
         if problems:
             name, message = problems[0]

@@ -5,6 +5,7 @@
 const $ = (id) => document.getElementById(id);
 const docs = new Map(); // id -> {info, messages: [{role, text, meta}]}
 let current = null;
+const ANSWER_TOKENS = 128; // greedy answers of small models can loop: cut them here
 let key = sessionStorage.getItem("spikingbrain-key") || "";
 
 function headers(extra = {}) {
@@ -233,7 +234,7 @@ async function ask(question) {
   try {
     const response = await api(`/v1/documents/${entry.info.id}/ask`, {
       method: "POST", headers: { "Content-Type": "application/json" },
-      body: JSON.stringify({ question, model: $("model").value, temperature: 0 }),
+      body: JSON.stringify({ question, model: $("model").value, temperature: 0, max_tokens: ANSWER_TOKENS }),
     });
     for await (const event of events(response)) {
       if (event.error) throw new Error(event.error.message);
