@@ -142,7 +142,7 @@ def test_invalid_inputs_raise_value_error():
 @HEADS
 @pytest.mark.parametrize("keep_first", [1, 4])
 @pytest.mark.parametrize("window", [2, 9])
-@pytest.mark.parametrize("Tq,Tk", [(40, 40), (13, 40), (1, 40), (3, 12)])
+@pytest.mark.parametrize("Tq,Tk", [(40, 40), (13, 40), (1, 40), (3, 12), (1, 12)])  # (1, 12): a decode step over a full cache
 def test_keep_first_matches_dense(H, Hkv, keep_first, window, Tq, Tk):
     """The first keys stay visible past the window (StreamingLLM sinks), also with a cached prefix."""
     q, k, v = qkv(2, Tq, Tk, H, Hkv, seed=window + Tq)

@@ -68,6 +68,10 @@ def unstack_states(stacked: GLAState, states: list[GLAState | None]) -> None:
             state.state = stacked.state[i : i + 1].clone()
 
 
+#: A window extended by at most this many positions is kept as a view of the extended keys (no copy).
+VIEW_MAX_NEW = 16
+
+
 class WindowKV(_LayerCache):
     """The last ``window`` rotated keys and values ``[B, n, Hkv, D]`` of a sliding-window layer.
 
@@ -90,7 +94,12 @@ class WindowKV(_LayerCache):
         self.sinks = (keys, values)
 
     def extend(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return sinks + cached + new keys/values and keep only the last ``window`` real ones."""
+        """Return sinks + cached + new keys/values and keep only the last ``window`` real ones.
+
+        After a decode step (a few new positions, no kept first tokens) the window is kept as a
+        view of the returned tensors instead of a copy: they are only a few positions longer.
+        """
+        new = keys.shape[1]
         front = [] if self.keys is None else [(self.keys, self.values)]
         if self.sinks is not None:
             front.insert(0, tuple(t.expand(keys.shape[0], *t.shape[1:]) for t in self.sinks))
@@ -99,7 +108,9 @@ class WindowKV(_LayerCache):
             values = torch.cat([v for _, v in front] + [values], 1)
         n = 0 if self.sinks is None else self.sinks[0].shape[1]
         first, real = self.keep_first, keys.shape[1] - n
-        if real > first + self.window:  # drop what lies between the first positions and the window
+        if real > first + self.window and not first and new <= VIEW_MAX_NEW:
+            self.keys, self.values = (t[:, t.shape[1] - self.window :] for t in (keys, values))
+        elif real > first + self.window:  # drop what lies between the first positions and the window
             self.keys, self.values = (torch.cat((t[:, n : n + first], t[:, t.shape[1] - self.window :]), 1) for t in (keys, values))
         else:
             self.keys, self.values = keys[:, n:].contiguous(), values[:, n:].contiguous()

@@ -42,9 +42,9 @@ def causal_attention(q, k, v, scale=None, key_padding_mask=None, num_sinks: int 
     """Full causal attention through ``scaled_dot_product_attention``."""
     B, Tq, H, Hkv, D, Tk = _check(q, k, v, key_padding_mask, num_sinks)
     scale = D**-0.5 if scale is None else scale
-    if Tq == Tk and key_padding_mask is None and not num_sinks:
+    if key_padding_mask is None and (Tq == 1 or (Tq == Tk and not num_sinks)):  # one query (decoding) sees every key
         qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
-        o = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale, enable_gqa=Hkv != H)
+        o = F.scaled_dot_product_attention(qt, kt, vt, is_causal=Tq > 1, scale=scale, enable_gqa=Hkv != H)
         return o.transpose(1, 2)
     return _dense_masked_attention(q, k, v, None, scale, key_padding_mask, num_sinks, 0)
 
@@ -75,8 +75,8 @@ def sliding_window_attention(
         raise ValueError(f"window must be >= 0, got {window}")
     if keep_first < 0:
         raise ValueError(f"keep_first must be >= 0, got {keep_first}")
-    if Tk <= window + 1:  # the window never cuts anything off
-        return causal_attention(q, k, v, scale, key_padding_mask, num_sinks)
+    if Tk <= window + 1 or (Tq == 1 and key_padding_mask is None and Tk <= window + 1 + keep_first):
+        return causal_attention(q, k, v, scale, key_padding_mask, num_sinks)  # the window cuts nothing off
     scale = D**-0.5 if scale is None else scale
     keep_first = min(keep_first, Tk)
     if key_padding_mask is not None:
