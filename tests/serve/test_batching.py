@@ -196,3 +196,21 @@ def test_a_row_at_the_context_limit_ends_with_length_and_the_others_go_on(tiny_e
     # the cache holds 10 prompt tokens after prefill, then one per decode step up to 12: the first token and two more
     assert rows[0].finish_reason == "length" and len(rows[0].completion_ids) == 3
     assert same_bits(rows[1], solo_other)
+
+
+def test_spike_observers_see_the_real_rows_of_a_decode_step_only(tiny_engine):
+    from spikingbrain.spiking.apply import observe_spikes, spikify
+
+    from .conftest import make_tiny
+
+    engine = Engine(spikify(make_tiny(), k=3.0), tiny_engine.tokenizer, "tiny", chunk_size=16)
+    generations = [engine.start(ids, SamplingParams(temperature=0, max_tokens=4)) for ids in ([5, 6, 7], [8, 9])]
+    for g in generations:
+        g.prefill_chunk()
+    seen = []
+    with observe_spikes(engine.model, lambda name, counts, threshold: seen.append((counts.shape[0], threshold.shape[0]))):
+        engine.decode(generations[:1])
+        alone = set(seen)
+        seen.clear()
+        engine.decode(generations)
+    assert alone == {(1, 1)} and set(seen) == {(2, 2)}, "8-row steps, observed without their padding rows"

@@ -22,6 +22,8 @@ from typing import Callable, Iterator
 
 import torch
 
+from ..spiking.apply import observing_first_rows
+
 __all__ = [
     "SamplingParams", "sample_token", "TextStream", "Engine", "Generation", "model_fingerprint", "prefix_digest", "MAX_STOP_STRINGS", "MAX_STOP_CHARS",
     "DECODE_ROWS",
@@ -261,7 +263,8 @@ class Engine:
             group = rows[start : start + self.decode_rows]
             padding = self.decode_rows - len(group)
             ids = torch.tensor([g.pending for g in group] + [0] * padding).view(-1, 1)
-            logits = self.model.decode_rows(ids, [g.cache for g in group] + [None] * padding, packed=self.packed_decode)
+            with observing_first_rows(self.model, len(group)):  # spike observers: not the padding rows
+                logits = self.model.decode_rows(ids, [g.cache for g in group] + [None] * padding, packed=self.packed_decode)
             pieces.update((id(g), g.take_logits(row)) for g, row in zip(group, logits))
         return [pieces[id(g)] for g in generations]
 

@@ -31,6 +31,7 @@ __all__ = [
     "spiking_linears",
     "projection_name",
     "observe_spikes",
+    "observing_first_rows",
 ]
 
 #: Last components of the names of the projections whose inputs spike.
@@ -187,3 +188,18 @@ class observe_spikes:
     def __exit__(self, *exc):
         for hook in self.hooks:
             hook.observer = None
+
+
+@contextmanager
+def observing_first_rows(model: nn.Module, rows: int) -> Iterator[None]:
+    """Inside: the observers of ``model``'s spiking inputs see only the first ``rows`` batch rows of each input
+    (a batched decode step whose other rows are padding)."""
+    hooks = [hook for hook, _ in _hooks(model).values() if hook.observer is not None]
+    observers = [hook.observer for hook in hooks]
+    for hook, observer in zip(hooks, observers):
+        hook.observer = lambda name, counts, threshold, observer=observer: observer(name, counts[:rows], threshold[:rows])
+    try:
+        yield
+    finally:
+        for hook, observer in zip(hooks, observers):
+            hook.observer = observer
