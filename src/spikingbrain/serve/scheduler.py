@@ -7,9 +7,10 @@ turn of the scheduler (continuous batching):
 2. decodes one token of *every* job past its prefill in one batched forward
    (:meth:`Engine.decode`: each row on its own cache, in a fixed number of rows, so a request's
    tokens do not depend on its neighbours);
-3. reads one prefill chunk (at most ``chunk_size`` tokens) of one job still reading its
-   prompt, the jobs taking turns: a long document being read costs the others one chunk per
-   turn, and a short prompt's first token waits for at most one chunk of each other prompt.
+3. reads one prefill chunk (at most ``chunk_size`` tokens) of the job still reading its prompt
+   that read least recently (a newly admitted one first): a long document being read costs the
+   others one chunk per turn, and a short prompt's first chunk waits only for the chunk being
+   read when it arrives.
 
 Prompts are prefilled in chunks that end at multiples of the chunk size; the cache after such
 a boundary is kept in a :class:`PrefixCache` under the hash of the tokens before it, so a later
@@ -149,6 +150,7 @@ class Job:
     cancelled: bool = False
     generation: Generation | None = None
     progress: bool = False
+    last_read: int = -1  # the scheduler's count of prefill chunks when this job last read one
 
     def send(self, kind: str, value) -> None:
         """Hand an event to the request's coroutine (called from the scheduler thread); dropped once its loop is closed."""
@@ -225,12 +227,10 @@ class Scheduler:
         for job in decoding:
             if job not in batched:
                 self._guard(job, self._step)
-        reading = next((job for job in self.active if job.generation.prefilling), None)
-        if reading is not None:
-            with self.condition:  # its turn is over: the next prompt reads next time
-                self.active.remove(reading)
-                self.active.append(reading)
+        reading = min((job for job in self.active if job.generation.prefilling), key=lambda job: job.last_read, default=None)
+        if reading is not None:  # the prompt that read least recently (a new one first)
             self.prefill_chunks += 1
+            reading.last_read = self.prefill_chunks
             self._guard(reading, self._step)
 
     def _guard(self, job: Job, action) -> None:
