@@ -8,7 +8,8 @@ Usage:
 Chromium is the system's (``/usr/bin/chromium``, or SPIKINGBRAIN_CHROMIUM), driven by Playwright
 with its own empty profile; nothing is downloaded. The script opens the page, enters the key when
 the page asks for it, opens the document, asks each question and waits for its answer, takes the
-screenshot, then opens a binary file and reads the page's error. The record holds what the page
+screenshot, opens a binary file and reads the page's error, drops a second document on the page
+and switches back to the first, and drops a long one that it cancels while it is read. The record holds what the page
 showed (answers, the line under each answer, the panel, the error), the server's own counters
 for the document, the reading speed and each answer's time to first token, with the machine's
 load average before and after.
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -107,7 +109,33 @@ def drive(page, base_url: str, port: int, key: str | None, document: Path, quest
     expect(page.locator("#error")).to_be_visible(timeout=WAIT_MS)
     record["binary_error"] = page.locator("#error").inner_text()
     record["documents_listed"] = page.locator("#documents li").count()
+    # a second document dropped on the drop zone, then back to the first one
+    drop(page, "agenda.md", "# Agenda\n\nThe harbour festival is on 21 June.\n")
+    expect(page.locator("#documents li")).to_have_count(2, timeout=WAIT_MS)
+    expect(page.locator("#question")).to_be_enabled(timeout=WAIT_MS)
+    record["dropped_document_status"] = page.locator("#document-status").inner_text()
+    page.locator("#documents li").first.click()
+    record["after_switching_back"] = {"status": page.locator("#document-status").inner_text(), "messages": page.locator(".message").count()}
+    # a long document, cancelled while it is read
+    drop(page, "long.txt", MINUTES * 50)
+    expect(page.locator("#reading-text")).to_have_text(re.compile(r"reading long\.txt: [1-9][\d,]* of [\d,]+ tokens, [\d,]+ tokens/s"), timeout=WAIT_MS)
+    record["progress_text"] = page.locator("#reading-text").inner_text()
+    page.click("#cancel")
+    expect(page.locator("#documents li")).to_have_count(2, timeout=WAIT_MS)
+    record["documents_on_server_after_cancel"] = [d["name"] for d in get(port, "/v1/documents", key)["data"]]
     return record
+
+
+def drop(page, name: str, text: str) -> None:
+    """Drop a text file named ``name`` on the page's drop zone, as a file dragged from the desktop."""
+    page.evaluate(
+        """([name, text]) => {
+            const data = new DataTransfer();
+            data.items.add(new File([text], name, { type: "text/plain" }));
+            document.getElementById("drop").dispatchEvent(new DragEvent("drop", { dataTransfer: data, bubbles: true, cancelable: true }));
+        }""",
+        [name, text],
+    )
 
 
 def run(args) -> dict:
@@ -133,7 +161,10 @@ def run(args) -> dict:
                     record["seconds"] = round(time.perf_counter() - started, 2)
                 finally:
                     context.close()
-            record["health"] = json.loads(call(port, "GET", "/health", None, 30)[1])
+            deadline = time.monotonic() + 60  # the cancelled reading leaves at the scheduler's next turn
+            while (health := json.loads(call(port, "GET", "/health", None, 30)[1]))["active"] and time.monotonic() < deadline:
+                time.sleep(0.1)
+            record["health"] = health
         finally:
             proc.terminate()
             proc.wait(timeout=60)

@@ -194,3 +194,13 @@ def test_serve_refuses_spiking_with_a_state_folder(tmp_path, capsys):
 
     assert main(["serve", "--model", str(tmp_path / "never-loaded"), "--spiking", "3", "--cache-dir", str(tmp_path / "states")]) == 2
     assert "--spiking and --cache-dir do not go together" in capsys.readouterr().err
+
+
+def test_a_pdf_is_read_as_its_text(tiny_engine, live_server):
+    from .test_documents import handwritten_pdf
+
+    app = live_server(tiny_engine)
+    status, document = upload(app, handwritten_pdf(["The ferry is named Northern Star.", "The budget is 48,000 euros."]), name="minutes.pdf")
+    assert status == 201 and read_fully(app, document["id"])[-1]["state"] == "ready"
+    text = "The ferry is named Northern Star.\n\nThe budget is 48,000 euros."
+    assert document["characters"] == len(text) and document["tokens"] == len(split_document_prompt(tiny_engine, text, "")[0])

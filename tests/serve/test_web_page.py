@@ -1,7 +1,8 @@
 """The reader page in a real headless Chromium (the system's, driven by Playwright) against ``spikingbrain serve`` on the embedded model.
 
 ``benchmarks/reader_page.py`` goes through the page as a user does: enters the API key the page
-asks for, opens a meeting record, asks two questions, then opens a binary file. This test checks
+asks for, opens a meeting record, asks two questions, opens a binary file, drops a second
+document and switches back, and cancels a long one while it is read. This test checks
 what the page showed against the embedded model's known answers and the server's own counters.
 A missing Chromium or Playwright is a failure that says how to install them, not a skip.
 """
@@ -49,5 +50,9 @@ def test_reader_page_in_chromium(default_folder, tmp_path):
     assert first["panel"]["firing"] == "Spiking is off for this model."
     assert record["binary_error"].startswith("photo.jpg: looks like a binary file") and "open a .txt, .md, .html or .pdf file" in record["binary_error"]
     assert record["documents_listed"] == 1 and record["page_errors"] == []
-    assert record["health"]["active"] == 0
+    assert record["dropped_document_status"].startswith("agenda.md: ") and "tokens read" in record["dropped_document_status"]
+    assert record["after_switching_back"]["status"].startswith("minutes.txt: ") and record["after_switching_back"]["messages"] == 4
+    assert record["progress_text"].startswith("reading long.txt: ")
+    assert record["documents_on_server_after_cancel"] == ["minutes.txt", "agenda.md"]
+    assert record["health"]["active"] == 0 and record["health"]["cancelled"] == 1
     assert screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and screenshot.stat().st_size > 20_000
