@@ -169,8 +169,9 @@ def client_requests(clients: int, max_tokens: int) -> list[dict]:
     ]
 
 
-def _client_ready() -> int:
-    return 0
+def _client_ready(index: int) -> int:
+    """A no-op a client process runs once it has started and imported this module."""
+    return index
 
 
 def repeat_until(url: str, model: str, request: dict, reference: dict, end_at: float) -> list[dict]:
