@@ -143,6 +143,10 @@ def add_reader(app, engine, scheduler, settings, check_key, read_body, job_class
             raise APIError(400, f"{name}: {len(ids)} tokens is over the limit of {MAX_DOCUMENT_TOKENS} tokens; open a shorter document", param="file", code="document_too_long")
         return array.array("i", ids), len(text)
 
+    def keep(cache, ids: array.array):
+        """The kept state of a document read into ``cache`` (in a worker thread: hashing a long document takes a while)."""
+        return take_snapshot(cache, prefix_digest(engine.fingerprint, ids.tolist()), engine.fingerprint)
+
     async def watch(document: Document, job) -> None:
         """Follow a reading job: progress events after each chunk (or the cache's count every 0.25 s), then the kept state (or the error)."""
         generation = job.generation
@@ -165,8 +169,7 @@ def add_reader(app, engine, scheduler, settings, check_key, read_body, job_class
                 document.error = (value if isinstance(value, APIError) else APIError(500, f"reading failed: {value}", "server_error")).body()["error"]
                 return
             document.tokens_read = generation.cache.seen_tokens
-            key = prefix_digest(engine.fingerprint, document.ids.tolist())
-            document.snapshot = await anyio.to_thread.run_sync(take_snapshot, generation.cache, key, engine.fingerprint)
+            document.snapshot = await anyio.to_thread.run_sync(keep, generation.cache, document.ids)
             document.state = "ready"
             return
 
@@ -180,7 +183,11 @@ def add_reader(app, engine, scheduler, settings, check_key, read_body, job_class
         prompt = ids.tolist()  # the one list of the document's ids, freed when it is read
         job = job_class(prompt, SamplingParams(temperature=0.0, max_tokens=1), math.inf, asyncio.get_running_loop())
         job.progress = True  # a ("progress", tokens read) event after each chunk
-        job.generation = await anyio.to_thread.run_sync(engine.start, prompt, job.params, engine.model.new_cache())
+        try:
+            job.generation = await anyio.to_thread.run_sync(engine.start, prompt, job.params, engine.model.new_cache())
+        except BaseException:
+            store.remove(document.id)
+            raise
         document.job, document.started = job, time.monotonic()
         scheduler.submit(job)
         document.watcher = asyncio.create_task(watch(document, job))
