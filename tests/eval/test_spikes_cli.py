@@ -80,3 +80,19 @@ def test_quantize_writes_a_smaller_int8_spiking_folder(tmp_path, pair, text, cap
     assert result["projection_size_ratio"] == pytest.approx(4 / (1 + 4 / 16))  # 1-byte codes + one fp32 scale per 16
     assert main(args) == 2  # the folder exists now: refused without --force
     assert "--force" in capsys.readouterr().err
+
+
+def test_quantize_w8a8_writes_a_folder_that_reloads_as_w8a8(tmp_path, pair, text, capsys):
+    student, out = str(pair[1]), tmp_path / "w8a8"
+    args = ["quantize", "--model", student, "--out", str(out), "--group-size", "0", "--activations", "int8",
+            "--eval-text", str(text), "--max-tokens", "128", "--context", "64", "--json"]
+    assert main(args) == 0
+    result = json.loads(capsys.readouterr().out)
+    model = load_model(out)
+    layer = model.model.layers[0].mlp.down_proj
+    assert isinstance(layer, Int8Linear) and layer.int8_activations and model.config.spiking is None
+    ids = text_token_ids(load_tokenizer(out), text.read_text(), 128)
+    assert perplexity(model, ids, 64)["ppl"] == pytest.approx(result["ppl_after"], rel=1e-6)
+    assert result["weight_quantization"]["activations"] == "int8"
+    assert main(["quantize", "--model", student, "--out", str(tmp_path / "x"), "--activations", "int8", "--no-int8-weights"]) == 2
+    assert "leave INT8 weights on" in capsys.readouterr().err

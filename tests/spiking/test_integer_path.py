@@ -14,7 +14,9 @@ from reference_impl import assert_close
 from spikingbrain import SpikingBrainConfig, SpikingBrainForCausalLM
 from spikingbrain.ops.int8 import int8_matmul_available, integer_matmul, split_digits
 from spikingbrain.spiking.apply import spikify
-from spikingbrain.spiking.int8 import Int8Linear, fused_passes, quantize_model_int8, set_integer_matmul
+from spikingbrain.spiking.int8 import (
+    Int8Linear, fused_passes, per_token_int8_scale, quantize_activations_int8, quantize_model_int8, set_integer_matmul,
+)
 from spikingbrain.spiking.neuron import SpikingInput, round_half_up, spike_counts, spike_quantize
 
 pytestmark = pytest.mark.skipif(not int8_matmul_available("cpu"), reason="this torch has no CPU int8 matmul")
@@ -133,3 +135,67 @@ def test_a_saved_spiking_int8_model_uses_the_integer_path_and_equals_the_simulat
     simulated, calls = _int_mm_calls(loaded, ids)
     assert calls == 0
     assert_close(integer, simulated, 1e-4, "logits, integer path against simulation")
+
+
+def test_w8a8_by_hand():
+    layer = Int8Linear(3, 2, bias=False, group_size=0, activations="int8")
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[2, -1, 127], [-3, 4, 0]], dtype=torch.int8))
+        layer.weight_scale.copy_(torch.tensor([[0.5], [0.01]]))
+    # max|x| = 2.54 -> s_x = 0.02; x / s_x = 127, -63.5 (a tie: rounds up to -63), 10.2 -> 10
+    x = torch.tensor([[2.54, -1.27, 0.204]])
+    codes = [127, -63, 10]
+    s = 2.54 / 127
+    expected = [s * 0.5 * (127 * 2 + -63 * -1 + 10 * 127), s * 0.01 * (127 * -3 + -63 * 4)]
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile, torch.inference_mode():
+        integer = layer(x)
+    assert sum(event.count for event in profile.key_averages() if event.key == "aten::_int_mm") == 1
+    assert integer.tolist()[0] == pytest.approx(expected, rel=1e-6)
+    assert [round(v / s) for v in (2.54, -1.27, 0.204)] != codes  # Python's round-half-even would differ: the rule matters
+
+
+@pytest.mark.parametrize("group_size", [0, 128])
+def test_w8a8_integer_path_equals_its_simulation(group_size):
+    linear = torch.nn.Linear(300, 40)
+    layer = Int8Linear.from_linear(linear, group_size, activations="int8")
+    x = torch.randn(2, 33, 300, generator=torch.Generator().manual_seed(3)) * torch.linspace(0.01, 30, 300)
+    x[0, 4] = 0.0  # an all-zero token
+    with torch.inference_mode():
+        integer = layer(x)
+        set_integer_matmul(layer, False)
+        simulated = layer(x)
+    by_formula = torch.nn.functional.linear(quantize_activations_int8(x), layer.dequantized_weight(), layer.bias)
+    assert torch.equal(simulated, by_formula)
+    scale = per_token_int8_scale(x)
+    bound = 4e-7 * (x.abs() + scale) @ layer.dequantized_weight().abs().T + 1e-6
+    assert ((integer - simulated).abs() <= bound).all()
+    # the rounding: every quantized input is an integer multiple of its token's scale, at most 127 of them
+    q = quantize_activations_int8(x) / scale
+    assert (q - q.round()).abs().max() < 1e-4 and q.abs().max() <= 127 + 1e-4
+
+
+def test_a_saved_w8a8_model_reloads_as_w8a8_and_multiplies_in_integers(tmp_path):
+    config = SpikingBrainConfig(
+        vocab_size=64, hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2,
+        num_hidden_layers=2, layer_mixers=["gla", "swa"], sliding_window=5, max_position_embeddings=256,
+    )
+    torch.manual_seed(0)
+    model = SpikingBrainForCausalLM(config).eval()
+    ids = torch.randint(0, 64, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        dense = model(ids).logits
+    quantize_model_int8(model, group_size=0, activations="int8")
+    model.save_pretrained(tmp_path)
+    loaded = SpikingBrainForCausalLM.from_pretrained(tmp_path).eval()
+    assert loaded.config.weight_quantization["activations"] == "int8"
+    integer, calls = _int_mm_calls(loaded, ids)
+    assert calls == 15  # one product per projection (per-channel scales)
+    set_integer_matmul(loaded, False)
+    simulated, calls = _int_mm_calls(loaded, ids)
+    assert calls == 0
+    # per layer the two agree to fp32 rounding (the test above); through two layers such a difference can move an
+    # input across a rounding boundary of the next layer's per-token codes, one step of its scale
+    assert_close(integer, simulated, 1e-3, "logits, W8A8 integer path against its simulation")
+    assert (integer - dense).abs().max() < 0.1 * dense.abs().max()  # close to the dense model, not equal
+    with pytest.raises(ValueError, match="activations must be one of"):
+        Int8Linear(4, 4, bias=False, activations="int4")

@@ -109,7 +109,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         eval_text=read_text(args.eval_text) if args.eval_text else None,
         group_size=args.group_size, samples=args.samples, sample_tokens=args.sample_tokens, spiking_k=args.spiking_k,
         spike_query=args.spike_query, int8_kv=args.int8_kv, int8_weights=args.int8_weights,
-        context=args.context, max_tokens=args.max_tokens,
+        context=args.context, max_tokens=args.max_tokens, activations=args.activations,
     )
     print_result(result, args.json)
     return 0
@@ -127,6 +127,9 @@ def register_quantize(subparsers) -> None:
     p.add_argument("--spiking-k", type=float, default=None, help="turn spiking on with this k (saved in the config)")
     add_w8aspike_options(p)
     p.add_argument("--no-int8-weights", dest="int8_weights", action="store_false", help="keep float weights (spiking only)")
+    p.add_argument("--activations", choices=["int8"], default=None,
+                   help="int8: W8A8, the plain (not spiking) inputs of the INT8 projections quantized per token and "
+                        "multiplied in integers on CPU (use --group-size 0 for one integer product per layer)")
     p.add_argument("--eval-text", default=None, help="report perplexity on this text before and after")
     p.add_argument("--context", type=int, default=2048, help="perplexity window")
     p.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens of --eval-text")

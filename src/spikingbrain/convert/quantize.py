@@ -2,7 +2,9 @@
 
 Weights of the projections become symmetric INT8 per group of ``--group-size`` input channels
 with clip ratios calibrated on ``--samples`` windows of the calibration text (seen through the
-spiking neurons when spiking is on); ``--spiking-k`` turns spiking on in the saved config. The
+spiking neurons when spiking is on); ``--spiking-k`` turns spiking on in the saved config, and
+``--activations int8`` makes a dense model W8A8 (its plain inputs quantized per token, multiplied
+in integers on CPU). The
 folder loads with ``load_model`` like any other. The command reports the file sizes (the INT8
 file against the same tensors in fp32) and, with ``--eval-text``, the perplexity before and after.
 """
@@ -45,8 +47,9 @@ def w8aspike(
     spike_query: bool = False,
     int8_kv: bool = False,
     int8_weights: bool = True,
+    activations: str | None = None,
 ) -> dict:
-    """Make ``model`` a W8ASpike model in place; returns what was done and the weight bytes before and after.
+    """Make ``model`` a W8ASpike (or, with ``activations="int8"``, W8A8) model in place; returns what was done and the weight bytes before and after.
 
     ``fp32_tensor_bytes``: the whole model in fp32 (tied tensors once); ``projection_*_bytes``: the
     quantized projections alone, fp32 against int8 codes plus fp32 scales.
@@ -58,8 +61,10 @@ def w8aspike(
     elif spike_query or int8_kv:
         raise ValueError("--spike-query and --int8-kv belong to spiking; give --spiking-k too (the report uses 3)")
     result = {"fp32_tensor_bytes": fp32_bytes}
+    if activations and not int8_weights:
+        raise ValueError("--activations int8 quantizes the inputs of INT8 weights; leave INT8 weights on")
     if int8_weights:
-        clips = quantize_model_int8(model, group_size, calibration=calibration)
+        clips = quantize_model_int8(model, group_size, calibration=calibration, activations=activations)
         layers = [model.get_submodule(name) for name in clips]
         result["projection_fp32_bytes"] = sum(layer.weight.numel() * 4 for layer in layers)
         result["projection_int8_bytes"] = sum(layer.weight.numel() + layer.weight_scale.numel() * 4 for layer in layers)
@@ -82,6 +87,7 @@ def quantize_to_folder(
     int8_kv: bool = False,
     int8_weights: bool = True,
     context: int = 2048,
+    activations: str | None = None,
     max_tokens: int | None = None,
 ) -> dict:
     """Load ``model_ref``, make it W8ASpike (:func:`w8aspike`, calibrated on ``calibration_text``) and save it in ``out``.
@@ -104,7 +110,7 @@ def quantize_to_folder(
         calibration = calibration_batches(text_token_ids(tokenizer, calibration_text), samples, sample_tokens)
         result["calibration"] = {"windows": len(calibration), "tokens": sum(c.numel() for c in calibration)}
     print("quantizing" + (f" with {len(calibration)} calibration windows" if calibration else ""), file=sys.stderr)
-    result.update(w8aspike(model, calibration, group_size, spiking_k, spike_query, int8_kv, int8_weights))
+    result.update(w8aspike(model, calibration, group_size, spiking_k, spike_query, int8_kv, int8_weights, activations))
     if eval_ids is not None:
         result["ppl_after"] = perplexity(model, eval_ids, context, progress=True)["ppl"]
         result["ppl_ratio"] = result["ppl_after"] / result["ppl_before"]

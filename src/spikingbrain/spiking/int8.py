@@ -19,6 +19,12 @@ rounding. Counting (division, rounding, int8 cast, carry detection) and the dequ
 (scales, threshold, bias) are each one ``torch.compile`` (inductor) kernel where compiling works,
 eager otherwise (``fused_passes``). Elsewhere the layer falls back to the simulation: the spiked
 input times the dequantised weight.
+
+W8A8 (``activations: "int8"`` in the settings, for dense models): a plain input is quantized per
+token, ``x ≈ s_x · round_half_up(x / s_x)`` with ``s_x = max|x| / 127``, and multiplied by the same
+integer path with ``s_x`` in the threshold's place (the codes never pass ±127, so no carry); the
+simulation, where int8 matmuls are missing or a gradient is wanted, is that rounded input times
+the dequantised weight.
 """
 
 from __future__ import annotations
@@ -46,7 +52,13 @@ __all__ = [
     "fake_quantize_int8",
     "set_integer_matmul",
     "fused_passes",
+    "ACTIVATION_MODES",
+    "per_token_int8_scale",
+    "quantize_activations_int8",
 ]
+
+#: ``weight_quantization.activations``: None (float or spiking inputs, W8 / W8ASpike) or ``"int8"`` (W8A8).
+ACTIVATION_MODES = (None, "int8")
 
 #: Clip ratios tried by calibration (1.0 = no clipping, the round-to-nearest default).
 CLIP_GRID = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
@@ -136,6 +148,18 @@ def fused_passes(enabled: bool) -> None:
     _Fused.compile = bool(enabled)
 
 
+def per_token_int8_scale(x: torch.Tensor) -> torch.Tensor:
+    """``max|x| / 127`` over the last dimension (1 where a row is all zero), that dimension kept."""
+    amax = x.detach().abs().amax(-1, keepdim=True)
+    return torch.where(amax > 0, amax / 127, torch.ones_like(amax))
+
+
+def quantize_activations_int8(x: torch.Tensor) -> torch.Tensor:
+    """W8A8's per-token input rounding, ``s_x · round_half_up(x / s_x)``, as the integer path computes it."""
+    scale = per_token_int8_scale(x)
+    return round_half_up(x / scale) * scale
+
+
 def _low_plane(x: torch.Tensor, threshold: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The int8 low digits of the spike counts of ``x`` ``[M, K]`` and which rows have counts beyond ±127."""
     low, carry = split_digits(round_half_up(x / threshold))
@@ -160,8 +184,11 @@ class Int8Linear(nn.Module):
     #: a spiking hook hands this layer its raw input (``SpikingInput``) instead of the spiked one
     takes_spiking_input = True
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, group_size: int = 128):
+    def __init__(self, in_features: int, out_features: int, bias: bool, group_size: int = 128, activations: str | None = None):
         super().__init__()
+        if activations not in ACTIVATION_MODES:
+            raise ValueError(f"Int8Linear activations must be one of {ACTIVATION_MODES}, got {activations!r}")
+        self.int8_activations = activations == "int8"
         self.in_features, self.out_features, self.group_size = in_features, out_features, group_size or in_features
         groups = -(-in_features // self.group_size)
         self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8))
@@ -171,9 +198,10 @@ class Int8Linear(nn.Module):
         self._layout: tuple | None = None
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, group_size: int = 128, clip: torch.Tensor | None = None) -> "Int8Linear":
-        """Quantize a dense linear layer (optionally with calibrated clip ratios)."""
-        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, group_size)
+    def from_linear(cls, linear: nn.Linear, group_size: int = 128, clip: torch.Tensor | None = None,
+                    activations: str | None = None) -> "Int8Linear":
+        """Quantize a dense linear layer (optionally with calibrated clip ratios; ``activations="int8"``: W8A8)."""
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, group_size, activations)
         codes, scales = quantize_groups(linear.weight, layer.group_size, clip)
         layer.weight.copy_(codes)
         layer.weight_scale.copy_(scales)
@@ -185,11 +213,19 @@ class Int8Linear(nn.Module):
         """The weight as fp32."""
         return dequantize_groups(self.weight, self.weight_scale, self.group_size)
 
+    def _integer(self, x: torch.Tensor) -> bool:
+        """Whether this call takes the integer path."""
+        return self.integer_matmul and not torch.is_grad_enabled() and int8_matmul_available(x.device)
+
     def forward(self, x: torch.Tensor | SpikingInput) -> torch.Tensor:
         if isinstance(x, SpikingInput):
-            if self.integer_matmul and not torch.is_grad_enabled() and int8_matmul_available(x.x.device):
-                return self._integer_forward(x.x, x.k)
+            if self._integer(x.x):
+                return self._integer_forward(x.x, lambda flat: adaptive_threshold(flat, x.k))
             x = spike_quantize(x.x, x.k)
+        elif self.int8_activations:
+            if self._integer(x):
+                return self._integer_forward(x, per_token_int8_scale)
+            x = quantize_activations_int8(x)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, self.dequantized_weight().to(x.dtype), bias)
 
@@ -202,9 +238,10 @@ class Int8Linear(nn.Module):
             self._layout = key, groups, self.weight_scale.t().unsqueeze(1).contiguous()
         return self._layout[1], self._layout[2]
 
-    def _integer_forward(self, x: torch.Tensor, k: float) -> torch.Tensor:
+    def _integer_forward(self, x: torch.Tensor, threshold_of: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """``x``'s product through integer counts ``round_half_up(x / t)``, ``t = threshold_of(rows)`` ``[M, 1]``."""
         flat = x.reshape(-1, self.in_features)
-        threshold = adaptive_threshold(flat, k)
+        threshold = threshold_of(flat)
         low, carried = _fused_low_plane(flat, threshold)
         groups, scales = self._integer_layout()
         products = torch.empty(len(groups), flat.shape[0], self.out_features, dtype=torch.int32, device=x.device)
@@ -219,7 +256,9 @@ class Int8Linear(nn.Module):
         return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, int8 groups of {self.group_size}"
+        activations = ", int8 activations per token" if self.int8_activations else ""
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"int8 groups of {self.group_size}{activations}")
 
 
 def set_integer_matmul(model: nn.Module, enabled: bool) -> int:
@@ -230,8 +269,12 @@ def set_integer_matmul(model: nn.Module, enabled: bool) -> int:
     return len(layers)
 
 
-def weight_quantization_settings(group_size: int = 128, targets: Iterable[str] = DEFAULT_TARGETS, dense: Iterable[str] = ()) -> dict:
-    """The validated ``config.weight_quantization`` dictionary; ``dense`` names target modules that keep a dense weight."""
+def weight_quantization_settings(group_size: int = 128, targets: Iterable[str] = DEFAULT_TARGETS, dense: Iterable[str] = (),
+                                 activations: str | None = None) -> dict:
+    """The validated ``config.weight_quantization`` dictionary; ``dense`` names target modules that keep a dense weight;
+    ``activations="int8"``: W8A8 (plain inputs quantized per token)."""
+    if activations not in ACTIVATION_MODES:
+        raise ValueError(f"weight_quantization activations must be one of {ACTIVATION_MODES} (int8: W8A8), got {activations!r}")
     if int(group_size) != group_size or group_size < 0:
         raise ValueError(
             f"weight_quantization group_size must be a positive integer (W8ASpike uses 128) or 0 (per output channel), got {group_size}"
@@ -240,7 +283,8 @@ def weight_quantization_settings(group_size: int = 128, targets: Iterable[str] =
     if not targets:
         raise ValueError(f"weight_quantization targets must name projections like {list(DEFAULT_TARGETS)}")
     dense = sorted(dense)
-    return {"bits": 8, "group_size": int(group_size), "targets": targets, **({"dense": dense} if dense else {})}
+    return {"bits": 8, "group_size": int(group_size), "targets": targets, **({"dense": dense} if dense else {}),
+            **({"activations": activations} if activations else {})}
 
 
 def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -253,7 +297,8 @@ def prepare_int8_layers(model: nn.Module, settings: dict) -> None:
     dense = set(settings.get("dense", ()))
     for name, linear in spiking_linears(model, settings["targets"]).items():
         if isinstance(linear, nn.Linear) and name not in dense:
-            _replace(model, name, Int8Linear(linear.in_features, linear.out_features, linear.bias is not None, settings["group_size"]))
+            _replace(model, name, Int8Linear(linear.in_features, linear.out_features, linear.bias is not None, settings["group_size"],
+                                             settings.get("activations")))
 
 
 def quantize_model_int8(
@@ -262,6 +307,7 @@ def quantize_model_int8(
     targets: Iterable[str] = DEFAULT_TARGETS,
     calibration: Iterable[torch.Tensor] | None = None,
     grid: Iterable[float] = CLIP_GRID,
+    activations: str | None = None,
 ) -> dict:
     """Quantize the target projections of ``model`` to INT8 in place; returns ``{name: clip ratios}``.
 
@@ -269,7 +315,7 @@ def quantize_model_int8(
     input Gram matrix, and the clip ratios are chosen to minimise the output error. Without it,
     plain round-to-nearest (clip 1.0).
     """
-    settings = weight_quantization_settings(group_size, targets)
+    settings = weight_quantization_settings(group_size, targets, activations=activations)
     linears = {n: m for n, m in spiking_linears(model, settings["targets"]).items() if isinstance(m, nn.Linear)}
     if not linears:
         raise ValueError(f"no dense projection of this model matches {settings['targets']} (already INT8?)")
@@ -279,7 +325,7 @@ def quantize_model_int8(
     clips = {}
     for name, linear in linears.items():
         clip = clip_ratios(linear.weight, grams[name], group_size, grid) if name in grams else None
-        _replace(model, name, Int8Linear.from_linear(linear, group_size, clip))
+        _replace(model, name, Int8Linear.from_linear(linear, group_size, clip, activations))
         clips[name] = clip
     spiking = current_spiking(model)
     if spiking:  # the spiking hooks sat on the replaced layers
