@@ -298,3 +298,21 @@ def test_training_leaves_the_flush_to_zero_mode_as_it_found_it(tmp_path, pair):
     with flushing_denormals():
         assert sys.float_info.min / 2 == 0.0 and torch.tensor([tiny], dtype=torch.float64).mul(1.0).item() == 0.0
     assert sys.float_info.min / 2 == tiny
+
+
+def test_export_latest_writes_the_checkpoints_student(tmp_path, pair, capsys):
+    cfg = write_config(tmp_path / "c.yaml", pair, tmp_path / "run", steps=(2, 4))
+    assert main(["train", str(cfg), "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["train", str(cfg), "--export-latest"]) == 0  # the last checkpoint is the last step: the final model
+    folder = tmp_path / "run" / "at-step-7"  # calibration, 2 transfer and 4 distillation steps
+    assert f"wrote {folder}" in capsys.readouterr().out
+    ids = torch.randint(0, 200, (1, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        final = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final")(ids, use_cache=False).logits
+        exported = AutoModelForCausalLM.from_pretrained(folder / "model")(ids, use_cache=False).logits
+    assert torch.equal(exported, final)
+    with safe_open(str(folder / "delta.safetensors"), framework="pt") as f:
+        assert max(p["step"] for p in json.loads(f.metadata()["training_curve"])["points"]) == 7
+    assert main(["train", str(write_config(tmp_path / "d.yaml", pair, tmp_path / "empty")), "--export-latest"]) == 2
+    assert "no checkpoint to export" in capsys.readouterr().err

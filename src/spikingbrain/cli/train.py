@@ -39,6 +39,9 @@ def _run(args: argparse.Namespace) -> int:
         for path in plot_training_curve(config.out):
             print(f"wrote {path}")
         return 0
+    if args.export_latest:
+        print(f"wrote {Trainer(config, resume=True, progress=False).export_latest_checkpoint()}")
+        return 0
     summary = Trainer(config, resume=args.resume, progress=not args.no_progress).run()
     print(json.dumps(summary, indent=1))
     return 0
@@ -53,6 +56,8 @@ def register(subparsers) -> None:
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the run folder")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--plot", action="store_true", help="only (re)draw the run's curve.png/curve.json from its metrics")
+    parser.add_argument("--export-latest", action="store_true",
+                        help="write the latest checkpoint's student (delta and model folder) to OUT/at-step-N without training")
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="under torchrun: seconds a rank waits for the others")
     parser.add_argument(
         "--parallel", choices=PARALLEL_KINDS, default="ddp",

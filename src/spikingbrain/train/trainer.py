@@ -435,8 +435,23 @@ class Trainer:
         scales = {m.scale for m in self.student.modules() if isinstance(m, LoRALinear)}
         extra = {"lora_scale": scales.pop() if scales else 1.0, "tokens_seen": self.tokens_seen, "steps": self.global_step}
         if self.metrics_path.is_file():  # the delta carries its training curve (``model.shipped.shipped_training_curve``)
-            extra["training_curve"] = training_curve(self.out)
+            curve = training_curve(self.out)
+            curve["points"] = [point for point in curve["points"] if point["step"] <= self.global_step]
+            extra["training_curve"] = curve
         return write_delta(path, tensors, self.student.config.to_dict(), self.config.teacher, extra)
+
+    def export_latest_checkpoint(self) -> Path:
+        """Write the student of the latest checkpoint, without training further, as ``<out>/at-step-N/``: its
+        ``delta.safetensors`` (with the curve so far) and ``model/`` (an ordinary folder); returns that folder."""
+        latest = self._latest_checkpoint()
+        if latest is None:
+            raise TrainingError(f"{self.checkpoints}: no checkpoint to export; train first (checkpoint_every sets how often one is written)")
+        self._load_checkpoint(latest)
+        folder = self.out / f"at-step-{self.global_step}"
+        folder.mkdir(parents=True, exist_ok=True)
+        self.export_delta(folder / "delta.safetensors")
+        self._save_final_model(folder / "model")
+        return folder
 
     def _save_final_model(self, folder: Path) -> None:
         """The trained student as an ordinary SpikingBrain folder (adapters merged), with the tokenizer files."""
