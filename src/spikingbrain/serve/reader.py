@@ -33,10 +33,10 @@ from ..spiking.stats import SpikeStatistics
 from .chat import split_document_prompt
 from .documents import Document, DocumentStore, extract_text, kv_cache_bytes
 from .engine import SamplingParams, prefix_digest
-from .protocol import APIError
+from .protocol import APIError, Text, ToleratedModel, parse_request
 from .snapshot import take_snapshot
 
-__all__ = ["WEB_FOLDER", "MAX_DOCUMENT_BYTES", "MAX_DOCUMENT_TOKENS", "MAX_QUESTION_CHARS", "add_reader", "FiringPass", "firing_by_layer"]
+__all__ = ["WEB_FOLDER", "MAX_DOCUMENT_BYTES", "MAX_DOCUMENT_TOKENS", "MAX_QUESTION_CHARS", "AskRequest", "add_reader", "FiringPass", "firing_by_layer"]
 
 #: The page's static files, shipped inside the package.
 WEB_FOLDER = Path(__file__).with_name("web")
@@ -47,6 +47,17 @@ MAX_DOCUMENT_TOKENS = 2**21
 MAX_QUESTION_CHARS = 8192
 #: Seconds between two progress events.
 PROGRESS_EVERY_S = 0.25
+
+
+class AskRequest(ToleratedModel):
+    """Body of ``POST /v1/documents/ID/ask`` (greedy unless ``temperature`` says otherwise)."""
+
+    question: Text
+    model: str | None = None
+    max_tokens: int | None = None
+    temperature: float | None = None
+    repetition_penalty: float | None = None
+    seed: int | None = None
 
 
 def firing_by_layer(statistics: SpikeStatistics) -> list[dict]:
@@ -228,30 +239,26 @@ def add_reader(app, engine, scheduler, settings, check_key, read_body, job_class
         return {"id": ident, "object": "document", "deleted": True, "state": document.state, "tokens_read": document.tokens_read}
 
     def parse_question(raw: bytes) -> tuple[str, SamplingParams]:
-        try:
-            body = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise APIError(400, f"the body is not JSON ({err}); send {{\"question\": \"...\"}}", code="invalid_json") from None
-        if not isinstance(body, dict) or not isinstance(body.get("question"), str) or not body["question"].strip():
+        req = parse_request(AskRequest, raw)
+        if not req.question.strip():
             raise APIError(400, "field 'question': give the question as a non-empty string", param="question", code="invalid_value")
-        if len(body["question"]) > MAX_QUESTION_CHARS:
-            raise APIError(400, f"field 'question': {len(body['question'])} characters, over the limit of {MAX_QUESTION_CHARS}", param="question", code="invalid_value")
-        check_model(body.get("model"))
-        max_tokens = body.get("max_tokens", min(settings.default_max_tokens, settings.max_tokens_limit))
-        temperature = body.get("temperature", 0.0)
-        seed = body.get("seed")
-        penalty = body.get("repetition_penalty", 1.0)
-        for field, value, kinds in (("max_tokens", max_tokens, int), ("temperature", temperature, (int, float)), ("repetition_penalty", penalty, (int, float)), ("seed", seed, (int, type(None)))):
-            if isinstance(value, bool) or not isinstance(value, kinds):
-                raise APIError(400, f"field '{field}': wrong type {type(value).__name__}", param=field, code="invalid_type")
+        if len(req.question) > MAX_QUESTION_CHARS:
+            raise APIError(400, f"field 'question': {len(req.question)} characters, over the limit of {MAX_QUESTION_CHARS}", param="question", code="invalid_value")
+        check_model(req.model)
+        max_tokens = min(settings.default_max_tokens, settings.max_tokens_limit) if req.max_tokens is None else req.max_tokens
         if max_tokens > settings.max_tokens_limit:
             raise APIError(400, f"field 'max_tokens': {max_tokens} is over this server's limit of {settings.max_tokens_limit}", param="max_tokens", code="invalid_value")
-        params = SamplingParams(temperature=float(temperature), repetition_penalty=float(penalty), max_tokens=max_tokens, seed=seed)
+        params = SamplingParams(
+            temperature=0.0 if req.temperature is None else req.temperature,
+            repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+            max_tokens=max_tokens,
+            seed=req.seed,
+        )
         problems = params.problems()
         if problems:
             name, message = problems[0]
             raise APIError(400, f"field '{name}': {message}", param=name, code="invalid_value")
-        return body["question"], params
+        return req.question, params
 
     @app.post("/v1/documents/{ident}/ask", include_in_schema=False)
     async def ask(request: Request, ident: str):
