@@ -101,13 +101,18 @@ def test_state_size_against_a_transformers_kv_cache(tiny_engine, live_server):
     assert long > 8 * short and short_state == long_state and long_kv / short_kv == long / short
 
 
-def test_cancel_stops_reading_between_chunks_and_serving_goes_on(tiny_engine, live_server):
+def test_reading_takes_turns_with_other_requests_and_cancel_stops_it_between_chunks(tiny_engine, live_server):
     app = live_server(tiny_engine)
     _, document = upload(app, "The harbour committee met again. " * 12000, name="long.md")
     deadline = time.monotonic() + 60
     while raw(app, "GET", f"/v1/documents/{document['id']}")[1]["tokens_read"] == 0:
         assert time.monotonic() < deadline
         time.sleep(0.02)
+    # a short request is answered while the document is read: prefill chunks take turns with it
+    status, reply = raw(app, "POST", "/v1/completions", {"model": "tiny", "prompt": "Meanwhile", "max_tokens": 5, "temperature": 0})
+    assert status == 200 and reply["choices"][0]["text"] == alone(tiny_engine, tiny_engine.encode_text("Meanwhile"), temperature=0, max_tokens=5)[0]
+    still = raw(app, "GET", f"/v1/documents/{document['id']}")[1]
+    assert still["state"] == "reading" and still["tokens_read"] < document["tokens"] / 2
     status, body = ask(app, document["id"], "Who met?")
     assert status == 409 and body["error"]["code"] == "document_not_ready" and "long.md" in body["error"]["message"]
     status, deleted = raw(app, "DELETE", f"/v1/documents/{document['id']}")
