@@ -142,3 +142,22 @@ def test_held_stop_prefix_equals_brute_force(text, pattern):
 
     expected = max((n for n in range(1, len(pattern)) if text.endswith(pattern[:n])), default=0)
     assert _prefix_ending(text, pattern, _border_table(pattern)) == expected
+
+
+@pytest.mark.parametrize("scale", [1.0, 12.0], ids=["flat: full sort", "peaked: among the candidates"])
+@pytest.mark.parametrize("top_p", [0.5, 0.9, 0.99])
+def test_top_p_keeps_the_nucleus_a_full_sort_finds(scale, top_p):
+    import numpy as np
+
+    from spikingbrain.serve.engine import NUCLEUS_CANDIDATES, _nucleus
+
+    logits = torch.randn(49152, generator=torch.Generator().manual_seed(int(scale * 10)), dtype=torch.float64) * scale
+    probs = np.exp(logits.numpy() - logits.numpy().max())
+    probs /= probs.sum()
+    order = np.argsort(-probs)
+    before = np.cumsum(probs[order]) - probs[order]  # mass of the more likely tokens
+    expected = np.zeros(len(probs), dtype=bool)
+    expected[order[(before < top_p) | (np.arange(len(order)) == 0)]] = True
+    kept = torch.isfinite(_nucleus(logits, top_p)).numpy()
+    assert (kept == expected).all()
+    assert (expected.sum() > NUCLEUS_CANDIDATES) == (scale == 1.0), "both ways of finding the nucleus are exercised"

@@ -280,9 +280,10 @@ class Scheduler:
     def _check(self, job: Job) -> None:
         """Retire a job whose client left (its cache goes with it) or that ran past its deadline."""
         if job.cancelled:
+            with self.condition:  # counted before it leaves the active jobs, so /health always shows it in one of the two
+                self.cancelled += 1
             self._retire(job)
             job.generation = None
-            self.cancelled += 1
         elif time.monotonic() > job.deadline:
             self._retire(job)
             job.generation = None
