@@ -10,7 +10,10 @@ VPY := $(VENV)/bin/python
 venv:
 	@PYTHON="$(PYTHON)" VENV="$(VENV)" bash scripts/setup_env.sh
 
+# The reader page's browser test drives the system Chromium: installed here when missing (apt-get, as root);
+# where it cannot be, that test fails saying how to install it (it never skips).
 test: venv
+	@bash scripts/install_browser.sh || echo "make test: no Chromium; tests/serve/test_web_page.py will fail" >&2
 	$(VPY) -m pytest -q $(PYTEST_ARGS)
 
 demo: venv
