@@ -86,6 +86,17 @@ def test_a_row_does_not_depend_on_its_neighbours_or_its_place(tiny_model, name, 
             assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("name", list(ARCHITECTURES))
+def test_one_row_steps_are_the_plain_forward_bit_for_bit(tiny_model, name):
+    layers, overrides = ARCHITECTURES[name]
+    model = tiny_model(layers, **overrides)
+    rows, plain = prefilled(model), prefilled(model)
+    for row, cache in zip(rows, plain):
+        with torch.no_grad():
+            expected = model(torch.tensor([[9]]), cache=cache, use_cache=True).logits[0, -1]
+        assert torch.equal(model.decode_rows(torch.tensor([[9]]), [row])[0], expected)
+
+
 def test_wrong_shapes_and_overlong_rows_are_refused(tiny_model):
     model = tiny_model(["gla", "swa"], max_sequence_length=4)
     caches = prefilled(model, lengths=(1, 3))

@@ -43,7 +43,8 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
 
 
-def _load_engine(args: argparse.Namespace, name: str | None = None):
+def _load_engine(args: argparse.Namespace, name: str | None = None, batched: bool = False):
+    """The engine of a command: ``batched``, the server's 8-row decode steps with packed weights; else one row a step (chat, ask)."""
     import torch
 
     from ..model.loading import load_model, load_tokenizer
@@ -53,7 +54,8 @@ def _load_engine(args: argparse.Namespace, name: str | None = None):
     if args.threads:
         torch.set_num_threads(args.threads)
     name = name or (args.model if args.model in SHORT_NAMES else Path(args.model).name)
-    return Engine(load_model(args.model), load_tokenizer(args.model), name, chunk_size=args.chunk_size)
+    rows = {} if batched else {"decode_rows": 1, "packed_decode": False}  # one user: no neighbours to be invariant to
+    return Engine(load_model(args.model), load_tokenizer(args.model), name, chunk_size=args.chunk_size, **rows)
 
 
 def _stream(generation) -> None:
@@ -198,7 +200,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     )
     if args.spiking is not None and settings.cache_dir is not None:
         raise ValueError("--spiking and --cache-dir do not go together: stored states are keyed by the weights alone, so dense and spiking states would mix; drop one")
-    engine = _load_engine(args, args.served_model_name)
+    engine = _load_engine(args, args.served_model_name, batched=True)
     if args.spiking is not None:
         from ..spiking.apply import spikify
 
