@@ -18,6 +18,7 @@ import numpy as np
 from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError
 
 __all__ = [
+    "checked_sampling",
     "APIError",
     "ErrorBody",
     "ChatRequest",
@@ -59,6 +60,15 @@ class ErrorBody(BaseModel):
     """The body of every error answer."""
 
     error: ErrorDetail
+
+
+def checked_sampling(params):
+    """``params`` (``engine.SamplingParams``) when its values are valid; else a 400 naming the first bad field."""
+    problems = params.problems()
+    if problems:
+        name, message = problems[0]
+        raise APIError(400, f"field '{name}': {message}", param=name, code="invalid_value")
+    return params
 
 
 def _valid_unicode(text: str) -> str:

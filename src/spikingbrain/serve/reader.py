@@ -33,7 +33,7 @@ from ..spiking.stats import SpikeStatistics
 from .chat import split_document_prompt
 from .documents import Document, DocumentStore, extract_text, kv_cache_bytes
 from .engine import SamplingParams, prefix_digest
-from .protocol import APIError, Text, ToleratedModel, parse_request
+from .protocol import APIError, checked_sampling, Text, ToleratedModel, parse_request
 from .snapshot import take_snapshot
 
 __all__ = ["WEB_FOLDER", "MAX_DOCUMENT_BYTES", "MAX_DOCUMENT_TOKENS", "MAX_QUESTION_CHARS", "AskRequest", "add_reader", "FiringPass", "firing_by_layer"]
@@ -254,11 +254,7 @@ def add_reader(app, engine, scheduler, settings, check_key, read_body, job_class
             max_tokens=max_tokens,
             seed=req.seed,
         )
-        problems = params.problems()
-        if problems:
-            name, message = problems[0]
-            raise APIError(400, f"field '{name}': {message}", param=name, code="invalid_value")
-        return req.question, params
+        return req.question, checked_sampling(params)
 
     @app.post("/v1/documents/{ident}/ask", include_in_schema=False)
     async def ask(request: Request, ident: str):

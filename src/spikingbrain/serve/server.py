@@ -20,7 +20,7 @@ from starlette.exceptions import HTTPException
 
 from .engine import Engine, Generation, SamplingParams
 from .reader import add_reader
-from .protocol import APIError, ChatRequest, CommonRequest, CompletionRequest, ErrorBody, Message, parse_request, request_body_schemas
+from .protocol import APIError, checked_sampling, ChatRequest, CommonRequest, CompletionRequest, ErrorBody, Message, parse_request, request_body_schemas
 from .scheduler import Job, PrefixCache, Scheduler, timeout_error
 
 __all__ = ["ServerSettings", "PrefixCache", "Scheduler", "Job", "APIError", "create_app", "timeout_error"]
@@ -167,11 +167,7 @@ def create_app(engine: Engine, settings: ServerSettings | None = None):
             stop=stop,
             seed=req.seed,
         )
-        problems = params.problems()
-        if problems:
-            name, message = problems[0]
-            raise APIError(400, f"field '{name}': {message}", param=name, code="invalid_value")
-        return params
+        return checked_sampling(params)
 
     def over_the_limit(count: str, param: str) -> APIError:
         return APIError(400, f"the prompt has {count}, over this server's limit of {settings.max_prompt_tokens} tokens; shorten it", param=param, code="context_length_exceeded")
