@@ -228,5 +228,6 @@ def test_openapi_declares_the_request_bodies_and_the_error_shape(tiny_engine, li
         assert operation["requestBody"]["content"]["application/json"]["schema"] == {"$ref": f"#/components/schemas/{model.__name__}"}
         assert set(schemas[model.__name__]["properties"]) == set(model.model_fields)
         assert operation["responses"]["400"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/ErrorBody"}
+        assert set(operation["responses"]["200"]["content"]) == {"application/json", "text/event-stream"}  # "stream": true
     assert set(schemas["ErrorDetail"]["properties"]) == {"message", "type", "param", "code"}
     assert "Message" in schemas and "TextPart" in schemas

@@ -102,6 +102,9 @@ def create_app(engine: Engine, settings: ServerSettings | None = None):
             request_bodies, components = request_body_schemas({"/v1/chat/completions": ChatRequest, "/v1/completions": CompletionRequest})
             for path, request_body in request_bodies.items():
                 schema["paths"][path]["post"]["requestBody"] = request_body
+                # with "stream": true the answer is server-sent events
+                ok = schema["paths"][path]["post"]["responses"]["200"].setdefault("content", {})
+                ok["text/event-stream"] = {"schema": {"type": "string", "description": "'data: {chunk JSON}' lines, then 'data: [DONE]'"}}
             schema.setdefault("components", {}).setdefault("schemas", {}).update(components)
             app.openapi_schema = schema
         return app.openapi_schema
