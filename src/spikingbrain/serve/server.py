@@ -104,7 +104,9 @@ def create_app(engine: Engine, settings: ServerSettings | None = None):
                 schema["paths"][path]["post"]["requestBody"] = request_body
                 # with "stream": true the answer is server-sent events
                 ok = schema["paths"][path]["post"]["responses"]["200"].setdefault("content", {})
-                ok["text/event-stream"] = {"schema": {"type": "string", "description": "'data: {chunk JSON}' lines, then 'data: [DONE]'"}}
+                ok["text/event-stream"] = {"schema": {  # one event: a chunk's JSON, then "[DONE]"
+                    "type": "object", "required": ["data"],
+                    "properties": {"data": {"type": "string"}, "event": {"type": "string"}}}}
             schema.setdefault("components", {}).setdefault("schemas", {}).update(components)
             app.openapi_schema = schema
         return app.openapi_schema
