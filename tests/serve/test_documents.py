@@ -7,7 +7,8 @@ import io
 
 import pytest
 
-from spikingbrain.serve.documents import DocumentError, extract_text, kv_cache_bytes
+from spikingbrain.model.info import kv_cache_bytes
+from spikingbrain.serve.documents import DocumentError, extract_text
 
 
 def handwritten_pdf(pages: list[str]) -> bytes:

@@ -194,11 +194,21 @@ def test_spiking_model_reports_the_firing_of_the_answer_alone(tiny_engine, live_
     assert all(0 < f["fired"] < 1 for f in done["firing"])
 
 
-def test_serve_refuses_spiking_with_a_state_folder(tmp_path, capsys):
-    from spikingbrain.cli import main
+def test_dense_and_spiking_states_are_kept_under_different_keys(tiny_folder):
+    """The same weights spiking compute other states: the prefix-state keys (model fingerprint) must tell them apart."""
+    from spikingbrain.model.loading import load_model
+    from spikingbrain.serve.engine import model_fingerprint
+    from spikingbrain.spiking.apply import spikify, spiking_off
 
-    assert main(["serve", "--model", str(tmp_path / "never-loaded"), "--spiking", "3", "--cache-dir", str(tmp_path / "states")]) == 2
-    assert "--spiking and --cache-dir do not go together" in capsys.readouterr().err
+    model = load_model(tiny_folder)
+    dense = model_fingerprint(model)
+    assert model_fingerprint(load_model(tiny_folder)) == dense  # the key is a function of the model alone
+    spikify(model, k=3)
+    at_3 = model_fingerprint(model)
+    spikify(model, k=2)
+    assert len({dense, at_3, model_fingerprint(model)}) == 3
+    with spiking_off(model):
+        assert model_fingerprint(model) == dense
 
 
 def test_a_pdf_is_read_as_its_text(tiny_engine, live_server):

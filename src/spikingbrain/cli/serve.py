@@ -55,7 +55,12 @@ def _load_engine(args: argparse.Namespace, name: str | None = None, batched: boo
         torch.set_num_threads(args.threads)
     name = name or (args.model if args.model in SHORT_NAMES else Path(args.model).name)
     rows = {} if batched else {"decode_rows": 1, "packed_decode": False}  # one user: no neighbours to be invariant to
-    return Engine(load_model(args.model), load_tokenizer(args.model), name, chunk_size=args.chunk_size, **rows)
+    model = load_model(args.model)
+    if getattr(args, "spiking", None) is not None:  # before the engine: its state keys include the spiking settings
+        from ..spiking.apply import spikify
+
+        spikify(model, k=args.spiking)
+    return Engine(model, load_tokenizer(args.model), name, chunk_size=args.chunk_size, **rows)
 
 
 def _stream(generation) -> None:
@@ -198,13 +203,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         cache_bytes=int(args.cache_mib * 2**20),
         cache_dir=None if args.cache_dir is None else Path(args.cache_dir).expanduser(),
     )
-    if args.spiking is not None and settings.cache_dir is not None:
-        raise ValueError("--spiking and --cache-dir do not go together: stored states are keyed by the weights alone, so dense and spiking states would mix; drop one")
     engine = _load_engine(args, args.served_model_name, batched=True)
-    if args.spiking is not None:
-        from ..spiking.apply import spikify
-
-        spikify(engine.model, k=args.spiking)
     app = create_app(engine, settings)
     print(
         f"serving {engine.name!r} on http://{args.host}:{args.port}/v1 "

@@ -29,7 +29,6 @@ __all__ = [
     "extract_text",
     "html_text",
     "pdf_text",
-    "kv_cache_bytes",
     "Document",
     "DocumentStore",
 ]
@@ -172,14 +171,6 @@ def extract_text(name: str, data: bytes) -> str:
     if not text.strip():
         raise DocumentError(name, f"has no text ({len(data)} bytes of white space or markup only); open a {SUPPORTED} file with some text in it", "empty_document")
     return text
-
-
-def kv_cache_bytes(config, tokens: int, bytes_per_value: int) -> int:
-    """Bytes of the key/value cache a Transformer of ``config``'s shape needs for ``tokens`` tokens.
-
-    ``num_hidden_layers x 2 (keys and values) x num_key_value_heads x head_dim x tokens x bytes_per_value``.
-    """
-    return config.num_hidden_layers * 2 * config.num_key_value_heads * config.head_dim * tokens * bytes_per_value
 
 
 @dataclass

@@ -22,7 +22,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from ..spiking.apply import observing_first_rows
+from ..spiking.apply import current_spiking, observing_first_rows
 
 __all__ = [
     "SamplingParams", "sample_token", "TextStream", "Engine", "Generation", "model_fingerprint", "prefix_digest", "MAX_STOP_STRINGS", "MAX_STOP_CHARS",
@@ -187,10 +187,12 @@ class TextStream:
 
 
 def model_fingerprint(model) -> str:
-    """A short hash of a model's layout and weights (shapes, sums and edge values of every tensor)."""
+    """A short hash of a model's layout, spiking settings and weights (shapes, sums and edge values of every tensor):
+    a dense and a spiking model of the same weights compute different states, so their keys differ."""
     digest = hashlib.sha256()
     config = model.config
-    digest.update(repr((list(config.layer_mixers), config.attention_window, config.vocab_size)).encode())
+    spiking = current_spiking(model)
+    digest.update(repr((list(config.layer_mixers), config.attention_window, config.vocab_size, sorted((spiking or {}).items()))).encode())
     with torch.no_grad():
         for name, tensor in sorted(model.state_dict().items()):
             flat = tensor.detach().reshape(-1).float()

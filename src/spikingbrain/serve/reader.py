@@ -28,10 +28,11 @@ import torch
 from fastapi import Request
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 
+from ..model.info import kv_cache_bytes
 from ..spiking.apply import current_spiking, observe_spikes, spiking_linears
 from ..spiking.stats import SpikeStatistics
 from .chat import split_document_prompt
-from .documents import Document, DocumentStore, extract_text, kv_cache_bytes
+from .documents import Document, DocumentStore, extract_text
 from .engine import SamplingParams, prefix_digest
 from .protocol import APIError, checked_sampling, Text, ToleratedModel, parse_request
 from .snapshot import take_snapshot

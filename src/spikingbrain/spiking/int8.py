@@ -72,6 +72,11 @@ def _groups(weight: torch.Tensor, group_size: int) -> torch.Tensor:
     return padded.view(out, count, group_size)
 
 
+def _symmetric_scale(amax: torch.Tensor) -> torch.Tensor:
+    """INT8 scale ``amax / 127`` of a symmetric range (1 where ``amax`` is 0, so zeros stay zeros)."""
+    return torch.where(amax > 0, amax / 127, torch.ones_like(amax))
+
+
 def quantize_groups(weight: torch.Tensor, group_size: int = 128, clip: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(codes int8 [out, in], scales fp32 [out, groups])`` of a 2-D weight (``group_size`` 0: per output channel);
     ``clip`` ``[out, groups]`` scales the range."""
@@ -84,7 +89,7 @@ def quantize_groups(weight: torch.Tensor, group_size: int = 128, clip: torch.Ten
     amax = groups.abs().amax(-1)
     if clip is not None:
         amax = amax * clip
-    scales = torch.where(amax > 0, amax / 127, torch.ones_like(amax))
+    scales = _symmetric_scale(amax)
     codes = torch.round(groups / scales[..., None]).clamp(-127, 127).to(torch.int8)
     return codes.view(weight.shape[0], -1)[:, : weight.shape[1]].contiguous(), scales
 
@@ -150,8 +155,7 @@ def fused_passes(enabled: bool) -> None:
 
 def per_token_int8_scale(x: torch.Tensor) -> torch.Tensor:
     """``max|x| / 127`` over the last dimension (1 where a row is all zero), that dimension kept."""
-    amax = x.detach().abs().amax(-1, keepdim=True)
-    return torch.where(amax > 0, amax / 127, torch.ones_like(amax))
+    return _symmetric_scale(x.detach().abs().amax(-1, keepdim=True))
 
 
 def quantize_activations_int8(x: torch.Tensor) -> torch.Tensor:
@@ -367,6 +371,5 @@ def _input_grams(model: nn.Module, linears: dict[str, nn.Linear], batches: Itera
 
 def fake_quantize_int8(x: torch.Tensor) -> torch.Tensor:
     """Symmetric INT8 round trip over the last dimension (one scale per vector): W8ASpike's K/V quantization."""
-    amax = x.detach().abs().amax(-1, keepdim=True)
-    scale = torch.where(amax > 0, amax / 127, torch.ones_like(amax))
+    scale = per_token_int8_scale(x)
     return torch.round(x / scale).clamp(-127, 127) * scale

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from statistics import fmean
 
 __all__ = ["training_curve", "plot_training_curve", "plot_training_curves"]
 
@@ -69,11 +70,6 @@ def _plot_passkey(ax, series: dict[str, tuple[list[int], list[float], float | No
     ax.legend(fontsize=8)
 
 
-def _mean(values) -> float:
-    values = list(values)
-    return sum(values) / len(values)
-
-
 def plot_training_curve(run: str | Path) -> tuple[Path, Path]:
     """Write ``curve.json`` and ``curve.png`` into the run folder; returns their paths."""
     plt = _pyplot()
@@ -114,8 +110,8 @@ def plot_training_curves(curves: dict[str, dict], path: str | Path, title: str =
             lengths = sorted(pts[-1]["passkey"], key=int)
             teacher = curves[name].get("teacher_passkey") or {}
             label = f"{name} ({', '.join(lengths)} tokens)"
-            means[label] = (_tokens(pts), [_mean(p["passkey"].get(n, 0.0) for n in lengths) for p in pts],
-                            _mean(teacher[n] for n in lengths) if all(n in teacher for n in lengths) else None)
+            means[label] = (_tokens(pts), [fmean(p["passkey"].get(n, 0.0) for n in lengths) for p in pts],
+                            fmean(teacher[n] for n in lengths) if all(n in teacher for n in lengths) else None)
         _plot_passkey(axes[0][1], means, "mean pass-key accuracy, % (dashed: the teacher)")
     fig.tight_layout()
     path = Path(path)

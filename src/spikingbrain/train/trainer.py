@@ -101,7 +101,7 @@ class Trainer:
         self.out = Path(config.out).expanduser()
         self.checkpoints = self.out / "checkpoints"
         self.metrics_path = self.out / "metrics.jsonl"
-        self._evaluated_at: dict[int, dict] = {}  # the latest evaluation, by the step it was made at
+        self._last_evaluation: tuple[int, dict] | None = None  # (step, record) of the latest evaluation
         latest = self._latest_checkpoint()
         if latest is not None and not resume:
             raise TrainingError(f"{self.out} already holds checkpoints ({latest.name}); pass --resume to continue or choose a new --out")
@@ -374,7 +374,7 @@ class Trainer:
         if self.config.eval_passkey_lengths:
             record["passkey"] = self._passkey_accuracy(self.student)
         self.student.train()
-        self._evaluated_at = {self.global_step: record}
+        self._last_evaluation = self.global_step, record
         return record
 
     def _passkey_accuracy(self, model) -> dict[str, float]:
@@ -414,7 +414,8 @@ class Trainer:
             self._run_stage(stage, state if index == start_index else None, bar)
             state = None
         bar.close()
-        final = self._evaluated_at.get(self.global_step) or self.evaluate()  # the last step of a stage is evaluated
+        last = self._last_evaluation  # the last step of a stage is evaluated: reuse it
+        final = last[1] if last is not None and last[0] == self.global_step else self.evaluate()
         summary = {"steps": self.global_step, "tokens_seen": self.tokens_seen, "teacher_ppl": self.teacher_ppl, **final}
         self.export_delta(self.out / "delta.safetensors")
         self._save_final_model(self.out / "final")
