@@ -1,6 +1,7 @@
 """Write synthetic retrieval chats as training data (the data of the reading experiments).
 
-Usage: .venv/bin/python scripts/retrieval_chats.py [--corpus runs/corpus] [--items 900] [--out runs/exp/retrieval_chat.jsonl]
+Usage: .venv/bin/python scripts/retrieval_chats.py [--corpus runs/corpus] [--items 900] [--min-chars 700] [--max-chars 3600]
+       [--out runs/exp/retrieval_chat.jsonl]
 Each item of ``spikingbrain.train.corpus.retrieval_items`` (pass key, key-value lookup, fact in
 prose; filler from the corpus's training documents) becomes one JSON line ``{"name", "prompt",
 "answer"}`` for a training config's ``data``: the trainer renders it in the model's chat template
@@ -21,11 +22,12 @@ def main() -> None:
     parser.add_argument("--corpus", default="runs/corpus", help="a folder written by 'spikingbrain data corpus'")
     parser.add_argument("--items", type=int, default=900)
     parser.add_argument("--seed", type=int, default=11)
+    parser.add_argument("--min-chars", type=int, default=700, help="shortest prompt in characters (about 200 tokens)")
     parser.add_argument("--max-chars", type=int, default=3600, help="longest prompt in characters (about 1000 tokens)")
     parser.add_argument("--out", default="runs/exp/retrieval_chat.jsonl")
     args = parser.parse_args()
     items = retrieval_items(args.items, seed=args.seed, filler_documents=load_corpus(args.corpus, "train"),
-                            min_chars=700, max_chars=args.max_chars)
+                            min_chars=args.min_chars, max_chars=args.max_chars)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("w") as handle:

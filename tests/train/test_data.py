@@ -20,6 +20,7 @@ from spikingbrain.train.data import (
     load_documents,
     pack,
     pack_loss_masks,
+    row_fitting_order,
     split_held_out,
     synth_documents,
     tokenize_documents,
@@ -208,6 +209,26 @@ def test_pack_loss_masks_hand_computed():
     # rows of 5: both chat examples straddle two rows ([4 | 5] and [7 | 8]), so nothing of them is scored
     assert pack(lists, 5, 0).tolist() == [[1, 2, 3, 0, 4], [5, 0, 6, 0, 7]]
     assert pack_loss_masks(lists, masks, 5).int().tolist() == [[1, 1, 1, 1, 0], [0, 0, 1, 1, 0]]
+
+
+def test_row_fitting_order_hand_computed():
+    # rows of 4; chats [1 2] and [3 4 5], plain [6] and [7 8]: [1 2] fits at the start, [3 4 5] then has room 1
+    # and waits while [6] fills the gap, then fits whole in row 2
+    lists = [[1, 2], [3, 4, 5], [6], [7, 8]]
+    masks = [[True] * 2, [True] * 3, None, None]
+    order = row_fitting_order(lists, masks, 4)
+    assert order == [0, 2, 1, 3]
+    ordered = [lists[i] for i in order]
+    assert pack(ordered, 4, 0).tolist() == [[1, 2, 0, 6], [0, 3, 4, 5], [0, 7, 8, 0]]
+    assert pack_loss_masks(ordered, [masks[i] for i in order], 4).int().tolist() == [[1, 1, 0, 1], [1, 1, 1, 1], [0, 1, 1, 1]]
+    # in the given order [3 4 5] would straddle rows 1 and 2, and lose its answer
+    assert pack_loss_masks(lists, masks, 4).int().tolist() == [[1, 1, 0, 0], [0, 0, 0, 1], [1, 1, 1, 1]]
+    # chats go first when they fit; a chat longer than a row goes with the plain text; chats left when the plain
+    # text runs out come last; plain text alone keeps its order
+    assert row_fitting_order([[1, 2], [3, 4, 5], [6, 7, 8]], [None, [True] * 3, None], 4) == [1, 0, 2]
+    assert row_fitting_order([[9], [1, 2, 3, 4, 5]], [None, [True] * 5], 4) == [0, 1]
+    assert row_fitting_order([[1, 2, 3], [4, 5, 6], [7, 8, 9]], [[True] * 3, None, [True] * 3], 4) == [0, 2, 1]
+    assert row_fitting_order([[1], [2]], [None, None], 4) == [0, 1]
 
 
 def test_packed_batches_carry_the_loss_mask_rows():

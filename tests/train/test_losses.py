@@ -139,44 +139,49 @@ def test_distill_loss_refuses_slicing_with_a_trainable_head():
 
 
 def _loss_by_hand(logits, target_logits, ids, mask, kl_weight, ce_weight, T):
-    """Position by position: KL where the next token is a target (the last position: its own token), CE likewise."""
+    """Position by position: KL weighted by the next token's weight in ``mask`` (the last position: its own
+    token's), CE likewise; each a weighted mean (a boolean mask weighs 1 and 0)."""
     B, L, _ = logits.shape
+    weight = mask.float()
     kl_terms, ce_terms = [], []
     for b in range(B):
         for t in range(L):
-            scored = bool(mask[b, t + 1]) if t + 1 < L else bool(mask[b, t])
-            if scored:
+            w = weight[b, t + 1] if t + 1 < L else weight[b, t]
+            if w > 0:
                 log_q = torch.log_softmax(logits[b, t] / T, -1)
                 log_p = torch.log_softmax(target_logits[b, t] / T, -1)
-                kl_terms.append((log_p.exp() * (log_p - log_q)).sum() * T * T)
-            if t + 1 < L and mask[b, t + 1]:
-                ce_terms.append(-torch.log_softmax(logits[b, t], -1)[ids[b, t + 1]])
-    kl = torch.stack(kl_terms).mean()
-    ce = torch.stack(ce_terms).mean()
+                kl_terms.append((w * (log_p.exp() * (log_p - log_q)).sum() * T * T, w))
+            if t + 1 < L and weight[b, t + 1] > 0:
+                ce_terms.append((-weight[b, t + 1] * torch.log_softmax(logits[b, t], -1)[ids[b, t + 1]], weight[b, t + 1]))
+    kl = sum(term for term, _ in kl_terms) / sum(w for _, w in kl_terms)
+    ce = sum(term for term, _ in ce_terms) / sum(w for _, w in ce_terms)
     return kl_weight * kl + ce_weight * ce
 
 
 @pytest.mark.parametrize("chunk", [1, 5, 1000])
-def test_answer_only_mask_scores_the_answers_in_both_losses(chunk):
-    # a hand-made mask: row 0 scores an "answer" at tokens 5..7 only, row 1 is plain text (all scored)
+@pytest.mark.parametrize("weighted", [False, True])
+def test_answer_only_mask_and_weights_score_the_answers_in_both_losses(chunk, weighted):
+    # a hand-made mask: row 0 scores an "answer" at tokens 5..7 only, row 1 is plain text (all scored);
+    # weighted: the answer's tokens weigh 4 and the plain text's 0.5 (a weighted mean)
     hidden, head, target_hidden, target_head, ids = case()
     mask = torch.zeros(ids.shape, dtype=torch.bool)
     mask[0, 5:8] = True
     mask[1] = True
-    expected = _loss_by_hand(hidden @ head.t(), target_hidden @ target_head.t(), ids, mask, 1.0, 0.3, 1.5)
+    loss_mask = mask * torch.tensor([[4.0], [0.5]]) if weighted else mask
+    expected = _loss_by_hand(hidden @ head.t(), target_hidden @ target_head.t(), ids, loss_mask, 1.0, 0.3, 1.5)
     full_hidden = hidden.clone().requires_grad_(True)
-    full, _ = full_distill_loss(full_hidden @ head.t(), target_hidden @ target_head.t(), ids, 1.0, 0.3, 1.5, loss_mask=mask)
+    full, _ = full_distill_loss(full_hidden @ head.t(), target_hidden @ target_head.t(), ids, 1.0, 0.3, 1.5, loss_mask=loss_mask)
     full.backward()
     chunk_hidden = hidden.clone().requires_grad_(True)
-    got, _ = chunked_distill_loss(chunk_hidden, head, target_hidden, target_head, ids, 1.0, 0.3, 1.5, chunk, loss_mask=mask)
+    got, _ = chunked_distill_loss(chunk_hidden, head, target_hidden, target_head, ids, 1.0, 0.3, 1.5, chunk, loss_mask=loss_mask)
     got.backward()
     assert full.item() == pytest.approx(expected.item(), rel=1e-5)
     assert got.item() == pytest.approx(expected.item(), rel=1e-5)
     assert torch.allclose(chunk_hidden.grad, full_hidden.grad, rtol=1e-4, atol=1e-7)
     # positions whose prediction is not scored get no gradient (row 0 scores the predictions at 4, 5 and 6)
     assert chunk_hidden.grad[0, [0, 1, 2, 3, 7, 8]].abs().max() == 0 and chunk_hidden.grad[0, 4:7].abs().min() > 0
-    # an all-true mask is the unmasked loss
-    every = torch.ones(ids.shape, dtype=torch.bool)
+    # an all-true mask, or equal weights, is the unmasked loss: only the weights' ratios count
+    every = torch.full(ids.shape, 3.0) if weighted else torch.ones(ids.shape, dtype=torch.bool)
     plain, _ = chunked_distill_loss(hidden, head, target_hidden, target_head, ids, 1.0, 0.3, 1.5, chunk)
     masked, _ = chunked_distill_loss(hidden, head, target_hidden, target_head, ids, 1.0, 0.3, 1.5, chunk, loss_mask=every)
-    assert masked.item() == plain.item()
+    assert masked.item() == pytest.approx(plain.item(), rel=1e-6)

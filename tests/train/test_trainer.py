@@ -229,7 +229,7 @@ def test_chat_examples_train_on_their_answers_only(tmp_path, pair):
     # and the answers only, recomputed here from the same batch and a hand-built mask
     import copy
 
-    from spikingbrain.train.data import PackedBatches, encode_chat_example, pack
+    from spikingbrain.train.data import PackedBatches, encode_chat_example, pack, row_fitting_order
     from spikingbrain.train.trainer import distill_loss
 
     teacher, student, data = pair
@@ -249,11 +249,13 @@ def test_chat_examples_train_on_their_answers_only(tmp_path, pair):
     trainer.run()
     logged = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[1])
     stage = config.stages[0]
-    rows = pack(trainer.train_tokens, stage.seq_len, trainer.separator)
+    order = row_fitting_order(trainer.train_tokens, trainer.train_masks, stage.seq_len)  # checked by hand in test_data
+    tokens, masks = [trainer.train_tokens[i] for i in order], [trainer.train_masks[i] for i in order]
+    rows = pack(tokens, stage.seq_len, trainer.separator)
     batch = next(PackedBatches(rows, stage.batch_size, seed=config.seed))
     # the mask by hand: walk the same stream, scoring plain text and the answers of chat examples inside one row
     flat_mask, position = [], 0
-    for ids, mask in zip(trainer.train_tokens, trainer.train_masks):
+    for ids, mask in zip(tokens, masks):
         if mask is None:
             flat_mask += [True] * (len(ids) + 1)
         else:
@@ -275,6 +277,57 @@ def test_chat_examples_train_on_their_answers_only(tmp_path, pair):
     answer = trainer.tokenizer.decode([t for t, m in zip(ids, answer_mask) if m])
     assert answer.startswith("The code word is lantern-") and answer.endswith("<|im_end|>")
     assert (ids, answer_mask) == encode_chat_example(trainer.tokenizer, *_prompt_and_answer(trainer.tokenizer.decode(ids)))
+
+
+def test_a_stage_trains_on_its_own_data_with_the_answers_share(tmp_path, pair):
+    # the run's data is plain text; the distill stage reads chats too, their answers carrying half of its loss
+    import copy
+
+    from spikingbrain.train.data import PackedBatches
+    from spikingbrain.train.trainer import distill_loss, target_weights
+
+    teacher, student, _ = pair
+    plain, mixed = tmp_path / "plain.txt", tmp_path / "mixed.jsonl"
+    plain.write_text("The river keeps moving past the old mill, and the lamps are lit one by one. " * 12)
+    mixed.write_text("".join(
+        json.dumps({"text": f"Lamp {i} is lit by the keeper at dusk, as every evening."}) + "\n"
+        + json.dumps({"prompt": f"Note {i}: the code word is lantern-{i}. What is the code word?",
+                      "answer": f"The code word is lantern-{i}."}) + "\n" for i in range(40)))
+    cfg = write_config(tmp_path / "c.yaml", (teacher, student, plain), tmp_path / "run", calibrate=False, held_out_fraction=0.05)
+    config = load_train_config(cfg, ["stages.1.steps=1", "stages.1.grad_accum=1", "stages.1.seq_len=256"])
+    config.stages = config.stages[1:]
+    config.stages[0].data, config.stages[0].answer_share = [str(mixed)], 0.5
+    trainer = Trainer(config, progress=False)
+    assert trainer.train_masks is None  # the run's own data has no chats
+    stage = config.stages[0]
+    rows, targets = trainer._packed(stage)
+    assert "lantern-" in trainer.tokenizer.decode(rows.flatten().tolist()) and (targets == 2).any() and (targets == 1).any()
+    batch, codes = PackedBatches(rows, stage.batch_size, seed=config.seed, loss_mask=targets).next_with_mask()
+    assert (codes == 1).any() and (codes == 2).any()  # the first batch holds both kinds
+    untrained = copy.deepcopy(trainer.student)
+    trainer.run()
+    logged = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[1])
+    with torch.no_grad():
+        expected, _ = distill_loss(untrained, trainer.teacher, batch, stage.kl_weight, stage.ce_weight,
+                                   loss_mask=target_weights(codes, 0.5))
+        alike, _ = distill_loss(untrained, trainer.teacher, batch, stage.kl_weight, stage.ce_weight, loss_mask=codes > 0)
+    assert logged["loss"] == pytest.approx(expected.item(), rel=1e-4)
+    assert logged["loss"] != pytest.approx(alike.item(), rel=1e-3)
+    with pytest.raises(ValueError, match=r"stages\[0\].answer_share must be in \(0, 1\)"):
+        dataclasses.replace(config, stages=[dataclasses.replace(stage, answer_share=1.0)]).validate()
+
+
+def test_answer_share_weights_hand_computed():
+    from spikingbrain.train.trainer import target_weights
+
+    # codes: 0 not scored, 1 plain text, 2 an answer; 3 plain tokens share 0.75, 2 answer tokens share 0.25
+    targets = torch.tensor([[1, 1, 0, 2], [0, 2, 1, 0]], dtype=torch.uint8)
+    weights = target_weights(targets, 0.25)
+    assert weights.tolist() == [[0.25, 0.25, 0.0, 0.125], [0.0, 0.125, 0.25, 0.0]]
+    assert target_weights(targets, None).tolist() == (targets > 0).tolist()
+    # with no answer (or no plain text) in the micro-batch every scored token counts alike
+    assert target_weights(torch.tensor([[1, 0, 1]], dtype=torch.uint8), 0.25).tolist() == [[True, False, True]]
+    assert target_weights(torch.tensor([[2, 0, 2]], dtype=torch.uint8), 0.25).tolist() == [[True, False, True]]
 
 
 def _prompt_and_answer(text: str) -> tuple[str, str]:

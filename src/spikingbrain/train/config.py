@@ -47,6 +47,12 @@ class StageConfig:
     #: Learning-rate multiplier for the parameters the conversion added (gates, norms, parallel-layer weights), e.g. 10 so
     #: that a linear branch whose weights start at zero grows within a short run; 1 trains them at ``lr`` like the rest.
     new_lr_scale: float = 1.0
+    #: Data of this stage (files or folders, as the run's ``data``), e.g. longer chats for a late stage; empty: the run's
+    #: ``data``. Its held-out documents (same fraction and seed) are left out; the evaluation keeps the run's held-out text.
+    data: list[str] = field(default_factory=list)
+    #: Share of a micro-batch's loss carried by the answer tokens of chat examples (the plain-text tokens carry the rest),
+    #: e.g. 0.5 so that a few answer tokens are not drowned by thousands of text tokens; None: every scored token counts once.
+    answer_share: float | None = None
 
 
 @dataclass
@@ -103,6 +109,8 @@ class TrainConfig:
                 raise ValueError(f"{where}: a calibrate stage is closed-form; set steps: 1 (got {stage.steps})")
             if stage.lr <= 0:
                 raise ValueError(f"{where}.lr must be > 0, got {stage.lr}")
+            if stage.answer_share is not None and not 0.0 < stage.answer_share < 1.0:
+                raise ValueError(f"{where}.answer_share must be in (0, 1) (the answers' share of the loss), got {stage.answer_share}")
             if stage.new_lr_scale <= 0:
                 raise ValueError(f"{where}.new_lr_scale must be > 0 (1 trains new parameters at lr), got {stage.new_lr_scale}")
         if not 0 < self.held_out_fraction < 1:
@@ -138,11 +146,21 @@ EVALUATION_KEYS = ("out", "checkpoint_every", "keep_checkpoints", "eval_every", 
 def comparable_fingerprint(data: dict) -> dict:
     """A fingerprint without the keys at their defaults, so that a checkpoint written before a key with a
     default existed still resumes (the key's default is what that run used)."""
-    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
-    stage_defaults = {f.name: f.default for f in dataclasses.fields(StageConfig) if f.default is not dataclasses.MISSING}
+    defaults, stage_defaults = _field_defaults(TrainConfig), _field_defaults(StageConfig)
     data = {k: v for k, v in data.items() if defaults.get(k, object()) != v}
     data["stages"] = [{k: v for k, v in s.items() if stage_defaults.get(k, object()) != v} for s in data.get("stages", [])]
     return data
+
+
+def _field_defaults(cls) -> dict:
+    """Each field's default value, from ``default`` or ``default_factory``."""
+    defaults = {}
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            defaults[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            defaults[f.name] = f.default_factory()
+    return defaults
 
 
 def _coerce(value, hint, where: str):

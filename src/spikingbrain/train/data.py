@@ -10,6 +10,8 @@ and its loss mask covers the answer only; plain text is scored everywhere.
 
 from __future__ import annotations
 
+from collections import deque
+
 import hashlib
 import json
 import math
@@ -38,6 +40,7 @@ __all__ = [
     "joined_token_ids",
     "pack",
     "pack_loss_masks",
+    "row_fitting_order",
     "PackedBatches",
     "synth_documents",
     "write_jsonl",
@@ -242,6 +245,26 @@ def pack(token_lists: list[list[int]], seq_len: int, separator_id: int) -> torch
     flat = torch.tensor(list(chain.from_iterable(chain(ids, (separator_id,)) for ids in token_lists)), dtype=torch.long)
     rows = total // seq_len
     return flat[: rows * seq_len].view(rows, seq_len)
+
+
+def row_fitting_order(token_lists: list[list[int]], loss_masks: list[list[bool] | None], seq_len: int) -> list[int]:
+    """An order of the documents for :func:`pack` in which chat examples (a mask) land whole in one row.
+
+    Chat examples go in their order, each as soon as the current row has room for all of it;
+    plain text, in its order, fills the gaps and may run across rows. Chat examples longer than
+    a row count as plain text, and chat examples left when the plain text runs out come last.
+    (Training draws rows in random order, so where in the stream a document lands does not matter.)
+    """
+    whole = [i for i, (ids, m) in enumerate(zip(token_lists, loss_masks)) if m is not None and len(ids) <= seq_len]
+    chats, taken = deque(whole), set(whole)
+    plain = deque(i for i in range(len(token_lists)) if i not in taken)
+    order, position = [], 0
+    while chats or plain:
+        fits = chats and len(token_lists[chats[0]]) <= seq_len - position % seq_len
+        index = chats.popleft() if fits or not plain else plain.popleft()
+        order.append(index)
+        position += len(token_lists[index]) + 1
+    return order
 
 
 def pack_loss_masks(token_lists: list[list[int]], loss_masks: list[list[bool] | None], seq_len: int) -> torch.BoolTensor:

@@ -13,41 +13,47 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
-__all__ = ["chunked_distill_loss", "full_distill_loss", "scored_positions", "DEFAULT_LOSS_CHUNK"]
+__all__ = ["chunked_distill_loss", "full_distill_loss", "position_weights", "DEFAULT_LOSS_CHUNK"]
 
 #: Positions per slice: 256 x 49,152 fp32 logits are 50 MB.
 DEFAULT_LOSS_CHUNK = 256
 
 
-def scored_positions(ids: torch.Tensor, loss_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(kl, ce)`` boolean ``[B, T]`` masks of the positions whose prediction is scored.
+def position_weights(ids: torch.Tensor, loss_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(kl, ce)`` float ``[B, T]`` weights of each position's prediction in the loss's weighted mean.
 
-    ``loss_mask[b, t]`` says whether token ``t`` is a target (None: every token). Position ``t``
-    predicts token ``t + 1``: its KL and cross-entropy count where that token is a target; the
-    last position has no next token, so its KL counts where its own token is one, and it has no
-    cross-entropy.
+    ``loss_mask[b, t]`` says how much token ``t`` counts as a target: a boolean mask (True: 1, False: 0)
+    or non-negative float weights (None: every token, weight 1). Position ``t`` predicts token ``t + 1``
+    and takes that token's weight; the last position has no next token, so its KL takes its own
+    token's weight, and it has no cross-entropy.
     """
-    mask = torch.ones_like(ids, dtype=torch.bool) if loss_mask is None else loss_mask.to(torch.bool)
-    kl = torch.cat((mask[:, 1:], mask[:, -1:]), 1)
-    ce = torch.cat((mask[:, 1:], torch.zeros_like(mask[:, :1])), 1)
+    weight = torch.ones_like(ids, dtype=torch.float32) if loss_mask is None else loss_mask.to(torch.float32)
+    kl = torch.cat((weight[:, 1:], weight[:, -1:]), 1)
+    ce = torch.cat((weight[:, 1:], torch.zeros_like(weight[:, :1])), 1)
     return kl, ce
 
 
 def full_distill_loss(logits, target_logits, ids, kl_weight: float, ce_weight: float, temperature: float = 1.0,
                       loss_mask: torch.Tensor | None = None):
-    """The distillation loss from whole ``[B, T, V]`` logits, averaged over the scored positions
-    (:func:`scored_positions`); the reference the chunked loss must equal."""
+    """The distillation loss from whole ``[B, T, V]`` logits, a weighted mean over the positions
+    (:func:`position_weights`); the reference the chunked loss must equal."""
     T, vocab = temperature, logits.shape[-1]
     logits, target_logits = logits.float(), target_logits.float()
-    kl_at, ce_at = scored_positions(ids, loss_mask)
+    kl_w, ce_w = (w.to(logits.device) for w in position_weights(ids, loss_mask))
     kl_each = F.kl_div(
         F.log_softmax(logits.reshape(-1, vocab) / T, -1), F.log_softmax(target_logits.reshape(-1, vocab) / T, -1),
         log_target=True, reduction="none",
     ).sum(-1)
-    kl = kl_each[kl_at.reshape(-1)].sum() / kl_at.sum().clamp_min(1) * T * T
+    kl = (kl_each * kl_w.reshape(-1)).sum() / _total(kl_w) * T * T
     ce_each = F.cross_entropy(logits[:, :-1].reshape(-1, vocab), ids[:, 1:].reshape(-1), reduction="none")
-    ce = ce_each[ce_at[:, :-1].reshape(-1)].sum() / ce_at.sum().clamp_min(1)
+    ce = (ce_each * ce_w[:, :-1].reshape(-1)).sum() / _total(ce_w)
     return kl_weight * kl + ce_weight * ce, {"kl": kl.item(), "ce": ce.item()}
+
+
+def _total(weights: torch.Tensor) -> float:
+    """The denominator of a weighted mean: the weights' sum, or 1 where nothing is scored."""
+    total = float(weights.sum())
+    return total if total > 0 else 1.0
 
 
 def _scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -65,8 +71,8 @@ class _ChunkedDistill(torch.autograd.Function):
         flat, target_flat = hidden.reshape(B * L, -1), target_hidden.reshape(B * L, -1)
         # Next-token targets in flat order (the last position of each row has none), and where each loss counts.
         next_ids = torch.cat((ids[:, 1:], ids[:, :1]), 1).reshape(-1)
-        kl_at, ce_at = (m.reshape(-1) for m in scored_positions(ids, loss_mask))
-        n_kl, n_ce = max(1, int(kl_at.sum())), max(1, int(ce_at.sum()))
+        kl_w, ce_w = (w.reshape(-1).to(hidden.device) for w in position_weights(ids, loss_mask))
+        n_kl, n_ce = _total(kl_w), _total(ce_w)
         grad = torch.empty_like(flat, dtype=torch.float32)
         kl_sum = ce_sum = 0.0
         Tm = temperature
@@ -75,23 +81,21 @@ class _ChunkedDistill(torch.autograd.Function):
             log_q = F.log_softmax(_scaled(flat[rows].float() @ head_weight.float().t(), Tm), -1)
             log_p = F.log_softmax(_scaled(target_flat[rows].float() @ target_head_weight.float().t(), Tm), -1)
             p = log_p.exp()
-            kl_rows = kl_at[rows]
-            kl_sum += float(log_p.sub_(log_q).mul_(p).sum(-1)[kl_rows].sum())  # sum p (log p - log q); log_p is spent
+            kl_rows = kl_w[rows]
+            kl_sum += float((log_p.sub_(log_q).mul_(p).sum(-1) * kl_rows).sum())  # sum p (log p - log q); log_p is spent
             del log_p
-            # d(T² KL)/dz = T (q_T - p_T); d CE/dz = q - onehot (at temperature 1)
-            dz = log_q.exp().sub_(p).mul_(kl_weight * Tm / n_kl)
-            dz[~kl_rows] = 0.0
+            # d(T² KL)/dz = T (q_T - p_T); d CE/dz = q - onehot (at temperature 1), each times its position's weight
+            dz = log_q.exp().sub_(p).mul_(kl_rows[:, None] * (kl_weight * Tm / n_kl))
             del p
-            targets, ce_rows = next_ids[rows], ce_at[rows]
+            targets, ce_rows = next_ids[rows], ce_w[rows]
             scored = ce_rows.nonzero()[:, 0]
             if Tm != 1.0:  # the cross-entropy is at temperature 1
                 log_q = F.log_softmax(flat[rows].float() @ head_weight.float().t(), -1)
-            ce_sum -= float(log_q[scored, targets[scored]].sum())
+            ce_sum -= float((log_q[scored, targets[scored]] * ce_rows[scored]).sum())
             if ce_weight:
                 dce = log_q.exp_()  # log_q is spent
-                dce[~ce_rows] = 0.0
                 dce[scored, targets[scored]] -= 1.0
-                dz.add_(dce, alpha=ce_weight / n_ce)
+                dz.add_(dce.mul_(ce_rows[:, None]), alpha=ce_weight / n_ce)
             del log_q
             grad[rows] = dz @ head_weight.float()
         kl = torch.tensor(kl_sum * Tm * Tm / n_kl, dtype=torch.float64)

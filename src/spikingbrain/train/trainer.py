@@ -32,7 +32,16 @@ from ..model.shipped import write_delta
 from ..runtime.machine import flushing_denormals
 from ..spiking.apply import spikify
 from .config import StageConfig, TrainConfig, comparable_fingerprint
-from .data import PackedBatches, encode_documents, joined_token_ids, load_documents, pack, pack_loss_masks, split_held_out
+from .data import (
+    PackedBatches,
+    encode_documents,
+    joined_token_ids,
+    load_documents,
+    pack,
+    pack_loss_masks,
+    row_fitting_order,
+    split_held_out,
+)
 from .report import plot_training_curve, training_curve
 from .lora import LoRALinear, add_lora, lora_parameters, merge_lora
 from .losses import chunked_distill_loss, full_distill_loss
@@ -66,7 +75,7 @@ def _pick_device(name: str) -> torch.device:
 def distill_loss(student, teacher, ids: torch.Tensor, kl_weight: float, ce_weight: float, temperature: float = 1.0,
                  sliced: bool | None = None, loss_mask: torch.Tensor | None = None):
     """``kl_weight * T² KL(teacher || student) + ce_weight * CE(next token)`` per scored token, and its parts
-    (``loss_mask``: which tokens are targets, see ``train.losses.scored_positions``; None: all).
+    (``loss_mask``: which tokens are targets, a boolean mask or float weights, see ``train.losses.position_weights``; None: all).
 
     With frozen output heads (conversion training never trains them) the loss is computed from
     the final hidden states a slice of positions at a time (``train.losses``), which never holds
@@ -87,6 +96,17 @@ def distill_loss(student, teacher, ids: torch.Tensor, kl_weight: float, ce_weigh
         hidden, student.lm_head.weight, target, teacher.lm_head.weight, ids, kl_weight, ce_weight, temperature,
         loss_mask=loss_mask,
     )
+
+
+def target_weights(targets: torch.Tensor, answer_share: float | None) -> torch.Tensor:
+    """The loss weights of a micro-batch's target codes (``Trainer._packed``: 0 not scored, 1 plain text, 2 an answer):
+    the scored tokens alike (a boolean mask), or with ``answer_share`` the answers' tokens carrying that share of the
+    loss and the plain text the rest (alike within each group; all alike when either group is absent)."""
+    scored = targets > 0
+    answers, plain = targets == 2, targets == 1
+    if answer_share is None or not answers.any() or not plain.any():
+        return scored
+    return answers * (answer_share / answers.sum()) + plain * ((1.0 - answer_share) / plain.sum())
 
 
 class Trainer:
@@ -137,18 +157,40 @@ class Trainer:
                 )
 
     def _prepare_data(self) -> None:
-        docs = load_documents(self.config.data)
-        train_docs, held_docs = split_held_out(docs, self.config.held_out_fraction, self.config.seed)
         self.separator = self.tokenizer.eos_token_id
-        encoded = encode_documents(train_docs, self.tokenizer, self.separator)
-        self.train_tokens = [ids for ids, _ in encoded]
-        # answer-only masks where the data has chat examples (None: every token is scored, as for plain text)
-        masks = [mask for _, mask in encoded]
-        self.train_masks = masks if any(m is not None for m in masks) else None
+        self.train_tokens, self.train_masks, held_docs = self._encoded(self.config.data)
+        self._stage_data: dict[tuple[str, ...], tuple] = {}
         self.held_out_ids = joined_token_ids(held_docs, self.tokenizer, self.config.eval_max_tokens, self.separator)
         if self.writes_files:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "held_out.txt").write_text("\n\n".join(d.text for d in held_docs))
+
+    def _encoded(self, sources: list[str]) -> tuple[list[list[int]], list | None, list]:
+        """``(token lists, answer-only masks or None, held-out documents)`` of the training split of ``sources``;
+        masks where the data has chat examples (a None entry: every token is scored, as for plain text)."""
+        train_docs, held_docs = split_held_out(load_documents(sources), self.config.held_out_fraction, self.config.seed)
+        encoded = encode_documents(train_docs, self.tokenizer, self.separator)
+        masks = [mask for _, mask in encoded]
+        return [ids for ids, _ in encoded], (masks if any(m is not None for m in masks) else None), held_docs
+
+    def _packed(self, stage: StageConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``[N, seq_len]`` rows of the stage's data (``stage.data`` or the run's) and their target codes (None: all
+        targets): 0 not scored, 1 a plain-text token, 2 a chat answer's token. Chat examples are placed whole in a row
+        (``row_fitting_order``)."""
+        if stage.data:
+            key = tuple(stage.data)
+            if key not in self._stage_data:
+                self._stage_data[key] = self._encoded(stage.data)[:2]
+            tokens, masks = self._stage_data[key]
+        else:
+            tokens, masks = self.train_tokens, self.train_masks
+        if masks is None:
+            return pack(tokens, stage.seq_len, self.separator), None
+        order = row_fitting_order(tokens, masks, stage.seq_len)
+        tokens, masks = [tokens[i] for i in order], [masks[i] for i in order]
+        scored = pack_loss_masks(tokens, masks, stage.seq_len)
+        answers = pack_loss_masks(tokens, [[False] * len(ids) if m is None else m for ids, m in zip(tokens, masks)], stage.seq_len)
+        return pack(tokens, stage.seq_len, self.separator), scored.to(torch.uint8) + answers.to(torch.uint8)
 
     def _trainable(self, stage: StageConfig) -> dict[str, torch.nn.Parameter]:
         """The parameters a stage trains (by name)."""
@@ -217,17 +259,17 @@ class Trainer:
         """Mean square of a teacher attention output: the denominator of the relative transfer error."""
         return target.float().pow(2).mean().clamp_min(1e-12)
 
-    def _distill_loss(self, ids: torch.Tensor, stage: StageConfig, loss_mask: torch.Tensor | None) -> tuple[torch.Tensor, dict]:
+    def _distill_loss(self, ids: torch.Tensor, stage: StageConfig, targets: torch.Tensor | None) -> tuple[torch.Tensor, dict]:
         return distill_loss(self.student, self.teacher, ids, stage.kl_weight, stage.ce_weight, stage.temperature,
-                            loss_mask=loss_mask)
+                            loss_mask=None if targets is None else target_weights(targets, stage.answer_share))
 
     def _step_loss(self, ids: torch.Tensor, stage: StageConfig, layers: list[int],
-                   loss_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
-        """The loss of one micro-batch of a transfer or distill stage, and its parts for the log (a transfer
-        stage matches every position's attention output, so it ignores ``loss_mask``)."""
+                   targets: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+        """The loss of one micro-batch of a transfer or distill stage, and its parts for the log (``targets``: the
+        rows' target codes, see ``_packed``; a transfer stage matches every position's attention output, so it ignores them)."""
         if stage.kind == "transfer":
             return self._transfer_loss(ids, layers)
-        return self._distill_loss(ids, stage, loss_mask)
+        return self._distill_loss(ids, stage, targets)
 
     @contextlib.contextmanager
     def _window_dropout(self, stage: StageConfig):
@@ -466,7 +508,7 @@ class Trainer:
 
     def _calibrate(self, stage: StageConfig, bar) -> None:
         """One closed-form step: fit GLA output-norm scales on one training batch (see ``calibrate_gla``)."""
-        rows = pack(self.train_tokens, stage.seq_len, self.separator)
+        rows, _ = self._packed(stage)
         ids = next(iter(PackedBatches(rows, stage.batch_size, seed=self.config.seed + 1000 * self.stage_index)))
         errors = calibrate_gla(self.student, self.teacher, ids.to(self.device))
         self.ever_trained |= {f"model.layers.{i}.attn.g_norm.weight" for i in errors}
@@ -497,8 +539,7 @@ class Trainer:
         trainable = self._prepare_trainable(trainable)
         optimizer = self._optimizer(trainable, new, stage)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, stage))
-        rows = pack(self.train_tokens, stage.seq_len, self.separator)
-        masks = None if self.train_masks is None else pack_loss_masks(self.train_tokens, self.train_masks, stage.seq_len)
+        rows, masks = self._packed(stage)
         batches = PackedBatches(rows, stage.batch_size, seed=config.seed + 1000 * self.stage_index, loss_mask=masks)
         if state is not None:
             self._restore_optimizer(self._resume_from, state, optimizer, scheduler, batches)
