@@ -86,6 +86,40 @@ def test_cache_sizes(tiny_model):
     assert cache.layers[0].state.dtype == torch.float32
 
 
+@pytest.mark.parametrize("keep_first,sinks", [(0, 0), (2, 3)])
+def test_window_ring_buffer_holds_the_ordered_window(keep_first, sinks):
+    """One-token steps through the ring buffer keep the same window as the copying path, key for key, and
+    attention over the ring's (unordered) keys is attention over the ordered ones."""
+    from spikingbrain.model.cache import WindowKV
+    from spikingbrain.ops import sliding_window_attention
+
+    gen = torch.Generator().manual_seed(3)
+    window, B, H, D = 4, 2, 2, 8
+    ring, copying = WindowKV(window, keep_first), WindowKV(window, keep_first)
+    if sinks:
+        sink = (torch.randn(1, sinks, H, D, generator=gen), torch.randn(1, sinks, H, D, generator=gen))
+        ring.set_sinks(*sink)
+        copying.set_sinks(*sink)
+    prompt = (torch.randn(B, 7, H, D, generator=gen), torch.randn(B, 7, H, D, generator=gen))
+    ring.extend(*prompt)
+    copying.extend(*prompt)
+    for step in range(13):  # the ring (window + 1 = 5 slots) goes round more than twice
+        k, v, q = (torch.randn(B, 1, H, D, generator=gen) for _ in range(3))
+        got = ring.extend(k, v, ring=True)
+        expected = copying.extend(k, v)
+        assert torch.equal(ring.keys, copying.keys) and torch.equal(ring.values, copying.values), step
+        out = sliding_window_attention(q, *got, window, num_sinks=sinks, keep_first=keep_first)
+        reference = sliding_window_attention(q, *expected, window, num_sinks=sinks, keep_first=keep_first)
+        torch.testing.assert_close(out, reference, rtol=1e-6, atol=1e-6)
+    assert ring._ring is not None and ring.length == copying.length == keep_first + window
+    # the buffer: sinks, first tokens and window + 1 slots
+    assert ring.nbytes() == 2 * B * (sinks + keep_first + window + 1) * H * D * 4
+    # a longer step reads the ring back in order and copies again
+    k, v = torch.randn(B, 3, H, D, generator=gen), torch.randn(B, 3, H, D, generator=gen)
+    assert all(torch.equal(a, b) for a, b in zip(ring.extend(k, v, ring=True), copying.extend(k, v)))
+    assert ring._ring is None and torch.equal(ring.keys, copying.keys)
+
+
 def test_sdpa_window_caches_one_key_less(tiny_model):
     model = tiny_model(["swa"], window_semantics="sdpa")  # 5 keys including the query: 4 cached
     _, cache = run_in_pieces(model, random_ids(1, 30), [30])

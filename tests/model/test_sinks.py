@@ -124,7 +124,9 @@ def test_keep_first_tokens_model_equals_reference(tiny_model, layers, learned_si
     with torch.no_grad():
         assert_close(model(ids, use_cache=False).logits, expected, TOL, "keep_first, no cache")
         cache, pieces, start = None, [], 0
-        for size in (2, 1, 4, 9, 1, 1, 15, 7):  # chunks that start inside, at and past the kept tokens and window
+        # chunks that start inside, at and past the kept tokens and window; 7 one-token steps go round the
+        # window's ring buffer (6 slots) once, and the chunk after them reads it back in order
+        for size in (2, 1, 4, 9, 1, 1, 1, 1, 1, 1, 1, 15, 2):
             out = model(ids[:, start : start + size], cache=cache, use_cache=True)
             cache, start = out.cache, start + size
             pieces.append(out.logits)

@@ -78,6 +78,11 @@ class WindowKV(_LayerCache):
     Sink keys and values (``[1, num_sinks, Hkv, D]``, shared by the batch) are kept apart from
     the rolling window and never leave it. With ``keep_first`` the first positions of the
     sequence are kept in front of the window too (attention sinks made of real tokens).
+
+    Once the window is full, one-token steps whose caller attends to every returned key
+    (``extend(..., ring=True)``) switch to a ring buffer ``[sinks | first | window + 1 slots]``:
+    each step writes its key over the one leaving the window, and nothing is copied.
+    ``keys`` and ``values`` always read the window in order.
     """
 
     is_sliding = True
@@ -85,28 +90,60 @@ class WindowKV(_LayerCache):
     def __init__(self, window: int, keep_first: int = 0):
         self.window = window
         self.keep_first = keep_first
-        self.keys: torch.Tensor | None = None
-        self.values: torch.Tensor | None = None
+        self._keys: torch.Tensor | None = None  # the window in order (None in ring mode)
+        self._values: torch.Tensor | None = None
+        self._ring: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._oldest = 0  # ring slot of the key the next step overwrites
         self.sinks: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def set_sinks(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Keep the sink keys/values ``[1, n, Hkv, D]`` that ``extend`` puts in front of the window."""
         self.sinks = (keys, values)
 
-    def extend(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    @property
+    def keys(self) -> torch.Tensor | None:
+        """The cached window's keys in order (first kept positions, then the last ``window``)."""
+        return self._ordered(0) if self._ring is not None else self._keys
+
+    @keys.setter
+    def keys(self, keys: torch.Tensor | None) -> None:
+        self._keys, self._ring = keys, None
+
+    @property
+    def values(self) -> torch.Tensor | None:
+        """The cached window's values, in the order of ``keys``."""
+        return self._ordered(1) if self._ring is not None else self._values
+
+    @values.setter
+    def values(self, values: torch.Tensor | None) -> None:
+        self._values, self._ring = values, None
+
+    def _ordered(self, which: int) -> torch.Tensor:
+        buffer, start = self._ring[which], self._num_sinks()
+        ring = buffer[:, start + self.keep_first :]
+        return torch.cat((buffer[:, start : start + self.keep_first], ring[:, self._oldest + 1 :], ring[:, : self._oldest]), 1)
+
+    def _num_sinks(self) -> int:
+        return 0 if self.sinks is None else self.sinks[0].shape[1]
+
+    def extend(self, keys: torch.Tensor, values: torch.Tensor, ring: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Return sinks + cached + new keys/values and keep only the last ``window`` real ones.
 
-        After a decode step (a few new positions, no kept first tokens) the window is kept as a
-        view of the returned tensors instead of a copy: they are only a few positions longer.
+        ``ring``: the caller attends to every returned key without a padding mask, so a one-token
+        step with a full window may return the ring buffer (keys out of order, see the class).
+        After other decode steps (a few new positions, no kept first tokens) the window is kept as
+        a view of the returned tensors instead of a copy: they are only a few positions longer.
         """
         new = keys.shape[1]
+        if ring and new == 1 and (self._ring is not None or self.length == self.keep_first + self.window):
+            return self._ring_step(keys, values)
         front = [] if self.keys is None else [(self.keys, self.values)]
         if self.sinks is not None:
             front.insert(0, tuple(t.expand(keys.shape[0], *t.shape[1:]) for t in self.sinks))
         if front:
             keys = torch.cat([k for k, _ in front] + [keys], 1)
             values = torch.cat([v for _, v in front] + [values], 1)
-        n = 0 if self.sinks is None else self.sinks[0].shape[1]
+        n = self._num_sinks()
         first, real = self.keep_first, keys.shape[1] - n
         if real > first + self.window and not first and new <= VIEW_MAX_NEW:
             self.keys, self.values = (t[:, t.shape[1] - self.window :] for t in (keys, values))
@@ -116,19 +153,38 @@ class WindowKV(_LayerCache):
             self.keys, self.values = keys[:, n:].contiguous(), values[:, n:].contiguous()
         return keys, values
 
+    def _ring_step(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._ring is None:  # [sinks | first | window | the new key]: the oldest window key sits in ring slot 0
+            sinks = [] if self.sinks is None else [tuple(t.expand(keys.shape[0], *t.shape[1:]) for t in self.sinks)]
+            parts = [*sinks, (self._keys, self._values), (keys, values)]
+            self._ring = tuple(torch.cat([part[i] for part in parts], 1) for i in (0, 1))
+            self._keys = self._values = None
+            self._oldest = 0
+        else:
+            slot = self._num_sinks() + self.keep_first + self._oldest
+            self._ring[0][:, slot] = keys[:, 0]
+            self._ring[1][:, slot] = values[:, 0]
+            self._oldest = (self._oldest + 1) % (self.window + 1)
+        return self._ring
+
     @property
     def length(self) -> int:
         """Number of cached real positions."""
-        return 0 if self.keys is None else self.keys.shape[1]
+        if self._ring is not None:
+            return self.keep_first + self.window
+        return 0 if self._keys is None else self._keys.shape[1]
 
     def tensors(self):
-        return {} if self.keys is None else {"keys": self.keys, "values": self.values}
+        return {} if self.length == 0 else {"keys": self.keys, "values": self.values}
 
     def map_tensors(self, fn):
-        if self.keys is not None:
-            self.keys, self.values = fn(self.keys), fn(self.values)
+        if self.length:
+            keys, values = self.keys, self.values
+            self.keys, self.values = fn(keys), fn(values)
 
     def nbytes(self) -> int:
+        if self._ring is not None:  # the buffer holds a copy of the sinks
+            return sum(t.numel() * t.element_size() for t in self._ring)
         sinks = 0 if self.sinks is None else sum(t.numel() * t.element_size() for t in self.sinks)
         return super().nbytes() + sinks
 

@@ -207,7 +207,9 @@ class SoftmaxAttention(_Mixer):
                     "keep_first_tokens with a cache needs rows whose first tokens are real: the cache keeps the first "
                     "positions, which are padding in a left-padded row; pad on the right or run the rows one by one"
                 )
-            k, v = cache.extend(k, v)
+            # a window cache may answer a one-token step with its ring buffer: keys out of order, all of them
+            # attended, which is only right without a padding mask
+            k, v = cache.extend(k, v) if self.window is None else cache.extend(k, v, ring=inputs.key_mask is None)
         if self.int8_kv:  # at use time, per token and head; the cache keeps the unquantized values
             k, v = fake_quantize_int8(k), fake_quantize_int8(v)
         mask = inputs.mask_of_keys(k.shape[1] - n, self.keep_first)
