@@ -153,6 +153,35 @@ def test_w8a8_by_hand():
     assert integer.tolist()[0] == pytest.approx(expected, rel=1e-6)
 
 
+def test_w8_decode_rows_by_hand_without_a_dequantised_weight():
+    # W8 (plain input): a decode row takes the fused product over the codes, and no matmul of a dequantised weight runs
+    layer = Int8Linear(4, 2, bias=True, group_size=2)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[2, -1, 127, 0], [-3, 4, 5, 6]], dtype=torch.int8))
+        layer.weight_scale.copy_(torch.tensor([[0.5, 0.25], [0.01, 2.0]]))
+        layer.bias.copy_(torch.tensor([1.0, -1.0]))
+    x = torch.tensor([[1.5, -2.0, 0.25, 3.0]])
+    expected = [0.5 * (1.5 * 2 + -2.0 * -1) + 0.25 * (0.25 * 127) + 1.0,
+                0.01 * (1.5 * -3 + -2.0 * 4) + 2.0 * (0.25 * 5 + 3.0 * 6) - 1.0]
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile, torch.inference_mode():
+        fused = layer(x)
+    assert not {"aten::mm", "aten::addmm", "aten::linear"} & {event.key for event in profile.key_averages()}
+    assert fused.tolist()[0] == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("group_size,rows", [(0, 1), (0, 8), (64, 3), (128, 1), (0, 9)])
+def test_w8_fused_decode_product_equals_the_simulation(group_size, rows):
+    # 576 inputs: groups of 64 divide the row and take the fused product; 128 (a shorter last group) and 9 rows do not
+    layer = Int8Linear.from_linear(torch.nn.Linear(576, 96), group_size)
+    x = torch.randn(rows, 576, generator=torch.Generator().manual_seed(5)) * 3
+    with torch.inference_mode():
+        assert layer._fused_weight_only(x) == (group_size != 128 and rows <= 8)
+        fast = layer(x)
+    simulated = torch.nn.functional.linear(x, layer.dequantized_weight(), layer.bias)
+    torch.testing.assert_close(fast, simulated, rtol=1e-5, atol=1e-5)
+    assert not layer._fused_weight_only(x.requires_grad_())  # training multiplies the dequantised weight
+
+
 @pytest.mark.parametrize("group_size", [0, 128])
 def test_w8a8_integer_path_equals_its_simulation(group_size):
     linear = torch.nn.Linear(300, 40)

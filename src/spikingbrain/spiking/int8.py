@@ -20,6 +20,10 @@ rounding. Counting (division, rounding, int8 cast, carry detection) and the dequ
 eager otherwise (``fused_passes``). Elsewhere the layer falls back to the simulation: the spiked
 input times the dequantised weight.
 
+W8 (a plain input, no spiking): up to ``WEIGHT_ONLY_MAX_ROWS`` rows (decode steps) on CPU are multiplied by
+one compiled reduction over the codes and scales (``_weight_only_product``, where the groups divide the row),
+which never writes a dequantised weight; more rows, or a gradient, multiply the dequantised weight.
+
 W8A8 (``activations: "int8"`` in the settings, for dense models): a plain input is quantized per
 token, ``x ≈ s_x · round_half_up(x / s_x)`` with ``s_x = max|x| / 127``, and multiplied by the same
 integer path with ``s_x`` in the threshold's place (the codes never pass ±127, so no carry); the
@@ -178,7 +182,20 @@ def _dequantize(products: torch.Tensor, threshold: torch.Tensor, scales: torch.T
     return y if bias is None else y + bias.to(dtype)
 
 
+def _weight_only_product(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x [M, K] @ (codes · scale)ᵀ`` as one reduction over the codes (groups of equal size), never a dequantised weight."""
+    groups = scales.shape[1]
+    products = (x.view(x.shape[0], 1, groups, -1) * codes.view(1, codes.shape[0], groups, -1).to(x.dtype)).sum(-1)
+    y = (products * scales).sum(-1)
+    return y if bias is None else y + bias
+
+
 _fused_low_plane, _fused_dequantize = _Fused(_low_plane), _Fused(_dequantize)
+_fused_weight_only = _Fused(_weight_only_product)
+
+#: Rows up to which a plain input (W8) is multiplied by the fused kernel ``_weight_only_product``, which reads
+#: the codes once per call: decode steps, where the product is bound by reading the weight.
+WEIGHT_ONLY_MAX_ROWS = 8
 
 
 class Int8Linear(nn.Module):
@@ -230,8 +247,18 @@ class Int8Linear(nn.Module):
             if self._integer(x):
                 return self._integer_forward(x, per_token_int8_scale)
             x = quantize_activations_int8(x)
+        elif self._fused_weight_only(x):
+            flat = x.reshape(-1, self.in_features)
+            y = _fused_weight_only(flat, self.weight, self.weight_scale, self.bias)
+            return y.view(*x.shape[:-1], self.out_features)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, self.dequantized_weight().to(x.dtype), bias)
+
+    def _fused_weight_only(self, x: torch.Tensor) -> bool:
+        """Whether a plain input takes the fused weight-only product: a few fp32 rows on CPU, no gradient, groups of equal size."""
+        rows = x.numel() // self.in_features
+        return (self.integer_matmul and x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled()
+                and rows <= WEIGHT_ONLY_MAX_ROWS and self.in_features % self.group_size == 0)
 
     def _integer_layout(self) -> tuple[list[tuple[slice, torch.Tensor]], torch.Tensor]:
         """Per group: its input columns and codes ``[K_g, N]`` (contiguous), and the scales ``[G, 1, N]``; rebuilt when the buffers change."""
@@ -266,7 +293,8 @@ class Int8Linear(nn.Module):
 
 
 def set_integer_matmul(model: nn.Module, enabled: bool) -> int:
-    """Turn the integer path of every ``Int8Linear`` in ``model`` on (the default) or off (the fp32 simulation); returns how many."""
+    """Turn the integer path (and W8's fused decode product) of every ``Int8Linear`` in ``model`` on (the default) or off
+    (the fp32 simulation: the dequantised weight); returns how many."""
     layers = [m for m in model.modules() if isinstance(m, Int8Linear)]
     for layer in layers:
         layer.integer_matmul = bool(enabled)
