@@ -12,7 +12,7 @@ import torch
 
 from reference_impl import assert_close
 from spikingbrain import SpikingBrainConfig, SpikingBrainForCausalLM
-from spikingbrain.ops.int8 import int8_matmul_available, integer_matmul, split_digits
+from spikingbrain.ops.int8 import int8_matmul_available
 from spikingbrain.spiking.apply import spikify
 from spikingbrain.spiking.int8 import (
     Int8Linear, fused_passes, per_token_int8_scale, quantize_activations_int8, quantize_model_int8, set_integer_matmul,
@@ -20,22 +20,6 @@ from spikingbrain.spiking.int8 import (
 from spikingbrain.spiking.neuron import SpikingInput, round_half_up, spike_counts, spike_quantize
 
 pytestmark = pytest.mark.skipif(not int8_matmul_available("cpu"), reason="this torch has no CPU int8 matmul")
-
-
-def test_integer_matmul_by_hand():
-    values = torch.tensor([[300.0, -5.0, 2000.0, 127.0], [-128.0, 0.0, 1.0, -16500.0], [1.0, 2.0, 3.0, 4.0]])
-    codes = torch.tensor([[1, -2], [3, 4], [-127, 5], [7, 127]], dtype=torch.int8)
-    # row 0, column 0: 300·1 − 5·3 + 2000·(−127) + 127·7 = 300 − 15 − 254000 + 889
-    assert integer_matmul(values, codes)[0, 0].item() == -252826
-    expected = [[sum(int(v) * int(c) for v, c in zip(row, col)) for col in codes.T.tolist()] for row in values.tolist()]
-    assert integer_matmul(values, codes).tolist() == expected
-
-
-def test_digits_recombine_exactly():
-    values = torch.tensor([0.0, 127, -127, 128, -128, 191, 192, -16500, 70000, 123456789])
-    low, carry = split_digits(values)
-    assert (low.double() + 128 * carry.double()).tolist() == values.double().tolist()
-    assert torch.equal(carry[:3], torch.zeros(3))  # counts within ±127 need no carry
 
 
 def test_round_half_up_equals_the_fp64_formula():
@@ -56,9 +40,11 @@ def _layer(in_features, out_features, group_size, bias, seed=0):
 
 
 def _massive(shape, seed=1):
-    """Inputs whose spike counts reach thousands (massive activations in a few channels)."""
+    """Inputs whose spike counts reach thousands (massive activations in a few channels, in every token as in a
+    trained model, and larger ones in some tokens)."""
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(*shape, generator=gen)
+    x[..., 3] = 2e3
     x[:, ::7, 5] = 1e5  # the count of this channel nears k · channels where it dominates the threshold
     x[0, ::5, 17] = -3e4
     return x
@@ -71,17 +57,19 @@ def test_integer_path_equals_the_simulation_on_large_counts(group_size, bias, co
     layer = _layer(1100, 24, group_size, bias)
     x = _massive((3, 40, 1100))
     counts, threshold = spike_counts(x)
-    assert counts.abs().max() > 2000 and (counts.abs() > 127).any(-1).float().mean() < 0.3
+    assert counts.abs().max() > 2000 and (counts.abs() > 127).any(-1).all()  # every row goes beyond ±127
     fused_passes(compiled)
     try:
         with torch.inference_mode():
             integer = layer(SpikingInput(x, 3.0))
-            simulated = torch.nn.functional.linear(spike_quantize(x, 3.0), layer.dequantized_weight(), layer.bias)
     finally:
         fused_passes(True)
-    # fp32 rounding of the simulation: a few ulps of the sum of the magnitudes of its terms
+    # the simulation's product (spiked input times the dequantised weight) evaluated in fp64, and fp32 rounding:
+    # a few ulps of the sum of the magnitudes of its terms
+    simulated = torch.nn.functional.linear(spike_quantize(x, 3.0).double(), layer.dequantized_weight().double(),
+                                           None if layer.bias is None else layer.bias.double())
     bound = 4e-7 * (counts.abs().float() * threshold) @ layer.dequantized_weight().abs().T + 1e-6
-    assert ((integer - simulated).abs() <= bound).all()
+    assert ((integer.double() - simulated).abs() <= bound).all()
 
 
 def test_integer_path_by_hand():

@@ -13,9 +13,11 @@ The settings live in ``config.weight_quantization`` so a saved INT8 model reload
 The integer path: when a spiking hook hands an ``Int8Linear`` its raw input (``SpikingInput``)
 on a device with int8 matmuls (``ops.int8``; CPU) and no gradient is wanted, the layer computes
 ``y = V_th · Σ_g s_g (counts_g @ codes_gᵀ) + b`` with int8 counts, int8 codes and int32
-accumulation (``torch._int_mm``, one product per group); counts beyond ±127 add a base-128 carry
-product for the rows that have them, so the result equals the fp32 simulation up to fp32
-rounding. Counting (division, rounding, int8 cast, carry detection) and the dequantisation
+accumulation (``torch._int_mm``, one product per group). Counts are clipped to ±127 in that
+product; the few columns (input channels) whose counts go beyond, the massive-activation channels
+of a trained model, add what the clipping missed through an fp32 product of those columns alone,
+so the result equals the fp32 simulation up to fp32 rounding. Counting (division, rounding, int8
+cast, finding those columns) and the dequantisation
 (scales, threshold, bias) are each one ``torch.compile`` (inductor) kernel where compiling works,
 eager otherwise (``fused_passes``). Elsewhere the layer falls back to the simulation: the spiked
 input times the dequantised weight.
@@ -26,7 +28,7 @@ which never writes a dequantised weight; more rows, or a gradient, multiply the 
 
 W8A8 (``activations: "int8"`` in the settings, for dense models): a plain input is quantized per
 token, ``x ≈ s_x · round_half_up(x / s_x)`` with ``s_x = max|x| / 127``, and multiplied by the same
-integer path with ``s_x`` in the threshold's place (the codes never pass ±127, so no carry); the
+integer path with ``s_x`` in the threshold's place (the codes never pass ±127, so nothing is clipped); the
 simulation, where int8 matmuls are missing or a gradient is wanted, is that rounded input times
 the dequantised weight.
 """
@@ -40,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops.int8 import int8_matmul_available, integer_matmul, split_digits
+from ..ops.int8 import int8_matmul_available
 from .apply import DEFAULT_TARGETS, current_spiking, spikify, spiking_linears
 from .neuron import SpikingInput, adaptive_threshold, round_half_up, spike_quantize
 
@@ -169,9 +171,9 @@ def quantize_activations_int8(x: torch.Tensor) -> torch.Tensor:
 
 
 def _low_plane(x: torch.Tensor, threshold: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The int8 low digits of the spike counts of ``x`` ``[M, K]`` and which rows have counts beyond ±127."""
-    low, carry = split_digits(round_half_up(x / threshold))
-    return low, carry.ne(0).any(-1)
+    """The spike counts of ``x`` ``[M, K]`` clipped to ±127 as int8, and which columns have counts beyond ±127."""
+    counts = round_half_up(x / threshold)
+    return counts.clamp(-127, 127).to(torch.int8), counts.abs().amax(0) > 127
 
 
 def _dequantize(products: torch.Tensor, threshold: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -273,17 +275,17 @@ class Int8Linear(nn.Module):
         """``x``'s product through integer counts ``round_half_up(x / t)``, ``t = threshold_of(rows)`` ``[M, 1]``."""
         flat = x.reshape(-1, self.in_features)
         threshold = threshold_of(flat)
-        low, carried = _fused_low_plane(flat, threshold)
+        low, beyond = _fused_low_plane(flat, threshold)
         groups, scales = self._integer_layout()
         products = torch.empty(len(groups), flat.shape[0], self.out_features, dtype=torch.int32, device=x.device)
         for g, (cols, codes_t) in enumerate(groups):
             torch._int_mm(low[:, cols], codes_t, out=products[g])
         y = _fused_dequantize(products, threshold, scales, self.bias)
-        rows = carried.nonzero().squeeze(1)
-        if rows.numel():  # counts beyond ±127: add 128 x the carries' product, exactly, for these rows
-            _, carry = split_digits(round_half_up(flat[rows] / threshold[rows]))
-            exact = products[:, rows].long() + 128 * torch.stack([integer_matmul(carry[:, cols], codes_t) for cols, codes_t in groups])
-            y[rows] = _dequantize(exact, threshold[rows], scales, self.bias)
+        columns = beyond.nonzero().squeeze(1)
+        if columns.numel():  # counts beyond ±127 (massive-activation channels): what the clipped plane missed, in fp32
+            excess = round_half_up(flat[:, columns] / threshold) - low[:, columns].to(flat.dtype)
+            weight = self.weight[:, columns].to(y.dtype) * self.weight_scale[:, columns // self.group_size]
+            y = y + (excess.to(y.dtype) * threshold.to(y.dtype)) @ weight.t()
         return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
