@@ -80,6 +80,7 @@ def time_layer(shape: tuple[int, int, int], group_size: int, repeats: int) -> di
     M, K, N = shape
     linear = torch.nn.Linear(K, N, bias=False)
     layer = Int8Linear.from_linear(linear, group_size)
+    layer.integer_matmul = True  # also for group layouts, where the default is the simulation
     x = torch.randn(M, K, generator=torch.Generator().manual_seed(0))
     result = {"shape": list(shape)}
     with torch.inference_mode():

@@ -7,6 +7,8 @@ here with Python integers.
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -58,6 +60,7 @@ def test_integer_path_equals_the_simulation_on_large_counts(group_size, bias, co
     x = _massive((3, 40, 1100))
     counts, threshold = spike_counts(x)
     assert counts.abs().max() > 2000 and (counts.abs() > 127).any(-1).all()  # every row goes beyond ±127
+    set_integer_matmul(layer, True)  # also for group sizes where the default is the simulation
     fused_passes(compiled)
     try:
         with torch.inference_mode():
@@ -78,6 +81,7 @@ def test_integer_path_by_hand():
         layer.weight.copy_(torch.tensor([[1, -2, 3, 4], [-127, 5, 7, 127]], dtype=torch.int8))
         layer.weight_scale.copy_(torch.tensor([[0.5, 0.25], [2.0, 1.0]]))
         layer.bias.copy_(torch.tensor([1.0, -1.0]))
+    layer.integer_matmul = True  # two groups: by default the simulation
     # mean |x| = 0.9375; with k = 375 the threshold is 0.0025 and the counts reach 1200
     x = torch.tensor([[3.0, -0.5, 0.25, 0.0]])
     counts, threshold = spike_counts(x, k=375.0)
@@ -114,15 +118,22 @@ def test_a_saved_spiking_int8_model_uses_the_integer_path_and_equals_the_simulat
         model.model.embeddings.weight[:, 3] *= 2000  # a massive-activation channel: counts in the thousands
     ids = torch.randint(0, 64, (2, 20), generator=torch.Generator().manual_seed(0))
     spikify(model, k=3)
-    quantize_model_int8(model, group_size=128)
+    grouped = copy.deepcopy(model)
+    quantize_model_int8(model, group_size=0)
     model.save_pretrained(tmp_path)
     loaded = SpikingBrainForCausalLM.from_pretrained(tmp_path).eval()
     integer, calls = _int_mm_calls(loaded, ids)
-    assert calls > 0
+    assert calls == 15  # per-channel weights: every projection by default, one product each
     assert set_integer_matmul(loaded, False) == 15  # q k v o gk_proj.0 gate up down; q k v o gate up down
     simulated, calls = _int_mm_calls(loaded, ids)
     assert calls == 0
     assert_close(integer, simulated, 1e-4, "logits, integer path against simulation")
+    # groups of 128: by default only the layers with one group per row (128 inputs) multiply in integers, not the
+    # down projections (256 inputs, 2 groups), where the simulation ran faster; True forces them too
+    quantize_model_int8(grouped, group_size=128)
+    assert _int_mm_calls(grouped, ids)[1] == 13
+    set_integer_matmul(grouped, True)
+    assert _int_mm_calls(grouped, ids)[1] == 17
 
 
 def test_w8a8_by_hand():
@@ -176,6 +187,7 @@ def test_w8a8_integer_path_equals_its_simulation(group_size):
     layer = Int8Linear.from_linear(linear, group_size, activations="int8")
     x = torch.randn(2, 33, 300, generator=torch.Generator().manual_seed(3)) * torch.linspace(0.01, 30, 300)
     x[0, 4] = 0.0  # an all-zero token
+    set_integer_matmul(layer, True)
     with torch.inference_mode():
         integer = layer(x)
         set_integer_matmul(layer, False)

@@ -19,8 +19,10 @@ of a trained model, add what the clipping missed through an fp32 product of thos
 so the result equals the fp32 simulation up to fp32 rounding. Counting (division, rounding, int8
 cast, finding those columns) and the dequantisation
 (scales, threshold, bias) are each one ``torch.compile`` (inductor) kernel where compiling works,
-eager otherwise (``fused_passes``). Elsewhere the layer falls back to the simulation: the spiked
-input times the dequantised weight.
+eager otherwise (``fused_passes``). By default (``integer_matmul`` None) the path runs only for
+layers with one weight group per row, where it measured faster than the simulation; elsewhere,
+and where int8 matmuls are missing or a gradient is wanted, the layer runs the simulation: the
+spiked input times the dequantised weight.
 
 W8 (a plain input, no spiking): up to ``WEIGHT_ONLY_MAX_ROWS`` rows (decode steps) on CPU are multiplied by
 one compiled reduction over the codes and scales (``_weight_only_product``, where the groups divide the row),
@@ -217,7 +219,9 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8))
         self.register_buffer("weight_scale", torch.ones(out_features, groups, dtype=torch.float32))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
-        self.integer_matmul = True
+        #: None: the integer path where it measured faster than the simulation on CPU (one weight group per row,
+        #: ``group_size`` 0); True: for every group size; False: never (the simulation)
+        self.integer_matmul: bool | None = None
         self._layout: tuple | None = None
 
     @classmethod
@@ -238,7 +242,8 @@ class Int8Linear(nn.Module):
 
     def _integer(self, x: torch.Tensor) -> bool:
         """Whether this call takes the integer path."""
-        return self.integer_matmul and not torch.is_grad_enabled() and int8_matmul_available(x.device)
+        wanted = self.group_size >= self.in_features if self.integer_matmul is None else self.integer_matmul
+        return wanted and not torch.is_grad_enabled() and int8_matmul_available(x.device)
 
     def forward(self, x: torch.Tensor | SpikingInput) -> torch.Tensor:
         if isinstance(x, SpikingInput):
@@ -259,7 +264,7 @@ class Int8Linear(nn.Module):
     def _fused_weight_only(self, x: torch.Tensor) -> bool:
         """Whether a plain input takes the fused weight-only product: a few fp32 rows on CPU, no gradient, groups of equal size."""
         rows = x.numel() // self.in_features
-        return (self.integer_matmul and x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled()
+        return (self.integer_matmul is not False and x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled()
                 and rows <= WEIGHT_ONLY_MAX_ROWS and self.in_features % self.group_size == 0)
 
     def _integer_layout(self) -> tuple[list[tuple[slice, torch.Tensor]], torch.Tensor]:
@@ -294,12 +299,13 @@ class Int8Linear(nn.Module):
                 f"int8 groups of {self.group_size}{activations}")
 
 
-def set_integer_matmul(model: nn.Module, enabled: bool) -> int:
-    """Turn the integer path (and W8's fused decode product) of every ``Int8Linear`` in ``model`` on (the default) or off
-    (the fp32 simulation: the dequantised weight); returns how many."""
+def set_integer_matmul(model: nn.Module, enabled: bool | None) -> int:
+    """Choose the integer path (and W8's fused decode product) of every ``Int8Linear`` in ``model``: None (the default)
+    where it is faster (per-channel weights; with groups of 128 the simulation ran faster on this project's CPU), True
+    for every layer, False for none (the fp32 simulation: the dequantised weight); returns how many."""
     layers = [m for m in model.modules() if isinstance(m, Int8Linear)]
     for layer in layers:
-        layer.integer_matmul = bool(enabled)
+        layer.integer_matmul = None if enabled is None else bool(enabled)
     return len(layers)
 
 
