@@ -126,6 +126,10 @@ class WindowKV(_LayerCache):
     def _num_sinks(self) -> int:
         return 0 if self.sinks is None else self.sinks[0].shape[1]
 
+    def _batch_sinks(self, batch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The sink keys and values expanded to ``batch`` rows, as a list of zero or one pair."""
+        return [] if self.sinks is None else [tuple(t.expand(batch, *t.shape[1:]) for t in self.sinks)]
+
     def extend(self, keys: torch.Tensor, values: torch.Tensor, ring: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Return sinks + cached + new keys/values and keep only the last ``window`` real ones.
 
@@ -137,9 +141,7 @@ class WindowKV(_LayerCache):
         new = keys.shape[1]
         if ring and new == 1 and (self._ring is not None or self.length == self.keep_first + self.window):
             return self._ring_step(keys, values)
-        front = [] if self.keys is None else [(self.keys, self.values)]
-        if self.sinks is not None:
-            front.insert(0, tuple(t.expand(keys.shape[0], *t.shape[1:]) for t in self.sinks))
+        front = self._batch_sinks(keys.shape[0]) + ([(self.keys, self.values)] if self.length else [])
         if front:
             keys = torch.cat([k for k, _ in front] + [keys], 1)
             values = torch.cat([v for _, v in front] + [values], 1)
@@ -155,8 +157,7 @@ class WindowKV(_LayerCache):
 
     def _ring_step(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self._ring is None:  # [sinks | first | window | the new key]: the oldest window key sits in ring slot 0
-            sinks = [] if self.sinks is None else [tuple(t.expand(keys.shape[0], *t.shape[1:]) for t in self.sinks)]
-            parts = [*sinks, (self._keys, self._values), (keys, values)]
+            parts = [*self._batch_sinks(keys.shape[0]), (self._keys, self._values), (keys, values)]
             self._ring = tuple(torch.cat([part[i] for part in parts], 1) for i in (0, 1))
             self._keys = self._values = None
             self._oldest = 0

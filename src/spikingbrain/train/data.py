@@ -299,7 +299,7 @@ class PackedBatches:
     with the same rows give the same next batches as continuing.
     """
 
-    def __init__(self, rows: torch.LongTensor, batch_size: int, seed: int, loss_mask: torch.BoolTensor | None = None):
+    def __init__(self, rows: torch.LongTensor, batch_size: int, seed: int, loss_mask: torch.Tensor | None = None):
         if rows.dim() != 2 or rows.shape[0] < 1:
             raise ValueError(f"rows must be a non-empty [N, seq_len] tensor, got shape {tuple(rows.shape)}")
         if batch_size < 1:
@@ -330,8 +330,8 @@ class PackedBatches:
     def __next__(self) -> torch.LongTensor:
         return self.next_with_mask()[0]
 
-    def next_with_mask(self) -> tuple[torch.LongTensor, torch.BoolTensor | None]:
-        """The next batch and its rows of ``loss_mask`` (None without one)."""
+    def next_with_mask(self) -> tuple[torch.LongTensor, torch.Tensor | None]:
+        """The next batch and its rows of ``loss_mask`` (a boolean mask or the trainer's target codes; None without one)."""
         picked, count = [], 0
         while count < self.batch_size:
             take = min(self.batch_size - count, len(self._order) - self.position)
