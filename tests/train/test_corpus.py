@@ -513,9 +513,30 @@ def test_fictional_facts_name_the_person_the_question_asks_about(prose):
     assert len({item["prompt"].split("\n\n")[-1].split()[0] for item in items}) >= 3
 
 
+def test_multi_question_items_ask_each_fact_once_in_its_own_turn(prose):
+    items = retrieval_items(20, 8, prose, 1500, 4000, kinds=["multi_question"], questions=4)
+    for item in items:
+        messages, text = item["messages"], item["text"]
+        assert [m["role"] for m in messages] == ["user", "assistant"] * 4
+        assert messages[0]["content"].startswith(text) and all(text not in m["content"] for m in messages[2::2])
+        answers = [m["content"] for m in messages[1::2]]
+        assert answers == item["answers"] and len(set(answers)) == 4
+        for answer, question in zip(answers, [m["content"] for m in messages[0::2]]):
+            asked = question.removeprefix(text).split("\n\n")[-1]
+            assert text.count(answer) == 1 and answer not in asked
+            # the question names the person whose sentence holds the answer
+            sentence = next(s for s in re.split(r"(?<=[.!?])\s|\n\n", text) if answer in s)
+            assert set(re.findall(r"\b[A-Z][a-z]+\b", sentence)) & set(re.findall(r"\b[A-Z][a-z]+\b", asked)), (sentence, asked)
+    depths = [item["text"].index(answer) / len(item["text"]) for item in items for answer in item["answers"]]
+    assert min(depths) < 0.2 and max(depths) > 0.8
+    assert retrieval_items(20, 8, prose, 1500, 4000, kinds=["multi_question"], questions=4) == items
+
+
 def test_retrieval_kinds_are_checked(prose):
     with pytest.raises(ValueError, match="unknown retrieval kinds"):
         retrieval_items(3, 0, prose, kinds=["riddle"])
+    with pytest.raises(ValueError, match="questions=1"):
+        retrieval_items(3, 0, prose, kinds=["multi_question"], questions=1)
 
 
 # ----------------------------------------------------------------------------- chat prompts and teacher answers
@@ -634,6 +655,29 @@ def test_loss_mask_covers_exactly_the_answer_and_its_end_token(tokenizer):
     assert tokenizer.decode(ids[start + len(answer_ids) :]) == "\n"
 
 
+def test_loss_mask_of_follow_up_turns_covers_every_answer_and_nothing_else(tokenizer):
+    turns = [("Notes: the code is 4821 and the boat is the Amber Wex.\nWhat is the code?", "4821"),
+             ("And the boat?", "The Amber Wex."), ("Thanks. Which came first?", "The code.")]
+    ids, mask = encode_chat_example(tokenizer, *turns[0], follow_ups=tuple(turns[1:]))
+    expected = SYSTEM + "".join(f"<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n{a}<|im_end|>\n" for q, a in turns)
+    assert ids == tokenizer(expected, add_special_tokens=False)["input_ids"]
+    # the scored runs, read back: each answer with its end-of-turn token, in order, and nothing of the questions
+    runs, current = [], []
+    for token, scored in zip(ids, mask):
+        if scored:
+            current.append(token)
+        elif current:
+            runs, current = runs + [tokenizer.decode(current)], []
+    assert runs == [f"{a}<|im_end|>" for _, a in turns]
+    # one turn alone is the plain chat example
+    assert encode_chat_example(tokenizer, *turns[0], follow_ups=()) == encode_chat_example(tokenizer, *turns[0])
+    # truncation cuts the first prompt only and keeps every answer
+    long_prompt = "BEGIN. " + " ".join(f"line {i}." for i in range(300)) + " What is the code?"
+    cut_ids, cut_mask = encode_chat_example(tokenizer, long_prompt, "4821", max_len=120, follow_ups=tuple(turns[1:]))
+    assert len(cut_ids) <= 120 and "[...]" in tokenizer.decode(cut_ids)
+    assert tokenizer.decode([i for i, m in zip(cut_ids, cut_mask) if m]) == "4821<|im_end|>The Amber Wex.<|im_end|>The code.<|im_end|>"
+
+
 def test_truncation_cuts_the_middle_of_the_prompt_and_keeps_the_answer(tokenizer):
     prompt = "BEGIN of the notes. " + " ".join(f"line {i} of filler." for i in range(200)) + " QUESTION: what is the key?"
     answer = "The key is 4821."
@@ -647,5 +691,5 @@ def test_truncation_cuts_the_middle_of_the_prompt_and_keeps_the_answer(tokenizer
 
 
 def test_an_answer_longer_than_max_len_is_refused(tokenizer):
-    with pytest.raises(ValueError, match=r"the answer takes \d+ tokens, \d+ with the chat template, more than max_len=40"):
+    with pytest.raises(ValueError, match=r"the answers take \d+ tokens with the chat template and an empty prompt, more than max_len=40"):
         encode_chat_example(tokenizer, "Tell me a story.", "Once upon a time " * 20, max_len=40)

@@ -20,6 +20,7 @@ from spikingbrain.train.data import (
     load_documents,
     pack,
     pack_loss_masks,
+    packed_rows_with_targets,
     row_fitting_order,
     split_held_out,
     synth_documents,
@@ -231,6 +232,20 @@ def test_row_fitting_order_hand_computed():
     assert row_fitting_order([[1], [2]], [None, None], 4) == [0, 1]
 
 
+def test_packed_rows_with_targets_codes_answers_and_drops_rows_that_score_nothing():
+    # rows of 4, chats only (answers: all but the first token): [1 2 3] and [4 5] fit whole; then no plain text is
+    # left to fill the gap, so [7 8 9] and [6 6 6] straddle rows and score nothing
+    lists = [[1, 2, 3], [4, 5], [7, 8, 9], [6, 6, 6]]
+    masks = [[False, True, True], [False, True], [False, True, True], [False, True, True]]
+    assert pack(lists, 4, 0).tolist() == [[1, 2, 3, 0], [4, 5, 0, 7], [8, 9, 0, 6]]
+    rows, targets = packed_rows_with_targets(lists, masks, 4, 0)
+    assert rows.tolist() == [[1, 2, 3, 0], [4, 5, 0, 7]]  # the third row holds only pieces of straddling chats
+    assert targets.tolist() == [[0, 2, 2, 0], [0, 2, 0, 0]]
+    # plain text is code 1, its separator included
+    rows, targets = packed_rows_with_targets([[1, 2], [5, 6]], [[False, True], None], 3, 0)
+    assert rows.tolist() == [[1, 2, 0], [5, 6, 0]] and targets.tolist() == [[0, 2, 0], [1, 1, 1]]
+
+
 def test_packed_batches_carry_the_loss_mask_rows():
     rows = torch.arange(12).view(6, 2)
     mask = rows % 3 == 0
@@ -247,8 +262,19 @@ def test_chat_examples_in_jsonl_files(tmp_path):
     path.write_text('{"prompt": "Where is the key?", "answer": "Under the mat.", "kind": "chat"}\n{"text": "plain"}\n')
     docs = load_documents([path])
     assert [(d.text, d.answer) for d in docs] == [("Where is the key?", "Under the mat."), ("plain", None)]
+    path.write_text('{"messages": [{"role": "user", "content": "Doc. Q1?"}, {"role": "assistant", "content": "A1"}, '
+                    '{"role": "user", "content": "Q2?"}, {"role": "assistant", "content": "A2"}]}\n')
+    (doc,) = load_documents([path])
+    assert (doc.text, doc.answer, doc.follow_ups) == ("Doc. Q1?", "A1", (("Q2?", "A2"),))
+    user, assistant = '{"role": "user", "content": "q"}', '{"role": "assistant", "content": "a"}'
     for content, expected in [('{"prompt": 3, "answer": "x"}', ["line 1", "'prompt' and 'answer'", "int"]),
-                              ('{"prompt": "q", "answer": " "}', ["line 1", "'answer' is empty"])]:
+                              ('{"prompt": "q", "answer": " "}', ["line 1", "'answer' is empty"]),
+                              ('{"messages": []}', ["line 1", "non-empty list", "pairs"]),
+                              (f'{{"messages": [{user}]}}', ["line 1", "pairs"]),
+                              (f'{{"messages": [{assistant}, {user}]}}', ["line 1", "message 0", '"role": "user"']),
+                              (f'{{"messages": [{user}, {user}]}}', ["message 1", '"role": "assistant"']),
+                              ('{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": ""}]}',
+                               ["message 1", "is empty"])]:
         path.write_text(content + "\n")
         with pytest.raises(ValueError) as err:
             load_documents([path])

@@ -154,6 +154,22 @@ def test_config_and_checkpoint_errors(tmp_path, pair, capsys):
     assert summary["steps"] == 1 + 2 + 2 + 1
 
 
+def test_a_checkpoint_at_the_end_of_a_stage_resumes_into_the_next_even_if_that_stages_data_changed(tmp_path, pair):
+    # nothing of a finished stage is restored, so its rows may change (more text, another packing) without harm
+    teacher, student, data = pair
+    text = tmp_path / "text.txt"
+    text.write_text("\n\n".join(p.read_text() for p in sorted(Path(data).iterdir())[:3]))
+    cfg = write_config(tmp_path / "c.yaml", (teacher, student, text), tmp_path / "run", calibrate=False)
+    first = load_train_config(cfg, ["stages.0.steps=2", "stages.1.steps=2"])
+    Trainer(first, progress=False).run()
+    text.write_text(text.read_text() * 2)  # the distill stage's rows are now twice as many
+    extended = load_train_config(cfg, ["stages.0.steps=2", "stages.1.steps=2"])
+    extended.stages.append(dataclasses.replace(extended.stages[1], name="distill-more", steps=1))
+    assert Trainer(extended, resume=True, progress=False).run()["steps"] == 5
+    stages = [json.loads(line)["stage"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert stages[-1] == "distill-more" and stages.count("distill-more") == 1
+
+
 def test_new_parameters_train_at_their_own_learning_rate(tmp_path, pair):
     # Adam's first step moves every weight by lr * g / (|g| + eps): by the group's lr wherever the gradient is not tiny
     cfg = write_config(tmp_path / "c.yaml", pair, tmp_path / "run", calibrate=False, checkpoint_every=1)

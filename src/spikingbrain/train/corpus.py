@@ -45,6 +45,7 @@ __all__ = [
     "ABSENT_SOURCE",
     "CorpusError",
     "DEFAULT_SOURCES",
+    "EXTRA_RETRIEVAL_KINDS",
     "Extracted",
     "RETRIEVAL_KINDS",
     "SOURCES",
@@ -718,6 +719,9 @@ def _keep_chat(out_dir: Path, manifest: dict) -> None:
 # ----------------------------------------------------------------------------- synthetic retrieval items
 
 RETRIEVAL_KINDS = ("passkey", "kv_lookup", "fact_in_prose")
+#: Kinds made on request only (not in a built corpus): ``multi_question``, several facts in one text, each asked
+#: in its own turn of one conversation, so that one forward pass scores several answers.
+EXTRA_RETRIEVAL_KINDS = ("multi_question",)
 #: Characters per SmolLM2 token in the prose filler (Wikipedia summaries and plays, measured): 700..6900
 #: characters make prompts of about 200..2048 tokens.
 PROSE_CHARS_PER_TOKEN = 3.4
@@ -986,6 +990,14 @@ _FACT_PREFACES = (
 _FACT_QUESTION_LEADS = ("", "", "Based on the text, ", "According to the passage, ", "Question: ")
 
 
+def _fact_statement(rng: random.Random, first: str) -> tuple[str, str, str]:
+    """``(statement, question, value)`` of one fictional fact about a person with first name ``first``."""
+    kind = rng.choice(_FACT_KINDS)
+    name, thing, value = f"{first} {_invented_name(rng)}", rng.choice(kind.thing), kind.value(rng)
+    question = rng.choice(kind.questions).format(name=name, thing=thing)
+    return rng.choice(kind.statements).format(name=name, thing=thing, value=value), question, value
+
+
 def _fact_item(rng: random.Random, filler: _Filler, chars: int) -> dict:
     kind = rng.choice(_FACT_KINDS)
     first, other_first = rng.sample(_FIRST_NAMES, 2)
@@ -1006,6 +1018,38 @@ def _fact_item(rng: random.Random, filler: _Filler, chars: int) -> dict:
     return {"prompt": prompt, "answer": value, "kind": "fact_in_prose"}
 
 
+_MULTI_QUESTION_PREFACES = ("Read the following text and answer the questions about it.",
+                            "Here is a passage. Questions about it follow.", "Answer each question using only the text below.", "")
+_FOLLOW_UP_LEADS = ("", "", "Next question: ", "And another one. ", "Thanks. ", "Still about the same text: ", "Now, ")
+
+
+def _multi_question_item(rng: random.Random, filler: _Filler, chars: int, questions: int) -> dict:
+    """``questions`` facts (pass keys and facts about people, distinct answers) at random depths of one text; the
+    first turn holds the text and the first question, every later turn one more question, in random order."""
+    firsts = rng.sample(_FIRST_NAMES, questions)
+    facts = []
+    for first in firsts:
+        if rng.random() < 0.4:  # a pass key, told apart from the others by whose note holds it
+            noun, key = rng.choice(_KEY_NOUNS), _random_key(rng)
+            statement = f"{first}'s note: " + rng.choice(_KEY_STATEMENTS).format(noun=noun, key=key)
+            question = rng.choice(_KEY_QUESTIONS).format(noun=noun) + f" I mean the one in {first}'s note."
+            facts.append((statement, question, key))
+        else:
+            facts.append(_fact_statement(rng, first))
+    preface = rng.choice(_MULTI_QUESTION_PREFACES)
+    paragraphs = filler.passage(rng, max(chars - len(preface) - sum(len(f[0]) + len(f[1]) for f in facts), 100))
+    for statement, _, _ in facts:
+        paragraphs = _insert_sentence(rng, paragraphs, statement, rng.random())
+    rng.shuffle(facts)
+    text = "\n\n".join(part for part in (preface, "\n\n".join(paragraphs)) if part)
+    messages = []
+    for index, (_, question, value) in enumerate(facts):
+        lead = rng.choice(_FOLLOW_UP_LEADS) if index else ""
+        messages += [{"role": "user", "content": f"{text}\n\n{question}" if index == 0 else lead + question},
+                     {"role": "assistant", "content": value}]
+    return {"messages": messages, "text": text, "answers": [value for _, _, value in facts], "kind": "multi_question"}
+
+
 def retrieval_items(
     n: int,
     seed: int,
@@ -1013,31 +1057,39 @@ def retrieval_items(
     min_chars: int = 700,
     max_chars: int = 6900,
     kinds: Iterable[str] = RETRIEVAL_KINDS,
+    questions: int = 4,
 ) -> list[dict]:
-    """``n`` chat-style retrieval items ``{"prompt", "answer", "kind"}``, kinds in turn, prompts of ``min_chars``..``max_chars``.
+    """``n`` chat-style retrieval items, kinds in turn, prompts of ``min_chars``..``max_chars``.
 
     Kinds: ``passkey`` (a key in real filler text), ``kv_lookup`` (a list of key-value pairs)
-    and ``fact_in_prose`` (a fictional fact in real prose, sometimes beside a distractor).
-    Lengths are log-uniform in prose characters (``PROSE_CHARS_PER_TOKEN`` converts from tokens;
-    key-value lists take ``KV_CHARS_SCALE`` of them); the answer occurs exactly once in each prompt.
+    and ``fact_in_prose`` (a fictional fact in real prose, sometimes beside a distractor), each
+    ``{"prompt", "answer", "kind"}``; and on request ``multi_question`` (``questions`` facts in
+    one text, ``{"messages", "text", "answers", "kind"}``). Lengths are log-uniform in prose
+    characters (``PROSE_CHARS_PER_TOKEN`` converts from tokens; key-value lists take
+    ``KV_CHARS_SCALE`` of them); every answer occurs exactly once in its text.
     """
     kinds = list(kinds)
-    unknown = [kind for kind in kinds if kind not in RETRIEVAL_KINDS]
+    known = RETRIEVAL_KINDS + EXTRA_RETRIEVAL_KINDS
+    unknown = [kind for kind in kinds if kind not in known]
     if unknown or not kinds:
-        raise ValueError(f"unknown retrieval kinds {unknown or kinds}; choose from {list(RETRIEVAL_KINDS)}")
+        raise ValueError(f"unknown retrieval kinds {unknown or kinds}; choose from {list(known)}")
     if not 100 <= min_chars <= max_chars:
         raise ValueError(f"need 100 <= min_chars <= max_chars, got {min_chars} and {max_chars}")
+    if "multi_question" in kinds and not 2 <= questions <= len(_FIRST_NAMES):
+        raise ValueError(f"questions={questions}: a multi_question item asks 2 to {len(_FIRST_NAMES)} questions")
     rng, filler = random.Random(seed), _Filler(filler_documents)
     makers = {"passkey": lambda chars: _passkey_item(rng, filler, chars),
               "kv_lookup": lambda chars: _kv_item(rng, round(chars * KV_CHARS_SCALE)),
-              "fact_in_prose": lambda chars: _fact_item(rng, filler, chars)}
+              "fact_in_prose": lambda chars: _fact_item(rng, filler, chars),
+              "multi_question": lambda chars: _multi_question_item(rng, filler, chars, questions)}
     items = []
     for index in range(n):
         kind = kinds[index % len(kinds)]
         chars = round(math.exp(rng.uniform(math.log(min_chars), math.log(max_chars))))
         for _ in range(50):
             item = makers[kind](chars)
-            if item["prompt"].count(item["answer"]) == 1:
+            text, answers = item.get("text", item.get("prompt")), item.get("answers", [item.get("answer")])
+            if all(text.count(answer) == 1 for answer in answers):
                 break
         else:
             raise ValueError(f"could not place a unique {kind} answer in 50 tries; pass other filler documents")

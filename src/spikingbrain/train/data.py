@@ -38,6 +38,7 @@ __all__ = [
     "encode_documents",
     "encode_chat_example",
     "joined_token_ids",
+    "packed_rows_with_targets",
     "pack",
     "pack_loss_masks",
     "row_fitting_order",
@@ -58,6 +59,8 @@ class Document:
     key: str = ""
     #: Set for a chat example: ``text`` is the user's prompt, this the assistant's answer (the only part scored).
     answer: str | None = None
+    #: Further ``(question, answer)`` turns of a chat example, all answers scored.
+    follow_ups: tuple[tuple[str, str], ...] = ()
 
     @property
     def split_key(self) -> str:
@@ -68,8 +71,31 @@ class Document:
 # ----------------------------------------------------------------------------- loading
 
 
+def _chat_turns(messages, where: str) -> list[tuple[str, str]]:
+    """``(question, answer)`` pairs of a ``messages`` list: user and assistant turns in turn, ending with an answer."""
+    example = '{"messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]}'
+    if not isinstance(messages, list) or not messages or len(messages) % 2:
+        raise ValueError(f"{where}: 'messages' must be a non-empty list of user and assistant turns in pairs; write {example}")
+    turns = []
+    for index, message in enumerate(messages):
+        role = "user" if index % 2 == 0 else "assistant"
+        content = message.get("content") if isinstance(message, dict) else None
+        if not isinstance(message, dict) or message.get("role") != role or not isinstance(content, str):
+            raise ValueError(f"{where}: message {index} must be {{\"role\": \"{role}\", \"content\": \"...\"}} "
+                             f"(turns alternate user, assistant), got {message!r:.80}")
+        if role == "assistant":
+            if not content.strip():
+                raise ValueError(f"{where}: message {index}, an answer, is empty; give it the answer to train on")
+            turns.append((messages[index - 1]["content"], content))
+    return turns
+
+
 def _jsonl_document(record, name: str, where: str) -> Document | None:
-    """The document of one JSON line: ``{"text"}``, or ``{"prompt", "answer"}`` for a chat example; None when blank."""
+    """The document of one JSON line: ``{"text"}``, or ``{"prompt", "answer"}`` or ``{"messages"}`` for a chat
+    example; None when blank."""
+    if isinstance(record, dict) and "messages" in record:
+        (prompt, answer), *follow_ups = _chat_turns(record["messages"], where)
+        return Document(name, prompt, answer=answer, follow_ups=tuple(follow_ups))
     if isinstance(record, dict) and "answer" in record:
         prompt, answer = record.get("prompt"), record["answer"]
         if not (isinstance(prompt, str) and isinstance(answer, str)):
@@ -82,7 +108,8 @@ def _jsonl_document(record, name: str, where: str) -> Document | None:
     if not isinstance(text, str):
         raise ValueError(
             f"{where}: no string field 'text' (got {type(text).__name__}); "
-            'write each line as {"text": "..."} or, for a chat example, {"prompt": "...", "answer": "..."}'
+            'write each line as {"text": "..."} or, for a chat example, {"prompt": "...", "answer": "..."} '
+            'or {"messages": [...]}'
         )
     return Document(name, text) if text.strip() else None
 
@@ -217,7 +244,7 @@ def encode_documents(documents: list[Document], tokenizer, separator_id: int | N
             result.append((list(next(plain_ids)), None))
             continue
         try:
-            result.append(encode_chat_example(tokenizer, doc.text, doc.answer))
+            result.append(encode_chat_example(tokenizer, doc.text, doc.answer, follow_ups=doc.follow_ups))
         except ValueError as err:
             raise ValueError(f"{doc.name}: {err}") from None
     return result
@@ -284,6 +311,23 @@ def pack_loss_masks(token_lists: list[list[int]], loss_masks: list[list[bool] | 
     flat = torch.tensor(list(chain.from_iterable(flags)), dtype=torch.bool)
     rows = position // seq_len
     return flat[: rows * seq_len].view(rows, seq_len)
+
+
+def packed_rows_with_targets(token_lists: list[list[int]], loss_masks: list[list[bool] | None], seq_len: int,
+                             separator_id: int) -> tuple[torch.LongTensor, torch.Tensor]:
+    """Rows of documents with chat examples (a mask) placed whole (:func:`row_fitting_order`) and their target codes:
+    0 not scored, 1 a plain-text token, 2 a chat answer's token (``uint8``, ``[N, seq_len]``).
+
+    Rows in which nothing is scored (only pieces of chat examples that straddle rows, which happens once the
+    plain text runs out) are left out: a step on one would train nothing.
+    """
+    order = row_fitting_order(token_lists, loss_masks, seq_len)
+    token_lists, loss_masks = [token_lists[i] for i in order], [loss_masks[i] for i in order]
+    scored = pack_loss_masks(token_lists, loss_masks, seq_len)
+    answers = pack_loss_masks(token_lists, [[False] * len(ids) if m is None else m for ids, m in zip(token_lists, loss_masks)], seq_len)
+    targets = scored.to(torch.uint8) + answers.to(torch.uint8)
+    keep = scored.any(dim=1)
+    return pack(token_lists, seq_len, separator_id)[keep], targets[keep]
 
 
 def _epoch_seed(seed: int, epoch: int) -> int:
@@ -407,47 +451,51 @@ def chat_prompt_ids(tokenizer, text: str) -> list[int]:
 TRUNCATION_MARK = "\n\n[...]\n\n"
 
 
-def _conversation_ids(tokenizer, prompt: str, answer: str) -> list[int]:
-    messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
-    return list(tokenizer.apply_chat_template(messages, return_dict=True)["input_ids"])
-
-
-def _answer_span(tokenizer, prompt: str, answer: str) -> tuple[list[int], int, int]:
-    """``(ids, start, end)``: the rendered conversation and the slice of the answer plus its end-of-turn token."""
-    prefix, ids = chat_prompt_ids(tokenizer, prompt), _conversation_ids(tokenizer, prompt, answer)
+def _answer_spans(tokenizer, turns: list[tuple[str, str]]) -> tuple[list[int], list[tuple[int, int]]]:
+    """``(ids, spans)``: the rendered conversation of ``(question, answer)`` turns and, for each answer, the slice of
+    its tokens plus its end-of-turn token."""
+    messages, spans, ids = [], [], []
     eos = tokenizer.eos_token_id
-    if ids[: len(prefix)] != prefix or eos not in ids[len(prefix) :]:
-        raise ValueError("the chat template does not render the user turn as a prefix of the conversation, ending the "
-                         "assistant's turn with EOS; encode_chat_example needs such a template")
-    return ids, len(prefix), len(ids) - ids[::-1].index(eos)
+    for question, answer in turns:
+        messages.append({"role": "user", "content": question})
+        prefix = list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"])
+        messages.append({"role": "assistant", "content": answer})
+        rendered = list(tokenizer.apply_chat_template(messages, return_dict=True)["input_ids"])
+        if prefix[: len(ids)] != ids or rendered[: len(prefix)] != prefix or eos not in rendered[len(prefix):]:
+            raise ValueError("the chat template does not render each turn as a prefix of the conversation, ending the "
+                             "assistant's turns with EOS; encode_chat_example needs such a template")
+        ids = rendered
+        spans.append((len(prefix), len(ids) - ids[::-1].index(eos)))
+    return ids, spans
 
 
-def encode_chat_example(tokenizer, prompt: str, answer: str, max_len: int | None = None) -> tuple[list[int], list[bool]]:
+def encode_chat_example(tokenizer, prompt: str, answer: str, max_len: int | None = None,
+                        follow_ups: tuple[tuple[str, str], ...] = ()) -> tuple[list[int], list[bool]]:
     """``(input_ids, loss_mask)`` of a user turn holding ``prompt`` and an assistant turn holding ``answer`` in the chat
-    template, True on the answer and its end token.
+    template, then the ``follow_ups`` turns; True on every answer and its end token.
 
     Over ``max_len`` tokens the middle of the prompt is cut (its start and its end, where the
-    question usually stands, are kept, joined by ``[...]``); an answer that cannot fit even
-    with an empty prompt is an error.
+    question usually stands, are kept, joined by ``[...]``); answers that cannot fit even
+    with an empty prompt are an error.
     """
-    ids, start, end = _answer_span(tokenizer, prompt, answer)
+    later = list(follow_ups)
+    ids, spans = _answer_spans(tokenizer, [(prompt, answer), *later])
     if max_len is not None and len(ids) > max_len:
-        answer_tokens = len(ids) - start
-        floor = len(chat_prompt_ids(tokenizer, "")) + answer_tokens
+        floor = len(_answer_spans(tokenizer, [("", answer), *later])[0])
         if floor > max_len:
-            raise ValueError(f"the answer takes {answer_tokens} tokens, {floor} with the chat template, more than "
+            raise ValueError(f"the answers take {floor} tokens with the chat template and an empty prompt, more than "
                              f"max_len={max_len}; raise max_len or leave the item out")
         prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         keep = len(prompt_ids)
         while len(ids) > max_len:
             keep -= len(ids) - max_len
             if keep <= 0:
-                ids, start, end = _answer_span(tokenizer, "", answer)
+                ids, spans = _answer_spans(tokenizer, [("", answer), *later])
                 break
             head = tokenizer.decode(prompt_ids[: (keep + 1) // 2])
             tail = tokenizer.decode(prompt_ids[len(prompt_ids) - keep // 2 :]) if keep > 1 else ""
-            ids, start, end = _answer_span(tokenizer, head + TRUNCATION_MARK + tail, answer)
-    return ids, [start <= i < end for i in range(len(ids))]
+            ids, spans = _answer_spans(tokenizer, [(head + TRUNCATION_MARK + tail, answer), *later])
+    return ids, [any(start <= i < end for start, end in spans) for i in range(len(ids))]
 
 
 def synth_documents(

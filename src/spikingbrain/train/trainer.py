@@ -38,8 +38,7 @@ from .data import (
     joined_token_ids,
     load_documents,
     pack,
-    pack_loss_masks,
-    row_fitting_order,
+    packed_rows_with_targets,
     split_held_out,
 )
 from .report import plot_training_curve, training_curve
@@ -175,8 +174,7 @@ class Trainer:
 
     def _packed(self, stage: StageConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``[N, seq_len]`` rows of the stage's data (``stage.data`` or the run's) and their target codes (None: all
-        targets): 0 not scored, 1 a plain-text token, 2 a chat answer's token. Chat examples are placed whole in a row
-        (``row_fitting_order``)."""
+        targets; see ``packed_rows_with_targets``)."""
         if stage.data:
             key = tuple(stage.data)
             if key not in self._stage_data:
@@ -186,11 +184,7 @@ class Trainer:
             tokens, masks = self.train_tokens, self.train_masks
         if masks is None:
             return pack(tokens, stage.seq_len, self.separator), None
-        order = row_fitting_order(tokens, masks, stage.seq_len)
-        tokens, masks = [tokens[i] for i in order], [masks[i] for i in order]
-        scored = pack_loss_masks(tokens, masks, stage.seq_len)
-        answers = pack_loss_masks(tokens, [[False] * len(ids) if m is None else m for ids, m in zip(tokens, masks)], stage.seq_len)
-        return pack(tokens, stage.seq_len, self.separator), scored.to(torch.uint8) + answers.to(torch.uint8)
+        return packed_rows_with_targets(tokens, masks, stage.seq_len, self.separator)
 
     def _trainable(self, stage: StageConfig) -> dict[str, torch.nn.Parameter]:
         """The parameters a stage trains (by name)."""
@@ -449,6 +443,8 @@ class Trainer:
         total_steps = sum(s.steps for s in config.stages)
         bar = tqdm(total=total_steps, initial=self.global_step, disable=not self.progress, unit="step", desc="train")
         start_index = self.stage_index
+        if state is not None and self.stage_step >= config.stages[start_index].steps:
+            start_index, state = start_index + 1, None  # the checkpoint ended its stage: nothing of it to restore
         for index in range(start_index, len(config.stages)):
             stage = config.stages[index]
             if index != start_index or state is None:
