@@ -1,15 +1,17 @@
 """Prefill tokens/s of the integer spiking path against fp32 dense of the same model, side by side in one run.
 
-Usage: python benchmarks/int8_prefill.py [--model spikingbrain-smollm2] [--lengths 4k,16k,64k] [--out DIR]
+Usage: python benchmarks/int8_prefill.py [--model spikingbrain-smollm2] [--lengths 4k,16k,64k] [--teacher default] [--out DIR]
 
 Variants, each timed on the same prompt of every length (``model(ids, use_cache=True,
 logits_to_keep=1)`` under ``torch.inference_mode()``, streaming prefill as the model does it):
 ``fp32_dense``; ``int8_spiking_integer`` (W8ASpike: INT8 group weights, spiking k = 3, the
 integer path with fused passes); ``int8_spiking_simulated`` (the same weights, fp32
-simulation). With ``--layer-shape`` also one projection alone: fp32 linear, integer path with
-torch.compile'd passes and with eager passes. Without ``--model`` the model is a random
-SmolLM2-135M-shaped hybrid (its activations have no massive outliers, so carries are rarer than
-in a trained model). Writes int8_prefill.json (load average before and after, machine) and
+simulation); with ``--teacher``, that Transformer run by transformers (SDPA, fp32) too, so that
+the time to first token of each variant is compared with the teacher's in the same run
+(``ttft_speedup``: the teacher's seconds over the variant's). With ``--layer-shape`` also one
+projection alone: fp32 linear, integer path with torch.compile'd passes and with eager passes.
+Without ``--model`` the model is a random SmolLM2-135M-shaped hybrid (its activations have no
+massive outliers, so carries are rarer than in a trained model). Writes int8_prefill.json (load average before and after, machine) and
 int8_prefill.png. A busy machine makes every figure slower and the ratios noisy: compare the
 load average with the core count before reading them.
 """
@@ -25,6 +27,7 @@ import torch
 
 from spikingbrain import SpikingBrainConfig, SpikingBrainForCausalLM
 from spikingbrain.bench.common import time_call
+from spikingbrain.runtime.candidates import load_baseline
 from spikingbrain.runtime.lengths import format_length, parse_lengths
 from spikingbrain.runtime.machine import load_average, machine_info, set_threads
 from spikingbrain.runtime.records import command_line, write_json
@@ -61,14 +64,15 @@ def models(model_ref: str | None, window: int, group_size: int) -> dict[str, Spi
     return {"dense": dense, "w8aspike": w8aspike}
 
 
-def time_prefill(model, length: int, repeats: int, max_seconds: float) -> dict:
+def time_prefill(model, length: int, repeats: int, max_seconds: float, warmup: int = 1) -> dict:
+    """Median seconds of a streaming prefill of ``length`` random tokens, after ``warmup`` untimed ones (compiling)."""
     ids = torch.randint(3, model.config.vocab_size, (1, length), generator=torch.Generator().manual_seed(length))
 
     def prefill():
         model(ids, use_cache=True, logits_to_keep=1)
 
     with torch.inference_mode():
-        timing = time_call(prefill, repeats=repeats, warmup=1, max_seconds=max_seconds)
+        timing = time_call(prefill, repeats=repeats, warmup=warmup, max_seconds=max_seconds)
     return {"seconds": timing["median_s"], "tokens_per_s": length / timing["median_s"], "runs": timing["runs"],
             "cpu_per_wall": timing["cpu_per_wall"]}
 
@@ -101,8 +105,9 @@ def plot(result: dict, path: Path) -> Path:
     rows = result["prefill"]
     labels = [format_length(r["length"]) for r in rows]
     fig, ax = plt.subplots(figsize=(7, 4))
-    width = 0.8 / len(VARIANTS)
-    for i, variant in enumerate(VARIANTS):
+    variants = VARIANTS + (("teacher_sdpa",) if "teacher_sdpa" in rows[0] else ())
+    width = 0.8 / len(variants)
+    for i, variant in enumerate(variants):
         ax.bar([j + i * width for j in range(len(rows))], [r[variant]["tokens_per_s"] for r in rows], width, label=variant)
     ax.set_xticks([j + width for j in range(len(rows))], labels)
     ax.set_xlabel("prompt tokens")
@@ -125,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--max-seconds", type=float, default=120.0, help="stop repeating a measurement after this long")
     parser.add_argument("--layer-shape", default="4096,576,1536", help="M,K,N of the single-projection measurement ('' skips it)")
+    parser.add_argument("--teacher", default=None, help="also time this Transformer with transformers' SDPA (e.g. default)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", default="runs/bench-int8-prefill")
     args = parser.parse_args(argv)
@@ -136,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         result["layer"] = time_layer(tuple(int(v) for v in args.layer_shape.split(",")), args.group_size, args.repeats)
         print(f"layer {result['layer']}", file=sys.stderr)
     built = models(args.model, args.window, args.group_size)
+    teacher = load_baseline(args.teacher) if args.teacher else None
     result["prefill"] = []
     for length in parse_lengths(args.lengths):
         row = {"length": length}
@@ -144,8 +151,12 @@ def main(argv: list[str] | None = None) -> int:
             set_integer_matmul(built["w8aspike"], integer)
             row[variant] = time_prefill(built["w8aspike"], length, args.repeats, args.max_seconds)
         row["integer_over_dense"] = row["int8_spiking_integer"]["tokens_per_s"] / row["fp32_dense"]["tokens_per_s"]
-        print(f"{format_length(length)}: " + ", ".join(f"{v} {row[v]['tokens_per_s']:.0f} tok/s" for v in VARIANTS)
-              + f", integer / dense {row['integer_over_dense']:.2f}x", file=sys.stderr)
+        line = ", ".join(f"{v} {row[v]['tokens_per_s']:.0f} tok/s" for v in VARIANTS) + f", integer / dense {row['integer_over_dense']:.2f}x"
+        if teacher is not None:
+            row["teacher_sdpa"] = time_prefill(teacher, length, args.repeats, args.max_seconds, warmup=0)  # nothing to compile
+            row["ttft_speedup"] = {v: row["teacher_sdpa"]["seconds"] / row[v]["seconds"] for v in VARIANTS}
+            line += ", TTFT against the teacher " + ", ".join(f"{v} {x:.2f}x" for v, x in row["ttft_speedup"].items())
+        print(f"{format_length(length)}: {line}", file=sys.stderr)
         result["prefill"].append(row)
     result["load_average_after"] = load_average()
     out = Path(args.out)
