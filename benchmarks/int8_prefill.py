@@ -114,7 +114,8 @@ def plot(result: dict, path: Path) -> Path:
     ax.set_ylabel("prefill tokens/s")
     load = result["load_average_before"]
     ax.set_title(f"prefill, {result['machine']['torch_threads']} threads, load average {load[0] if load else '?'}")
-    ax.legend()
+    ax.set_ylim(top=1.35 * max(r[v]["tokens_per_s"] for r in rows for v in variants))  # room for the legend
+    ax.legend(ncol=2, fontsize="small")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
