@@ -495,7 +495,10 @@ def encode_chat_example(tokenizer, prompt: str, answer: str, max_len: int | None
             head = tokenizer.decode(prompt_ids[: (keep + 1) // 2])
             tail = tokenizer.decode(prompt_ids[len(prompt_ids) - keep // 2 :]) if keep > 1 else ""
             ids, spans = _answer_spans(tokenizer, [(head + TRUNCATION_MARK + tail, answer), *later])
-    return ids, [any(start <= i < end for start, end in spans) for i in range(len(ids))]
+    mask = [False] * len(ids)
+    for start, end in spans:
+        mask[start:end] = [True] * (end - start)
+    return ids, mask
 
 
 def synth_documents(
