@@ -57,6 +57,30 @@ def gla_reference(q, k, v, g, scale=None, initial_state=None):
     return out, S[:, ::G].clone(), S
 
 
+def delta_rule_reference(q, k, v, g, beta, scale=None, initial_state=None):
+    """The gated delta rule in its matrix form, token by token in fp64, with k, v, g, beta repeated over head groups.
+
+    ``S_t = (I - beta_t k_t^T k_t) diag(exp g_t) S_{t-1} + beta_t k_t^T v_t``, ``o_t = scale * q_t S_t``;
+    ``beta`` is ``[B, T, Hkv]``, the rest as :func:`gla_reference`. Returns ``(o, final_state [B, Hkv, K, V])``.
+    """
+    q, k, v, g, beta = (x.double() for x in (q, k, v, g, beta))
+    B, T, H, K = q.shape
+    Hkv, V = k.shape[2], v.shape[3]
+    G = H // Hkv
+    scale = K**-0.5 if scale is None else scale
+    group = [h // G for h in range(H)]
+    k, v, g, beta = k[:, :, group], v[:, :, group], g[:, :, group], beta[:, :, group]
+    S = torch.zeros(B, H, K, V, dtype=torch.float64) if initial_state is None else initial_state.double()[:, group].clone()
+    eye = torch.eye(K, dtype=torch.float64)
+    out = torch.zeros(B, T, H, V, dtype=torch.float64)
+    for t in range(T):
+        kt, bt = k[:, t], beta[:, t, :, None, None]
+        erase = eye - bt * kt.unsqueeze(-1) * kt.unsqueeze(-2)  # [B, H, K, K]
+        S = erase @ (torch.exp(g[:, t]).unsqueeze(-1) * S) + bt * kt.unsqueeze(-1) * v[:, t].unsqueeze(-2)
+        out[:, t] = scale * (q[:, t].unsqueeze(-1) * S).sum(dim=-2)
+    return out, S[:, ::G].clone()
+
+
 def attention_reference(q, k, v, n_keys=None, scale=None, key_padding_mask=None, keep_first=0):
     """Dense masked softmax attention in fp64.
 
@@ -120,6 +144,7 @@ class RefSpec:
     gate_normalizer: float = 16.0
     feature_map: str = "relu"  # GLA q/k feature map: relu, identity or sigmoid
     key_tied: bool = False  # GLA decay 1 - k instead of the low-rank gate
+    delta: bool = False  # GLA state written by the gated delta rule (gla_update="delta")
     combine: str = "learned"  # parallel layers: sum, mean or learned
     shared_projections: bool = True  # parallel layers: one q/k/v/o for both branches
     num_sinks: int = 0
@@ -148,6 +173,7 @@ def spec_for(config) -> RefSpec:
         gate_normalizer=config.gla_gate_normalizer,
         feature_map=config.gla_feature_map,
         key_tied=getattr(config, "gla_gate", "lowrank") == "key_tied",
+        delta=getattr(config, "gla_update", "additive") == "delta",
         combine=getattr(config, "parallel_combine", "learned"),
         shared_projections=getattr(config, "parallel_shared_projections", True),
         num_sinks=getattr(config, "num_sink_tokens", 0),
@@ -224,7 +250,12 @@ def _gla_heads(sd, p, h, q, k, v, spec):
     else:
         gk = _linear(sd, p + "gk_proj.1", _linear(sd, p + "gk_proj.0", h))
         g = (-torch.log1p(torch.exp(-gk)) / spec.gate_normalizer).view(k.shape)  # logsigmoid
-    o, _, _ = gla_reference(phi(q), phi(k), v, g, scale=1 / math.sqrt(D))
+    if spec.delta:  # unit-length features, write strength sigmoid(beta_proj h) per key/value head
+        unit = lambda x: x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)  # noqa: E731
+        beta = 1 / (1 + torch.exp(-_linear(sd, p + "beta_proj", h)))
+        o, _ = delta_rule_reference(unit(phi(q)), unit(phi(k)), v, g, beta, scale=1 / math.sqrt(D))
+    else:
+        o, _, _ = gla_reference(phi(q), phi(k), v, g, scale=1 / math.sqrt(D))
     return _rms_norm(o, sd[p + "g_norm.weight"].double(), spec.eps)
 
 

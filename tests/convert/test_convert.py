@@ -129,6 +129,19 @@ def test_cli_convert_and_errors(tmp_path, capsys):
     assert not (tmp_path / "o3").exists()
 
 
+def test_cli_converts_to_the_delta_rule_with_every_write_strength_at_one_half(tmp_path, capsys):
+    _, folder = source_folder(tmp_path, "llama")
+    assert main(["convert", str(folder), str(tmp_path / "out"), "--window", "16", "--gla-update", "delta", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["new"]["model.layers.0.attn.beta_proj.weight"].startswith("zeros")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert model.config.gla_update == "delta"
+    beta = model.model.layers[0].attn.beta_proj
+    assert beta.weight.abs().max() == 0 and beta.bias.abs().max() == 0
+    assert beta.weight.shape == (model.config.num_key_value_heads, model.config.hidden_size)
+    assert_generate_matches_argmax_loop(model, torch.tensor([[5, 6, 7]]), 6)
+
+
 def test_76b_style_conversion(tmp_path):
     """Parallel GLA+SWA layers with full attention at one layer, sinks, key-tied GLA and upcycled experts."""
     source, folder = source_folder(tmp_path, "qwen2")

@@ -30,6 +30,8 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         overrides["keep_first_tokens"] = args.keep_first_tokens
     if args.parallel_combine:
         overrides["parallel_combine"] = args.parallel_combine
+    if args.gla_update != "additive":
+        overrides["gla_update"] = args.gla_update
     if args.key_tied:
         overrides.update(gla_gate="key_tied", gla_feature_map="sigmoid")
     upcycle = None
@@ -70,6 +72,8 @@ def register_convert(subparsers) -> None:
     parser.add_argument("--window", type=int, default=None, help="sliding window W of SWA layers (default 4096)")
     parser.add_argument("--keep-first-tokens", type=int, default=0,
                         help="first tokens every sliding-window query also sees (attention sinks, e.g. 4; 0 = plain window)")
+    parser.add_argument("--gla-update", choices=("additive", "delta"), default="additive",
+                        help="how GLA layers write their state: add k^T v (GLA), or the gated delta rule (overwrites what a key held)")
     auto = parser.add_argument_group("measured layouts (--layout auto / auto-parallel)")
     auto.add_argument("--linear-layers", type=int, default=None, help="GLA layers of --layout auto (default: half the layers)")
     auto.add_argument("--auto-full-layers", type=int, default=0,

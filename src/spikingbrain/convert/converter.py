@@ -21,6 +21,7 @@ __all__ = ["ConversionReport", "convert_transformer", "describe_init"]
 _INITS = [
     (r"\.gk_proj\.\d+\.weight$", "xavier_uniform(gain=2^-2.5), as in the SpikingBrain release"),
     (r"\.gk_proj\.\d+\.bias$", "zeros"),
+    (r"\.beta_proj\.", "zeros (delta-rule write strength sigmoid(0) = 1/2)"),
     (r"norm\.weight$", "ones (identity RMSNorm scale)"),
     (r"\.sinks$", "normal(0, initializer_range)"),
     (r"\.branch_weights$", "0.5 per branch"),

@@ -183,6 +183,11 @@ def sequence_parallel_prefill(model, ids: torch.Tensor, lengths: list[int] | Non
             f"sequence-parallel prefill does not support keep_first_tokens={model.config.keep_first_tokens} yet "
             "(the first tokens live on rank 0 only); prefill on one process"
         )
+    if model.config.gla_update != "additive":
+        raise ValueError(
+            f"sequence-parallel prefill does not support gla_update={model.config.gla_update!r} "
+            "(its pieces combine GLA states by their decays only); prefill on one process"
+        )
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     lengths = split_lengths(ids.shape[1], world) if lengths is None else list(lengths)
     if len(lengths) != world or sum(lengths) != ids.shape[1] or min(lengths) < 1:

@@ -14,6 +14,8 @@ __all__ = ["SpikingBrainConfig"]
 
 GLA_FEATURE_MAPS = ("relu", "identity", "sigmoid")
 GLA_GATES = ("lowrank", "key_tied")
+#: How a GLA layer writes its state: add ``k^T v`` (GLA), or move the value stored under ``k`` towards ``v`` (gated delta rule).
+GLA_UPDATES = ("additive", "delta")
 PARALLEL_COMBINES = ("sum", "mean", "learned", "residual")
 MOE_ROUTERS = ("softmax", "sigmoid")
 WINDOW_SEMANTICS = ("flash", "sdpa")
@@ -38,7 +40,9 @@ class SpikingBrainConfig(PretrainedConfig):
     ``gla_gate_rank`` with log decay ``logsigmoid(gate) / gla_gate_normalizer``; rank 0: one
     full-rank ``gk_proj`` linear, the released W8ASpike layout) or
     ``"key_tied"`` (76B: decay ``1 - k`` with sigmoid features, no gate parameters); per-head
-    output RMSNorm. ``num_sink_tokens`` learnable sink states per layer give keys and values
+    output RMSNorm. ``gla_update="delta"`` makes the state write a gated delta rule (unit-length q and k,
+    a write strength ``sigmoid(beta_proj(x))`` per key/value head; see ``ops.delta_rule``) instead of GLA's sum.
+    ``num_sink_tokens`` learnable sink states per layer give keys and values
     that every query of every softmax attention sees (never in outputs, no position shift).
     Mixture-of-Experts (``num_experts > 0``): every layer not in ``dense_ffn_layers`` (0-indexed)
     has ``num_experts`` routed SwiGLU experts of ``moe_intermediate_size``, ``num_experts_per_tok``
@@ -71,6 +75,7 @@ class SpikingBrainConfig(PretrainedConfig):
         gla_gate_normalizer: float = 16.0,
         gla_output_norm: bool = True,
         gla_chunk_size: int = 64,
+        gla_update: str = "additive",
         parallel_combine: str = "learned",
         parallel_shared_projections: bool = True,
         num_sink_tokens: int = 0,
@@ -116,6 +121,7 @@ class SpikingBrainConfig(PretrainedConfig):
         self.gla_gate_normalizer = gla_gate_normalizer
         self.gla_output_norm = gla_output_norm
         self.gla_chunk_size = gla_chunk_size
+        self.gla_update = gla_update
         self.parallel_combine = parallel_combine
         self.parallel_shared_projections = parallel_shared_projections
         self.num_sink_tokens = num_sink_tokens
@@ -196,6 +202,8 @@ class SpikingBrainConfig(PretrainedConfig):
                 f"gla_gate='key_tied' needs keys in (0, 1) for the decay 1 - k, but gla_feature_map="
                 f"{self.gla_feature_map!r}; set gla_feature_map='sigmoid'"
             )
+        if self.gla_update not in GLA_UPDATES:
+            problems.append(f"gla_update={self.gla_update!r}; use one of {list(GLA_UPDATES)}")
         if self.parallel_combine not in PARALLEL_COMBINES:
             problems.append(f"parallel_combine={self.parallel_combine!r}; use one of {list(PARALLEL_COMBINES)}")
         elif self.parallel_combine == "residual" and not self.parallel_shared_projections:

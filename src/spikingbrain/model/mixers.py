@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..ops import apply_rotary, causal_attention, chunk_gla, recurrent_gla, sliding_window_attention
+from ..ops import apply_rotary, causal_attention, chunk_delta_rule, chunk_gla, recurrent_delta_rule, recurrent_gla, sliding_window_attention
 from ..spiking.int8 import fake_quantize_int8
 from ..spiking.neuron import spike_quantize
 from .cache import FullKV, GLAState, ParallelState, RowCaches, WindowKV, stack_states, unstack_states
@@ -103,7 +103,8 @@ _FEATURE_MAPS = {"relu": nn.ReLU, "identity": nn.Identity, "sigmoid": nn.Sigmoid
 
 class GatedLinearAttention(_Mixer):
     """Gated linear attention with per-head RMSNorm: the 7B's ReLU features and low-rank log-sigmoid
-    gate (``gla_gate="lowrank"``), or the 76B's key-tied gate ``1 - k`` on sigmoid features (``"key_tied"``)."""
+    gate (``gla_gate="lowrank"``), or the 76B's key-tied gate ``1 - k`` on sigmoid features (``"key_tied"``);
+    with ``gla_update="delta"``, a gated delta rule state (``ops.delta_rule``)."""
 
     def __init__(self, config: SpikingBrainConfig, projections: bool = True):
         super().__init__(config, projections)
@@ -116,6 +117,9 @@ class GatedLinearAttention(_Mixer):
                 nn.Linear(hidden, config.gla_gate_rank, bias=False),
                 nn.Linear(config.gla_gate_rank, self.num_kv_heads * D, bias=True),
             )
+        self.delta = config.gla_update == "delta"
+        if self.delta:  # write strength per key/value head
+            self.beta_proj = nn.Linear(hidden, self.num_kv_heads, bias=True)
         self.g_norm = RMSNorm(D, eps=config.rms_norm_eps) if config.gla_output_norm else nn.Identity()
         self.feature_map = _FEATURE_MAPS[config.gla_feature_map]()
         self.gate_normalizer = config.gla_gate_normalizer
@@ -149,16 +153,24 @@ class GatedLinearAttention(_Mixer):
         B, T = x.shape[:2]
         g = self.log_decay(x, k)
         q, k = self.feature_map(q), self.feature_map(k)
+        extra = ()
+        if self.delta:  # unit-length q and k keep the delta rule's state bounded
+            q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+            extra = (torch.sigmoid(self.beta_proj(x).float()),)
         mask = inputs.mask_of_last(T)
         if mask is not None:  # padded positions neither write to nor decay the state
             keep = mask.view(B, T, 1, 1)
             k, v, g = (torch.where(keep, t, torch.zeros((), dtype=t.dtype)) for t in (k, v, g))
         initial = None if cache is None else cache.state
-        kernel = recurrent_gla if T <= RECURRENT_MAX_TOKENS and not torch.is_grad_enabled() else chunk_gla
+        step = T <= RECURRENT_MAX_TOKENS and not torch.is_grad_enabled()
+        if self.delta:
+            kernel = recurrent_delta_rule if step else chunk_delta_rule
+        else:
+            kernel = recurrent_gla if step else chunk_gla
         kwargs = {}
-        if kernel is chunk_gla:  # any chunk size: the sub-chunk (at most 16) must divide it
+        if not step:  # any chunk size: the sub-chunk (at most 16) must divide it
             kwargs = {"chunk_size": self.chunk_size, "sub_chunk_size": math.gcd(self.chunk_size, 16)}
-        o, state = kernel(q, k, v, g, initial_state=initial, output_final_state=cache is not None, **kwargs)
+        o, state = kernel(q, k, v, g, *extra, initial_state=initial, output_final_state=cache is not None, **kwargs)
         if cache is not None:
             cache.state = state
         return self.g_norm(o)

@@ -112,6 +112,9 @@ class SpikingBrainPreTrainedModel(PreTrainedModel):
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
+        if isinstance(module, GatedLinearAttention) and module.delta:  # write strength sigmoid(0) = 1/2 to start
+            init.zeros_(module.beta_proj.weight)
+            init.zeros_(module.beta_proj.bias)
         if isinstance(module, GatedLinearAttention) and not module.key_tied:
             # New gate parameters as in the SpikingBrain release: xavier-uniform with gain 2^-2.5, zero bias.
             for linear in (m for m in module.gk_proj.modules() if isinstance(m, nn.Linear)):

@@ -33,6 +33,8 @@ def official_config_dict(config: SpikingBrainConfig) -> dict:
         problems.append(f"gla_feature_map={config.gla_feature_map!r} (official: relu)")
     if config.gla_gate != "lowrank" or config.gla_gate_rank == 0:
         problems.append(f"gla_gate={config.gla_gate!r} of rank {config.gla_gate_rank} (official: lowrank, rank >= 1)")
+    if config.gla_update != "additive":
+        problems.append(f"gla_update={config.gla_update!r} (official: additive GLA)")
     if config.num_sink_tokens:
         problems.append(f"num_sink_tokens={config.num_sink_tokens} (the official format has no sinks)")
     if config.num_experts:

@@ -1,6 +1,7 @@
-"""Pure tensor functions: GLA kernels, causal and sliding-window attention, rotary, whether int8 matmuls work."""
+"""Pure tensor functions: GLA and gated delta rule kernels, causal and sliding-window attention, rotary, whether int8 matmuls work."""
 
 from .attention import causal_attention, sliding_window_attention
+from .delta_rule import chunk_delta_rule, recurrent_delta_rule
 from .gla import chunk_gla, naive_gla, recurrent_gla
 from .int8 import int8_matmul_available
 from .rotary import apply_rotary, rotary_cos_sin, rotary_inv_freq
@@ -8,9 +9,11 @@ from .rotary import apply_rotary, rotary_cos_sin, rotary_inv_freq
 __all__ = [
     "apply_rotary",
     "causal_attention",
+    "chunk_delta_rule",
     "chunk_gla",
     "int8_matmul_available",
     "naive_gla",
+    "recurrent_delta_rule",
     "recurrent_gla",
     "rotary_cos_sin",
     "rotary_inv_freq",

@@ -96,6 +96,22 @@ SEGMENT_TOKENS = 8192
 FACTORED_MAX_SPAN = 30.0
 
 
+def _segmented(kernel, inputs: tuple[torch.Tensor, ...], state: torch.Tensor, chunk_size: int):
+    """``(o, final_state)`` of a chunked kernel run over chunk-aligned segments of about ``SEGMENT_TOKENS``
+    (bounded temporaries), the state carried between them; None when the input fits in one segment.
+    ``kernel(*segment_inputs, state)`` returns ``(o, final_state)``; inputs are sequence-second."""
+    T = inputs[0].shape[1]
+    segment = chunk_size * max(1, SEGMENT_TOKENS // chunk_size)
+    if T <= segment:
+        return None
+    outputs = []
+    for start in range(0, T, segment):
+        part = slice(start, start + segment)
+        o, state = kernel(*(x[:, part] for x in inputs), state)
+        outputs.append(o)
+    return torch.cat(outputs, dim=1), state
+
+
 def _intra_chunk_scores(
     q: torch.Tensor, k: torch.Tensor, b: torch.Tensor, sub: int, q_decayed: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -160,16 +176,14 @@ def chunk_gla(q, k, v, g, scale=None, initial_state=None, output_final_state=Fal
     S = _initial_state(initial_state, B, Hkv, K, V, q)
     if T == 0:
         return v.new_zeros(B, 0, H, V), (S if output_final_state else None)
-    segment = C * max(1, SEGMENT_TOKENS // C)
-    if T > segment:  # long inputs: chunk-aligned segments with the state carried between them
-        outputs = []
-        for start in range(0, T, segment):
-            part = slice(start, start + segment)
-            o, S = chunk_gla(
-                q[:, part], k[:, part], v[:, part], g[:, part], scale, S, True, chunk_size, sub_chunk_size
-            )
-            outputs.append(o)
-        return torch.cat(outputs, dim=1), (S if output_final_state else None)
+
+    def kernel(q_, k_, v_, g_, state):
+        return chunk_gla(q_, k_, v_, g_, scale, state, True, chunk_size, sub_chunk_size)
+
+    segmented = _segmented(kernel, (q, k, v, g), S, C)
+    if segmented is not None:
+        o, S = segmented
+        return o, (S if output_final_state else None)
     pad = (-T) % C
     N = (T + pad) // C
 
