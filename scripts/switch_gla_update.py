@@ -9,15 +9,14 @@ before use, e.g. with a distill stage whose ``student`` is OUT.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
 
 from spikingbrain.model.checkpoint import copy_tokenizer_files, refuse_non_empty
+from spikingbrain.model.config import GLA_UPDATES
 from spikingbrain.model.mixers import GatedLinearAttention
 from spikingbrain.model.modeling import SpikingBrainForCausalLM
-from spikingbrain.model.config import GLA_UPDATES
 
 
 def main() -> None:
@@ -28,11 +27,10 @@ def main() -> None:
     args = parser.parse_args()
     source, out = Path(args.source), Path(args.out)
     refuse_non_empty(out)
-    config = json.loads((source / "config.json").read_text())
-    if config.get("gla_update", "additive") == args.update:
-        raise SystemExit(f"{source / 'config.json'}: gla_update is already {args.update!r}; nothing to switch")
     trained = SpikingBrainForCausalLM.from_pretrained(source)
     config = trained.config
+    if config.gla_update == args.update:
+        raise SystemExit(f"{source / 'config.json'}: gla_update is already {args.update!r}; nothing to switch")
     config.gla_update = args.update
     switched = SpikingBrainForCausalLM(config)
     missing, unexpected = switched.load_state_dict(trained.state_dict(), strict=False)

@@ -240,6 +240,11 @@ def _qkv(sd, p, h, spec):
 _FEATURES = {"relu": torch.relu, "identity": lambda x: x, "sigmoid": lambda x: 1 / (1 + torch.exp(-x))}
 
 
+def _unit_length(x):
+    """``x`` divided by its length over the last dimension (zero rows stay zero)."""
+    return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
 def _gla_heads(sd, p, h, q, k, v, spec):
     """GLA per-head outputs, RMS-normalised by ``p + "g_norm"``; gate parameters under ``p``."""
     B, T, _ = h.shape
@@ -251,9 +256,8 @@ def _gla_heads(sd, p, h, q, k, v, spec):
         gk = _linear(sd, p + "gk_proj.1", _linear(sd, p + "gk_proj.0", h))
         g = (-torch.log1p(torch.exp(-gk)) / spec.gate_normalizer).view(k.shape)  # logsigmoid
     if spec.delta:  # unit-length features, write strength sigmoid(beta_proj h) per key/value head
-        unit = lambda x: x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)  # noqa: E731
         beta = 1 / (1 + torch.exp(-_linear(sd, p + "beta_proj", h)))
-        o, _ = delta_rule_reference(unit(phi(q)), unit(phi(k)), v, g, beta, scale=1 / math.sqrt(D))
+        o, _ = delta_rule_reference(_unit_length(phi(q)), _unit_length(phi(k)), v, g, beta, scale=1 / math.sqrt(D))
     else:
         o, _, _ = gla_reference(phi(q), phi(k), v, g, scale=1 / math.sqrt(D))
     return _rms_norm(o, sd[p + "g_norm.weight"].double(), spec.eps)

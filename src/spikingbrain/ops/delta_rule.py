@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from .gla import _acc, _check_shapes, _initial_state, _intra_chunk_scores, _segmented
+from .gla import _acc, _check_shapes, _chunk_blocks, _initial_state, _intra_chunk_scores, _segmented
 
 __all__ = ["chunk_delta_rule", "recurrent_delta_rule"]
 
@@ -71,28 +71,19 @@ def chunk_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, output_fi
     if segmented is not None:
         o, S = segmented
         return o, (S if output_final_state else None)
-    pad = (-T) % C
-    N = (T + pad) // C
-
-    def blocks(x: torch.Tensor) -> torch.Tensor:
-        # [B, T, heads, ...] -> [B, heads, N, C, ...]; zero padding writes nothing (k = 0, beta = 0) and keeps the state (g = 0)
-        x = _acc(x)
-        x = x.unsqueeze(-1) if x.dim() == 3 else x
-        if pad:
-            x = torch.nn.functional.pad(x, (0, 0, 0, 0, 0, pad))
-        return x.view(B, N, C, x.shape[2], -1).permute(0, 3, 1, 2, 4)
-
-    qb = blocks(q).reshape(B, Hkv, G, N, C, K).transpose(2, 3) * scale  # [B, Hkv, N, G, C, K]
-    kb, vb, gb, betab = blocks(k), blocks(v), blocks(g), blocks(beta)  # betab: [B, Hkv, N, C, 1]
+    N = -(-T // C)
+    # zero padding writes nothing (k = 0, beta = 0) and keeps the state (g = 0)
+    qb = _chunk_blocks(q, C).reshape(B, Hkv, G, N, C, K).transpose(2, 3) * scale  # [B, Hkv, N, G, C, K]
+    kb, vb, gb, betab = (_chunk_blocks(x, C) for x in (k, v, g, beta))  # betab: [B, Hkv, N, C, 1]
     b = gb.cumsum(dim=3)
-    b_last = b[..., -1:, :]
+    b_last, decay_from_start = b[..., -1:, :], b.exp()
     key_scores = _intra_chunk_scores(kb.unsqueeze(3), kb, b, sub_chunk_size).squeeze(3)  # [B, Hkv, N, C, C]
     eye = torch.eye(C, dtype=kb.dtype, device=kb.device)
     system = eye + betab * key_scores.tril(-1)
-    rhs = torch.cat((betab * vb, betab * kb * b.exp()), dim=-1)
+    rhs = torch.cat((betab * vb, betab * kb * decay_from_start), dim=-1)
     solved = torch.linalg.solve_triangular(system, rhs, upper=False, unitriangular=True)
     corrections_without_state, state_weights = solved[..., :V], solved[..., V:]  # u = first - second @ S_0
-    q_decayed = qb * b.exp().unsqueeze(3)
+    q_decayed = qb * decay_from_start.unsqueeze(3)
     scores = _intra_chunk_scores(qb, kb, b, sub_chunk_size, q_decayed).reshape(B, Hkv, N, G * C, C)
     q_decayed = q_decayed.reshape(B, Hkv, N, G * C, K)
     k_to_end = (kb * (b_last - b).exp()).transpose(-1, -2)  # [B, Hkv, N, K, C]

@@ -112,6 +112,18 @@ def _segmented(kernel, inputs: tuple[torch.Tensor, ...], state: torch.Tensor, ch
     return torch.cat(outputs, dim=1), state
 
 
+def _chunk_blocks(x: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """``[B, T, heads, D]`` (or ``[B, T, heads]``, as ``D = 1``) -> ``[B, heads, N, C, D]`` in the accumulation dtype,
+    zero-padded to whole chunks (zero keys, values and log decays leave a state unchanged)."""
+    x = _acc(x)
+    x = x.unsqueeze(-1) if x.dim() == 3 else x
+    B, T, heads = x.shape[:3]
+    pad = (-T) % chunk_size
+    if pad:
+        x = torch.nn.functional.pad(x, (0, 0, 0, 0, 0, pad))
+    return x.view(B, (T + pad) // chunk_size, chunk_size, heads, -1).permute(0, 3, 1, 2, 4)
+
+
 def _intra_chunk_scores(
     q: torch.Tensor, k: torch.Tensor, b: torch.Tensor, sub: int, q_decayed: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -184,18 +196,10 @@ def chunk_gla(q, k, v, g, scale=None, initial_state=None, output_final_state=Fal
     if segmented is not None:
         o, S = segmented
         return o, (S if output_final_state else None)
-    pad = (-T) % C
-    N = (T + pad) // C
+    N = -(-T // C)
 
-    def blocks(x: torch.Tensor, heads: int) -> torch.Tensor:
-        # [B, T, heads, D] -> [B, heads, N, C, D]; zero padding leaves the state unchanged (k = 0, g = 0)
-        x = _acc(x)
-        if pad:
-            x = torch.nn.functional.pad(x, (0, 0, 0, 0, 0, pad))
-        return x.view(B, N, C, heads, -1).permute(0, 3, 1, 2, 4)
-
-    qb = blocks(q, H).reshape(B, Hkv, G, N, C, K).transpose(2, 3) * scale  # [B, Hkv, N, G, C, K]
-    kb, vb, gb = blocks(k, Hkv), blocks(v, Hkv), blocks(g, Hkv)
+    qb = _chunk_blocks(q, C).reshape(B, Hkv, G, N, C, K).transpose(2, 3) * scale  # [B, Hkv, N, G, C, K]
+    kb, vb, gb = (_chunk_blocks(x, C) for x in (k, v, g))
     b = gb.cumsum(dim=3)  # [B, Hkv, N, C, K], non-increasing along C
     b_last = b[..., -1:, :]
     # State contribution of each chunk, decayed to the chunk's end.
