@@ -15,6 +15,7 @@ import torch
 from reference_impl import assert_close
 from spikingbrain import SpikingBrainConfig, SpikingBrainForCausalLM
 from spikingbrain.ops.int8 import int8_matmul_available
+from spikingbrain.spiking import int8
 from spikingbrain.spiking.apply import spikify
 from spikingbrain.spiking.int8 import (
     Int8Linear, fused_passes, per_token_int8_scale, quantize_activations_int8, quantize_model_int8, set_integer_matmul,
@@ -73,6 +74,55 @@ def test_integer_path_equals_the_simulation_on_large_counts(group_size, bias, co
                                            None if layer.bias is None else layer.bias.double())
     bound = 4e-7 * (counts.abs().float() * threshold) @ layer.dequantized_weight().abs().T + 1e-6
     assert ((integer.double() - simulated).abs() <= bound).all()
+
+
+def _simulated(layer, x, k=3.0):
+    """The simulation's product in fp64: the spiked input times the dequantised weight."""
+    return torch.nn.functional.linear(spike_quantize(x, k).double(), layer.dequantized_weight().double(),
+                                      None if layer.bias is None else layer.bias.double())
+
+
+def _count_planes(monkeypatch):
+    """Count the counting passes the integer path runs."""
+    calls = []
+    plane = int8._fused_spike_plane
+    monkeypatch.setattr(int8, "_fused_spike_plane", lambda *args: calls.append(1) or plane(*args))
+    return calls
+
+
+def test_sibling_projections_count_their_shared_input_once(monkeypatch):
+    calls = _count_planes(monkeypatch)
+    q, k = _layer(300, 16, 0, True, seed=1), _layer(300, 8, 0, False, seed=2)
+    x = _massive((2, 30, 300))
+    with torch.inference_mode():
+        together = q(SpikingInput(x, 3.0)), k(SpikingInput(x, 3.0))
+        assert len(calls) == 1
+        alone = q(SpikingInput(x.clone(), 3.0)), k(SpikingInput(x.clone(), 3.0))  # other tensors: counted again
+        assert len(calls) == 3
+    for layer, a, b in zip((q, k), together, alone):
+        assert torch.equal(a, b)
+        assert_close(a, _simulated(layer, x), 1e-5, "integer path against the simulation")
+
+
+def test_an_input_changed_in_place_is_counted_again(monkeypatch):
+    calls = _count_planes(monkeypatch)
+    layer = _layer(64, 8, 0, True)
+    x = torch.randn(5, 64)
+    with torch.no_grad():  # outside inference mode tensors keep their version counter
+        before = layer(SpikingInput(x, 3.0))
+        x[:, 3] *= 5000  # now beyond ±127 in one column
+        after = layer(SpikingInput(x, 3.0))
+    assert len(calls) == 2 and not torch.equal(before, after)
+    assert_close(after, _simulated(layer, x), 1e-5, "integer path on the changed input")
+
+
+def test_the_outlier_columns_of_one_layer_may_change_between_calls():
+    layer = _layer(200, 12, 0, False)
+    first, second = torch.randn(6, 200), torch.randn(6, 200)
+    first[:, 7], second[:, 150], second[:, 151] = 4e3, -9e3, 3e3
+    with torch.inference_mode():
+        for x in (first, second, first):
+            assert_close(layer(SpikingInput(x, 3.0)), _simulated(layer, x), 1e-5, "integer path with these outlier columns")
 
 
 def test_integer_path_by_hand():

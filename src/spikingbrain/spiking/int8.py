@@ -16,10 +16,12 @@ on a device with int8 matmuls (``ops.int8``; CPU) and no gradient is wanted, the
 accumulation (``torch._int_mm``, one product per group). Counts are clipped to ±127 in that
 product; the few columns (input channels) whose counts go beyond, the massive-activation channels
 of a trained model, add what the clipping missed through an fp32 product of those columns alone,
-so the result equals the fp32 simulation up to fp32 rounding. Counting (division, rounding, int8
-cast, finding those columns) and the dequantisation
-(scales, threshold, bias) are each one ``torch.compile`` (inductor) kernel where compiling works,
-eager otherwise (``fused_passes``). By default (``integer_matmul`` None) the path runs only for
+so the result equals the fp32 simulation up to fp32 rounding. Counting (the threshold, division,
+rounding, int8 cast, finding those columns) and the dequantisation (scales, threshold, bias) are
+each one ``torch.compile`` (inductor) kernel where compiling works, eager otherwise
+(``fused_passes``). Projections that read the same input tensor (q/k/v and the GLA gate;
+gate/up) count it once: the last counts are kept, per thread, while that tensor lives and is
+unchanged (``_counts_of``). By default (``integer_matmul`` None) the path runs only for
 layers with one weight group per row, where it measured faster than the simulation; elsewhere,
 and where int8 matmuls are missing or a gradient is wanted, the layer runs the simulation: the
 spiked input times the dequantised weight.
@@ -37,8 +39,11 @@ the dequantised weight.
 
 from __future__ import annotations
 
+import threading
 import warnings
+import weakref
 from collections.abc import Callable, Iterable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -172,10 +177,21 @@ def quantize_activations_int8(x: torch.Tensor) -> torch.Tensor:
     return round_half_up(x / scale) * scale
 
 
-def _low_plane(x: torch.Tensor, threshold: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The spike counts of ``x`` ``[M, K]`` clipped to ±127 as int8, and which columns have counts beyond ±127."""
+def _low_plane(x: torch.Tensor, threshold: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``threshold`` ``[M, 1]``, the counts ``round_half_up(x / threshold)`` of ``x`` ``[M, K]`` clipped to ±127 as
+    int8, and which columns have counts beyond ±127."""
     counts = round_half_up(x / threshold)
-    return counts.clamp(-127, 127).to(torch.int8), counts.abs().amax(0) > 127
+    return threshold, counts.clamp(-127, 127).to(torch.int8), counts.abs().amax(0) > 127
+
+
+def _spike_plane(x: torch.Tensor, k: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``_low_plane`` at the adaptive threshold ``mean|x| / k`` of each row (W8ASpike)."""
+    return _low_plane(x, adaptive_threshold(x, k))
+
+
+def _token_plane(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``_low_plane`` at the per-token scale ``max|x| / 127`` (W8A8)."""
+    return _low_plane(x, per_token_int8_scale(x))
 
 
 def _dequantize(products: torch.Tensor, threshold: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -194,7 +210,52 @@ def _weight_only_product(x: torch.Tensor, codes: torch.Tensor, scales: torch.Ten
     return y if bias is None else y + bias
 
 
-_fused_low_plane, _fused_dequantize = _Fused(_low_plane), _Fused(_dequantize)
+_fused_spike_plane, _fused_token_plane, _fused_dequantize = _Fused(_spike_plane), _Fused(_token_plane), _Fused(_dequantize)
+
+
+class _Counts(NamedTuple):
+    """An input's integer form: ``x ≈ threshold · low``, plus ``excess`` on the ``columns`` beyond ±127."""
+
+    threshold: torch.Tensor  # [M, 1]
+    low: torch.Tensor  # [M, K] int8: the counts clipped to ±127
+    columns: torch.Tensor  # the input channels whose counts go beyond ±127 (usually none or a few)
+    excess: torch.Tensor | None  # [M, len(columns)]: threshold · (counts - low) on those columns
+
+
+def _count(flat: torch.Tensor, plane: _Fused, *args) -> _Counts:
+    """The counts of rows ``flat`` through ``plane``, with the excess of the columns beyond ±127."""
+    threshold, low, beyond = plane(flat, *args)
+    columns = beyond.nonzero().squeeze(1)
+    excess = (round_half_up(flat[:, columns] / threshold) - low[:, columns].to(flat.dtype)) * threshold if columns.numel() else None
+    return _Counts(threshold, low, columns, excess)
+
+
+class _LastCounts(threading.local):
+    """The counts last computed in this thread, and of which input tensor."""
+
+    source: weakref.ref | None = None
+    key: tuple | None = None
+    counts: _Counts | None = None
+
+    def forget(self, _dead=None) -> None:
+        self.source = self.key = self.counts = None
+
+
+_last_counts = _LastCounts()
+
+
+def _counts_of(x: torch.Tensor, plane: _Fused, *args) -> _Counts:
+    """``x``'s counts through ``plane(x as rows, *args)``, reused when the same tensor, unchanged, comes again (sibling
+    projections): the tensor object is the key, and its version counter where it has one (inference tensors have none)."""
+    version = None if torch.is_inference(x) else x._version
+    key = (plane, args, version, x.shape, x.stride(), x.data_ptr())
+    memo = _last_counts
+    if memo.source is not None and memo.source() is x and memo.key == key:
+        return memo.counts
+    memo.forget()
+    counts = _count(x.reshape(-1, x.shape[-1]), plane, *args)
+    memo.source, memo.key, memo.counts = weakref.ref(x, memo.forget), key, counts
+    return counts
 _fused_weight_only = _Fused(_weight_only_product)
 
 #: Rows up to which a plain input (W8) is multiplied by the fused kernel ``_weight_only_product``, which reads
@@ -223,6 +284,7 @@ class Int8Linear(nn.Module):
         #: ``group_size`` 0); True: for every group size; False: never (the simulation)
         self.integer_matmul: bool | None = None
         self._layout: tuple | None = None
+        self._outliers: tuple | None = None
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, group_size: int = 128, clip: torch.Tensor | None = None,
@@ -248,11 +310,11 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor | SpikingInput) -> torch.Tensor:
         if isinstance(x, SpikingInput):
             if self._integer(x.x):
-                return self._integer_forward(x.x, lambda flat: adaptive_threshold(flat, x.k))
+                return self._integer_forward(x.x, _fused_spike_plane, x.k)
             x = spike_quantize(x.x, x.k)
         elif self.int8_activations:
             if self._integer(x):
-                return self._integer_forward(x, per_token_int8_scale)
+                return self._integer_forward(x, _fused_token_plane)
             x = quantize_activations_int8(x)
         elif self._fused_weight_only(x):
             flat = x.reshape(-1, self.in_features)
@@ -276,22 +338,26 @@ class Int8Linear(nn.Module):
             self._layout = key, groups, self.weight_scale.t().unsqueeze(1).contiguous()
         return self._layout[1], self._layout[2]
 
-    def _integer_forward(self, x: torch.Tensor, threshold_of: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        """``x``'s product through integer counts ``round_half_up(x / t)``, ``t = threshold_of(rows)`` ``[M, 1]``."""
-        flat = x.reshape(-1, self.in_features)
-        threshold = threshold_of(flat)
-        low, beyond = _fused_low_plane(flat, threshold)
+    def _integer_forward(self, x: torch.Tensor, plane: _Fused, *args) -> torch.Tensor:
+        """``x``'s product through integer counts ``round_half_up(x / t)``, ``t, counts = plane(rows, *args)``."""
+        counts = _counts_of(x, plane, *args)
         groups, scales = self._integer_layout()
-        products = torch.empty(len(groups), flat.shape[0], self.out_features, dtype=torch.int32, device=x.device)
+        products = torch.empty(len(groups), counts.low.shape[0], self.out_features, dtype=torch.int32, device=x.device)
         for g, (cols, codes_t) in enumerate(groups):
-            torch._int_mm(low[:, cols], codes_t, out=products[g])
-        y = _fused_dequantize(products, threshold, scales, self.bias)
-        columns = beyond.nonzero().squeeze(1)
-        if columns.numel():  # counts beyond ±127 (massive-activation channels): what the clipped plane missed, in fp32
-            excess = round_half_up(flat[:, columns] / threshold) - low[:, columns].to(flat.dtype)
-            weight = self.weight[:, columns].to(y.dtype) * self.weight_scale[:, columns // self.group_size]
-            y = y + (excess.to(y.dtype) * threshold.to(y.dtype)) @ weight.t()
+            torch._int_mm(counts.low[:, cols], codes_t, out=products[g])
+        y = _fused_dequantize(products, counts.threshold, scales, self.bias)
+        if counts.columns.numel():  # counts beyond ±127 (massive-activation channels): what the clipped plane missed, in fp32
+            y.addmm_(counts.excess.to(y.dtype), self._outlier_weight(counts.columns, y.dtype).t())
         return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+
+    def _outlier_weight(self, columns: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The dequantised weight of input ``columns`` ``[N, len(columns)]``, kept while the same columns come again."""
+        key = self._layout[0], dtype
+        cached = self._outliers
+        if cached is None or cached[0] != key or not torch.equal(cached[1], columns):
+            weight = self.weight[:, columns].to(dtype) * self.weight_scale[:, columns // self.group_size]
+            self._outliers = cached = key, columns, weight
+        return cached[2]
 
     def extra_repr(self) -> str:
         activations = ", int8 activations per token" if self.int8_activations else ""
