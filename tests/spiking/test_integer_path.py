@@ -85,8 +85,8 @@ def _simulated(layer, x, k=3.0):
 def _count_planes(monkeypatch):
     """Count the counting passes the integer path runs."""
     calls = []
-    plane = int8._fused_spike_plane
-    monkeypatch.setattr(int8, "_fused_spike_plane", lambda *args: calls.append(1) or plane(*args))
+    plane = int8._fused_low_plane
+    monkeypatch.setattr(int8, "_fused_low_plane", lambda *args: calls.append(1) or plane(*args))
     return calls
 
 
@@ -102,6 +102,20 @@ def test_sibling_projections_count_their_shared_input_once(monkeypatch):
     for layer, a, b in zip((q, k), together, alone):
         assert torch.equal(a, b)
         assert_close(a, _simulated(layer, x), 1e-5, "integer path against the simulation")
+
+
+def test_the_integer_path_counts_exactly_the_simulations_spikes():
+    # many rows, so that a threshold an ulp off (a compiled mean sums in another order) would move some counts
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(4096, 576, generator=gen) * torch.rand(4096, 1, generator=gen) * 3
+    x[:, 5] = 300.0
+    with torch.inference_mode():
+        got = int8._counts_of(x, int8.adaptive_threshold, 3.0)
+    counts, threshold = spike_counts(x, 3.0)
+    assert torch.equal(got.threshold, threshold)
+    assert torch.equal(got.low.int(), counts.clamp(-127, 127))
+    assert got.columns.tolist() == [5]
+    assert torch.equal(got.excess, (counts[:, 5:6] - counts[:, 5:6].clamp(-127, 127)).float() * threshold)
 
 
 def test_an_input_changed_in_place_is_counted_again(monkeypatch):

@@ -16,10 +16,10 @@ on a device with int8 matmuls (``ops.int8``; CPU) and no gradient is wanted, the
 accumulation (``torch._int_mm``, one product per group). Counts are clipped to ±127 in that
 product; the few columns (input channels) whose counts go beyond, the massive-activation channels
 of a trained model, add what the clipping missed through an fp32 product of those columns alone,
-so the result equals the fp32 simulation up to fp32 rounding. Counting (the threshold, division,
-rounding, int8 cast, finding those columns) and the dequantisation (scales, threshold, bias) are
-each one ``torch.compile`` (inductor) kernel where compiling works, eager otherwise
-(``fused_passes``). Projections that read the same input tensor (q/k/v and the GLA gate;
+so the result equals the fp32 simulation up to fp32 rounding. Counting (division, rounding, int8
+cast, finding those columns) and the dequantisation (scales, threshold, bias) are each one
+``torch.compile`` (inductor) kernel where compiling works, eager otherwise (``fused_passes``); the
+threshold is the simulation's own, eager. Projections that read the same input tensor (q/k/v and the GLA gate;
 gate/up) count it once: the last counts are kept, per thread, while that tensor lives and is
 unchanged (``_counts_of``). By default (``integer_matmul`` None) the path runs only for
 layers with one weight group per row, where it measured faster than the simulation; elsewhere,
@@ -177,21 +177,10 @@ def quantize_activations_int8(x: torch.Tensor) -> torch.Tensor:
     return round_half_up(x / scale) * scale
 
 
-def _low_plane(x: torch.Tensor, threshold: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``threshold`` ``[M, 1]``, the counts ``round_half_up(x / threshold)`` of ``x`` ``[M, K]`` clipped to ±127 as
-    int8, and which columns have counts beyond ±127."""
+def _low_plane(x: torch.Tensor, threshold: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The spike counts of ``x`` ``[M, K]`` clipped to ±127 as int8, and which columns have counts beyond ±127."""
     counts = round_half_up(x / threshold)
-    return threshold, counts.clamp(-127, 127).to(torch.int8), counts.abs().amax(0) > 127
-
-
-def _spike_plane(x: torch.Tensor, k: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``_low_plane`` at the adaptive threshold ``mean|x| / k`` of each row (W8ASpike)."""
-    return _low_plane(x, adaptive_threshold(x, k))
-
-
-def _token_plane(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``_low_plane`` at the per-token scale ``max|x| / 127`` (W8A8)."""
-    return _low_plane(x, per_token_int8_scale(x))
+    return counts.clamp(-127, 127).to(torch.int8), counts.abs().amax(0) > 127
 
 
 def _dequantize(products: torch.Tensor, threshold: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -210,7 +199,7 @@ def _weight_only_product(x: torch.Tensor, codes: torch.Tensor, scales: torch.Ten
     return y if bias is None else y + bias
 
 
-_fused_spike_plane, _fused_token_plane, _fused_dequantize = _Fused(_spike_plane), _Fused(_token_plane), _Fused(_dequantize)
+_fused_low_plane, _fused_dequantize = _Fused(_low_plane), _Fused(_dequantize)
 
 
 class _Counts(NamedTuple):
@@ -222,9 +211,12 @@ class _Counts(NamedTuple):
     excess: torch.Tensor | None  # [M, len(columns)]: threshold · (counts - low) on those columns
 
 
-def _count(flat: torch.Tensor, plane: _Fused, *args) -> _Counts:
-    """The counts of rows ``flat`` through ``plane``, with the excess of the columns beyond ±127."""
-    threshold, low, beyond = plane(flat, *args)
+def _count(flat: torch.Tensor, threshold_of: Callable[..., torch.Tensor], *args) -> _Counts:
+    """The counts of rows ``flat`` at the threshold ``threshold_of(flat, *args)``, with the excess of the columns beyond
+    ±127. The threshold stays eager: a compiled reduction sums in another order, and a threshold one ulp off moves
+    counts across rounding boundaries, away from the simulation's."""
+    threshold = threshold_of(flat, *args)
+    low, beyond = _fused_low_plane(flat, threshold)
     columns = beyond.nonzero().squeeze(1)
     excess = (round_half_up(flat[:, columns] / threshold) - low[:, columns].to(flat.dtype)) * threshold if columns.numel() else None
     return _Counts(threshold, low, columns, excess)
@@ -244,16 +236,16 @@ class _LastCounts(threading.local):
 _last_counts = _LastCounts()
 
 
-def _counts_of(x: torch.Tensor, plane: _Fused, *args) -> _Counts:
-    """``x``'s counts through ``plane(x as rows, *args)``, reused when the same tensor, unchanged, comes again (sibling
+def _counts_of(x: torch.Tensor, threshold_of: Callable[..., torch.Tensor], *args) -> _Counts:
+    """``x``'s counts at the threshold ``threshold_of(x as rows, *args)``, reused when the same tensor, unchanged, comes again (sibling
     projections): the tensor object is the key, and its version counter where it has one (inference tensors have none)."""
     version = None if torch.is_inference(x) else x._version
-    key = (plane, args, version, x.shape, x.stride(), x.data_ptr())
+    key = (threshold_of, args, version, x.shape, x.stride(), x.data_ptr())
     memo = _last_counts
     if memo.source is not None and memo.source() is x and memo.key == key:
         return memo.counts
     memo.forget()
-    counts = _count(x.reshape(-1, x.shape[-1]), plane, *args)
+    counts = _count(x.reshape(-1, x.shape[-1]), threshold_of, *args)
     memo.source, memo.key, memo.counts = weakref.ref(x, memo.forget), key, counts
     return counts
 _fused_weight_only = _Fused(_weight_only_product)
@@ -310,11 +302,11 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor | SpikingInput) -> torch.Tensor:
         if isinstance(x, SpikingInput):
             if self._integer(x.x):
-                return self._integer_forward(x.x, _fused_spike_plane, x.k)
+                return self._integer_forward(x.x, adaptive_threshold, x.k)
             x = spike_quantize(x.x, x.k)
         elif self.int8_activations:
             if self._integer(x):
-                return self._integer_forward(x, _fused_token_plane)
+                return self._integer_forward(x, per_token_int8_scale)
             x = quantize_activations_int8(x)
         elif self._fused_weight_only(x):
             flat = x.reshape(-1, self.in_features)
@@ -338,9 +330,9 @@ class Int8Linear(nn.Module):
             self._layout = key, groups, self.weight_scale.t().unsqueeze(1).contiguous()
         return self._layout[1], self._layout[2]
 
-    def _integer_forward(self, x: torch.Tensor, plane: _Fused, *args) -> torch.Tensor:
-        """``x``'s product through integer counts ``round_half_up(x / t)``, ``t, counts = plane(rows, *args)``."""
-        counts = _counts_of(x, plane, *args)
+    def _integer_forward(self, x: torch.Tensor, threshold_of: Callable[..., torch.Tensor], *args) -> torch.Tensor:
+        """``x``'s product through integer counts ``round_half_up(x / t)``, ``t = threshold_of(rows, *args)`` ``[M, 1]``."""
+        counts = _counts_of(x, threshold_of, *args)
         groups, scales = self._integer_layout()
         products = torch.empty(len(groups), counts.low.shape[0], self.out_features, dtype=torch.int32, device=x.device)
         for g, (cols, codes_t) in enumerate(groups):
