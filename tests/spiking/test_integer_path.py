@@ -83,10 +83,10 @@ def _simulated(layer, x, k=3.0):
 
 
 def _count_planes(monkeypatch):
-    """Count the counting passes the integer path runs."""
+    """Count the inputs the integer path counts spikes of."""
     calls = []
-    plane = int8._fused_low_plane
-    monkeypatch.setattr(int8, "_fused_low_plane", lambda *args: calls.append(1) or plane(*args))
+    count = int8._count
+    monkeypatch.setattr(int8, "_count", lambda *args: calls.append(1) or count(*args))
     return calls
 
 
@@ -116,6 +116,24 @@ def test_the_integer_path_counts_exactly_the_simulations_spikes():
     assert torch.equal(got.low.int(), counts.clamp(-127, 127))
     assert got.columns.tolist() == [5]
     assert torch.equal(got.excess, (counts[:, 5:6] - counts[:, 5:6].clamp(-127, 127)).float() * threshold)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 8, 9])
+@pytest.mark.parametrize("activations", [None, "int8"])
+def test_decode_rows_count_without_compiled_regions_and_equal_the_simulation(rows, activations):
+    layer = _layer(300, 40, 0, True, seed=rows)
+    layer.int8_activations = activations == "int8"
+    x = _massive((1, rows, 300))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile, torch.inference_mode():
+        got = layer(x if layer.int8_activations else SpikingInput(x, 3.0))
+    calls = {event.key: event.count for event in profile.key_averages()}
+    assert calls.get("aten::_int_mm", 0) == 1
+    # up to DECODE_MAX_ROWS rows the counting and the dequantisation run eager: no compiled region
+    compiled = any(key.startswith("Torch-Compiled Region") for key in calls)
+    assert compiled == (rows > int8.DECODE_MAX_ROWS)
+    spiked = quantize_activations_int8(x) if layer.int8_activations else spike_quantize(x, 3.0)
+    simulated = torch.nn.functional.linear(spiked.double(), layer.dequantized_weight().double(), layer.bias.double())
+    assert_close(got, simulated, 1e-6, "decode rows against the simulation")
 
 
 def test_an_input_changed_in_place_is_counted_again(monkeypatch):
@@ -166,10 +184,14 @@ def test_outside_inference_the_layer_simulates_with_a_straight_through_gradient(
     assert_close(x.grad, layer.dequantized_weight().sum(0).expand(5, 40), 1e-6, "straight-through gradient")
 
 
+def _integer_products(profile) -> int:
+    return sum(event.count for event in profile.key_averages() if event.key == "aten::_int_mm")
+
+
 def _int_mm_calls(model, ids):
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile, torch.inference_mode():
         logits = model(ids).logits
-    return logits, sum(event.count for event in profile.key_averages() if event.key == "aten::_int_mm")
+    return logits, _integer_products(profile)
 
 
 def test_a_saved_spiking_int8_model_uses_the_integer_path_and_equals_the_simulation(tmp_path):
@@ -212,7 +234,7 @@ def test_w8a8_by_hand():
     expected = [s * 0.5 * (codes[0] * 2 + codes[1] * -1 + codes[2] * 127), s * 0.01 * (codes[0] * -3 + codes[1] * 4)]
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile, torch.inference_mode():
         integer = layer(x)
-    assert sum(event.count for event in profile.key_averages() if event.key == "aten::_int_mm") == 1
+    assert _integer_products(profile) == 1
     assert integer.tolist()[0] == pytest.approx(expected, rel=1e-6)
 
 

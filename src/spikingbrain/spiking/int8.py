@@ -26,7 +26,7 @@ layers with one weight group per row, where it measured faster than the simulati
 and where int8 matmuls are missing or a gradient is wanted, the layer runs the simulation: the
 spiked input times the dequantised weight.
 
-W8 (a plain input, no spiking): up to ``WEIGHT_ONLY_MAX_ROWS`` rows (decode steps) on CPU are multiplied by
+W8 (a plain input, no spiking): up to ``DECODE_MAX_ROWS`` rows (decode steps) on CPU are multiplied by
 one compiled reduction over the codes and scales (``_weight_only_product``, where the groups divide the row),
 which never writes a dequantised weight; more rows, or a gradient, multiply the dequantised weight.
 
@@ -216,7 +216,7 @@ def _count(flat: torch.Tensor, threshold_of: Callable[..., torch.Tensor], *args)
     ±127. The threshold stays eager: a compiled reduction sums in another order, and a threshold one ulp off moves
     counts across rounding boundaries, away from the simulation's."""
     threshold = threshold_of(flat, *args)
-    low, beyond = _fused_low_plane(flat, threshold)
+    low, beyond = (_low_plane if flat.shape[0] <= DECODE_MAX_ROWS else _fused_low_plane)(flat, threshold)
     columns = beyond.nonzero().squeeze(1)
     excess = (round_half_up(flat[:, columns] / threshold) - low[:, columns].to(flat.dtype)) * threshold if columns.numel() else None
     return _Counts(threshold, low, columns, excess)
@@ -250,9 +250,10 @@ def _counts_of(x: torch.Tensor, threshold_of: Callable[..., torch.Tensor], *args
     return counts
 _fused_weight_only = _Fused(_weight_only_product)
 
-#: Rows up to which a plain input (W8) is multiplied by the fused kernel ``_weight_only_product``, which reads
-#: the codes once per call: decode steps, where the product is bound by reading the weight.
-WEIGHT_ONLY_MAX_ROWS = 8
+#: Rows up to which a product is a decode step's, bound by reading the weight and by the cost of each call: a plain
+#: input (W8) is multiplied by the fused kernel ``_weight_only_product``, which reads the codes once per call, and the
+#: integer path counts and dequantises in eager PyTorch (a compiled region costs more per call than these few rows).
+DECODE_MAX_ROWS = 8
 
 
 class Int8Linear(nn.Module):
@@ -319,11 +320,15 @@ class Int8Linear(nn.Module):
         """Whether a plain input takes the fused weight-only product: a few fp32 rows on CPU, no gradient, groups of equal size."""
         rows = x.numel() // self.in_features
         return (self.integer_matmul is not False and x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled()
-                and rows <= WEIGHT_ONLY_MAX_ROWS and self.in_features % self.group_size == 0)
+                and rows <= DECODE_MAX_ROWS and self.in_features % self.group_size == 0)
+
+    def _buffers_key(self) -> tuple:
+        """Changes when the codes or scales do: what the cached layouts of them are rebuilt on."""
+        return tuple((t.data_ptr(), t._version) for t in (self.weight, self.weight_scale))
 
     def _integer_layout(self) -> tuple[list[tuple[slice, torch.Tensor]], torch.Tensor]:
         """Per group: its input columns and codes ``[K_g, N]`` (contiguous), and the scales ``[G, 1, N]``; rebuilt when the buffers change."""
-        key = tuple((t.data_ptr(), t._version) for t in (self.weight, self.weight_scale))
+        key = self._buffers_key()
         if self._layout is None or self._layout[0] != key:
             columns = [slice(start, start + self.group_size) for start in range(0, self.in_features, self.group_size)]
             groups = [(cols, self.weight[:, cols].t().contiguous()) for cols in columns]
@@ -334,17 +339,18 @@ class Int8Linear(nn.Module):
         """``x``'s product through integer counts ``round_half_up(x / t)``, ``t = threshold_of(rows, *args)`` ``[M, 1]``."""
         counts = _counts_of(x, threshold_of, *args)
         groups, scales = self._integer_layout()
-        products = torch.empty(len(groups), counts.low.shape[0], self.out_features, dtype=torch.int32, device=x.device)
+        rows = counts.low.shape[0]
+        products = torch.empty(len(groups), rows, self.out_features, dtype=torch.int32, device=x.device)
         for g, (cols, codes_t) in enumerate(groups):
             torch._int_mm(counts.low[:, cols], codes_t, out=products[g])
-        y = _fused_dequantize(products, counts.threshold, scales, self.bias)
+        y = (_dequantize if rows <= DECODE_MAX_ROWS else _fused_dequantize)(products, counts.threshold, scales, self.bias)
         if counts.columns.numel():  # counts beyond ±127 (massive-activation channels): what the clipped plane missed, in fp32
             y.addmm_(counts.excess.to(y.dtype), self._outlier_weight(counts.columns, y.dtype).t())
         return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
 
     def _outlier_weight(self, columns: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """The dequantised weight of input ``columns`` ``[N, len(columns)]``, kept while the same columns come again."""
-        key = self._layout[0], dtype
+        key = self._buffers_key(), dtype
         cached = self._outliers
         if cached is None or cached[0] != key or not torch.equal(cached[1], columns):
             weight = self.weight[:, columns].to(dtype) * self.weight_scale[:, columns // self.group_size]
