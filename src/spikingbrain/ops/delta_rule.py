@@ -89,10 +89,12 @@ def chunk_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, output_fi
     k_to_end = (kb * (b_last - b).exp()).transpose(-1, -2)  # [B, Hkv, N, K, C]
     chunk_decay = b_last.squeeze(-2).exp().unsqueeze(-1)  # [B, Hkv, N, K, 1]
     outputs = []
-    for n in range(N):
-        u = corrections_without_state[:, :, n] - torch.matmul(state_weights[:, :, n], S)  # [B, Hkv, C, V]
-        outputs.append(torch.matmul(q_decayed[:, :, n], S) + torch.matmul(scores[:, :, n], u))
-        S = chunk_decay[:, :, n] * S + torch.matmul(k_to_end[:, :, n], u)
+    # one unbind per tensor, not an index per chunk: the backward of x[:, :, n] writes a zero tensor of all of x
+    per_chunk = zip(*(x.unbind(2) for x in (corrections_without_state, state_weights, q_decayed, scores, k_to_end, chunk_decay)))
+    for first, weights, q_n, scores_n, k_n, decay_n in per_chunk:
+        u = first - torch.matmul(weights, S)  # [B, Hkv, C, V]
+        outputs.append(torch.matmul(q_n, S) + torch.matmul(scores_n, u))
+        S = decay_n * S + torch.matmul(k_n, u)
     o = torch.stack(outputs, dim=2).view(B, Hkv, N, G, C, V)
     o = o.permute(0, 2, 4, 1, 3, 5).reshape(B, N * C, H, V)[:, :T]
     return o.to(v.dtype), (S if output_final_state else None)

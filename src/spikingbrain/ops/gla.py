@@ -205,10 +205,11 @@ def chunk_gla(q, k, v, g, scale=None, initial_state=None, output_final_state=Fal
     # State contribution of each chunk, decayed to the chunk's end.
     chunk_updates = torch.matmul((kb * (b_last - b).exp()).transpose(-1, -2), vb)  # [B, Hkv, N, K, V]
     chunk_decay = b_last.squeeze(-2).exp().unsqueeze(-1)  # [B, Hkv, N, K, 1]
-    states = S.new_empty(B, Hkv, N, K, V)
-    for n in range(N):
-        states[:, :, n] = S
-        S = torch.addcmul(chunk_updates[:, :, n], chunk_decay[:, :, n], S)
+    states = []  # the state at each chunk's start; unbind and stack, not per-chunk indexing (its backward is O(N^2))
+    for update, decay in zip(chunk_updates.unbind(2), chunk_decay.unbind(2)):
+        states.append(S)
+        S = torch.addcmul(update, decay, S)
+    states = torch.stack(states, dim=2)
     q_decayed = qb * b.exp().unsqueeze(3)  # decayed to the chunk start: exponents <= 0
     inter = torch.matmul(q_decayed.reshape(B, Hkv, N, G * C, K), states)
     A = _intra_chunk_scores(qb, kb, b, sub_chunk_size, q_decayed).reshape(B, Hkv, N, G * C, C)
