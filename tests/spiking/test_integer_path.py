@@ -136,6 +136,33 @@ def test_decode_rows_count_without_compiled_regions_and_equal_the_simulation(row
     assert_close(got, simulated, 1e-6, "decode rows against the simulation")
 
 
+@pytest.mark.parametrize("group_size", [0, 64])
+@pytest.mark.parametrize("activations", [None, "int8"])
+@pytest.mark.parametrize("rows", [6, 18])
+def test_linked_siblings_multiply_as_one_product_and_equal_each_layer_alone(group_size, activations, rows):
+    # q with a bias, k and v without, as a mixer's projections reading one input
+    parent = torch.nn.Module()
+    for name, out, bias, seed in (("q_proj", 24, True, 1), ("k_proj", 8, False, 2), ("v_proj", 8, False, 3)):
+        layer = _layer(200, out, group_size, bias, seed)
+        layer.int8_activations, layer.integer_matmul = activations == "int8", True
+        setattr(parent, name, layer)
+    alone = copy.deepcopy(parent)
+    assert int8.link_sibling_products(parent) == 1 and int8.link_sibling_products(alone.q_proj) == 0
+    x = _massive((1, rows, 200))
+    inputs = (lambda t: t) if activations else (lambda t: SpikingInput(t, 3.0))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile, torch.inference_mode():
+        together = [parent.get_submodule(n)(inputs(x)) for n in ("q_proj", "k_proj", "v_proj")]
+    # decode rows: one product per weight group for all three; more rows: each layer its own
+    per_call = 1 if group_size == 0 else 4
+    assert _integer_products(profile) == per_call * (1 if rows <= int8.DECODE_MAX_ROWS else 3)
+    with torch.inference_mode():
+        separate = [alone.get_submodule(n)(inputs(x.clone())) for n in ("q_proj", "k_proj", "v_proj")]
+        # only some siblings asked (the sink keys and values), and one asked twice: each still gets its own product
+        again = [parent.get_submodule(n)(inputs(x)) for n in ("k_proj", "v_proj", "v_proj")]
+    for a, b in zip(together + again, separate + separate[1:] + separate[2:]):
+        assert_close(a, b, 1e-6, "a linked sibling against the layer alone")
+
+
 def test_an_input_changed_in_place_is_counted_again(monkeypatch):
     calls = _count_planes(monkeypatch)
     layer = _layer(64, 8, 0, True)
@@ -209,7 +236,7 @@ def test_a_saved_spiking_int8_model_uses_the_integer_path_and_equals_the_simulat
     model.save_pretrained(tmp_path)
     loaded = SpikingBrainForCausalLM.from_pretrained(tmp_path).eval()
     integer, calls = _int_mm_calls(loaded, ids)
-    assert calls == 15  # per-channel weights: every projection by default, one product each
+    assert calls == 15  # per-channel weights: every projection by default, one product each (40 rows: siblings alone)
     assert set_integer_matmul(loaded, False) == 15  # q k v o gk_proj.0 gate up down; q k v o gate up down
     simulated, calls = _int_mm_calls(loaded, ids)
     assert calls == 0

@@ -64,6 +64,8 @@ __all__ = [
     "quantize_model_int8",
     "fake_quantize_int8",
     "set_integer_matmul",
+    "link_sibling_products",
+    "ProductGroup",
     "fused_passes",
     "ACTIVATION_MODES",
     "per_token_int8_scale",
@@ -256,6 +258,71 @@ _fused_weight_only = _Fused(_weight_only_product)
 DECODE_MAX_ROWS = 8
 
 
+class ProductGroup:
+    """``Int8Linear`` layers with the same input columns, multiplied in integers as one product: their codes side by
+    side, one ``torch._int_mm`` per weight group and one dequantisation for all. Sibling projections that read one
+    input (``link_sibling_products``) get their decode-row outputs from one call; a layer alone is a group of one."""
+
+    def __init__(self, members: list["Int8Linear"]):
+        self.members = members
+        self._layout: tuple | None = None  # (buffer versions, [(columns, codes [K_g, ΣN])], scales [G, 1, ΣN], bias)
+        self._outliers: tuple | None = None  # (buffer versions, dtype, columns, weight [ΣN, len(columns)])
+        self._pending: tuple | None = None  # (counts, output per member, members yet to take theirs)
+
+    def output(self, member: "Int8Linear", counts: _Counts) -> torch.Tensor:
+        """``member``'s product ``[M, N]`` of these counts; for decode rows the first member to ask computes every
+        member's (fewer, larger calls), for more rows each member its own (its output contiguous: measured faster)."""
+        if len(self.members) > 1 and counts.low.shape[0] > DECODE_MAX_ROWS:
+            return member.product_alone.output(member, counts)
+        pending = self._pending
+        if pending is None or pending[0] is not counts or member not in pending[2]:
+            outputs = self._product(counts).split([m.out_features for m in self.members], dim=1)
+            pending = self._pending = counts, dict(zip(self.members, outputs)), set(self.members)
+        pending[2].discard(member)
+        if not pending[2]:
+            self._pending = None
+        return pending[1][member]
+
+    def _versions(self) -> tuple:
+        return tuple((t.data_ptr(), t._version) for m in self.members for t in (m.weight, m.weight_scale))
+
+    def _integer_layout(self) -> tuple:
+        """Per weight group its input columns and the members' codes ``[K_g, ΣN]`` (contiguous), the scales
+        ``[G, 1, ΣN]`` and the biases (zeros for members without one; None if none has one); rebuilt when a buffer changes."""
+        key = self._versions()
+        if self._layout is None or self._layout[0] != key:
+            first = self.members[0]
+            columns = [slice(start, start + first.group_size) for start in range(0, first.in_features, first.group_size)]
+            groups = [(cols, torch.cat([m.weight[:, cols].t() for m in self.members], dim=1).contiguous()) for cols in columns]
+            scales = torch.cat([m.weight_scale.t().unsqueeze(1) for m in self.members], dim=2).contiguous()
+            biases = None
+            if any(m.bias is not None for m in self.members):
+                biases = torch.cat([m.bias.detach() if m.bias is not None else m.weight_scale.new_zeros(m.out_features)
+                                    for m in self.members])
+            self._layout = key, groups, scales, biases
+        return self._layout[1:]
+
+    def _product(self, counts: _Counts) -> torch.Tensor:
+        groups, scales, bias = self._integer_layout()
+        rows = counts.low.shape[0]
+        products = torch.empty(len(groups), rows, scales.shape[-1], dtype=torch.int32, device=counts.low.device)
+        for g, (cols, codes_t) in enumerate(groups):
+            torch._int_mm(counts.low[:, cols], codes_t, out=products[g])
+        y = (_dequantize if rows <= DECODE_MAX_ROWS else _fused_dequantize)(products, counts.threshold, scales, bias)
+        if counts.columns.numel():  # counts beyond ±127 (massive-activation channels): what the clipped plane missed, in fp32
+            y.addmm_(counts.excess.to(y.dtype), self._outlier_weight(counts.columns, y.dtype).t())
+        return y
+
+    def _outlier_weight(self, columns: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The members' dequantised weights of input ``columns`` ``[ΣN, len(columns)]``, kept while the same columns come again."""
+        key = self._versions(), dtype
+        cached = self._outliers
+        if cached is None or cached[0] != key or not torch.equal(cached[1], columns):
+            weight = torch.cat([m.weight[:, columns].to(dtype) * m.weight_scale[:, columns // m.group_size] for m in self.members])
+            self._outliers = cached = key, columns, weight
+        return cached[2]
+
+
 class Int8Linear(nn.Module):
     """A linear layer whose weight is stored as INT8 codes with one fp32 scale per group of input channels
     (``group_size`` 0: per output channel); with spiking input it multiplies in integers (module docstring)."""
@@ -276,8 +343,9 @@ class Int8Linear(nn.Module):
         #: None: the integer path where it measured faster than the simulation on CPU (one weight group per row,
         #: ``group_size`` 0); True: for every group size; False: never (the simulation)
         self.integer_matmul: bool | None = None
-        self._layout: tuple | None = None
-        self._outliers: tuple | None = None
+        #: this layer's own integer product, and the one it shares with its siblings (``link_sibling_products``) for
+        #: decode rows; alone by default
+        self.product_alone = self.product_group = ProductGroup([self])
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, group_size: int = 128, clip: torch.Tensor | None = None,
@@ -322,40 +390,10 @@ class Int8Linear(nn.Module):
         return (self.integer_matmul is not False and x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled()
                 and rows <= DECODE_MAX_ROWS and self.in_features % self.group_size == 0)
 
-    def _buffers_key(self) -> tuple:
-        """Changes when the codes or scales do: what the cached layouts of them are rebuilt on."""
-        return tuple((t.data_ptr(), t._version) for t in (self.weight, self.weight_scale))
-
-    def _integer_layout(self) -> tuple[list[tuple[slice, torch.Tensor]], torch.Tensor]:
-        """Per group: its input columns and codes ``[K_g, N]`` (contiguous), and the scales ``[G, 1, N]``; rebuilt when the buffers change."""
-        key = self._buffers_key()
-        if self._layout is None or self._layout[0] != key:
-            columns = [slice(start, start + self.group_size) for start in range(0, self.in_features, self.group_size)]
-            groups = [(cols, self.weight[:, cols].t().contiguous()) for cols in columns]
-            self._layout = key, groups, self.weight_scale.t().unsqueeze(1).contiguous()
-        return self._layout[1], self._layout[2]
-
     def _integer_forward(self, x: torch.Tensor, threshold_of: Callable[..., torch.Tensor], *args) -> torch.Tensor:
         """``x``'s product through integer counts ``round_half_up(x / t)``, ``t = threshold_of(rows, *args)`` ``[M, 1]``."""
-        counts = _counts_of(x, threshold_of, *args)
-        groups, scales = self._integer_layout()
-        rows = counts.low.shape[0]
-        products = torch.empty(len(groups), rows, self.out_features, dtype=torch.int32, device=x.device)
-        for g, (cols, codes_t) in enumerate(groups):
-            torch._int_mm(counts.low[:, cols], codes_t, out=products[g])
-        y = (_dequantize if rows <= DECODE_MAX_ROWS else _fused_dequantize)(products, counts.threshold, scales, self.bias)
-        if counts.columns.numel():  # counts beyond ±127 (massive-activation channels): what the clipped plane missed, in fp32
-            y.addmm_(counts.excess.to(y.dtype), self._outlier_weight(counts.columns, y.dtype).t())
+        y = self.product_group.output(self, _counts_of(x, threshold_of, *args))
         return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
-
-    def _outlier_weight(self, columns: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """The dequantised weight of input ``columns`` ``[N, len(columns)]``, kept while the same columns come again."""
-        key = self._buffers_key(), dtype
-        cached = self._outliers
-        if cached is None or cached[0] != key or not torch.equal(cached[1], columns):
-            weight = self.weight[:, columns].to(dtype) * self.weight_scale[:, columns // self.group_size]
-            self._outliers = cached = key, columns, weight
-        return cached[2]
 
     def extra_repr(self) -> str:
         activations = ", int8 activations per token" if self.int8_activations else ""
@@ -371,6 +409,36 @@ def set_integer_matmul(model: nn.Module, enabled: bool | None) -> int:
     for layer in layers:
         layer.integer_matmul = None if enabled is None else bool(enabled)
     return len(layers)
+
+
+#: Names of sibling projections that read one input: a mixer's q/k/v and GLA gate (full-rank, or the first of the
+#: low-rank pair), an MLP's gate and up.
+SIBLING_PROJECTIONS = (("q_proj", "k_proj", "v_proj", "gk_proj", "gk_proj.0"), ("gate_proj", "up_proj"))
+
+
+def link_sibling_products(model: nn.Module) -> int:
+    """Give the ``Int8Linear`` siblings of each module (``SIBLING_PROJECTIONS``) with the same input width and
+    weight layout one ``ProductGroup``, so that their integer products run as one; returns how many groups."""
+    linked = 0
+    for parent in model.modules():
+        for names in SIBLING_PROJECTIONS:
+            layers = [parent.get_submodule(n) for n in names if _has_submodule(parent, n)]
+            layers = [m for m in layers if isinstance(m, Int8Linear)]
+            layout = {(m.in_features, m.group_size, m.int8_activations) for m in layers}
+            if len(layers) > 1 and len(layout) == 1:
+                group = ProductGroup(layers)
+                for layer in layers:
+                    layer.product_group = group
+                linked += 1
+    return linked
+
+
+def _has_submodule(module: nn.Module, name: str) -> bool:
+    try:
+        module.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
 
 
 def weight_quantization_settings(group_size: int = 128, targets: Iterable[str] = DEFAULT_TARGETS, dense: Iterable[str] = (),
@@ -403,6 +471,7 @@ def prepare_int8_layers(model: nn.Module, settings: dict) -> None:
         if isinstance(linear, nn.Linear) and name not in dense:
             _replace(model, name, Int8Linear(linear.in_features, linear.out_features, linear.bias is not None, settings["group_size"],
                                              settings.get("activations")))
+    link_sibling_products(model)
 
 
 def quantize_model_int8(
@@ -431,6 +500,7 @@ def quantize_model_int8(
         clip = clip_ratios(linear.weight, grams[name], group_size, grid) if name in grams else None
         _replace(model, name, Int8Linear.from_linear(linear, group_size, clip, activations))
         clips[name] = clip
+    link_sibling_products(model)
     spiking = current_spiking(model)
     if spiking:  # the spiking hooks sat on the replaced layers
         spikify(model, **spiking)
