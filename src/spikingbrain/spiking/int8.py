@@ -21,7 +21,8 @@ cast, finding those columns) and the dequantisation (scales, threshold, bias) ar
 ``torch.compile`` (inductor) kernel where compiling works, eager otherwise (``fused_passes``); the
 threshold is the simulation's own, eager. Projections that read the same input tensor (q/k/v and the GLA gate;
 gate/up) count it once: the last counts are kept, per thread, while that tensor lives and is
-unchanged (``_counts_of``). By default (``integer_matmul`` None) the path runs only for
+unchanged (``_counts_of``); in decode steps they also share one integer product
+(``link_sibling_products``, ``ProductGroup``). By default (``integer_matmul`` None) the path runs only for
 layers with one weight group per row, where it measured faster than the simulation; elsewhere,
 and where int8 matmuls are missing or a gradient is wanted, the layer runs the simulation: the
 spiked input times the dequantised weight.
