@@ -163,6 +163,17 @@ def test_linked_siblings_multiply_as_one_product_and_equal_each_layer_alone(grou
         assert_close(a, b, 1e-6, "a linked sibling against the layer alone")
 
 
+def test_a_changed_bias_reaches_the_integer_product():
+    layer = _layer(64, 8, 0, True)
+    x = torch.randn(20, 64)
+    with torch.inference_mode():
+        layer(SpikingInput(x, 3.0))  # builds the cached layout
+    with torch.no_grad():
+        layer.bias.add_(1.0)  # as an optimizer step would
+    with torch.inference_mode():
+        assert_close(layer(SpikingInput(x.clone(), 3.0)), _simulated(layer, x), 1e-5, "integer path after the bias changed")
+
+
 def test_an_input_changed_in_place_is_counted_again(monkeypatch):
     calls = _count_planes(monkeypatch)
     layer = _layer(64, 8, 0, True)

@@ -203,6 +203,12 @@ def _weight_only_product(x: torch.Tensor, codes: torch.Tensor, scales: torch.Ten
 
 
 _fused_low_plane, _fused_dequantize = _Fused(_low_plane), _Fused(_dequantize)
+_fused_weight_only = _Fused(_weight_only_product)
+
+#: Rows up to which a product is a decode step's, bound by reading the weight and by the cost of each call: a plain
+#: input (W8) is multiplied by the fused kernel ``_weight_only_product``, which reads the codes once per call, and the
+#: integer path counts and dequantises in eager PyTorch (a compiled region costs more per call than these few rows).
+DECODE_MAX_ROWS = 8
 
 
 class _Counts(NamedTuple):
@@ -251,12 +257,6 @@ def _counts_of(x: torch.Tensor, threshold_of: Callable[..., torch.Tensor], *args
     counts = _count(x.reshape(-1, x.shape[-1]), threshold_of, *args)
     memo.source, memo.key, memo.counts = weakref.ref(x, memo.forget), key, counts
     return counts
-_fused_weight_only = _Fused(_weight_only_product)
-
-#: Rows up to which a product is a decode step's, bound by reading the weight and by the cost of each call: a plain
-#: input (W8) is multiplied by the fused kernel ``_weight_only_product``, which reads the codes once per call, and the
-#: integer path counts and dequantises in eager PyTorch (a compiled region costs more per call than these few rows).
-DECODE_MAX_ROWS = 8
 
 
 class ProductGroup:
@@ -267,7 +267,7 @@ class ProductGroup:
     def __init__(self, members: list["Int8Linear"]):
         self.members = members
         self._layout: tuple | None = None  # (buffer versions, [(columns, codes [K_g, ΣN])], scales [G, 1, ΣN], bias)
-        self._outliers: tuple | None = None  # (buffer versions, dtype, columns, weight [ΣN, len(columns)])
+        self._outliers: tuple | None = None  # ((buffer versions, dtype), columns, weight [ΣN, len(columns)])
         self._pending: tuple | None = None  # (counts, output per member, members yet to take theirs)
 
     def output(self, member: "Int8Linear", counts: _Counts) -> torch.Tensor:
@@ -285,7 +285,9 @@ class ProductGroup:
         return pending[1][member]
 
     def _versions(self) -> tuple:
-        return tuple((t.data_ptr(), t._version) for m in self.members for t in (m.weight, m.weight_scale))
+        """Changes when a member's codes, scales or bias do: what the cached layouts are rebuilt on."""
+        tensors = [t for m in self.members for t in (m.weight, m.weight_scale, m.bias) if t is not None]
+        return tuple((t.data_ptr(), t._version) for t in tensors)
 
     def _integer_layout(self) -> tuple:
         """Per weight group its input columns and the members' codes ``[K_g, ΣN]`` (contiguous), the scales
