@@ -240,6 +240,13 @@ def test_pass_key_curve_is_logged_and_drawn(tmp_path, pair):
     assert [p["passkey"] for p in curve["points"]] == [r["passkey"] for r in evaluated]
 
 
+def write_code_word_chats(path: Path, count: int = 40) -> Path:
+    """A JSONL file of ``count`` one-turn chat examples (a code word in the prompt, asked back)."""
+    path.write_text("".join(json.dumps({"prompt": f"Note {i}: the code word is lantern-{i}. What is the code word?",
+                                        "answer": f"The code word is lantern-{i}."}) + "\n" for i in range(count)))
+    return path
+
+
 def test_chat_examples_train_on_their_answers_only(tmp_path, pair):
     # data: plain text plus chat examples; the first distill step's logged loss must be the loss over plain text
     # and the answers only, recomputed here from the same batch and a hand-built mask
@@ -248,10 +255,8 @@ def test_chat_examples_train_on_their_answers_only(tmp_path, pair):
     from spikingbrain.train.data import PackedBatches, encode_chat_example, pack, row_fitting_order
     from spikingbrain.train.trainer import distill_loss
 
-    teacher, student, data = pair
-    chats = tmp_path / "chats.jsonl"
-    chats.write_text("".join(json.dumps({"prompt": f"Note {i}: the code word is lantern-{i}. What is the code word?",
-                                         "answer": f"The code word is lantern-{i}."}) + "\n" for i in range(40)))
+    teacher, student, _ = pair
+    chats = write_code_word_chats(tmp_path / "chats.jsonl")
     cfg = write_config(tmp_path / "c.yaml", (teacher, student, chats), tmp_path / "run", calibrate=False,
                        held_out_fraction=0.1)
     plain = tmp_path / "plain.txt"
@@ -293,6 +298,36 @@ def test_chat_examples_train_on_their_answers_only(tmp_path, pair):
     answer = trainer.tokenizer.decode([t for t, m in zip(ids, answer_mask) if m])
     assert answer.startswith("The code word is lantern-") and answer.endswith("<|im_end|>")
     assert (ids, answer_mask) == encode_chat_example(trainer.tokenizer, *_prompt_and_answer(trainer.tokenizer.decode(ids)))
+
+
+def test_chat_loss_all_scores_every_token_of_a_chat_example(tmp_path, pair):
+    # chat_loss: all trains on the whole chat template, like plain text: the first step's logged loss is the unmasked
+    # loss of the first batch of the plainly packed rows, and the tokens are those of the answer-only encoding
+    import copy
+
+    from spikingbrain.train.data import PackedBatches, encode_chat_example, pack
+    from spikingbrain.train.trainer import distill_loss
+
+    teacher, student, _ = pair
+    chats = write_code_word_chats(tmp_path / "chats.jsonl")
+    cfg = write_config(tmp_path / "c.yaml", (teacher, student, chats), tmp_path / "run", calibrate=False,
+                       held_out_fraction=0.1, chat_loss="all")
+    config = load_train_config(cfg, ["stages.1.steps=1", "stages.1.grad_accum=1", "stages.1.seq_len=128"])
+    config.stages = config.stages[1:]
+    trainer = Trainer(config, progress=False)
+    assert trainer.train_masks is None
+    ids = trainer.train_tokens[0]
+    assert ids == encode_chat_example(trainer.tokenizer, *_prompt_and_answer(trainer.tokenizer.decode(ids)))[0]
+    untrained = copy.deepcopy(trainer.student)
+    trainer.run()
+    logged = next(r for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) if "loss" in r)
+    stage = config.stages[0]
+    batch = next(PackedBatches(pack(trainer.train_tokens, stage.seq_len, trainer.separator), stage.batch_size, seed=config.seed))
+    with torch.no_grad():
+        expected, _ = distill_loss(untrained, trainer.teacher, batch, stage.kl_weight, stage.ce_weight)
+    assert logged["loss"] == pytest.approx(expected.item(), rel=1e-4)
+    with pytest.raises(ValueError, match=r"chat_loss='prompt'; use one of \['answer', 'all'\]"):
+        dataclasses.replace(config, chat_loss="prompt").validate()
 
 
 def test_a_stage_trains_on_its_own_data_with_the_answers_share(tmp_path, pair):

@@ -9,7 +9,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["StageConfig", "TrainConfig", "comparable_fingerprint", "load_train_config", "apply_overrides", "STAGE_KINDS", "TRAINABLE_SETS"]
+__all__ = ["StageConfig", "TrainConfig", "comparable_fingerprint", "load_train_config", "apply_overrides", "STAGE_KINDS", "TRAINABLE_SETS", "CHAT_LOSSES"]
 
 #: calibrate: closed-form least-squares fit of GLA output-norm scales to the teacher (one step);
 #: transfer: each converted mixer matches the teacher's attention output (MSE);
@@ -18,6 +18,8 @@ STAGE_KINDS = ("calibrate", "transfer", "distill")
 #: new: parameters the source lacked (gates, norms); mixers: every parameter of converted mixers;
 #: lora: adapters (plus the new parameters); all: every parameter except the embeddings.
 TRAINABLE_SETS = ("new", "mixers", "lora", "all")
+#: answer: a chat example's loss covers its answer only; all: every one of its tokens, like plain text.
+CHAT_LOSSES = ("answer", "all")
 
 
 @dataclass
@@ -85,6 +87,9 @@ class TrainConfig:
     #: keys each), logged beside the perplexity and drawn in ``curve.png``; empty: perplexity only.
     eval_passkey_lengths: list[int] = field(default_factory=list)
     eval_passkey_trials: int = 3
+    #: Which tokens of a chat example (``{"prompt", "answer"}`` data) the losses score: ``answer`` (the answer only, the
+    #: default) or ``all`` (every token of the chat template, as if the example were plain text).
+    chat_loss: str = "answer"
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the field and the fix for any bad value."""
@@ -120,6 +125,8 @@ class TrainConfig:
         for key in ("checkpoint_every", "eval_every", "keep_checkpoints", "lora_rank", "eval_passkey_trials"):
             if getattr(self, key) < 1:
                 raise ValueError(f"config: {key} must be >= 1, got {getattr(self, key)}")
+        if self.chat_loss not in CHAT_LOSSES:
+            raise ValueError(f"config: chat_loss={self.chat_loss!r}; use one of {list(CHAT_LOSSES)}")
         if self.eval_context < 2:
             raise ValueError(f"config: eval_context must be >= 2, got {self.eval_context}")
 

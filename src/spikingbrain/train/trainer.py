@@ -166,10 +166,11 @@ class Trainer:
 
     def _encoded(self, sources: list[str]) -> tuple[list[list[int]], list | None, list]:
         """``(token lists, answer-only masks or None, held-out documents)`` of the training split of ``sources``;
-        masks where the data has chat examples (a None entry: every token is scored, as for plain text)."""
+        masks where the data has chat examples and ``chat_loss`` is ``answer`` (a None entry: every token is scored,
+        as for plain text)."""
         train_docs, held_docs = split_held_out(load_documents(sources), self.config.held_out_fraction, self.config.seed)
         encoded = encode_documents(train_docs, self.tokenizer, self.separator)
-        masks = [mask for _, mask in encoded]
+        masks = [mask if self.config.chat_loss == "answer" else None for _, mask in encoded]
         return [ids for ids, _ in encoded], (masks if any(m is not None for m in masks) else None), held_docs
 
     def _packed(self, stage: StageConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
