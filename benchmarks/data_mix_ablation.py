@@ -67,32 +67,26 @@ def trained(name: str, args) -> tuple[Path, float]:
 
 
 def plot(result: dict, path: Path) -> Path:
-    """Perplexity ratios and pass-key / needle accuracy per variant, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """Perplexity ratios and pass-key accuracy per variant, as a PNG."""
+    from spikingbrain.runtime.plots import new_figure, save_figure
 
     ppl, keys = result["perplexity"], result["passkey"]["models"]
     names = [n for n in ppl if n != "teacher"]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4), sharey=True)
-    for j, part in enumerate(("held_out_2048", "absent_2048")):
+    fig, (left, right) = new_figure(2, (12, 4.5))
+    for j, (part, label) in enumerate((("held_out_2048", "held-out split"), ("absent_2048", "absent source (Brown)"))):
         left.barh([y + 0.35 * (j - 0.5) for y in range(len(names))], [ppl[n][part] / ppl["teacher"][part] for n in names],
-                  height=0.35, label={"held_out_2048": "held-out split", "absent_2048": "absent source (Brown)"}[part])
+                  height=0.35, label=label)
     left.set_yticks(range(len(names)), names)
     left.set_xlabel("perplexity / teacher's at context 2048 (lower is better)")
-    left.legend(loc="lower right")
     lengths = result["passkey"]["lengths"]
     for j, n in enumerate(lengths):
         right.barh([y + 0.25 * (j - 1) for y in range(len(names))], [keys[m]["accuracy_by_length"][str(n)] for m in names],
-                   height=0.25, label=f"pass key {n} (teacher {keys['teacher']['accuracy_by_length'][str(n)]:.0%})")
-    right.set_xlabel("accuracy")
-    right.legend(loc="lower right", fontsize=8)
-    fig.suptitle(f"Training data at a fixed budget ({result['steps']} x 1024 tokens after calibration)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+                   height=0.25, label=f"{n} tokens (teacher {keys['teacher']['accuracy_by_length'][str(n)]:.0%})")
+    right.set_yticks(range(len(names)), [""] * len(names))
+    right.set_xlabel("pass-key accuracy")
+    for ax in (left, right):  # above the bars, which reach the right edge
+        ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=3, fontsize=7)
+    return save_figure(fig, path, f"Training data at a fixed budget ({result['steps']} x 1024 tokens after calibration)")
 
 
 def main() -> None:

@@ -24,26 +24,14 @@ from spikingbrain.runtime.lengths import format_length, parse_lengths
 
 def plot(result: dict, path: Path) -> Path:
     """Seconds against prompt length per model (log-log), as a PNG."""
-    import matplotlib
+    from spikingbrain.runtime.plots import new_figure, save_loglog
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, (ax,) = new_figure(1, (7, 4))
     lengths = [row["length"] for row in result["rows"]]
     for name in result["models"]:
         ax.plot(lengths, [row[name]["seconds"] for row in result["rows"]], marker="o", label=name)
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xticks(lengths, [format_length(n) for n in lengths])
-    ax.set_xlabel("prompt tokens")
     ax.set_ylabel("time to first token (s)")
-    ax.set_title(f"prefill side by side, {result['machine']['torch_threads']} threads")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_loglog(fig, [ax], path, "prompt tokens", f"prefill side by side, {result['machine']['torch_threads']} threads")
 
 
 def main() -> int:

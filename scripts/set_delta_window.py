@@ -9,12 +9,10 @@ the file has one already). A folder's window is its ``config.json`` key ``slidin
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
-from safetensors import safe_open
-
-from spikingbrain.model.shipped import write_delta
+from spikingbrain.model.checkpoint import CheckpointError
+from spikingbrain.model.shipped import read_delta, write_delta
 
 
 def main() -> None:
@@ -28,16 +26,14 @@ def main() -> None:
         parser.error(f"--window {args.window}: give a window of at least 1 key")
     if out.exists():
         parser.error(f"{out}: exists; give a new file name (the delta is never overwritten)")
-    with safe_open(str(delta), framework="pt") as f:
-        meta, tensors = f.metadata() or {}, {name: f.get_tensor(name) for name in f.keys()}
-    if "config" not in meta or "teacher" not in meta:
-        raise SystemExit(f"{delta}: not a spikingbrain delta file (no 'config'/'teacher' metadata)")
-    config = json.loads(meta["config"])
+    try:
+        config, teacher, tensors, extra = read_delta(delta)
+    except CheckpointError as err:
+        raise SystemExit(str(err)) from None
     if "sliding_window" not in config:
         raise SystemExit(f"{delta}: its config has no sliding_window; the model has no sliding-window layers to change")
-    extra = {k: json.loads(v) for k, v in meta.items() if k not in ("config", "teacher")}
     extra.setdefault("trained_sliding_window", config["sliding_window"])
-    write_delta(out, tensors, {**config, "sliding_window": args.window}, meta["teacher"], extra)
+    write_delta(out, tensors, {**config, "sliding_window": args.window}, teacher, extra)
     print(f"{out}: sliding_window {config['sliding_window']} -> {args.window} (trained with {extra['trained_sliding_window']})")
 
 

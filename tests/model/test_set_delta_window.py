@@ -51,3 +51,8 @@ def test_refusals_name_the_problem(tmp_path):
     assert zero.returncode != 0 and "--window 0: give a window of at least 1 key" in zero.stderr
     no_window = run(tmp_path / "d.safetensors", tmp_path / "o.safetensors", "--window", 64)
     assert no_window.returncode != 0 and "has no sliding_window" in no_window.stderr
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.ones(2)}, str(tmp_path / "plain.safetensors"))
+    plain = run(tmp_path / "plain.safetensors", tmp_path / "o.safetensors", "--window", 64)
+    assert plain.returncode != 0 and "not a spikingbrain delta file" in plain.stderr

@@ -26,7 +26,7 @@ from .hf_import import import_transformer
 from .names import SHIPPED_MODELS, SHORT_NAMES
 
 __all__ = ["resolve_folder", "shipped_delta_path", "shipped_conversion_of", "shipped_conversions_of", "shipped_model_folder",
-           "shipped_training_curve", "write_delta", "build_from_delta", "export_model"]
+           "shipped_training_curve", "write_delta", "read_delta", "build_from_delta", "export_model"]
 _CONFIG_KEYS_NOT_OVERRIDDEN = ("architectures", "transformers_version", "model_type", "dtype", "torch_dtype", "_name_or_path")
 
 
@@ -106,18 +106,25 @@ def write_delta(path: str | Path, tensors: dict[str, torch.Tensor], config: dict
     return path
 
 
-def build_from_delta(delta: Path, out: Path) -> None:
-    """Rebuild the model a delta describes into the folder ``out``."""
-    with safe_open(str(delta), framework="pt") as f:
+def read_delta(path: str | Path) -> tuple[dict, str, dict[str, torch.Tensor], dict]:
+    """``(config, teacher, tensors, extra)`` of a delta file: what :func:`write_delta` was given."""
+    with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
         tensors = {name: f.get_tensor(name) for name in f.keys()}
     if "config" not in meta or "teacher" not in meta:
-        raise CheckpointError(f"{delta}: not a spikingbrain delta file (no 'config'/'teacher' metadata)")
-    config = {k: v for k, v in json.loads(meta["config"]).items() if k not in _CONFIG_KEYS_NOT_OVERRIDDEN}
-    teacher = resolve_folder(meta["teacher"])
+        raise CheckpointError(f"{path}: not a spikingbrain delta file (no 'config'/'teacher' metadata)")
+    extra = {k: json.loads(v) for k, v in meta.items() if k not in ("config", "teacher")}
+    return json.loads(meta["config"]), meta["teacher"], tensors, extra
+
+
+def build_from_delta(delta: Path, out: Path) -> None:
+    """Rebuild the model a delta describes into the folder ``out``."""
+    config, teacher_ref, tensors, extra = read_delta(delta)
+    config = {k: v for k, v in config.items() if k not in _CONFIG_KEYS_NOT_OVERRIDDEN}
+    teacher = resolve_folder(teacher_ref)
     model, _ = import_transformer(teacher, config.pop("layer_mixers"), torch.float32, **config)
     params = dict(model.named_parameters())
-    scale = float(json.loads(meta.get("lora_scale", "1")))
+    scale = float(extra.get("lora_scale", 1))
     with torch.no_grad():
         for name, tensor in tensors.items():
             if name.endswith(".lora_b"):
