@@ -22,7 +22,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from spikingbrain.cli import main
-from spikingbrain.model.shipped import build_from_delta
+from spikingbrain.model.shipped import build_from_delta, read_delta, write_delta
 from spikingbrain.train.config import load_train_config
 from spikingbrain.train.trainer import Trainer, TrainingError
 
@@ -420,3 +420,36 @@ def test_export_latest_writes_the_checkpoints_student(tmp_path, pair, capsys):
         assert max(p["step"] for p in json.loads(f.metadata()["training_curve"])["points"]) == 7
     assert main(["train", str(write_config(tmp_path / "d.yaml", pair, tmp_path / "empty")), "--export-latest"]) == 2
     assert "no checkpoint to export" in capsys.readouterr().err
+
+
+def test_a_run_started_from_a_delta_holds_the_model_that_delta_rebuilds(tmp_path, pair):
+    # a first run writes a delta; a second run started from it (init_delta) holds, before any step, the model that
+    # build_from_delta makes of it, and exports the same tensors; layouts or ranks that disagree are refused by name
+    Trainer(load_train_config(write_config(tmp_path / "a.yaml", pair, tmp_path / "a", steps=(2, 2))), progress=False).run()
+    delta = tmp_path / "a" / "delta.safetensors"
+    second = Trainer(load_train_config(write_config(tmp_path / "b.yaml", pair, tmp_path / "b", steps=(1, 1), calibrate=False,
+                                                    init_delta=str(delta))), progress=False)
+    build_from_delta(delta, tmp_path / "rebuilt")
+    ids = torch.randint(0, 200, (1, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        continued = second.student(ids, use_cache=False).logits
+        rebuilt = AutoModelForCausalLM.from_pretrained(tmp_path / "rebuilt")(ids, use_cache=False).logits
+        converted = AutoModelForCausalLM.from_pretrained(pair[1])(ids, use_cache=False).logits
+    assert (continued - rebuilt).abs().max() < 1e-4 * rebuilt.abs().max()
+    assert (continued - converted).abs().max() > 100 * (continued - rebuilt).abs().max()  # the delta did change the model
+    second.export_delta(tmp_path / "b-delta.safetensors")
+    _, _, first_tensors, _ = read_delta(delta)
+    _, _, second_tensors, _ = read_delta(tmp_path / "b-delta.safetensors")
+    assert first_tensors.keys() == second_tensors.keys()
+    assert all(torch.equal(first_tensors[n], second_tensors[n]) for n in first_tensors)
+
+    config, teacher, tensors, extra = read_delta(delta)
+    write_delta(tmp_path / "other-layout.safetensors", tensors, {**config, "layer_mixers": ["full"] * 4}, teacher, extra)
+    for name, overrides, message in [
+        ("layout", {"init_delta": str(tmp_path / "other-layout.safetensors")}, "convert the student with the delta's layout"),
+        ("rank", {"init_delta": str(delta), "lora_rank": 2}, "check lora_rank"),
+        ("missing", {"init_delta": str(tmp_path / "nothing.safetensors")}, "neither a shipped model"),
+    ]:
+        cfg = load_train_config(write_config(tmp_path / f"{name}.yaml", pair, tmp_path / name, calibrate=False, **overrides))
+        with pytest.raises(TrainingError, match=message):
+            Trainer(cfg, progress=False)

@@ -90,6 +90,10 @@ class TrainConfig:
     #: Which tokens of a chat example (``{"prompt", "answer"}`` data) the losses score: ``answer`` (the answer only, the
     #: default) or ``all`` (every token of the chat template, as if the example were plain text).
     chat_loss: str = "answer"
+    #: Start from a delta file's trained tensors instead of fresh adapters: a shipped model's name (e.g.
+    #: ``spikingbrain-smollm2``) or a ``delta.safetensors`` path, to train a finished conversion further. The
+    #: student must be a conversion with the same layer layout, and ``lora_rank``/``lora_alpha`` those of the delta.
+    init_delta: str | None = None
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the field and the fix for any bad value."""

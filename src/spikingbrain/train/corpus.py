@@ -503,7 +503,7 @@ def _download(source: Source, folder: Path) -> Path:
         if len(archives) == 1:
             return archives[0]
     partial = _fresh_folder(folder.with_name(folder.name + ".partial"))
-    _DOWNLOADERS[source.registry](source, partial)
+    _DOWNLOADERS[source.registry](source, partial.resolve())  # absolute: the clients run with the folder as their cwd
     archives = sorted(path for path in partial.iterdir() if path.is_file())
     if len(archives) != 1:
         raise CorpusError(f"{source.name}: expected one downloaded archive in {partial}, found {[p.name for p in archives]}")

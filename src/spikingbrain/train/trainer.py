@@ -28,7 +28,8 @@ from ..model.hf_import import is_source_parameter
 from ..model.mixers import ParallelHybridAttention
 from ..model.checkpoint import copy_tokenizer_files, written_folder
 from ..model.loading import load_model, load_tokenizer, resolve_folder
-from ..model.shipped import write_delta
+from ..model.names import SHIPPED_MODELS
+from ..model.shipped import read_delta, shipped_delta_path, write_delta
 from ..runtime.machine import flushing_denormals
 from ..spiking.apply import spikify
 from .config import StageConfig, TrainConfig, comparable_fingerprint
@@ -140,6 +141,8 @@ class Trainer:
         if any(s.trainable == "lora" for s in config.stages):
             self.lora_names = add_lora(self.student, config.lora_rank, config.lora_alpha, config.lora_targets)
         self.ever_trained: set[str] = set()
+        if config.init_delta:
+            self._start_from_delta(config.init_delta)
         self.global_step, self.tokens_seen, self.stage_index, self.stage_step = 0, 0, 0, 0
         self.data_state: dict | None = None
         self._prepare_data()
@@ -154,6 +157,32 @@ class Trainer:
                     f"student {self.config.student} and teacher {self.config.teacher} differ in {key} "
                     f"({getattr(s, key)} vs {getattr(t, key)}); the student must be a conversion of the teacher"
                 )
+
+    def _start_from_delta(self, ref: str) -> None:
+        """Load a delta's tensors (``config.init_delta``) into the student: LoRA factors into its adapters, the rest into
+        the parameters they name. They count as trained, so the exported delta carries them on."""
+        path = shipped_delta_path(ref) if ref in SHIPPED_MODELS else Path(ref).expanduser()
+        if not path.is_file():
+            raise TrainingError(f"config: init_delta={ref!r} is neither a shipped model ({sorted(SHIPPED_MODELS)}) nor a delta file")
+        config, _, tensors, extra = read_delta(path)
+        if config.get("layer_mixers") != list(self.student.config.layer_mixers):
+            raise TrainingError(
+                f"{path}: its layers {config.get('layer_mixers')} differ from student {self.config.student}'s "
+                f"{list(self.student.config.layer_mixers)}; convert the student with the delta's layout"
+            )
+        scales = {m.scale for m in self.student.modules() if isinstance(m, LoRALinear)}
+        if any(n.endswith(".lora_a") for n in tensors) and scales != {float(extra.get("lora_scale", 1.0))}:
+            raise TrainingError(f"{path}: LoRA scale {extra.get('lora_scale')} differs from this run's {sorted(scales)}; "
+                                "set lora_rank and lora_alpha to the delta's (or add LoRA stages)")
+        params = {name.replace(".base.", "."): (name, p) for name, p in self.student.named_parameters()}
+        with torch.no_grad():
+            for name, tensor in tensors.items():
+                if name not in params or params[name][1].shape != tensor.shape:
+                    shape = tuple(params[name][1].shape) if name in params else "absent"
+                    raise TrainingError(f"{path}: tensor {name} {tuple(tensor.shape)} does not fit the student ({shape}); "
+                                        "check lora_rank and lora_targets against the delta's")
+                params[name][1].copy_(tensor)
+                self.ever_trained.add(params[name][0])
 
     def _prepare_data(self) -> None:
         self.separator = self.tokenizer.eos_token_id
