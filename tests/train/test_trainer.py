@@ -448,6 +448,7 @@ def test_a_run_started_from_a_delta_holds_the_model_that_delta_rebuilds(tmp_path
     for name, overrides, message in [
         ("layout", {"init_delta": str(tmp_path / "other-layout.safetensors")}, "convert the student with the delta's layout"),
         ("rank", {"init_delta": str(delta), "lora_rank": 2}, "check lora_rank"),
+        ("scale", {"init_delta": str(delta), "lora_alpha": 64.0}, "set lora_rank and lora_alpha"),
         ("missing", {"init_delta": str(tmp_path / "nothing.safetensors")}, "neither a shipped model"),
     ]:
         cfg = load_train_config(write_config(tmp_path / f"{name}.yaml", pair, tmp_path / name, calibrate=False, **overrides))

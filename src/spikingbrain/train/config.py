@@ -92,7 +92,7 @@ class TrainConfig:
     chat_loss: str = "answer"
     #: Start from a delta file's trained tensors instead of fresh adapters: a shipped model's name (e.g.
     #: ``spikingbrain-smollm2``) or a ``delta.safetensors`` path, to train a finished conversion further. The
-    #: student must be a conversion with the same layer layout, and ``lora_rank``/``lora_alpha`` those of the delta.
+    #: student must be a conversion with the same layer layout; ``lora_rank``, ``lora_alpha``, ``lora_targets`` the delta's.
     init_delta: str | None = None
 
     def validate(self) -> None:

@@ -109,6 +109,11 @@ def target_weights(targets: torch.Tensor, answer_share: float | None) -> torch.T
     return answers * (answer_share / answers.sum()) + plain * ((1.0 - answer_share) / plain.sum())
 
 
+def _delta_name(name: str) -> str:
+    """A student parameter's name in a delta file: a LoRA-wrapped linear's weight named as in the plain model."""
+    return name.replace(".base.", ".")
+
+
 class Trainer:
     """Runs a ``TrainConfig``; ``run()`` returns a summary dict and writes everything under ``config.out``."""
 
@@ -170,11 +175,11 @@ class Trainer:
                 f"{path}: its layers {config.get('layer_mixers')} differ from student {self.config.student}'s "
                 f"{list(self.student.config.layer_mixers)}; convert the student with the delta's layout"
             )
-        scales = {m.scale for m in self.student.modules() if isinstance(m, LoRALinear)}
+        scales = self._lora_scales()
         if any(n.endswith(".lora_a") for n in tensors) and scales != {float(extra.get("lora_scale", 1.0))}:
             raise TrainingError(f"{path}: LoRA scale {extra.get('lora_scale')} differs from this run's {sorted(scales)}; "
                                 "set lora_rank and lora_alpha to the delta's (or add LoRA stages)")
-        params = {name.replace(".base.", "."): (name, p) for name, p in self.student.named_parameters()}
+        params = {_delta_name(name): (name, p) for name, p in self.student.named_parameters()}
         with torch.no_grad():
             for name, tensor in tensors.items():
                 if name not in params or params[name][1].shape != tensor.shape:
@@ -183,6 +188,10 @@ class Trainer:
                                         "check lora_rank and lora_targets against the delta's")
                 params[name][1].copy_(tensor)
                 self.ever_trained.add(params[name][0])
+
+    def _lora_scales(self) -> set[float]:
+        """The scales of the student's LoRA adapters (one value when it has any, as ``add_lora`` gives them)."""
+        return {m.scale for m in self.student.modules() if isinstance(m, LoRALinear)}
 
     def _prepare_data(self) -> None:
         self.separator = self.tokenizer.eos_token_id
@@ -241,7 +250,7 @@ class Trainer:
     def _new_parameter_names(self) -> set[str]:
         """The parameters the conversion added (the source model has no such tensor), adapters excluded."""
         lora = set(lora_parameters(self.student))
-        return {n for n, _ in self.student.named_parameters() if not is_source_parameter(n.replace(".base.", ".")) and n not in lora}
+        return {n for n, _ in self.student.named_parameters() if not is_source_parameter(_delta_name(n)) and n not in lora}
 
     def _optimizer(self, trainable: dict[str, torch.nn.Parameter], new: set[str], stage: StageConfig) -> torch.optim.Optimizer:
         """AdamW over the trainable parameters, in their order; the conversion's ``new`` ones (last in
@@ -498,10 +507,10 @@ class Trainer:
         params = dict(self.student.named_parameters())
         lora = lora_parameters(self.student)
         tensors = {
-            name.replace(".base.", "."): params[name].detach().to(lora_dtype if name in lora else params[name].dtype)
+            _delta_name(name): params[name].detach().to(lora_dtype if name in lora else params[name].dtype)
             for name in sorted(self.ever_trained)
         }
-        scales = {m.scale for m in self.student.modules() if isinstance(m, LoRALinear)}
+        scales = self._lora_scales()
         extra = {"lora_scale": scales.pop() if scales else 1.0, "tokens_seen": self.tokens_seen, "steps": self.global_step}
         if self.metrics_path.is_file():  # the delta carries its training curve (``model.shipped.shipped_training_curve``)
             curve = training_curve(self.out)
