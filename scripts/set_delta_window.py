@@ -1,9 +1,11 @@
-"""Write a copy of a delta file whose model serves with another sliding window (a setting, not a weight).
+"""Write a copy of a delta file whose model serves with another sliding window or sink count (settings, not weights).
 
-Usage: .venv/bin/python scripts/set_delta_window.py DELTA OUT --window 4096
-Every tensor and metadata entry is kept. The config's ``sliding_window`` becomes WINDOW, and the
-metadata records the window the delta was trained with as ``trained_sliding_window`` (kept when
-the file has one already). A folder's window is its ``config.json`` key ``sliding_window``.
+Usage: .venv/bin/python scripts/set_delta_window.py DELTA OUT [--window 4096] [--keep-first-tokens 512]
+Every tensor and metadata entry is kept. The config's ``sliding_window`` becomes WINDOW and its
+``keep_first_tokens`` (the first positions every sliding-window query keeps seeing) becomes N;
+the metadata records the values the delta was trained with as ``trained_sliding_window`` and
+``trained_keep_first_tokens`` (kept when the file has them already). A folder's settings are its
+``config.json`` keys of the same names.
 """
 
 from __future__ import annotations
@@ -19,11 +21,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("delta", help="a delta file (spikingbrain train writes delta.safetensors)")
     parser.add_argument("out", help="the file to write (must not exist)")
-    parser.add_argument("--window", type=int, required=True, help="keys each sliding-window query sees besides its own")
+    parser.add_argument("--window", type=int, help="keys each sliding-window query sees besides its own")
+    parser.add_argument(
+        "--keep-first-tokens", type=int, help="first positions every sliding-window query also sees (0: a plain window)"
+    )
     args = parser.parse_args()
     delta, out = Path(args.delta), Path(args.out)
-    if args.window < 1:
+    if args.window is None and args.keep_first_tokens is None:
+        parser.error("give --window, --keep-first-tokens or both (nothing to change otherwise)")
+    if args.window is not None and args.window < 1:
         parser.error(f"--window {args.window}: give a window of at least 1 key")
+    if args.keep_first_tokens is not None and args.keep_first_tokens < 0:
+        parser.error(f"--keep-first-tokens {args.keep_first_tokens}: give 0 or more first tokens")
     if out.exists():
         parser.error(f"{out}: exists; give a new file name (the delta is never overwritten)")
     try:
@@ -32,9 +41,16 @@ def main() -> None:
         raise SystemExit(str(err)) from None
     if "sliding_window" not in config:
         raise SystemExit(f"{delta}: its config has no sliding_window; the model has no sliding-window layers to change")
-    extra.setdefault("trained_sliding_window", config["sliding_window"])
-    write_delta(out, tensors, {**config, "sliding_window": args.window}, teacher, extra)
-    print(f"{out}: sliding_window {config['sliding_window']} -> {args.window} (trained with {extra['trained_sliding_window']})")
+    changes = {"sliding_window": args.window, "keep_first_tokens": args.keep_first_tokens}
+    changed = dict(config)
+    for key, value in changes.items():
+        if value is not None:
+            extra.setdefault(f"trained_{key}", config.get(key, 0))
+            changed[key] = value
+    write_delta(out, tensors, changed, teacher, extra)
+    for key, value in changes.items():
+        if value is not None:
+            print(f"{out}: {key} {config.get(key, 0)} -> {value} (trained with {extra[f'trained_{key}']})")
 
 
 if __name__ == "__main__":

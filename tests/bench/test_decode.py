@@ -21,9 +21,10 @@ def _shapes(cache) -> list[tuple]:
     return [tuple(t.shape) for layer in cache.layers for t in (layer.keys, layer.values)]
 
 
-@pytest.mark.parametrize("length", [5, 40])
-def test_context_caches_have_the_shapes_of_a_real_prefill(tmp_path, length):
-    ours_ref, base_ref = make_pair(tmp_path)
+@pytest.mark.parametrize("length,keep_first", [(5, 0), (40, 0), (40, 6), (12, 6)])
+def test_context_caches_have_the_shapes_of_a_real_prefill(tmp_path, length, keep_first):
+    """Window 8: at 40 tokens the cache holds the window and the kept first positions; at 12 (< 8 + 6) all."""
+    ours_ref, base_ref = make_pair(tmp_path, keep_first_tokens=keep_first)
     ids = torch.randint(0, 97, (1, length), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         for model in (load_model(ours_ref), load_baseline(base_ref)):

@@ -16,7 +16,7 @@ from spikingbrain.cli import main
 from spikingbrain.runtime.candidates import load_baseline
 
 
-def make_pair(root, max_sequence_length=None):
+def make_pair(root, max_sequence_length=None, keep_first_tokens=0):
     """Folders of a tiny GLA + SWA SpikingBrain model and a tiny transformers Llama (both random, vocab 97)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -26,7 +26,7 @@ def make_pair(root, max_sequence_length=None):
     ours = SpikingBrainConfig(
         vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, sliding_window=8, gla_chunk_size=16, streaming_chunk_size=32,
-        max_sequence_length=max_sequence_length, layer_mixers=["gla", "swa"],
+        max_sequence_length=max_sequence_length, layer_mixers=["gla", "swa"], keep_first_tokens=keep_first_tokens,
     )
     SpikingBrainForCausalLM(ours).save_pretrained(root / "ours")
     base = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,

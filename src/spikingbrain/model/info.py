@@ -22,7 +22,8 @@ LAYOUT_LETTERS = {"gla": "L", "swa": "S", "full": "F", "parallel-swa": "s", "par
 
 
 def state_bytes(config: SpikingBrainConfig, length: int, kv_bytes_per_value: int = 4) -> int:
-    """Inference-state bytes of one sequence of ``length`` tokens (fp32 GLA states, sink keys/values included)."""
+    """Inference-state bytes of one sequence of ``length`` tokens (fp32 GLA states, sink keys/values and
+    the kept first positions included)."""
     D, Hkv = config.head_dim, config.num_key_value_heads
     kv_per_token = 2 * Hkv * D * kv_bytes_per_value
     total = 0
@@ -30,7 +31,7 @@ def state_bytes(config: SpikingBrainConfig, length: int, kv_bytes_per_value: int
         if mixer == "gla" or mixer.startswith("parallel-"):
             total += Hkv * D * D * 4
         if mixer.endswith("swa"):
-            total += min(length, config.attention_window) * kv_per_token
+            total += min(length, config.attention_window + config.keep_first_tokens) * kv_per_token
         elif mixer.endswith("full"):
             total += length * kv_per_token
         if mixer != "gla":
