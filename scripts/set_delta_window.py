@@ -41,16 +41,13 @@ def main() -> None:
         raise SystemExit(str(err)) from None
     if "sliding_window" not in config:
         raise SystemExit(f"{delta}: its config has no sliding_window; the model has no sliding-window layers to change")
-    changes = {"sliding_window": args.window, "keep_first_tokens": args.keep_first_tokens}
-    changed = dict(config)
+    given = {"sliding_window": args.window, "keep_first_tokens": args.keep_first_tokens}
+    changes = {key: value for key, value in given.items() if value is not None}
+    for key in changes:
+        extra.setdefault(f"trained_{key}", config.get(key, 0))
+    write_delta(out, tensors, {**config, **changes}, teacher, extra)
     for key, value in changes.items():
-        if value is not None:
-            extra.setdefault(f"trained_{key}", config.get(key, 0))
-            changed[key] = value
-    write_delta(out, tensors, changed, teacher, extra)
-    for key, value in changes.items():
-        if value is not None:
-            print(f"{out}: {key} {config.get(key, 0)} -> {value} (trained with {extra[f'trained_{key}']})")
+        print(f"{out}: {key} {config.get(key, 0)} -> {value} (trained with {extra[f'trained_{key}']})")
 
 
 if __name__ == "__main__":

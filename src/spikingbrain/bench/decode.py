@@ -64,7 +64,7 @@ def context_cache(model, length: int, seed: int = 0):
     config = model.config
     if _is_ours(model):
         needs_all = any(m.endswith("full") for m in config.layer_mixers)
-        span = length if needs_all else min(length, config.attention_window + config.keep_first_tokens)
+        span = length if needs_all else min(length, config.window_cache_positions)
         cache = model.new_cache()
         model(torch.randint(0, config.vocab_size, (1, span), generator=gen), cache=cache, use_cache=True, logits_to_keep=1)
         cache.seen_tokens = length

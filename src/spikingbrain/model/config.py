@@ -171,6 +171,11 @@ class SpikingBrainConfig(PretrainedConfig):
         return self.sliding_window if self.window_semantics == "flash" else self.sliding_window - 1
 
     @property
+    def window_cache_positions(self) -> int:
+        """Positions a sliding-window layer's cache holds at most: the kept first ones and the window."""
+        return self.attention_window + self.keep_first_tokens
+
+    @property
     def moe_layers(self) -> list[int]:
         """0-indexed layers whose FFN is a Mixture-of-Experts (empty without experts)."""
         if not self.num_experts:

@@ -31,7 +31,7 @@ def state_bytes(config: SpikingBrainConfig, length: int, kv_bytes_per_value: int
         if mixer == "gla" or mixer.startswith("parallel-"):
             total += Hkv * D * D * 4
         if mixer.endswith("swa"):
-            total += min(length, config.attention_window + config.keep_first_tokens) * kv_per_token
+            total += min(length, config.window_cache_positions) * kv_per_token
         elif mixer.endswith("full"):
             total += length * kv_per_token
         if mixer != "gla":
