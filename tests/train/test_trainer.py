@@ -443,6 +443,25 @@ def test_a_run_started_from_a_delta_holds_the_model_that_delta_rebuilds(tmp_path
     assert first_tensors.keys() == second_tensors.keys()
     assert all(torch.equal(first_tensors[n], second_tensors[n]) for n in first_tensors)
 
+    # trained to its end, the continuation's delta counts steps and tokens from the first run and continues its curve
+    first_extra = read_delta(delta)[3]
+    second.run()
+    _, _, _, second_extra = read_delta(tmp_path / "b" / "delta.safetensors")
+    own = json.loads((tmp_path / "b" / "summary.json").read_text())
+    assert second_extra["continued_from"] == {"delta": str(delta), "steps": first_extra["steps"],
+                                              "tokens_seen": first_extra["tokens_seen"]}
+    assert second_extra["steps"] == first_extra["steps"] + own["steps"]
+    assert second_extra["tokens_seen"] == first_extra["tokens_seen"] + own["tokens_seen"]
+    before, after = first_extra["training_curve"]["points"], second_extra["training_curve"]["points"]
+    own_points = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    own_points = [p for p in own_points if "ppl_ratio" in p]
+    assert after[:len(before)] == before and len(after) == len(before) + len(own_points)
+    for moved, point in zip(after[len(before):], own_points):
+        assert moved["step"] == point["step"] + first_extra["steps"] and moved["ppl"] == point["ppl"]
+        assert moved["tokens_seen"] == point["tokens_seen"] + first_extra["tokens_seen"]
+        if point["step"] > 0:  # the evaluation before the first step records no fraction
+            assert moved["fraction_of_teacher_pretraining"] == pytest.approx(moved["tokens_seen"] / 2e12)
+
     config, teacher, tensors, extra = read_delta(delta)
     write_delta(tmp_path / "other-layout.safetensors", tensors, {**config, "layer_mixers": ["full"] * 4}, teacher, extra)
     for name, overrides, message in [

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from statistics import fmean
 
-__all__ = ["training_curve", "plot_training_curve", "plot_training_curves"]
+__all__ = ["training_curve", "continued_curve", "plot_training_curve", "plot_training_curves"]
 
 _TOKENS_LABEL = "training tokens (the untrained conversion is drawn at 1)"
 
@@ -23,6 +23,21 @@ def training_curve(run: str | Path) -> dict:
     keys = ("step", "stage", "tokens_seen", "ppl", "ppl_ratio", "fraction_of_teacher_pretraining", "passkey")
     points = [{k: r[k] for k in keys if k in r} for r in records if "ppl_ratio" in r]
     return {"run": str(run), "teacher_ppl": teacher, "teacher_passkey": teacher_passkey, "points": points}
+
+
+def continued_curve(before: dict | None, after: dict, steps: int, tokens: int, teacher_pretraining_tokens: float) -> dict:
+    """The curve of a run started from a delta (``init_delta``) after that delta's own curve ``before``: its points
+    moved on by the delta's ``steps`` and ``tokens``, so that both count from the delta's first run."""
+    def moved(point: dict) -> dict:
+        point = {**point, "step": point["step"] + steps, "tokens_seen": point["tokens_seen"] + tokens}
+        if "fraction_of_teacher_pretraining" in point:
+            point["fraction_of_teacher_pretraining"] = point["tokens_seen"] / teacher_pretraining_tokens
+        return point
+
+    before = before or {}
+    teacher_passkey = {**(before.get("teacher_passkey") or {}), **(after.get("teacher_passkey") or {})}
+    return {**after, "continues": before.get("run"), "teacher_passkey": teacher_passkey or None,
+            "points": list(before.get("points", [])) + [moved(point) for point in after["points"]]}
 
 
 def _pyplot():

@@ -42,7 +42,7 @@ from .data import (
     packed_rows_with_targets,
     split_held_out,
 )
-from .report import plot_training_curve, training_curve
+from .report import continued_curve, plot_training_curve, training_curve
 from .lora import LoRALinear, add_lora, lora_parameters, merge_lora
 from .losses import chunked_distill_loss, full_distill_loss
 
@@ -146,6 +146,7 @@ class Trainer:
         if any(s.trainable == "lora" for s in config.stages):
             self.lora_names = add_lora(self.student, config.lora_rank, config.lora_alpha, config.lora_targets)
         self.ever_trained: set[str] = set()
+        self.started_from: dict | None = None  # the init_delta's file, steps, tokens and curve
         if config.init_delta:
             self._start_from_delta(config.init_delta)
         self.global_step, self.tokens_seen, self.stage_index, self.stage_step = 0, 0, 0, 0
@@ -188,6 +189,8 @@ class Trainer:
                                         "check lora_rank and lora_targets against the delta's")
                 params[name][1].copy_(tensor)
                 self.ever_trained.add(params[name][0])
+        self.started_from = {"delta": str(path), "steps": int(extra.get("steps", 0)),
+                             "tokens_seen": int(extra.get("tokens_seen", 0)), "curve": extra.get("training_curve")}
 
     def _lora_scales(self) -> set[float]:
         """The scales of the student's LoRA adapters (one value when it has any, as ``add_lora`` gives them)."""
@@ -512,9 +515,18 @@ class Trainer:
         }
         scales = self._lora_scales()
         extra = {"lora_scale": scales.pop() if scales else 1.0, "tokens_seen": self.tokens_seen, "steps": self.global_step}
+        curve = None
         if self.metrics_path.is_file():  # the delta carries its training curve (``model.shipped.shipped_training_curve``)
             curve = training_curve(self.out)
             curve["points"] = [point for point in curve["points"] if point["step"] <= self.global_step]
+        if self.started_from:  # a continuation counts steps and tokens from the delta's first run, and continues its curve
+            start = self.started_from
+            extra["continued_from"] = {key: start[key] for key in ("delta", "steps", "tokens_seen")}
+            extra["steps"], extra["tokens_seen"] = start["steps"] + self.global_step, start["tokens_seen"] + self.tokens_seen
+            if curve:
+                curve = continued_curve(start["curve"], curve, start["steps"], start["tokens_seen"],
+                                        self.config.teacher_pretraining_tokens)
+        if curve:
             extra["training_curve"] = curve
         return write_delta(path, tensors, self.student.config.to_dict(), self.config.teacher, extra)
 
