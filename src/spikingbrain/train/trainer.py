@@ -146,7 +146,7 @@ class Trainer:
         if any(s.trainable == "lora" for s in config.stages):
             self.lora_names = add_lora(self.student, config.lora_rank, config.lora_alpha, config.lora_targets)
         self.ever_trained: set[str] = set()
-        self.started_from: dict | None = None  # the init_delta's file, steps, tokens and curve
+        self.started_from: dict | None = None  # init_delta as given, its steps, tokens and curve
         if config.init_delta:
             self._start_from_delta(config.init_delta)
         self.global_step, self.tokens_seen, self.stage_index, self.stage_step = 0, 0, 0, 0
@@ -189,7 +189,7 @@ class Trainer:
                                         "check lora_rank and lora_targets against the delta's")
                 params[name][1].copy_(tensor)
                 self.ever_trained.add(params[name][0])
-        self.started_from = {"delta": str(path), "steps": int(extra.get("steps", 0)),
+        self.started_from = {"delta": ref, "steps": int(extra.get("steps", 0)),
                              "tokens_seen": int(extra.get("tokens_seen", 0)), "curve": extra.get("training_curve")}
 
     def _lora_scales(self) -> set[float]:
