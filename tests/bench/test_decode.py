@@ -39,8 +39,12 @@ def test_tiny_run_writes_json_and_plot(tmp_path, capsys):
     ours, base = make_pair(tmp_path)
     out = tmp_path / "out"
     assert main(["bench", "decode", "--model", ours, "--baseline", base, "--contexts", "16,64,256", "--tokens", "3",
-                 "--repeats", "2", "--max-kv-gib", str(50_000 / 2**30), "--out", str(out)]) == 0
+                 "--repeats", "2", "--max-kv-gib", str(50_000 / 2**30), "--out", str(out), "--also", ours]) == 0
     data = json.loads((out / "decode.json").read_text())
+    # --also: a further model of ours in the same run, here ours again: the same contexts and cache bytes
+    also_rows = data["candidates"]["also1"]["rows"]
+    assert [(r["length"], r["cache_bytes_measured"]) for r in also_rows] == [
+        (r["length"], r["cache_bytes_measured"]) for r in data["candidates"]["ours"]["rows"]]
     assert (out / "decode.png").stat().st_size > 0
     ours_rows, base_rows = data["candidates"]["ours"]["rows"], data["candidates"]["baseline"]["rows"]
     assert [r["length"] for r in ours_rows] == [16, 64, 256]

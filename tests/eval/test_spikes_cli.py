@@ -19,7 +19,7 @@ from spikingbrain.cli import main
 from spikingbrain.eval.perplexity import perplexity, text_token_ids
 from spikingbrain.model.loading import load_model, load_tokenizer
 from spikingbrain.spiking.events import read_events
-from spikingbrain.spiking.int8 import Int8Linear
+from spikingbrain.spiking.int8 import Int8Head, Int8Linear
 
 
 @pytest.fixture(scope="module")
@@ -96,3 +96,12 @@ def test_quantize_w8a8_writes_a_folder_that_reloads_as_w8a8(tmp_path, pair, text
     assert result["weight_quantization"]["activations"] == "int8"
     assert main(["quantize", "--model", student, "--out", str(tmp_path / "x"), "--activations", "int8", "--no-int8-weights"]) == 2
     assert "leave INT8 weights on" in capsys.readouterr().err
+    # --lm-head: the output head too, reloaded as Int8Head
+    assert main(args[:4] + [str(tmp_path / "head")] + args[5:] + ["--lm-head"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    model = load_model(tmp_path / "head")
+    assert isinstance(model.lm_head, Int8Head) and result["weight_quantization"]["lm_head"] is True
+    assert perplexity(model, ids, 64)["ppl"] == pytest.approx(result["ppl_after"], rel=1e-6)
+    assert main(["quantize", "--model", student, "--out", str(tmp_path / "y"), "--lm-head", "--no-int8-weights",
+                 "--spiking-k", "3"]) == 2
+    assert "--lm-head" in capsys.readouterr().err

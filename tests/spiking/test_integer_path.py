@@ -14,11 +14,11 @@ import torch
 
 from reference_impl import assert_close
 from spikingbrain import SpikingBrainConfig, SpikingBrainForCausalLM
-from spikingbrain.ops.int8 import int8_matmul_available
+from spikingbrain.ops.int8 import int8_matmul_available, onednn_int8_linear_available
 from spikingbrain.spiking import int8
 from spikingbrain.spiking.apply import spikify
 from spikingbrain.spiking.int8 import (
-    Int8Linear, fused_passes, per_token_int8_scale, quantize_activations_int8, quantize_model_int8, set_integer_matmul,
+    Int8Head, Int8Linear, fused_passes, per_token_int8_scale, quantize_activations_int8, quantize_model_int8, set_integer_matmul,
 )
 from spikingbrain.spiking.neuron import SpikingInput, round_half_up, spike_counts, spike_quantize
 
@@ -351,3 +351,62 @@ def test_a_saved_w8a8_model_reloads_as_w8a8_and_multiplies_in_integers(tmp_path)
     assert (integer - dense).abs().max() < 0.1 * dense.abs().max()  # close to the dense model, not equal
     with pytest.raises(ValueError, match="activations must be one of"):
         Int8Linear(4, 4, bias=False, activations="int4")
+
+
+def _onednn_products(profile) -> int:
+    return sum(event.count for event in profile.key_averages() if event.key == "onednn::qlinear_pointwise")
+
+
+@pytest.mark.skipif(not onednn_int8_linear_available(), reason="this torch has no oneDNN int8 linear")
+def test_int8_head_decode_row_by_hand():
+    head = Int8Head(3, 2)
+    with torch.no_grad():
+        head.weight.copy_(torch.tensor([[2, -1, 127], [-3, 4, 0]], dtype=torch.int8))
+        head.weight_scale.copy_(torch.tensor([[0.5], [0.01]]))
+    x = torch.tensor([[2.54, -1.27, 0.204]])  # codes 127, -63 (a tie rounds up), 10 at s_x = 2.54 / 127
+    s = 2.54 / 127
+    expected = [s * 0.5 * (127 * 2 + 63 + 10 * 127), s * 0.01 * (127 * -3 + -63 * 4)]
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile, torch.inference_mode():
+        y = head(x)
+    assert _onednn_products(profile) == 1 and _integer_products(profile) == 0
+    assert y.tolist()[0] == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.skipif(not onednn_int8_linear_available(), reason="this torch has no oneDNN int8 linear")
+@pytest.mark.parametrize("rows", [1, 8, 9])
+def test_int8_head_equals_its_simulation(rows):
+    head = Int8Head.from_head(torch.nn.Linear(576, 700, bias=False))
+    x = torch.randn(rows, 576, generator=torch.Generator().manual_seed(rows)) * torch.linspace(0.01, 20, 576)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile, torch.inference_mode():
+        fast = head(x)
+    assert _onednn_products(profile) == (rows if rows <= 8 else 0)  # one oneDNN call per decode row; more rows: _int_mm
+    simulated = torch.nn.functional.linear(quantize_activations_int8(x), head.dequantized_weight())
+    bound = 4e-7 * (x.abs() + per_token_int8_scale(x)) @ head.dequantized_weight().abs().T + 1e-6
+    assert ((fast - simulated).abs() <= bound).all()
+
+
+def test_a_saved_model_with_an_int8_head_reloads_untied_with_fp32_embeddings(tmp_path):
+    config = SpikingBrainConfig(
+        vocab_size=64, hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2,
+        num_hidden_layers=2, layer_mixers=["gla", "swa"], sliding_window=5, max_position_embeddings=256,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    model = SpikingBrainForCausalLM(config).eval()
+    embeddings = model.model.embeddings.weight.detach().clone()
+    ids = torch.randint(0, 64, (1, 12), generator=torch.Generator().manual_seed(0))
+    quantize_model_int8(model, group_size=0, activations="int8", lm_head=True)
+    assert isinstance(model.lm_head, Int8Head) and not model.config.tie_word_embeddings
+    assert torch.equal(model.model.embeddings.weight, embeddings)  # the embeddings keep their fp32 weight
+    codes, scales = int8.quantize_groups(embeddings, 128)
+    assert torch.equal(model.lm_head.weight, codes) and torch.equal(model.lm_head.weight_scale, scales)
+    model.save_pretrained(tmp_path)
+    loaded = SpikingBrainForCausalLM.from_pretrained(tmp_path).eval()
+    assert isinstance(loaded.lm_head, Int8Head) and loaded.config.weight_quantization["lm_head"] is True
+    assert torch.equal(loaded.lm_head.weight, codes) and torch.equal(loaded.model.embeddings.weight, embeddings)
+    with torch.inference_mode():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+        set_integer_matmul(loaded, False)
+        hidden = loaded.model(ids).last_hidden_state
+        by_formula = torch.nn.functional.linear(quantize_activations_int8(hidden), int8.dequantize_groups(codes, scales, 128))
+        assert_close(loaded(ids).logits, by_formula, 1e-6, "logits of the simulated INT8 head against the formula")

@@ -153,13 +153,15 @@ def _register_decode(subparsers) -> None:
     p.add_argument("--tokens", type=int, default=16, help="timed decode steps per model, context and repeat")
     p.add_argument("--repeats", type=int, default=3, help="blocks of --tokens steps per model and context, alternating")
     p.add_argument("--max-kv-gib", type=float, default=4.0, help="skip baseline contexts whose KV cache exceeds this")
+    p.add_argument("--also", action="append", default=[], metavar="MODEL",
+                   help="a further model of ours timed in the same run (repeatable; rows named also1, also2, ...)")
     p.set_defaults(func=_cmd_decode)
 
 
 def _cmd_decode(args: argparse.Namespace) -> int:
     from ..bench.decode import DEFAULT_CONTEXTS, format_report, run
 
-    candidates, notes = candidates_from_args(args)
+    candidates, notes = candidates_from_args(args, args.also)
     result = run(candidates, args.contexts or list(DEFAULT_CONTEXTS), Path(args.out), tokens=args.tokens, repeats=args.repeats,
                  max_kv_gib=args.max_kv_gib, seed=args.seed, plot_png=not args.no_plot, notes=notes)
     return print_benchmark(format_report(result), result)

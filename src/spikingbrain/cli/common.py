@@ -71,13 +71,14 @@ def add_w8aspike_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--int8-kv", action="store_true", help="INT8 keys and values in softmax attention (W8ASpike)")
 
 
-def candidates_from_args(args: argparse.Namespace):
-    """Set the threads and load the models of :func:`add_pair_arguments`' options; print why a baseline was skipped."""
+def candidates_from_args(args: argparse.Namespace, also: list[str] = ()):
+    """Set the threads and load the models of :func:`add_pair_arguments`' options (and ``also``, further models of
+    ours); print why a baseline was skipped."""
     from ..runtime.candidates import load_candidates
     from ..runtime.machine import set_threads
 
     set_threads(args.threads)
-    candidates, notes = load_candidates(args.model, args.baseline)
+    candidates, notes = load_candidates(args.model, args.baseline, also)
     for note in notes:
         print(note, file=sys.stderr)
     return candidates, notes

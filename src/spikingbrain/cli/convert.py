@@ -113,7 +113,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         eval_text=read_text(args.eval_text) if args.eval_text else None,
         group_size=args.group_size, samples=args.samples, sample_tokens=args.sample_tokens, spiking_k=args.spiking_k,
         spike_query=args.spike_query, int8_kv=args.int8_kv, int8_weights=args.int8_weights,
-        context=args.context, max_tokens=args.max_tokens, activations=args.activations,
+        context=args.context, max_tokens=args.max_tokens, activations=args.activations, lm_head=args.lm_head,
     )
     print_result(result, args.json)
     return 0
@@ -134,6 +134,9 @@ def register_quantize(subparsers) -> None:
     p.add_argument("--activations", choices=["int8"], default=None,
                    help="int8: W8A8, the plain (not spiking) inputs of the INT8 projections quantized per token and "
                         "multiplied in integers on CPU (use --group-size 0 for one integer product per layer)")
+    p.add_argument("--lm-head", action="store_true",
+                   help="the output head too: W8A8 per output channel, untied from the (fp32) embeddings; its decode "
+                        "rows go through oneDNN's int8 linear on CPU")
     p.add_argument("--eval-text", default=None, help="report perplexity on this text before and after")
     p.add_argument("--context", type=int, default=2048, help="perplexity window")
     p.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens of --eval-text")

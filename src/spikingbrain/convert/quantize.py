@@ -48,6 +48,7 @@ def w8aspike(
     int8_kv: bool = False,
     int8_weights: bool = True,
     activations: str | None = None,
+    lm_head: bool = False,
 ) -> dict:
     """Make ``model`` a W8ASpike (or, with ``activations="int8"``, W8A8) model in place; returns what was done and the weight bytes before and after.
 
@@ -63,8 +64,10 @@ def w8aspike(
     result = {"fp32_tensor_bytes": fp32_bytes}
     if activations and not int8_weights:
         raise ValueError("--activations int8 quantizes the inputs of INT8 weights; leave INT8 weights on")
+    if lm_head and not int8_weights:
+        raise ValueError("--lm-head makes the output head INT8 beside the projections; leave INT8 weights on")
     if int8_weights:
-        clips = quantize_model_int8(model, group_size, calibration=calibration, activations=activations)
+        clips = quantize_model_int8(model, group_size, calibration=calibration, activations=activations, lm_head=lm_head)
         layers = [model.get_submodule(name) for name in clips]
         result["projection_fp32_bytes"] = sum(layer.weight.numel() * 4 for layer in layers)
         result["projection_int8_bytes"] = sum(layer.weight.numel() + layer.weight_scale.numel() * 4 for layer in layers)
@@ -89,6 +92,7 @@ def quantize_to_folder(
     context: int = 2048,
     activations: str | None = None,
     max_tokens: int | None = None,
+    lm_head: bool = False,
 ) -> dict:
     """Load ``model_ref``, make it W8ASpike (:func:`w8aspike`, calibrated on ``calibration_text``) and save it in ``out``.
 
@@ -110,7 +114,7 @@ def quantize_to_folder(
         calibration = calibration_batches(text_token_ids(tokenizer, calibration_text), samples, sample_tokens)
         result["calibration"] = {"windows": len(calibration), "tokens": sum(c.numel() for c in calibration)}
     print("quantizing" + (f" with {len(calibration)} calibration windows" if calibration else ""), file=sys.stderr)
-    result.update(w8aspike(model, calibration, group_size, spiking_k, spike_query, int8_kv, int8_weights, activations))
+    result.update(w8aspike(model, calibration, group_size, spiking_k, spike_query, int8_kv, int8_weights, activations, lm_head))
     if eval_ids is not None:
         result["ppl_after"] = perplexity(model, eval_ids, context, progress=True)["ppl"]
         result["ppl_ratio"] = result["ppl_after"] / result["ppl_before"]

@@ -15,7 +15,7 @@ __all__ = ["Candidate", "load_baseline", "make_candidates", "load_candidates", "
 
 @dataclass
 class Candidate:
-    """A model timed by a benchmark: a name (``ours`` or ``baseline``), a label, the model and its limits."""
+    """A model timed by a benchmark: a name (``ours``, ``baseline``, ``also1``, ...), a label, the model and its limits."""
 
     name: str
     label: str
@@ -53,8 +53,9 @@ def make_candidates(ours, ours_ref: str, baseline=None, baseline_ref: str | None
     return candidates
 
 
-def load_candidates(ours_ref: str, baseline_ref: str | None) -> tuple[list[Candidate], list[str]]:
-    """Our model and the baseline (skipped with a message when it cannot load or is ``none``); the messages."""
+def load_candidates(ours_ref: str, baseline_ref: str | None, also: list[str] = ()) -> tuple[list[Candidate], list[str]]:
+    """Our model and the baseline (skipped with a message when it cannot load or is ``none``), then further models of
+    ours (``also``, named ``also1``, ``also2``, ...); the messages."""
     from ..model.loading import load_model
 
     ours = load_model(ours_ref)
@@ -64,7 +65,11 @@ def load_candidates(ours_ref: str, baseline_ref: str | None) -> tuple[list[Candi
             baseline = load_baseline(baseline_ref)
         except (ValueError, OSError) as err:
             notes.append(f"baseline skipped: {err}")
-    return make_candidates(ours, ours_ref, baseline, baseline_ref), notes
+    candidates = make_candidates(ours, ours_ref, baseline, baseline_ref)
+    for i, ref in enumerate(also, 1):
+        model = load_model(ref)
+        candidates.append(Candidate(f"also{i}", f"SpikingBrain {ref}", model, 1, max_length=model.config.max_sequence_length))
+    return candidates, notes
 
 
 def check_lengths(candidate: Candidate, lengths: list[int]) -> list[str]:
