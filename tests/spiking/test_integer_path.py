@@ -237,6 +237,7 @@ def test_a_saved_spiking_int8_model_uses_the_integer_path_and_equals_the_simulat
         vocab_size=64, hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2,
         num_hidden_layers=2, layer_mixers=["gla", "swa"], sliding_window=5, max_position_embeddings=256,
     )
+    torch.manual_seed(0)  # unseeded weights let a count cross a rounding boundary in about 1 run of 12 (4.9e-4 off)
     model = SpikingBrainForCausalLM(config).eval()
     with torch.no_grad():
         model.model.embeddings.weight[:, 3] *= 2000  # a massive-activation channel: counts in the thousands
@@ -375,7 +376,7 @@ def test_int8_head_decode_row_by_hand():
 @pytest.mark.skipif(not onednn_int8_linear_available(), reason="this torch has no oneDNN int8 linear")
 @pytest.mark.parametrize("rows", [1, 8, 9])
 def test_int8_head_equals_its_simulation(rows):
-    head = Int8Head.from_head(torch.nn.Linear(576, 700, bias=False))
+    head = Int8Head.from_linear(torch.nn.Linear(576, 700, bias=False), 0, activations="int8")
     x = torch.randn(rows, 576, generator=torch.Generator().manual_seed(rows)) * torch.linspace(0.01, 20, 576)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile, torch.inference_mode():
         fast = head(x)
@@ -383,6 +384,8 @@ def test_int8_head_equals_its_simulation(rows):
     simulated = torch.nn.functional.linear(quantize_activations_int8(x), head.dequantized_weight())
     bound = 4e-7 * (x.abs() + per_token_int8_scale(x)) @ head.dequantized_weight().abs().T + 1e-6
     assert ((fast - simulated).abs() <= bound).all()
+    with pytest.raises(ValueError, match="no bias"):
+        Int8Head.from_linear(torch.nn.Linear(576, 7), 0, activations="int8")
 
 
 def test_a_saved_model_with_an_int8_head_reloads_untied_with_fp32_embeddings(tmp_path):

@@ -44,9 +44,14 @@ def load_baseline(ref: str):
     return model.eval()
 
 
+def _ours(name: str, model, ref: str) -> Candidate:
+    """A model of ours: linear cost, limited by its max_sequence_length."""
+    return Candidate(name, f"SpikingBrain {ref}", model, 1, max_length=model.config.max_sequence_length)
+
+
 def make_candidates(ours, ours_ref: str, baseline=None, baseline_ref: str | None = None) -> list[Candidate]:
     """Candidates of loaded models: ours (linear cost, its max_sequence_length) and a transformers baseline (quadratic)."""
-    candidates = [Candidate("ours", f"SpikingBrain {ours_ref}", ours, 1, max_length=ours.config.max_sequence_length)]
+    candidates = [_ours("ours", ours, ours_ref)]
     if baseline is not None:
         trained = getattr(baseline.config, "max_position_embeddings", None)
         candidates.append(Candidate("baseline", f"transformers SDPA {baseline_ref}", baseline, 2, trained_length=trained))
@@ -66,9 +71,7 @@ def load_candidates(ours_ref: str, baseline_ref: str | None, also: list[str] = (
         except (ValueError, OSError) as err:
             notes.append(f"baseline skipped: {err}")
     candidates = make_candidates(ours, ours_ref, baseline, baseline_ref)
-    for i, ref in enumerate(also, 1):
-        model = load_model(ref)
-        candidates.append(Candidate(f"also{i}", f"SpikingBrain {ref}", model, 1, max_length=model.config.max_sequence_length))
+    candidates += [_ours(f"also{i}", load_model(ref), ref) for i, ref in enumerate(also, 1)]
     return candidates, notes
 
 

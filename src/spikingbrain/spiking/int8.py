@@ -55,7 +55,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops.int8 import int8_matmul_available, onednn_int8_linear_available, onednn_int8_row_product, onednn_pack_int8_weight
+from ..ops.int8 import (
+    OneDnnInt8Weight, int8_matmul_available, onednn_int8_linear_available, onednn_int8_row_product, onednn_pack_int8_weight,
+)
 from .apply import DEFAULT_TARGETS, current_spiking, spikify, spiking_linears
 from .neuron import SpikingInput, adaptive_threshold, round_half_up, spike_quantize
 
@@ -265,6 +267,11 @@ def _counts_of(x: torch.Tensor, threshold_of: Callable[..., torch.Tensor], *args
     return counts
 
 
+def _buffer_versions(*tensors: torch.Tensor) -> tuple:
+    """Storage and version counter of each tensor: changes when one is replaced or written in place (cache keys)."""
+    return tuple((t.data_ptr(), t._version) for t in tensors)
+
+
 class ProductGroup:
     """``Int8Linear`` layers with the same input columns, multiplied in integers as one product: their codes side by
     side, one ``torch._int_mm`` per weight group and one dequantisation for all. Sibling projections that read one
@@ -292,8 +299,7 @@ class ProductGroup:
 
     def _versions(self) -> tuple:
         """Changes when a member's codes, scales or bias do: what the cached layouts are rebuilt on."""
-        tensors = [t for m in self.members for t in (m.weight, m.weight_scale, m.bias) if t is not None]
-        return tuple((t.data_ptr(), t._version) for t in tensors)
+        return _buffer_versions(*(t for m in self.members for t in (m.weight, m.weight_scale, m.bias) if t is not None))
 
     def _integer_layout(self) -> tuple:
         """Per weight group its input columns and the members' codes ``[K_g, ΣN]`` (contiguous), the scales
@@ -411,40 +417,29 @@ class Int8Linear(nn.Module):
 
 
 class Int8Head(Int8Linear):
-    """The output head as W8A8 (per-channel codes, per-token int8 inputs, no bias); decode rows through oneDNN's int8
-    linear (module docstring), more rows, a gradient, or no oneDNN as ``Int8Linear``."""
+    """The output head as W8A8 (per-channel codes, per-token int8 inputs, no bias); on the integer path its decode rows
+    go through oneDNN's int8 linear (module docstring), more rows or a build without it through ``Int8Linear``'s product."""
 
-    def __init__(self, in_features: int, out_features: int):
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, group_size: int = 0, activations: str | None = "int8"):
+        if bias or group_size not in (0, in_features) or activations != "int8":
+            raise ValueError("an INT8 output head is W8A8 with one scale per output channel and no bias; "
+                             f"got bias={bias}, group_size={group_size}, activations={activations!r}")
         super().__init__(in_features, out_features, bias=False, group_size=0, activations="int8")
-        self._packed: tuple | None = None  # (buffer versions, packed codes, scales [N])
+        self._onednn: tuple | None = None  # (buffer versions, OneDnnInt8Weight)
 
-    @classmethod
-    def from_head(cls, head: nn.Linear) -> "Int8Head":
-        """Quantize a dense output head (round to nearest per output channel)."""
-        if head.bias is not None:
-            raise ValueError("an INT8 output head has no bias; this model's lm_head has one")
-        layer = cls(head.in_features, head.out_features)
-        codes, scales = quantize_groups(head.weight.detach(), head.in_features)
-        layer.weight.copy_(codes)
-        layer.weight_scale.copy_(scales)
-        return layer.to(head.weight.device)
+    def _onednn_weight(self) -> OneDnnInt8Weight:
+        key = _buffer_versions(self.weight, self.weight_scale)
+        if self._onednn is None or self._onednn[0] != key:
+            self._onednn = key, onednn_pack_int8_weight(self.weight, self.weight_scale)
+        return self._onednn[1]
 
-    def _packed_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
-        key = tuple((t.data_ptr(), t._version) for t in (self.weight, self.weight_scale))
-        if self._packed is None or self._packed[0] != key:
-            self._packed = key, onednn_pack_int8_weight(self.weight), self.weight_scale[:, 0].contiguous()
-        return self._packed[1:]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _integer_forward(self, x: torch.Tensor, threshold_of: Callable[..., torch.Tensor], *args) -> torch.Tensor:
         rows = x.numel() // self.in_features
-        if (rows > DECODE_MAX_ROWS or self.integer_matmul is False or torch.is_grad_enabled() or x.device.type != "cpu"
-                or not onednn_int8_linear_available()):
-            return super().forward(x)
-        flat = x.reshape(rows, self.in_features).float()
-        scales = per_token_int8_scale(flat)
-        codes = round_half_up(flat / scales).to(torch.int8)
-        packed, weight_scales = self._packed_weight()
-        y = torch.cat([onednn_int8_row_product(codes[i : i + 1], float(scales[i]), packed, weight_scales) for i in range(rows)])
+        if rows > DECODE_MAX_ROWS or not onednn_int8_linear_available():
+            return super()._integer_forward(x, threshold_of, *args)
+        counts = _counts_of(x, threshold_of, *args)  # per-token codes never pass ±127: no excess columns
+        weight = self._onednn_weight()
+        y = torch.cat([onednn_int8_row_product(counts.low[i : i + 1], float(counts.threshold[i]), weight) for i in range(rows)])
         return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
 
 
@@ -571,7 +566,7 @@ def _quantize_head(model: nn.Module) -> None:
     if config is not None and config.tie_word_embeddings:
         config.tie_word_embeddings = False
         model.all_tied_weights_keys = model.get_expanded_tied_weights_keys(all_submodels=False)
-    _replace(model, "lm_head", Int8Head.from_head(head))
+    _replace(model, "lm_head", Int8Head.from_linear(head, 0, activations="int8"))
 
 
 def _input_grams(model: nn.Module, linears: dict[str, nn.Linear], batches: Iterable[torch.Tensor]) -> dict[str, torch.Tensor]:
