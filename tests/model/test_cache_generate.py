@@ -86,10 +86,12 @@ def test_cache_sizes(tiny_model):
     assert cache.layers[0].state.dtype == torch.float32
 
 
+@pytest.mark.parametrize("prompt_length", [7, 1, 0])
 @pytest.mark.parametrize("keep_first,sinks", [(0, 0), (2, 3)])
-def test_window_ring_buffer_holds_the_ordered_window(keep_first, sinks):
-    """One-token steps through the ring buffer keep the same window as the copying path, key for key, and
-    attention over the ring's (unordered) keys is attention over the ordered ones."""
+def test_window_ring_buffer_holds_the_ordered_window(keep_first, sinks, prompt_length):
+    """One-token steps through the step buffer keep the same window as the copying path, key for key, while it
+    fills (from a prompt shorter than the window, or none) and once it is a ring, and attention over the ring's
+    (unordered) keys is attention over the ordered ones. The buffer is allocated once."""
     from spikingbrain.model.cache import WindowKV
     from spikingbrain.ops import sliding_window_attention
 
@@ -100,18 +102,22 @@ def test_window_ring_buffer_holds_the_ordered_window(keep_first, sinks):
         sink = (torch.randn(1, sinks, H, D, generator=gen), torch.randn(1, sinks, H, D, generator=gen))
         ring.set_sinks(*sink)
         copying.set_sinks(*sink)
-    prompt = (torch.randn(B, 7, H, D, generator=gen), torch.randn(B, 7, H, D, generator=gen))
-    ring.extend(*prompt)
-    copying.extend(*prompt)
-    for step in range(13):  # the ring (window + 1 = 5 slots) goes round more than twice
+    if prompt_length:
+        prompt = (torch.randn(B, prompt_length, H, D, generator=gen), torch.randn(B, prompt_length, H, D, generator=gen))
+        ring.extend(*prompt)
+        copying.extend(*prompt)
+    buffers = set()
+    for step in range(13 + keep_first + window):  # the ring (window + 1 = 5 slots) goes round more than twice
         k, v, q = (torch.randn(B, 1, H, D, generator=gen) for _ in range(3))
         got = ring.extend(k, v, ring=True)
+        buffers.add(ring._ring[0].data_ptr())
         expected = copying.extend(k, v)
+        assert ring.length == copying.length, step
         assert torch.equal(ring.keys, copying.keys) and torch.equal(ring.values, copying.values), step
         out = sliding_window_attention(q, *got, window, num_sinks=sinks, keep_first=keep_first)
         reference = sliding_window_attention(q, *expected, window, num_sinks=sinks, keep_first=keep_first)
         torch.testing.assert_close(out, reference, rtol=1e-6, atol=1e-6)
-    assert ring._ring is not None and ring.length == copying.length == keep_first + window
+    assert ring._ring is not None and ring.length == copying.length == keep_first + window and len(buffers) == 1
     # the buffer: sinks, first tokens and window + 1 slots
     assert ring.nbytes() == 2 * B * (sinks + keep_first + window + 1) * H * D * 4
     # a longer step reads the ring back in order and copies again

@@ -1,4 +1,6 @@
 """The integer path of spiking INT8 layers (``torch._int_mm``) against the fp32 simulation and hand-computed integer products.
+The VNNI kernel for decode rows is off here (tests/spiking/test_row_kernel.py tests it), so that every product below is
+``torch._int_mm``'s or oneDNN's.
 
 References: the simulation is the spiked input (``spike_quantize``) times the dequantised
 weight, which the layer computes when its integer path is off; integer products are summed
@@ -23,6 +25,13 @@ from spikingbrain.spiking.int8 import (
 from spikingbrain.spiking.neuron import SpikingInput, round_half_up, spike_counts, spike_quantize
 
 pytestmark = pytest.mark.skipif(not int8_matmul_available("cpu"), reason="this torch has no CPU int8 matmul")
+
+
+@pytest.fixture(autouse=True)
+def _products_by_int_mm():
+    int8.row_kernel(False)
+    yield
+    int8.row_kernel(True)
 
 
 def test_round_half_up_equals_the_fp64_formula():

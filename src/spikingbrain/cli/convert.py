@@ -136,7 +136,7 @@ def register_quantize(subparsers) -> None:
                         "multiplied in integers on CPU (use --group-size 0 for one integer product per layer)")
     p.add_argument("--lm-head", action="store_true",
                    help="the output head too: W8A8 per output channel, untied from the (fp32) embeddings; its decode "
-                        "rows go through oneDNN's int8 linear on CPU")
+                        "rows go through our VNNI kernel on CPU (oneDNN's int8 linear where the CPU lacks VNNI)")
     p.add_argument("--eval-text", default=None, help="report perplexity on this text before and after")
     p.add_argument("--context", type=int, default=2048, help="perplexity window")
     p.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens of --eval-text")

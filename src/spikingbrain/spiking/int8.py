@@ -37,10 +37,16 @@ integer path with ``s_x`` in the threshold's place (the codes never pass ±127, 
 simulation, where int8 matmuls are missing or a gradient is wanted, is that rounded input times
 the dequantised weight.
 
+Decode rows (up to ``VNNI_MAX_ROWS``) of layers with one scale per output channel go through our AVX-512 VNNI kernel
+(``ops.int8``, ``ops/kernels/int8_rows.c``) where the CPU has it and a C compiler built it: one call quantizes the
+rows (W8A8's per-token scale found in the kernel, or the spiking threshold given), multiplies in int32 and
+dequantises, equal to the ``torch._int_mm`` path bit for bit. Rows with a count beyond ±127 take the two-plane
+product above; ``row_kernel(False)`` turns the kernel off.
+
 The output head (``lm_head: true`` in the settings): ``Int8Head``, W8A8 with one scale per output channel, untied
-from the embeddings (which stay fp32). Its decode rows go through oneDNN's int8 linear one row at a time
-(``ops.int8``): for the 576 -> 49152 head it measured 1.06 ms against fp32's 5.0 ms, where for the small projections
-it was slower than ``torch._int_mm``; more rows take the integer path above.
+from the embeddings (which stay fp32). Its decode rows take the VNNI kernel, or oneDNN's int8 linear one row at a
+time where the kernel does not run (for the 576 -> 49152 head oneDNN measured 1.06 ms against fp32's 5.0 ms);
+more rows take the integer path above.
 """
 
 from __future__ import annotations
@@ -56,7 +62,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops.int8 import (
-    OneDnnInt8Weight, int8_matmul_available, onednn_int8_linear_available, onednn_int8_row_product, onednn_pack_int8_weight,
+    VNNI_MAX_ROWS, int8_matmul_available, onednn_int8_linear_available, onednn_int8_row_product, onednn_pack_int8_weight,
+    vnni_int8_rows_product, vnni_pack_int8_weight, vnni_rows_available,
 )
 from .apply import DEFAULT_TARGETS, current_spiking, spikify, spiking_linears
 from .neuron import SpikingInput, adaptive_threshold, round_half_up, spike_quantize
@@ -76,6 +83,7 @@ __all__ = [
     "link_sibling_products",
     "ProductGroup",
     "fused_passes",
+    "row_kernel",
     "ACTIVATION_MODES",
     "per_token_int8_scale",
     "quantize_activations_int8",
@@ -170,6 +178,18 @@ class _Fused:
             self.compiled = compiled
             return result
         return self.compiled(*args)
+
+
+class _RowKernel:
+    """Whether decode rows may take the VNNI kernel (``row_kernel``)."""
+
+    enabled = True
+
+
+def row_kernel(enabled: bool) -> None:
+    """Let decode rows of per-channel layers take the VNNI kernel where it runs (True, the default), or always the
+    ``torch._int_mm`` product (False)."""
+    _RowKernel.enabled = bool(enabled)
 
 
 def fused_passes(enabled: bool) -> None:
@@ -268,8 +288,9 @@ def _counts_of(x: torch.Tensor, threshold_of: Callable[..., torch.Tensor], *args
 
 
 def _buffer_versions(*tensors: torch.Tensor) -> tuple:
-    """Storage and version counter of each tensor: changes when one is replaced or written in place (cache keys)."""
-    return tuple((t.data_ptr(), t._version) for t in tensors)
+    """Storage and version counter of each tensor: changes when one is replaced or written in place (cache keys).
+    Inference tensors have no version counter: their storage is the key."""
+    return tuple((t.data_ptr(), None if torch.is_inference(t) else t._version) for t in tensors)
 
 
 class ProductGroup:
@@ -361,6 +382,7 @@ class Int8Linear(nn.Module):
         #: this layer's own integer product, and the one it shares with its siblings (``link_sibling_products``) for
         #: decode rows; alone by default
         self.product_alone = self.product_group = ProductGroup([self])
+        self._packed_weights: dict[str, tuple] = {}  # kernel name -> (buffer versions, the weight in its layout)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, group_size: int = 128, clip: torch.Tensor | None = None,
@@ -406,9 +428,29 @@ class Int8Linear(nn.Module):
                 and rows <= DECODE_MAX_ROWS and self.in_features % self.group_size == 0)
 
     def _integer_forward(self, x: torch.Tensor, threshold_of: Callable[..., torch.Tensor], *args) -> torch.Tensor:
-        """``x``'s product through integer counts ``round_half_up(x / t)``, ``t = threshold_of(rows, *args)`` ``[M, 1]``."""
+        """``x``'s product through integer counts ``round_half_up(x / t)``, ``t = threshold_of(rows, *args)`` ``[M, 1]``:
+        decode rows by the VNNI kernel where it runs and no count passes ±127, otherwise ``torch._int_mm``."""
+        flat = x.reshape(-1, self.in_features)
+        if self._vnni_rows(flat):
+            scales = None if threshold_of is per_token_int8_scale else threshold_of(flat, *args)  # None: found in the kernel
+            y, clipped = vnni_int8_rows_product(flat, scales, self._packed("vnni", _vnni_layout))
+            if not clipped:
+                return y.view(*x.shape[:-1], self.out_features)
         y = self.product_group.output(self, _counts_of(x, threshold_of, *args))
         return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+
+    def _vnni_rows(self, flat: torch.Tensor) -> bool:
+        """Whether rows ``flat`` go through the VNNI kernel: a few fp32 rows, one scale per output channel."""
+        return (_RowKernel.enabled and flat.shape[0] <= VNNI_MAX_ROWS and flat.dtype == torch.float32 and self.group_size >= self.in_features
+                and self.in_features % 4 == 0 and vnni_rows_available())
+
+    def _packed(self, kernel: str, layout: Callable[["Int8Linear"], object]):
+        """This layer's weight in ``kernel``'s layout, ``layout(self)``, kept until its codes, scales or bias change."""
+        key = _buffer_versions(*(t for t in (self.weight, self.weight_scale, self.bias) if t is not None))
+        cached = self._packed_weights.get(kernel)
+        if cached is None or cached[0] != key:
+            cached = self._packed_weights[kernel] = key, layout(self)
+        return cached[1]
 
     def extra_repr(self) -> str:
         activations = ", int8 activations per token" if self.int8_activations else ""
@@ -418,29 +460,30 @@ class Int8Linear(nn.Module):
 
 class Int8Head(Int8Linear):
     """The output head as W8A8 (per-channel codes, per-token int8 inputs, no bias); on the integer path its decode rows
-    go through oneDNN's int8 linear (module docstring), more rows or a build without it through ``Int8Linear``'s product."""
+    go through the VNNI kernel, else oneDNN's int8 linear (module docstring), more rows through ``Int8Linear``'s product."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, group_size: int = 0, activations: str | None = "int8"):
         if bias or group_size not in (0, in_features) or activations != "int8":
             raise ValueError("an INT8 output head is W8A8 with one scale per output channel and no bias; "
                              f"got bias={bias}, group_size={group_size}, activations={activations!r}")
         super().__init__(in_features, out_features, bias=False, group_size=0, activations="int8")
-        self._onednn: tuple | None = None  # (buffer versions, OneDnnInt8Weight)
-
-    def _onednn_weight(self) -> OneDnnInt8Weight:
-        key = _buffer_versions(self.weight, self.weight_scale)
-        if self._onednn is None or self._onednn[0] != key:
-            self._onednn = key, onednn_pack_int8_weight(self.weight, self.weight_scale)
-        return self._onednn[1]
 
     def _integer_forward(self, x: torch.Tensor, threshold_of: Callable[..., torch.Tensor], *args) -> torch.Tensor:
-        rows = x.numel() // self.in_features
-        if rows > DECODE_MAX_ROWS or not onednn_int8_linear_available():
+        flat = x.reshape(-1, self.in_features)
+        if self._vnni_rows(flat) or flat.shape[0] > DECODE_MAX_ROWS or not onednn_int8_linear_available():
             return super()._integer_forward(x, threshold_of, *args)
         counts = _counts_of(x, threshold_of, *args)  # per-token codes never pass ±127: no excess columns
-        weight = self._onednn_weight()
-        y = torch.cat([onednn_int8_row_product(counts.low[i : i + 1], float(counts.threshold[i]), weight) for i in range(rows)])
+        weight = self._packed("onednn", _onednn_layout)
+        y = torch.cat([onednn_int8_row_product(counts.low[i : i + 1], float(counts.threshold[i]), weight) for i in range(flat.shape[0])])
         return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+
+
+def _vnni_layout(layer: Int8Linear):
+    return vnni_pack_int8_weight(layer.weight, layer.weight_scale, layer.bias)
+
+
+def _onednn_layout(layer: Int8Linear):
+    return onednn_pack_int8_weight(layer.weight, layer.weight_scale)
 
 
 def set_integer_matmul(model: nn.Module, enabled: bool | None) -> int:

@@ -1,0 +1,129 @@
+/* Decode-row INT8 products with AVX-512 VNNI: y = s_m * scale_n * (codes(x_m) . W_n) + bias_n for a few rows x_m.
+ *
+ * The rows are quantized here, codes(x) = clamp(round_half_up(x / s_m), -127, 127), as PyTorch's round-half-up does
+ * it (round to nearest even, then lift the ties that went down), so the product equals the fp32 simulation of the
+ * same codes. VNNI multiplies unsigned by signed bytes: the codes go in as code + 128, and 128 * sum_k W[n, k] is
+ * taken off each accumulator. The weight is packed once into blocks of 16 output rows by 4 input columns, one
+ * 64-byte vector each, so a row product streams the weight once. Built with -ffp-contract=off: no fused
+ * multiply-add, the same fp32 rounding as the simulation's separate multiplies. */
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+
+#define VNNI __attribute__((target("avx512f,avx512bw,avx512vnni")))
+
+/* Products smaller than this many multiply-adds run on one thread: waking a second one (with OMP_WAIT_POLICY=PASSIVE,
+ * 70-90 us measured) costs more than the 576 x 1536 product itself (about 21 us on one thread). */
+#define PARALLEL_MIN_MACS (1 << 22)
+
+int sb_cpu_supported(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vnni");
+}
+
+/* codes [N, K] (K a multiple of 4) -> packed [ceil(N/16)][K/4][16][4], offsets [ceil(N/16) * 16] = 128 * row sums */
+void sb_pack(const int8_t *codes, int64_t n_out, int64_t n_in, int8_t *packed, int32_t *offsets) {
+    int64_t blocks = (n_out + 15) / 16, quads = n_in / 4;
+    for (int64_t b = 0; b < blocks; b++)
+        for (int64_t j = 0; j < quads; j++)
+            for (int64_t i = 0; i < 16; i++)
+                for (int64_t t = 0; t < 4; t++) {
+                    int64_t n = b * 16 + i;
+                    packed[((b * quads + j) * 16 + i) * 4 + t] = n < n_out ? codes[n * n_in + 4 * j + t] : 0;
+                }
+    for (int64_t n = 0; n < blocks * 16; n++) {
+        int32_t sum = 0;
+        for (int64_t k = 0; n < n_out && k < n_in; k++) sum += codes[n * n_in + k];
+        offsets[n] = 128 * sum;
+    }
+}
+
+static inline float round_half_up(float q) {
+    float r = rintf(q);
+    return q - r == 0.5f ? r + 1.0f : r;
+}
+
+VNNI static void dot_block(const uint8_t *xq, int64_t rows, int64_t n_in, const int8_t *block, __m512i *acc) {
+    for (int64_t m = 0; m < rows; m++) acc[m] = _mm512_setzero_si512();
+    for (int64_t j = 0; j < n_in / 4; j++) {
+        __m512i w = _mm512_loadu_si512((const void *)(block + j * 64));
+        for (int64_t m = 0; m < rows; m++) {
+            int32_t a;
+            __builtin_memcpy(&a, xq + m * n_in + 4 * j, 4);
+            acc[m] = _mm512_dpbusd_epi32(acc[m], _mm512_set1_epi32(a), w);
+        }
+    }
+}
+
+/* one row against four consecutive blocks: four independent accumulator chains */
+VNNI static void dot_four_blocks(const uint8_t *xq, int64_t n_in, const int8_t *blocks, __m512i *acc) {
+    int64_t stride = (n_in / 4) * 64;
+    __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
+    for (int64_t j = 0; j < n_in / 4; j++) {
+        int32_t a;
+        __builtin_memcpy(&a, xq + 4 * j, 4);
+        __m512i x = _mm512_set1_epi32(a);
+        const int8_t *w = blocks + j * 64;
+        a0 = _mm512_dpbusd_epi32(a0, x, _mm512_loadu_si512((const void *)w));
+        a1 = _mm512_dpbusd_epi32(a1, x, _mm512_loadu_si512((const void *)(w + stride)));
+        a2 = _mm512_dpbusd_epi32(a2, x, _mm512_loadu_si512((const void *)(w + 2 * stride)));
+        a3 = _mm512_dpbusd_epi32(a3, x, _mm512_loadu_si512((const void *)(w + 3 * stride)));
+    }
+    acc[0] = a0, acc[1] = a1, acc[2] = a2, acc[3] = a3;
+}
+
+/* (acc - offset) * scale * s (+ bias) for output channels n0 .. n0 + 15 (fewer at the end) */
+VNNI static void store_block(__m512i acc, const int32_t *offsets, const float *scales, const float *bias, float s, float *y,
+                             int64_t n0, int64_t n_out) {
+    __mmask16 mask = n_out - n0 >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n_out - n0)) - 1);
+    __m512 v = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc, _mm512_loadu_si512((const void *)(offsets + n0))));
+    v = _mm512_mul_ps(_mm512_mul_ps(v, _mm512_maskz_loadu_ps(mask, scales + n0)), _mm512_set1_ps(s));
+    if (bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, bias + n0));
+    _mm512_mask_storeu_ps(y + n0, mask, v);
+}
+
+/* x [rows, n_in] fp32, s [rows], y [rows, n_out]; xq: rows * n_in bytes of scratch; rows <= 8. With per_token set,
+ * s is written here first: max|x_m| / 127 (1 for a row of zeros), the per-token scale of W8A8.
+ * Returns how many codes were clipped to +-127 (then y holds the clipped product). */
+VNNI int64_t sb_rows(const float *x, int64_t rows, int64_t n_in, float *s, int per_token, const int8_t *packed,
+                     const int32_t *offsets, const float *scales, const float *bias, float *y, int64_t n_out, uint8_t *xq,
+                     int threads) {
+    int64_t clipped = 0;
+    for (int64_t m = 0; per_token && m < rows; m++) {
+        float amax = 0.0f;
+        for (int64_t k = 0; k < n_in; k++) amax = fmaxf(amax, fabsf(x[m * n_in + k]));
+        s[m] = amax > 0.0f ? amax / 127.0f : 1.0f;
+    }
+    for (int64_t m = 0; m < rows; m++)
+        for (int64_t k = 0; k < n_in; k++) {
+            float q = round_half_up(x[m * n_in + k] / s[m]);
+            if (q > 127.0f || q < -127.0f) {
+                q = q > 0 ? 127.0f : -127.0f;
+                clipped++;
+            }
+            xq[m * n_in + k] = (uint8_t)((int32_t)q + 128);
+        }
+    int64_t blocks = (n_out + 15) / 16, stride = (n_in / 4) * 64;
+    int parallel = threads > 1 && rows * n_out * n_in >= PARALLEL_MIN_MACS;
+    if (rows == 1) {
+        int64_t quads = (blocks + 3) / 4;
+#pragma omp parallel for schedule(static) num_threads(threads) if (parallel)
+        for (int64_t g = 0; g < quads; g++) {
+            __m512i acc[4];
+            int64_t b0 = g * 4, count = blocks - b0 < 4 ? blocks - b0 : 4;
+            if (count == 4)
+                dot_four_blocks(xq, n_in, packed + b0 * stride, acc);
+            else
+                for (int64_t t = 0; t < count; t++) dot_block(xq, 1, n_in, packed + (b0 + t) * stride, acc + t);
+            for (int64_t t = 0; t < count; t++) store_block(acc[t], offsets, scales, bias, s[0], y, (b0 + t) * 16, n_out);
+        }
+    } else {
+#pragma omp parallel for schedule(static) num_threads(threads) if (parallel)
+        for (int64_t b = 0; b < blocks; b++) {
+            __m512i acc[8];
+            dot_block(xq, rows, n_in, packed + b * stride, acc);
+            for (int64_t m = 0; m < rows; m++) store_block(acc[m], offsets, scales, bias, s[m], y + m * n_out, b * 16, n_out);
+        }
+    }
+    return clipped;
+}

@@ -1,0 +1,123 @@
+"""Decode rows of per-channel INT8 layers through the VNNI kernel, against the same layers' ``torch._int_mm`` product
+(bit for bit: the same integer sums and fp32 scaling) and the fp64 simulation.
+
+References: ``row_kernel(False)`` gives the ``torch._int_mm`` path (tests/spiking/test_integer_path.py checks it against
+hand-summed integers); the simulation is the quantized input times the dequantised weight in fp64.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from reference_impl import assert_close
+from spikingbrain import SpikingBrainConfig, SpikingBrainForCausalLM
+from spikingbrain.ops.int8 import int8_matmul_available, vnni_rows_available
+from spikingbrain.spiking import int8
+from spikingbrain.spiking.int8 import Int8Head, Int8Linear, quantize_activations_int8, quantize_model_int8
+from spikingbrain.spiking.neuron import SpikingInput, spike_quantize
+
+# (int8_matmul_available probes torch._int_mm once: here, before any call is counted)
+pytestmark = pytest.mark.skipif(not (int8_matmul_available("cpu") and vnni_rows_available()), reason="no VNNI kernel on this machine")
+
+
+def _calls(fn):
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile, torch.inference_mode():
+        out = fn()
+    counts = {e.key: e.count for e in profile.key_averages()}
+    return out, counts.get("aten::_int_mm", 0), counts.get("onednn::qlinear_pointwise", 0)
+
+
+def _by_int_mm(fn):
+    int8.row_kernel(False)
+    try:
+        return _calls(fn)
+    finally:
+        int8.row_kernel(True)
+
+
+def _layer(in_features, out_features, group_size, seed):
+    gen = torch.Generator().manual_seed(seed)
+    linear = torch.nn.Linear(in_features, out_features)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(out_features, in_features, generator=gen))
+        linear.bias.copy_(torch.randn(out_features, generator=gen))
+    return Int8Linear.from_linear(linear, group_size)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8])
+@pytest.mark.parametrize("activations", [None, "int8"])
+def test_decode_rows_take_the_kernel_and_equal_the_int_mm_product(rows, activations):
+    layer = _layer(300, 40, 0, seed=rows)
+    layer.int8_activations = activations == "int8"
+    x = torch.randn(1, rows, 300, generator=torch.Generator().manual_seed(9))  # spike counts well inside ±127
+    make = (lambda: layer(x)) if layer.int8_activations else (lambda: layer(SpikingInput(x, 3.0)))
+    got, int_mm, _ = _calls(make)
+    expected, int_mm_off, _ = _by_int_mm(make)
+    assert (int_mm, int_mm_off) == (0, 1)
+    assert torch.equal(got, expected)
+    spiked = quantize_activations_int8(x) if layer.int8_activations else spike_quantize(x, 3.0)
+    simulated = torch.nn.functional.linear(spiked.double(), layer.dequantized_weight().double(), layer.bias.double())
+    assert_close(got, simulated, 1e-6, "kernel against the simulation")
+
+
+def test_counts_beyond_127_fall_back_to_the_two_plane_product():
+    layer = _layer(300, 40, 0, seed=4)
+    x = torch.randn(1, 2, 300, generator=torch.Generator().manual_seed(2))
+    x[..., 3] = 2e3  # a massive-activation channel: its count passes ±127
+    got, int_mm, _ = _calls(lambda: layer(SpikingInput(x, 3.0)))
+    expected, _, _ = _by_int_mm(lambda: layer(SpikingInput(x, 3.0)))
+    assert int_mm == 1 and torch.equal(got, expected)
+
+
+def test_grouped_weights_more_rows_and_gradients_keep_the_int_mm_product():
+    grouped = _layer(256, 24, 64, seed=1)
+    int8.set_integer_matmul(grouped, True)
+    x = torch.randn(1, 2, 256)
+    assert _calls(lambda: grouped(SpikingInput(x, 3.0)))[1] == 4  # one product per weight group
+    per_channel = _layer(256, 24, 0, seed=1)
+    assert _calls(lambda: per_channel(SpikingInput(torch.randn(1, 9, 256), 3.0)))[1] == 1  # 9 rows: not decode rows
+
+
+def test_the_int8_head_takes_the_kernel_for_decode_rows():
+    head = Int8Head.from_linear(torch.nn.Linear(576, 700, bias=False), 0, activations="int8")
+    x = torch.randn(1, 2, 576, generator=torch.Generator().manual_seed(0))
+    got, int_mm, onednn = _calls(lambda: head(x))
+    assert int_mm == 0 and onednn == 0
+    int8.row_kernel(False)
+    try:
+        with torch.inference_mode():
+            int8.set_integer_matmul(head, False)  # the simulation, as oneDNN's rounding may differ from ours
+            simulated = head(x)
+    finally:
+        int8.row_kernel(True)
+        int8.set_integer_matmul(head, None)
+    assert_close(got, simulated, 1e-6, "INT8 head by the kernel against its simulation")
+
+
+def test_a_w8a8_model_decodes_the_same_tokens_with_and_without_the_kernel():
+    config = SpikingBrainConfig(
+        vocab_size=96, hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2,
+        num_hidden_layers=2, layer_mixers=["gla", "swa"], sliding_window=8, max_position_embeddings=256, tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    model = SpikingBrainForCausalLM(config).eval()
+    quantize_model_int8(model, group_size=0, activations="int8")  # an fp32 head: without the kernel an INT8 one is oneDNN's
+    ids = torch.randint(0, 96, (1, 12), generator=torch.Generator().manual_seed(1))
+
+    def decode(m):
+        cache, steps = m.new_cache(), []
+        logits = m(ids, cache=cache, use_cache=True).logits[:, -1]
+        for _ in range(6):
+            token = logits.argmax(-1, keepdim=True)
+            logits = m(token, cache=cache, use_cache=True).logits[:, -1]
+            steps.append(logits)
+        return torch.cat(steps)
+
+    with_kernel, int_mm, _ = _calls(lambda: decode(model))
+    without, int_mm_off, _ = _by_int_mm(lambda: decode(copy.deepcopy(model)))
+    prefill = _calls(lambda: model(ids, cache=model.new_cache(), use_cache=True))[1]
+    assert int_mm == prefill < int_mm_off  # the 12-row prefill keeps torch._int_mm; the decode steps all take the kernel
+    assert torch.equal(with_kernel, without)
