@@ -76,7 +76,8 @@ VNNI_MAX_ROWS = 8
 
 class VnniInt8Weight(NamedTuple):
     """An INT8 weight ``[N, K]`` as the VNNI kernel takes it: codes in blocks of 16 outputs by 4 inputs, ``128 · Σ_k
-    codes`` per output (the unsigned-input offset), per-output-channel scales ``[N]`` and the bias (or None)."""
+    codes`` per output (the unsigned-input offset), per-output-channel scales ``[N]`` and the bias (or None); and the
+    addresses of those four, taken once (the kernel's per-call cost matters: a decode step makes hundreds of calls)."""
 
     packed: torch.Tensor
     offsets: torch.Tensor
@@ -84,6 +85,7 @@ class VnniInt8Weight(NamedTuple):
     bias: torch.Tensor | None
     out_features: int
     in_features: int
+    addresses: tuple[int, int, int, int]
 
 
 _P, _I = ctypes.c_void_p, ctypes.c_int64
@@ -97,7 +99,7 @@ def _vnni_library() -> ctypes.CDLL | None:
         return None
     lib.sb_pack.argtypes = [_P, _I, _I, _P, _P]
     lib.sb_pack.restype = None
-    lib.sb_rows.argtypes = [_P, _I, _I, _P, ctypes.c_int, _P, _P, _P, _P, _P, _I, _P, ctypes.c_int]
+    lib.sb_rows.argtypes = [_P, _I, _I, _P, _P, _P, _P, _P, _P, _I, ctypes.c_int]
     lib.sb_rows.restype = _I
     return lib
 
@@ -116,7 +118,9 @@ def vnni_pack_int8_weight(codes: torch.Tensor, scales: torch.Tensor, bias: torch
     offsets = torch.empty(blocks * 16, dtype=torch.int32)
     lib.sb_pack(codes.data_ptr(), n_out, n_in, packed.data_ptr(), offsets.data_ptr())
     bias = None if bias is None else bias.detach().float().contiguous()
-    return VnniInt8Weight(packed, offsets, scales.detach().reshape(-1).float().contiguous(), bias, n_out, n_in)
+    scales = scales.detach().reshape(-1).float().contiguous()
+    addresses = (packed.data_ptr(), offsets.data_ptr(), scales.data_ptr(), 0 if bias is None else bias.data_ptr())
+    return VnniInt8Weight(packed, offsets, scales, bias, n_out, n_in, addresses)
 
 
 def vnni_int8_rows_product(rows: torch.Tensor, row_scales: torch.Tensor | None, weight: VnniInt8Weight) -> tuple[torch.Tensor, int]:
@@ -126,19 +130,18 @@ def vnni_int8_rows_product(rows: torch.Tensor, row_scales: torch.Tensor | None, 
     Returns the product and how many codes were clipped to ±127."""
     rows = rows.contiguous()
     m, k = rows.shape
-    per_token = row_scales is None
-    scales = torch.empty(m) if per_token else row_scales.reshape(-1).float().contiguous()
+    scales = None if row_scales is None else row_scales.reshape(-1).float().contiguous()
     if rows.dtype != torch.float32 or rows.device.type != "cpu" or not 0 < m <= VNNI_MAX_ROWS or k != weight.in_features \
-            or scales.numel() != m:
+            or (scales is not None and scales.numel() != m):
         raise ValueError(f"the VNNI int8 kernel takes 1-{VNNI_MAX_ROWS} fp32 CPU rows of {weight.in_features} features and one "
-                         f"scale per row; got {tuple(rows.shape)} {rows.dtype} on {rows.device}, {scales.numel()} scales")
+                         f"scale per row or none; got {tuple(rows.shape)} {rows.dtype} on {rows.device}, "
+                         f"{None if scales is None else scales.numel()} scales")
     y = torch.empty(m, weight.out_features)
-    scratch = torch.empty(m * k, dtype=torch.uint8)
-    bias = 0 if weight.bias is None else weight.bias.data_ptr()
-    clipped = _vnni_library().sb_rows(rows.data_ptr(), m, k, scales.data_ptr(), int(per_token), weight.packed.data_ptr(),
-                                      weight.offsets.data_ptr(), weight.scales.data_ptr(), bias, y.data_ptr(), weight.out_features,
-                                      scratch.data_ptr(), torch.get_num_threads())
-    return y, int(clipped)
+    clipped = _vnni_library().sb_rows(rows.data_ptr(), m, k, None if scales is None else scales.data_ptr(), *weight.addresses,
+                                      y.data_ptr(), weight.out_features, torch.get_num_threads())
+    if clipped < 0:
+        raise MemoryError(f"the VNNI int8 kernel could not allocate {m * k} bytes")
+    return y, clipped
 
 
 @functools.cache

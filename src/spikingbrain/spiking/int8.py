@@ -446,7 +446,8 @@ class Int8Linear(nn.Module):
 
     def _packed(self, kernel: str, layout: Callable[["Int8Linear"], object]):
         """This layer's weight in ``kernel``'s layout, ``layout(self)``, kept until its codes, scales or bias change."""
-        key = _buffer_versions(*(t for t in (self.weight, self.weight_scale, self.bias) if t is not None))
+        tensors = self._buffers["weight"], self._buffers["weight_scale"], self._parameters.get("bias")  # no __getattr__: a hot path
+        key = _buffer_versions(*(t for t in tensors if t is not None))
         cached = self._packed_weights.get(kernel)
         if cached is None or cached[0] != key:
             cached = self._packed_weights[kernel] = key, layout(self)

@@ -9,6 +9,7 @@
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 
 #define VNNI __attribute__((target("avx512f,avx512bw,avx512vnni")))
 
@@ -82,17 +83,22 @@ VNNI static void store_block(__m512i acc, const int32_t *offsets, const float *s
     _mm512_mask_storeu_ps(y + n0, mask, v);
 }
 
-/* x [rows, n_in] fp32, s [rows], y [rows, n_out]; xq: rows * n_in bytes of scratch; rows <= 8. With per_token set,
- * s is written here first: max|x_m| / 127 (1 for a row of zeros), the per-token scale of W8A8.
- * Returns how many codes were clipped to +-127 (then y holds the clipped product). */
-VNNI int64_t sb_rows(const float *x, int64_t rows, int64_t n_in, float *s, int per_token, const int8_t *packed,
-                     const int32_t *offsets, const float *scales, const float *bias, float *y, int64_t n_out, uint8_t *xq,
-                     int threads) {
+/* x [rows, n_in] fp32, row_scales [rows], y [rows, n_out]; rows <= 8. Without row_scales (NULL) each row's scale is
+ * found here: max|x_m| / 127 (1 for a row of zeros), the per-token scale of W8A8.
+ * Returns how many codes were clipped to +-127 (then y holds the clipped product), or -1 where memory ran out. */
+VNNI int64_t sb_rows(const float *x, int64_t rows, int64_t n_in, const float *row_scales, const int8_t *packed,
+                     const int32_t *offsets, const float *scales, const float *bias, float *y, int64_t n_out, int threads) {
     int64_t clipped = 0;
-    for (int64_t m = 0; per_token && m < rows; m++) {
+    float s[8];
+    uint8_t *xq = malloc((size_t)(rows * n_in));
+    if (!xq || rows > 8) {
+        free(xq);
+        return -1;
+    }
+    for (int64_t m = 0; m < rows; m++) {
         float amax = 0.0f;
-        for (int64_t k = 0; k < n_in; k++) amax = fmaxf(amax, fabsf(x[m * n_in + k]));
-        s[m] = amax > 0.0f ? amax / 127.0f : 1.0f;
+        for (int64_t k = 0; !row_scales && k < n_in; k++) amax = fmaxf(amax, fabsf(x[m * n_in + k]));
+        s[m] = row_scales ? row_scales[m] : amax > 0.0f ? amax / 127.0f : 1.0f;
     }
     for (int64_t m = 0; m < rows; m++)
         for (int64_t k = 0; k < n_in; k++) {
@@ -125,5 +131,6 @@ VNNI int64_t sb_rows(const float *x, int64_t rows, int64_t n_in, float *s, int p
             for (int64_t m = 0; m < rows; m++) store_block(acc[m], offsets, scales, bias, s[m], y + m * n_out, b * 16, n_out);
         }
     }
+    free(xq);
     return clipped;
 }
