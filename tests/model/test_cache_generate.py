@@ -126,6 +126,26 @@ def test_window_ring_buffer_holds_the_ordered_window(keep_first, sinks, prompt_l
     assert ring._ring is None and torch.equal(ring.keys, copying.keys)
 
 
+def test_the_step_buffer_doubles_as_a_long_window_fills():
+    """From an empty cache, a window of 300 filled one step at a time equals the copying path at every step,
+    with O(log) allocations: 64 slots first, doubling, then the whole window as a ring."""
+    from spikingbrain.model.cache import MIN_STEP_SLOTS, WindowKV
+
+    gen = torch.Generator().manual_seed(5)
+    window, keep_first, H, D = 300, 8, 1, 4
+    ring, copying = WindowKV(window, keep_first), WindowKV(window, keep_first)
+    sizes = []
+    for step in range(window + keep_first + 40):
+        k, v = torch.randn(1, 1, H, D, generator=gen), torch.randn(1, 1, H, D, generator=gen)
+        got, expected = ring.extend(k, v, ring=True), copying.extend(k, v)
+        if ring._ring[0].shape[1] not in sizes:
+            sizes.append(ring._ring[0].shape[1])
+        if step < window + keep_first:  # still filling: the returned keys are in order
+            assert torch.equal(got[0], expected[0]), step
+        assert torch.equal(ring.keys, copying.keys) and torch.equal(ring.values, copying.values), step
+    assert sizes == [MIN_STEP_SLOTS, 128, 256, window + keep_first + 1]
+
+
 def test_sdpa_window_caches_one_key_less(tiny_model):
     model = tiny_model(["swa"], window_semantics="sdpa")  # 5 keys including the query: 4 cached
     _, cache = run_in_pieces(model, random_ids(1, 30), [30])

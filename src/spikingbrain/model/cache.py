@@ -70,6 +70,8 @@ def unstack_states(stacked: GLAState, states: list[GLAState | None]) -> None:
 
 #: A window extended by at most this many positions is kept as a view of the extended keys (no copy).
 VIEW_MAX_NEW = 16
+#: Slots of the first step buffer of a window cache (it doubles as it fills, up to the whole window).
+MIN_STEP_SLOTS = 64
 
 
 class WindowKV(_LayerCache):
@@ -80,10 +82,11 @@ class WindowKV(_LayerCache):
     sequence are kept in front of the window too (attention sinks made of real tokens).
 
     One-token steps whose caller attends to every returned key (``extend(..., ring=True)``) use a
-    buffer ``[sinks | first | window + 1 slots]``, allocated once: until it is full each step
-    writes its key in the next slot and gets a view of the filled part (in order); then it is a
-    ring, where each step writes its key over the one leaving the window. Either way nothing is
-    copied per step. ``keys`` and ``values`` always read the window in order.
+    step buffer: until it is full each step writes its key in the next slot and gets a view of
+    the filled part (in order), the buffer doubling when it runs out of room; at its full size
+    ``[sinks | first | window + 1 slots]`` it is a ring, where each step writes its key over the
+    one leaving the window. So no step copies the window. ``keys`` and ``values`` always read the
+    window in order.
     """
 
     is_sliding = True
@@ -165,17 +168,8 @@ class WindowKV(_LayerCache):
 
     def _ring_step(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         n = self._num_sinks()
-        if self._ring is None:  # [sinks | first | window + 1 slots], the cached positions in order at the front
-            cached, length = (self._keys, self._values), self.length
-            self._ring = tuple(t.new_empty(t.shape[0], n + self._capacity(), *t.shape[2:]) for t in (keys, values))
-            sinks = self._batch_sinks(keys.shape[0])
-            for buffer, sink, old in zip(self._ring, sinks[0] if sinks else (None, None), cached):
-                if sink is not None:
-                    buffer[:, :n] = sink
-                if length:
-                    buffer[:, n : n + length] = old
-            self._keys = self._values = None
-            self._filled, self._oldest = length, 0
+        if self._ring is None or (self._filled < self._capacity() and n + self._filled == self._ring[0].shape[1]):
+            self._grow(keys, values)
         if self._filled < self._capacity():  # still filling: the next slot, and a view of the filled part
             slot = n + self._filled
             self._filled += 1
@@ -187,6 +181,28 @@ class WindowKV(_LayerCache):
         self._ring[1][:, slot] = values[:, 0]
         self._oldest = (self._oldest + 1) % (self.window + 1)
         return self._ring
+
+    def _grow(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """(Re)allocate the step buffer with room for more positions: twice the filled part (at least
+        ``MIN_STEP_SLOTS``), at most ``[sinks | first | window + 1]``, so that the copies of a growing
+        window cost O(1) per step; the sinks and the cached positions go in front, in order."""
+        n = self._num_sinks()
+        if self._ring is None:
+            length, cached = self.length, (self._keys, self._values)
+            sinks = self._batch_sinks(keys.shape[0])
+            front = sinks[0] if sinks else None
+        else:
+            length, cached = self._filled, tuple(t[:, n : n + self._filled] for t in self._ring)
+            front = tuple(t[:, :n] for t in self._ring) if n else None
+        slots = min(self._capacity(), max(MIN_STEP_SLOTS, 2 * length))
+        buffers = tuple(t.new_empty(t.shape[0], n + slots, *t.shape[2:]) for t in (keys, values))
+        for i, buffer in enumerate(buffers):
+            if front is not None:
+                buffer[:, :n] = front[i]
+            if length:
+                buffer[:, n : n + length] = cached[i]
+        self._ring, self._keys, self._values = buffers, None, None
+        self._filled, self._oldest = length, 0
 
     @property
     def length(self) -> int:
