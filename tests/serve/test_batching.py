@@ -181,6 +181,30 @@ def test_a_short_prompt_is_answered_while_a_long_one_is_being_read(tiny_engine):
     }
 
 
+def test_a_job_whose_client_left_before_it_was_admitted_counts_as_cancelled(tiny_engine):
+    """A client that leaves while its job waits (a loaded server) is counted in /health's ``cancelled`` like one that
+    leaves mid-answer, and the job sends nothing: the scheduler drops it and answers the next one."""
+
+    async def run() -> tuple[dict, list]:
+        loop, log = asyncio.get_running_loop(), asyncio.Queue()
+        params = SamplingParams(temperature=0, max_tokens=2)
+        left, staying = (Job(tiny_engine.encode_text(text), params, math.inf, loop, events=log) for text in ("Gone", "Here"))
+        left.cancelled = True
+        scheduler = Scheduler(tiny_engine, PrefixCache(tiny_engine.fingerprint, "tiny", 0))
+        scheduler.submit(left)
+        scheduler.submit(staying)
+        scheduler.start()
+        events = [await asyncio.wait_for(log.get(), 300)]
+        while events[-1][0] not in ("done", "error"):
+            events.append(await asyncio.wait_for(log.get(), 300))
+        scheduler.stop()
+        return scheduler.load(), events
+
+    load, events = asyncio.run(run())
+    assert load["cancelled"] == 1 and load["active"] == 0
+    assert events[-1][0] == "done" and events[-1][1].prompt_ids == tiny_engine.encode_text("Here")
+
+
 def test_a_row_at_the_context_limit_ends_with_length_and_the_others_go_on(tiny_engine):
     from .conftest import make_tiny
 

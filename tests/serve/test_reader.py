@@ -126,6 +126,33 @@ def test_reading_takes_turns_with_other_requests_and_cancel_stops_it_between_chu
     assert status == 200 and reply["choices"][0]["text"] == alone(tiny_engine, tiny_engine.encode_text("Still serving"), temperature=0, max_tokens=5)[0]
 
 
+def test_a_delete_while_the_read_state_is_being_kept_cancels_it(tiny_engine, live_server, monkeypatch):
+    """The last chunk is read and the state is being copied (in a thread) when the delete comes: it answers 200
+    (cancelled), the document is gone, and the server goes on answering."""
+    import threading
+
+    from spikingbrain.serve import reader
+
+    keeping, release = threading.Event(), threading.Event()
+    real_snapshot = reader.take_snapshot
+
+    def held_snapshot(*args):
+        keeping.set()
+        assert release.wait(60)
+        return real_snapshot(*args)
+
+    monkeypatch.setattr(reader, "take_snapshot", held_snapshot)
+    app = live_server(tiny_engine)
+    _, document = upload(app, DOCUMENT)
+    assert keeping.wait(120)
+    status, deleted = raw(app, "DELETE", f"/v1/documents/{document['id']}")
+    release.set()
+    assert status == 200 and deleted["state"] == "cancelled" and deleted["tokens_read"] == document["tokens"]
+    assert raw(app, "GET", f"/v1/documents/{document['id']}")[0] == 404
+    status, reply = raw(app, "POST", "/v1/completions", {"model": "tiny", "prompt": "Still serving", "max_tokens": 3, "temperature": 0})
+    assert status == 200 and reply["choices"][0]["text"] == alone(tiny_engine, tiny_engine.encode_text("Still serving"), temperature=0, max_tokens=3)[0]
+
+
 def test_api_key_rule_applies_to_every_document_route(tiny_engine, live_server):
     app = live_server(tiny_engine, ServerSettings(api_key="s3cret"))
     status, headers, page = request(app, "GET", "/")

@@ -175,14 +175,15 @@ def add_reader(app, engine, scheduler, settings, check_key, read_body, job_class
             if kind == "text":
                 continue
             document.read_seconds = time.monotonic() - document.started
-            document.job = None
             if kind == "error":
-                document.state = "failed"
+                document.job, document.state = None, "failed"
                 document.error = (value if isinstance(value, APIError) else APIError(500, f"reading failed: {value}", "server_error")).body()["error"]
                 return
             document.tokens_read = generation.cache.seen_tokens
-            document.snapshot = await anyio.to_thread.run_sync(keep, generation.cache, document.ids)
-            document.state = "ready"
+            snapshot = await anyio.to_thread.run_sync(keep, generation.cache, document.ids)
+            document.job = None  # only now: a delete while the state was being kept still finds the job
+            if document.state != "cancelled":
+                document.snapshot, document.state = snapshot, "ready"
             return
 
     @app.post("/v1/documents", status_code=201, include_in_schema=False)

@@ -171,6 +171,7 @@ class Scheduler:
         self.condition = threading.Condition()
         self.stopped = False
         self.cancelled = 0
+        self.admitting = 0  # jobs taken from the queue and not yet active or dropped (counted as waiting)
         self.decode_steps = self.decoded_tokens = self.prefill_chunks = 0
         self.thread = threading.Thread(target=self._loop, name="spikingbrain-scheduler", daemon=True)
 
@@ -192,11 +193,12 @@ class Scheduler:
             self.condition.notify()
 
     def load(self) -> dict:
-        """Active and waiting job counts, jobs dropped because their client left, and the batched work done so far."""
+        """Active and waiting job counts, jobs dropped because their client left, and the batched work done so far;
+        once ``active`` and ``waiting`` are both 0, every job submitted before is counted where it ended."""
         with self.condition:
             return {
                 "active": len(self.active),
-                "waiting": len(self.waiting),
+                "waiting": len(self.waiting) + self.admitting,
                 "cancelled": self.cancelled,
                 "decode_steps": self.decode_steps,
                 "decoded_tokens": self.decoded_tokens,
@@ -212,8 +214,11 @@ class Scheduler:
                     return
                 admitted = self.waiting[: self.max_active - len(self.active)]
                 del self.waiting[: len(admitted)]
+                self.admitting = len(admitted)
             for job in admitted:
                 self._guard(job, self._admit)
+                with self.condition:  # active, dropped (and counted) or failed: /health sees it in one place at all times
+                    self.admitting -= 1
             self._turn()
 
     def _turn(self) -> None:
@@ -246,7 +251,9 @@ class Scheduler:
                 self.active.remove(job)
 
     def _admit(self, job: Job) -> None:
-        if job.cancelled:
+        if job.cancelled:  # its client left while it waited
+            with self.condition:
+                self.cancelled += 1
             return
         if time.monotonic() > job.deadline:
             job.send("error", timeout_error())
