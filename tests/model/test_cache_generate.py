@@ -146,6 +146,23 @@ def test_the_step_buffer_doubles_as_a_long_window_fills():
     assert sizes == [MIN_STEP_SLOTS, 128, 256, window + keep_first + 1]
 
 
+def test_step_buffers_store_each_heads_keys_contiguously():
+    """Decode steps hand attention keys whose positions are contiguous per head (SDPA reads them without a copy),
+    and the values they return equal the copying path's."""
+    from spikingbrain.model.cache import FullKV, WindowKV
+
+    gen = torch.Generator().manual_seed(6)
+    window, ring, full, copying = 5, WindowKV(5), FullKV(), WindowKV(5)
+    for step in range(9):
+        k, v = torch.randn(2, 1, 3, 4, generator=gen), torch.randn(2, 1, 3, 4, generator=gen)
+        for keys, values in (ring.extend(k, v, ring=True), full.extend(k, v)):
+            for t in (keys, values):
+                assert t.stride(1) == t.shape[3] and t.stride(3) == 1, (step, t.stride())
+        copying.extend(k, v)
+        assert torch.equal(ring.keys, copying.keys) and torch.equal(ring.values, copying.values), step
+    assert ring.length == window and full.length == 9
+
+
 def test_sdpa_window_caches_one_key_less(tiny_model):
     model = tiny_model(["swa"], window_semantics="sdpa")  # 5 keys including the query: 4 cached
     _, cache = run_in_pieces(model, random_ids(1, 30), [30])

@@ -121,3 +121,30 @@ def test_a_w8a8_model_decodes_the_same_tokens_with_and_without_the_kernel():
     prefill = _calls(lambda: model(ids, cache=model.new_cache(), use_cache=True))[1]
     assert int_mm == prefill < int_mm_off  # the 12-row prefill keeps torch._int_mm; the decode steps all take the kernel
     assert torch.equal(with_kernel, without)
+
+
+@pytest.mark.parametrize("activations", [None, "int8"])
+def test_sibling_projections_share_one_kernel_call_and_equal_each_layer_alone(monkeypatch, activations):
+    """q, k and v linked as siblings: one kernel call for the three, each output bit-equal to the layer multiplied alone."""
+    layers = [_layer(256, n, 0, seed=n) for n in (64, 32, 32)]
+    layers[1].bias = None  # a member without a bias gets zeros in the shared product
+    for layer in layers:
+        layer.int8_activations = activations == "int8"
+    alone = [copy.deepcopy(layer) for layer in layers]
+    parent = torch.nn.Module()
+    parent.q_proj, parent.k_proj, parent.v_proj = layers
+    assert int8.link_sibling_products(parent) == 1
+    calls = []
+    product = int8.vnni_int8_rows_product
+    monkeypatch.setattr(int8, "vnni_int8_rows_product", lambda *a: calls.append(a[0].shape) or product(*a))
+    x = torch.randn(1, 3, 256, generator=torch.Generator().manual_seed(3))
+    wrap = (lambda t: t) if activations else (lambda t: SpikingInput(t, 3.0))
+    with torch.inference_mode():
+        got = [layer(wrap(x)) for layer in layers]
+        assert len(calls) == 1
+        expected = [layer(wrap(x)) for layer in alone]
+        assert len(calls) == 4
+        got_again = layers[0](wrap(x + 1))  # another input: a new call, not the pending outputs
+        assert len(calls) == 5 and torch.equal(got_again, alone[0](wrap(x + 1)))
+    for g, e in zip(got, expected):
+        assert torch.equal(g, e)

@@ -74,6 +74,14 @@ VIEW_MAX_NEW = 16
 MIN_STEP_SLOTS = 64
 
 
+def head_major_empty(like: torch.Tensor, positions: int) -> torch.Tensor:
+    """An uninitialised ``[B, positions, Hkv, D]`` buffer like ``like``, stored head-major (``[B, Hkv, positions, D]``
+    in memory), so that attention over it reads each head's keys contiguously (one decode query over 4k keys
+    through SDPA took a third of the time of the position-major layout)."""
+    batch, _, heads, dim = like.shape
+    return like.new_empty(batch, heads, positions, dim).transpose(1, 2)
+
+
 class WindowKV(_LayerCache):
     """The last ``window`` rotated keys and values ``[B, n, Hkv, D]`` of a sliding-window layer.
 
@@ -195,7 +203,7 @@ class WindowKV(_LayerCache):
             length, cached = self._filled, tuple(t[:, n : n + self._filled] for t in self._ring)
             front = tuple(t[:, :n] for t in self._ring) if n else None
         slots = min(self._capacity(), max(MIN_STEP_SLOTS, 2 * length))
-        buffers = tuple(t.new_empty(t.shape[0], n + slots, *t.shape[2:]) for t in (keys, values))
+        buffers = tuple(head_major_empty(t, n + slots) for t in (keys, values))
         for i, buffer in enumerate(buffers):
             if front is not None:
                 buffer[:, :n] = front[i]
@@ -252,8 +260,7 @@ class FullKV(_LayerCache):
         needed = self.length + keys.shape[1]
         if self._keys is None or needed > self._keys.shape[1]:
             capacity = max(needed, 2 * (0 if self._keys is None else self._keys.shape[1]))
-            shape = (keys.shape[0], capacity, *keys.shape[2:])
-            new_k, new_v = keys.new_empty(shape), values.new_empty(shape)
+            new_k, new_v = head_major_empty(keys, capacity), head_major_empty(values, capacity)
             if self.length:
                 new_k[:, : self.length] = self._keys[:, : self.length]
                 new_v[:, : self.length] = self._values[:, : self.length]

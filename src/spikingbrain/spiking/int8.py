@@ -62,7 +62,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops.int8 import (
-    VNNI_MAX_ROWS, int8_matmul_available, onednn_int8_linear_available, onednn_int8_row_product, onednn_pack_int8_weight,
+    VNNI_MAX_ROWS, VnniInt8Weight, int8_matmul_available, onednn_int8_linear_available, onednn_int8_row_product, onednn_pack_int8_weight,
     vnni_int8_rows_product, vnni_pack_int8_weight, vnni_rows_available,
 )
 from .apply import DEFAULT_TARGETS, current_spiking, spikify, spiking_linears
@@ -273,11 +273,17 @@ class _LastCounts(threading.local):
 _last_counts = _LastCounts()
 
 
+def _input_key(x: torch.Tensor, threshold_of: Callable[..., torch.Tensor], args: tuple) -> tuple:
+    """What makes two calls on the tensor ``x`` the same input: the threshold, its shape, storage and version counter
+    (inference tensors have none)."""
+    version = None if torch.is_inference(x) else x._version
+    return threshold_of, args, version, x.shape, x.stride(), x.data_ptr()
+
+
 def _counts_of(x: torch.Tensor, threshold_of: Callable[..., torch.Tensor], *args) -> _Counts:
     """``x``'s counts at the threshold ``threshold_of(x as rows, *args)``, reused when the same tensor, unchanged, comes again (sibling
     projections): the tensor object is the key, and its version counter where it has one (inference tensors have none)."""
-    version = None if torch.is_inference(x) else x._version
-    key = (threshold_of, args, version, x.shape, x.stride(), x.data_ptr())
+    key = _input_key(x, threshold_of, args)
     memo = _last_counts
     if memo.source is not None and memo.source() is x and memo.key == key:
         return memo.counts
@@ -303,6 +309,8 @@ class ProductGroup:
         self._layout: tuple | None = None  # (buffer versions, [(columns, codes [K_g, ΣN])], scales [G, 1, ΣN], bias)
         self._outliers: tuple | None = None  # ((buffer versions, dtype), columns, weight [ΣN, len(columns)])
         self._pending: tuple | None = None  # (counts, output per member, members yet to take theirs)
+        self._vnni: tuple | None = None  # (buffer versions, the members' weights as one VnniInt8Weight)
+        self._vnni_pending: tuple | None = None  # (input ref, input key, output per member or None if clipped, members yet)
 
     def output(self, member: "Int8Linear", counts: _Counts) -> torch.Tensor:
         """``member``'s product ``[M, N]`` of these counts; for decode rows the first member to ask computes every
@@ -317,6 +325,35 @@ class ProductGroup:
         if not pending[2]:
             self._pending = None
         return pending[1][member]
+
+    def vnni_output(self, member: "Int8Linear", flat: torch.Tensor, source: torch.Tensor,
+                    threshold_of: Callable[..., torch.Tensor], *args) -> torch.Tensor | None:
+        """``member``'s product of decode rows ``flat`` (``source`` reshaped) by the VNNI kernel, which the first member
+        to ask computes for every member in one call (the per-call cost dominates these rows); None if a code was clipped
+        to ±127 (the caller takes the two-plane product). The same input tensor, unchanged, is the same call."""
+        key = _input_key(source, threshold_of, args)
+        pending = self._vnni_pending
+        if pending is None or pending[0]() is not source or pending[1] != key or member not in pending[3]:
+            scales = None if threshold_of is per_token_int8_scale else threshold_of(flat, *args)  # None: found in the kernel
+            y, clipped = vnni_int8_rows_product(flat, scales, self._vnni_weight())
+            outputs = None if clipped else dict(zip(self.members, y.split([m.out_features for m in self.members], dim=1)))
+            pending = self._vnni_pending = weakref.ref(source), key, outputs, set(self.members)
+        pending[3].discard(member)
+        if not pending[3]:
+            self._vnni_pending = None
+        return None if pending[2] is None else pending[2][member]
+
+    def _vnni_weight(self) -> VnniInt8Weight:
+        """The members' codes, scales and biases side by side as one VNNI weight, rebuilt when a buffer changes."""
+        key = self._versions()
+        if self._vnni is None or self._vnni[0] != key:
+            members = self.members
+            bias = None
+            if any(m.bias is not None for m in members):
+                bias = torch.cat([m.bias if m.bias is not None else m.weight_scale.new_zeros(m.out_features) for m in members])
+            weight = vnni_pack_int8_weight(torch.cat([m.weight for m in members]), torch.cat([m.weight_scale for m in members]), bias)
+            self._vnni = key, weight
+        return self._vnni[1]
 
     def _versions(self) -> tuple:
         """Changes when a member's codes, scales or bias do: what the cached layouts are rebuilt on."""
@@ -432,9 +469,8 @@ class Int8Linear(nn.Module):
         decode rows by the VNNI kernel where it runs and no count passes ±127, otherwise ``torch._int_mm``."""
         flat = x.reshape(-1, self.in_features)
         if self._vnni_rows(flat):
-            scales = None if threshold_of is per_token_int8_scale else threshold_of(flat, *args)  # None: found in the kernel
-            y, clipped = vnni_int8_rows_product(flat, scales, self._packed("vnni", _vnni_layout))
-            if not clipped:
+            y = self.product_group.vnni_output(self, flat, x, threshold_of, *args)
+            if y is not None:
                 return y.view(*x.shape[:-1], self.out_features)
         y = self.product_group.output(self, _counts_of(x, threshold_of, *args))
         return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
@@ -477,10 +513,6 @@ class Int8Head(Int8Linear):
         weight = self._packed("onednn", _onednn_layout)
         y = torch.cat([onednn_int8_row_product(counts.low[i : i + 1], float(counts.threshold[i]), weight) for i in range(flat.shape[0])])
         return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
-
-
-def _vnni_layout(layer: Int8Linear):
-    return vnni_pack_int8_weight(layer.weight, layer.weight_scale, layer.bias)
 
 
 def _onednn_layout(layer: Int8Linear):
