@@ -18,12 +18,16 @@ are ordinary positions of the sequence, subject to causality and padding.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import math
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["causal_attention", "sliding_window_attention"]
+from .native import load_kernel
+
+__all__ = ["causal_attention", "sliding_window_attention", "decode_attention_available"]
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask, num_sinks: int = 0) -> tuple[int, ...]:
@@ -42,11 +46,62 @@ def causal_attention(q, k, v, scale=None, key_padding_mask=None, num_sinks: int 
     """Full causal attention through ``scaled_dot_product_attention``."""
     B, Tq, H, Hkv, D, Tk = _check(q, k, v, key_padding_mask, num_sinks)
     scale = D**-0.5 if scale is None else scale
+    if key_padding_mask is None and Tq == 1 and _kernel_applies(q, k, v):  # a decode step on CPU
+        return _kernel_attention(q, k, v, scale)
     if key_padding_mask is None and (Tq == 1 or (Tq == Tk and not num_sinks)):  # one query (decoding) sees every key
         qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
         o = F.scaled_dot_product_attention(qt, kt, vt, is_causal=Tq > 1, scale=scale, enable_gqa=Hkv != H)
         return o.transpose(1, 2)
     return _dense_masked_attention(q, k, v, None, scale, key_padding_mask, num_sinks, 0)
+
+
+_P, _I = ctypes.c_void_p, ctypes.c_int64
+
+
+@functools.cache
+def _attention_library() -> ctypes.CDLL | None:
+    """The built decode-attention kernel (``kernels/decode_attention.c``) where this CPU has AVX-512, else None."""
+    lib = load_kernel("decode_attention")
+    if lib is None or not lib.sb_attention_supported():
+        return None
+    lib.sb_attend.argtypes = [_P, _I, _I, _I, _I, _I, _P, _I, _I, _I, _P, _I, _I, _I, ctypes.c_float, _P, ctypes.c_int]
+    lib.sb_attend.restype = ctypes.c_int
+    return lib
+
+
+def _kernel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """One query ``q [B, 1, H, D]`` over every key of ``k, v [B, Tk, Hkv, D]`` (any order) through the C kernel."""
+    B, _, H, D = q.shape
+    q = q.contiguous()
+    out = torch.empty_like(q)
+    failed = _attention_library().sb_attend(
+        q.data_ptr(), B, H, k.shape[2], D, k.shape[1], k.data_ptr(), k.stride(0), k.stride(1), k.stride(2),
+        v.data_ptr(), v.stride(0), v.stride(1), v.stride(2), scale, out.data_ptr(), torch.get_num_threads(),
+    )
+    if failed:
+        raise MemoryError(f"the decode-attention kernel could not allocate {H * k.shape[1] * 4} bytes of scores")
+    return out
+
+
+def _kernel_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether the decode-attention kernel takes these tensors: fp32 on CPU, each key's values contiguous, no gradient."""
+    return (q.device.type == "cpu" and q.dtype == k.dtype == v.dtype == torch.float32 and k.stride(3) == 1 and v.stride(3) == 1
+            and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
+            and decode_attention_available())
+
+
+@functools.cache
+def decode_attention_available() -> bool:
+    """Whether the decode-attention kernel runs here and matches a hand-computed softmax (two keys, two query heads of
+    one key/value head, values of 4 features)."""
+    if _attention_library() is None:
+        return False
+    q = torch.tensor([[[[1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]]]])  # [1, 1, 2, 4]
+    k = torch.tensor([[[[1.0, 0.0, 0.0, 0.0]], [[0.0, 1.0, 0.0, 0.0]]]])  # [1, 2, 1, 4]
+    v = torch.tensor([[[[1.0, 2.0, 3.0, 4.0]], [[-1.0, 0.0, 1.0, 2.0]]]])
+    w = math.e / (math.e + 1)  # the first head weighs its keys e : 1, the second 1 : 1
+    expected = torch.tensor([[[[2 * w - 1, 2 * w, 2 * w + 1, 2 * w + 2], [0.0, 1.0, 2.0, 3.0]]]])
+    return torch.allclose(_kernel_attention(q, k, v, 1.0), expected, rtol=1e-6, atol=1e-6)
 
 
 def _prepend_sinks(windows: torch.Tensor, sinks: torch.Tensor) -> torch.Tensor:

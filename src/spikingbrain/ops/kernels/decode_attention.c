@@ -1,0 +1,119 @@
+/* Softmax attention of one query per head over every key (a decode step), fp32, with AVX-512.
+ *
+ * q [B, H, D] (contiguous), keys and values [B, T, Hkv, D] given by their strides (each key's D values contiguous:
+ * head-major buffers or any other layout), out [B, H, D]; H a multiple of Hkv (grouped-query attention: query head g of
+ * key/value head h is h * G + g, G = H / Hkv). For each (batch row, key/value head) the G query heads read the keys
+ * once for their scores, the softmax runs over the scores with a vector exp, and the values are read once for the
+ * weighted sums. The order of the keys does not matter (a ring buffer may be passed as it is). */
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+#define AVX512 __attribute__((target("avx512f")))
+
+/* Attention smaller than this many query-key multiply-adds runs on one thread: a thread wake under
+ * OMP_WAIT_POLICY=PASSIVE costs more than attending over a few hundred keys. */
+#define PARALLEL_MIN_MACS (1 << 20)
+/* Query heads and 16-float chunks of a head's values summed at once (their accumulators stay in registers). */
+#define HEADS_AT_ONCE 4
+#define CHUNKS_AT_ONCE 4
+
+int sb_attention_supported(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f");
+}
+
+/* e^x for x <= 0: x = n ln2 + r with |r| <= ln2 / 2, e^r = 1 + r + r^2 p(r) with Cephes' expf polynomial p, times
+ * 2^n; below -87 the result is 0 (within fp32 precision of expf's there, next to the weight of the top score). */
+AVX512 static inline __m512 exp_nonpositive(__m512 x) {
+    __mmask16 tiny = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_LT_OQ);
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_maskz_mov_ps((__mmask16)~tiny, _mm512_scalef_ps(p, n));
+}
+
+static inline __mmask16 chunk_mask(int64_t remaining) {
+    return remaining >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << remaining) - 1);
+}
+
+/* one (batch row, key/value head): query heads q[g * dim], their outputs out[g * dim], scores scratch [G, T] */
+AVX512 static void attend_group(const float *q, int64_t group, int64_t dim, int64_t keys, const float *k, int64_t k_pos,
+                                const float *v, int64_t v_pos, float scale, float *out, float *scores) {
+    int64_t chunks = (dim + 15) / 16;
+    for (int64_t g0 = 0; g0 < group; g0 += HEADS_AT_ONCE) {
+        int64_t ng = group - g0 < HEADS_AT_ONCE ? group - g0 : HEADS_AT_ONCE;
+        for (int64_t t = 0; t < keys; t++) {  /* scores: each key read once for the ng query heads */
+            __m512 acc[HEADS_AT_ONCE];
+            for (int64_t g = 0; g < ng; g++) acc[g] = _mm512_setzero_ps();
+            for (int64_t c = 0; c < chunks; c++) {
+                __mmask16 m = chunk_mask(dim - 16 * c);
+                __m512 kc = _mm512_maskz_loadu_ps(m, k + t * k_pos + 16 * c);
+                for (int64_t g = 0; g < ng; g++)
+                    acc[g] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, q + (g0 + g) * dim + 16 * c), kc, acc[g]);
+            }
+            for (int64_t g = 0; g < ng; g++) scores[g * keys + t] = _mm512_reduce_add_ps(acc[g]) * scale;
+        }
+        float inverse[HEADS_AT_ONCE];
+        for (int64_t g = 0; g < ng; g++) {  /* softmax weights, unnormalised, and 1 / their sum */
+            float *s = scores + g * keys;
+            __m512 top = _mm512_set1_ps(-INFINITY);
+            for (int64_t t = 0; t < keys; t += 16) top = _mm512_max_ps(top, _mm512_mask_loadu_ps(top, chunk_mask(keys - t), s + t));
+            __m512 shift = _mm512_set1_ps(_mm512_reduce_max_ps(top)), total = _mm512_setzero_ps();
+            for (int64_t t = 0; t < keys; t += 16) {
+                __mmask16 m = chunk_mask(keys - t);
+                __m512 e = _mm512_maskz_mov_ps(m, exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, s + t), shift)));
+                _mm512_mask_storeu_ps(s + t, m, e);
+                total = _mm512_add_ps(total, e);
+            }
+            inverse[g] = 1.0f / _mm512_reduce_add_ps(total);
+        }
+        for (int64_t c0 = 0; c0 < chunks; c0 += CHUNKS_AT_ONCE) {  /* weighted values: each value read once per block */
+            int64_t nc = chunks - c0 < CHUNKS_AT_ONCE ? chunks - c0 : CHUNKS_AT_ONCE;
+            __m512 acc[HEADS_AT_ONCE][CHUNKS_AT_ONCE];
+            for (int64_t g = 0; g < ng; g++)
+                for (int64_t c = 0; c < nc; c++) acc[g][c] = _mm512_setzero_ps();
+            for (int64_t t = 0; t < keys; t++) {
+                for (int64_t c = 0; c < nc; c++) {
+                    __m512 vc = _mm512_maskz_loadu_ps(chunk_mask(dim - 16 * (c0 + c)), v + t * v_pos + 16 * (c0 + c));
+                    for (int64_t g = 0; g < ng; g++) acc[g][c] = _mm512_fmadd_ps(_mm512_set1_ps(scores[g * keys + t]), vc, acc[g][c]);
+                }
+            }
+            for (int64_t g = 0; g < ng; g++)
+                for (int64_t c = 0; c < nc; c++)
+                    _mm512_mask_storeu_ps(out + (g0 + g) * dim + 16 * (c0 + c), chunk_mask(dim - 16 * (c0 + c)),
+                                          _mm512_mul_ps(acc[g][c], _mm512_set1_ps(inverse[g])));
+        }
+    }
+}
+
+/* Returns 0, or -1 if the scores' scratch could not be allocated. Strides are in floats. */
+int sb_attend(const float *q, int64_t batch, int64_t heads, int64_t kv_heads, int64_t dim, int64_t keys,
+              const float *k, int64_t k_batch, int64_t k_pos, int64_t k_head,
+              const float *v, int64_t v_batch, int64_t v_pos, int64_t v_head, float scale, float *out, int threads) {
+    int64_t group = heads / kv_heads, tasks = batch * kv_heads;
+    int parallel = threads > 1 && tasks > 1 && keys * heads * dim * batch >= PARALLEL_MIN_MACS;
+    int failed = 0;
+#pragma omp parallel for schedule(static) num_threads(threads) if (parallel)
+    for (int64_t task = 0; task < tasks; task++) {
+        int64_t b = task / kv_heads, h = task % kv_heads;
+        float *scores = malloc(sizeof(float) * (size_t)(group * keys));
+        if (scores == NULL) {
+            failed = 1;
+            continue;
+        }
+        attend_group(q + (b * heads + h * group) * dim, group, dim, keys, k + b * k_batch + h * k_head, k_pos,
+                     v + b * v_batch + h * v_head, v_pos, scale, out + (b * heads + h * group) * dim, scores);
+        free(scores);
+    }
+    return failed ? -1 : 0;
+}
