@@ -59,3 +59,15 @@ def test_tiny_run_writes_json_and_plot(tmp_path, capsys):
     assert [r["length"] for r in data["comparison"]] == [16, 64]
     assert data["load_average"]["start"] is not None
     assert "baseline / ours latency" in capsys.readouterr().out
+
+
+def test_each_model_of_a_figure_gets_its_own_colour():
+    """Ours and the baseline keep their colours; --also models take the further ones in turn, never ours or the baseline's."""
+    from spikingbrain.runtime.plots import COLORS, FURTHER_COLORS, colors_of
+
+    names = ["ours", "baseline"] + [f"also{i}" for i in range(1, len(FURTHER_COLORS) + 2)]
+    colors = colors_of(names)
+    assert colors["ours"] == "tab:blue" and colors["baseline"] == "tab:gray"
+    assert [colors[f"also{i}"] for i in (1, 2)] == ["tab:orange", "tab:green"]
+    assert colors[f"also{len(FURTHER_COLORS) + 1}"] == FURTHER_COLORS[0]  # more models than colours: the list cycles
+    assert not set(FURTHER_COLORS) & set(COLORS.values())

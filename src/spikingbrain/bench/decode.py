@@ -196,13 +196,14 @@ def _compare(candidates: list[Candidate]) -> tuple[list[dict], dict]:
 
 def plot(result: dict, path: Path) -> Path:
     """Per-token latency and cache bytes per sequence against context length (log-log), as a PNG."""
-    from ..runtime.plots import COLORS, machine_title, new_figure, save_loglog
+    from ..runtime.plots import colors_of, machine_title, new_figure, save_loglog
 
     fig, (ax1, ax2) = new_figure()
+    colors = colors_of(result["candidates"])
     for name, c in result["candidates"].items():
         x = [r["length"] for r in c["rows"]]
-        ax1.plot(x, [1000 * r["median_step_s"] for r in c["rows"]], "o-", color=COLORS.get(name), label=c["label"])
-        ax2.plot(x, [r["cache_bytes_measured"] / 2**20 for r in c["rows"]], "o-", color=COLORS.get(name), label=f"{c['label']} (measured)")
+        ax1.plot(x, [1000 * r["median_step_s"] for r in c["rows"]], "o-", color=colors[name], label=c["label"])
+        ax2.plot(x, [r["cache_bytes_measured"] / 2**20 for r in c["rows"]], "o-", color=colors[name], label=f"{c['label']} (measured)")
     ax1.set_ylabel("decode latency per token (ms)")
     ax2.set_ylabel("cache per sequence (MiB)")
     return save_loglog(fig, (ax1, ax2), path, "context length (tokens)", machine_title(result, "decode"))

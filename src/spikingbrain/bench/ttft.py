@@ -329,18 +329,19 @@ def _targets(rows: dict[str, dict[int, dict]], ratios: list[dict]) -> dict:
 
 def plot(result: dict, path: Path) -> Path:
     """Log-log TTFT curves (measured points, fitted lines) and the baseline / ours ratio, as a PNG."""
-    from ..runtime.plots import COLORS, machine_title, new_figure, save_loglog
+    from ..runtime.plots import colors_of, machine_title, new_figure, save_loglog
 
     fig, (ax1, ax2) = new_figure()
     span = [r["length"] for r in result["ratios"]] + [row["length"] for c in result["candidates"].values() for row in c["rows"]]
+    colors = colors_of(result["candidates"])
     for name, c in result["candidates"].items():
         if not c["rows"]:
             continue
         x = [r["length"] for r in c["rows"]]
-        ax1.plot(x, [r["median_s"] for r in c["rows"]], "o", color=COLORS.get(name), label=f"{c['label']} (measured)")
+        ax1.plot(x, [r["median_s"] for r in c["rows"]], "o", color=colors[name], label=f"{c['label']} (measured)")
         if name in result["fits"]:
             grid = sorted({*span, *x})
-            ax1.plot(grid, [predict(result["fits"][name]["coefficients"], n) for n in grid], "--", color=COLORS.get(name),
+            ax1.plot(grid, [predict(result["fits"][name]["coefficients"], n) for n in grid], "--", color=colors[name],
                      label=f"{name} fit: {result['fits'][name]['formula']} s")
     ax1.set_ylabel("time to first token (s)")
     ax1.set_title("TTFT (log-log)")

@@ -454,12 +454,13 @@ def run_needle(models: dict[str, object], tokenizer, lengths: list[int], depths:
 def plot_needle(result: dict, path: str | Path) -> Path:
     """Accuracy of each model against prompt length and against fact depth, as a PNG."""
     from ..runtime.lengths import format_length
-    from ..runtime.plots import COLORS, new_figure, save_figure
+    from ..runtime.plots import colors_of, new_figure, save_figure
 
     fig, (by_length, by_depth) = new_figure(2, (10, 4))
     lengths, depths = result["lengths"], result["depths"]
+    colors = colors_of(result["models"])
     for name, model in result["models"].items():
-        grid, color = model["accuracy"], COLORS.get(name)
+        grid, color = model["accuracy"], colors[name]
         by_length.plot(range(len(lengths)), [model["accuracy_by_length"][str(n)] for n in lengths], "o-",
                        color=color, label=f"{name} ({model['degenerate_fraction']:.0%} degenerate)")
         by_depth.plot(depths, [sum(row) / len(row) for row in grid], "o-", color=color, label=name)

@@ -4,10 +4,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["COLORS", "new_figure", "save_loglog", "save_figure", "machine_title"]
+__all__ = ["COLORS", "colors_of", "new_figure", "save_loglog", "save_figure", "machine_title"]
 
 #: Line colours of the two models of a side-by-side measurement.
 COLORS = {"ours": "tab:blue", "baseline": "tab:gray", "teacher": "tab:gray"}
+#: Colours of further models in one figure (``--also``), in order; none of them is ``COLORS``'.
+FURTHER_COLORS = ("tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan")
+
+
+def colors_of(names) -> dict[str, str]:
+    """A colour per model name: ``COLORS`` for ours and the baseline, then ``FURTHER_COLORS`` in turn (cycling)."""
+    further = iter(FURTHER_COLORS * (1 + len(list(names)) // len(FURTHER_COLORS)))
+    return {name: COLORS[name] if name in COLORS else next(further) for name in names}
 
 
 def new_figure(columns: int = 2, size: tuple[float, float] = (12, 4.5)):
