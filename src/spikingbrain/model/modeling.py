@@ -15,6 +15,7 @@ from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from ..ops import rotary_cos_sin, rotary_inv_freq
+from ..ops.threads import small_ops_on_one_thread
 from ..spiking.apply import spikify
 from ..spiking.int8 import prepare_int8_layers
 from .cache import RowCaches, SpikingBrainCache
@@ -147,6 +148,15 @@ def _positions(mask: torch.Tensor | None, past: int, length: int, batch: int, de
     return (mask.long().cumsum(-1) - 1)[:, -length:].clamp(min=0)
 
 
+#: A forward of at most this many token rows (batch x new tokens) without gradients on CPU is a decode step: PyTorch
+#: runs its blocks on one thread, our kernels on the caller's count (``ops.threads``).
+DECODE_STEP_MAX_ROWS = 8
+
+
+def _is_decode_step(x: torch.Tensor) -> bool:
+    return x.device.type == "cpu" and not torch.is_grad_enabled() and x.shape[0] * x.shape[1] <= DECODE_STEP_MAX_ROWS
+
+
 class SpikingBrainModel(SpikingBrainPreTrainedModel):
     """Embeddings, hybrid blocks and the final norm."""
 
@@ -189,14 +199,15 @@ class SpikingBrainModel(SpikingBrainPreTrainedModel):
         key_mask = None if mask is None or bool(mask.all()) else mask.bool()
         inputs = MixerInputs(cos=cos.to(x.dtype), sin=sin.to(x.dtype), key_mask=key_mask)
         router_stats = []
-        for i, layer in enumerate(self.layers):
-            layer_cache = None if cache is None else cache.layers[i]
-            if self.gradient_checkpointing and self.training:
-                x, stats = self._gradient_checkpointing_func(layer.__call__, x, inputs, layer_cache)
-            else:
-                x, stats = layer(x, inputs, layer_cache)
-            if stats is not None:
-                router_stats.append(stats)
+        with small_ops_on_one_thread(_is_decode_step(x)):
+            for i, layer in enumerate(self.layers):
+                layer_cache = None if cache is None else cache.layers[i]
+                if self.gradient_checkpointing and self.training:
+                    x, stats = self._gradient_checkpointing_func(layer.__call__, x, inputs, layer_cache)
+                else:
+                    x, stats = layer(x, inputs, layer_cache)
+                if stats is not None:
+                    router_stats.append(stats)
         if cache is not None:
             cache.seen_tokens += T
         return SpikingBrainModelOutput(
@@ -224,8 +235,9 @@ class SpikingBrainModel(SpikingBrainPreTrainedModel):
         positions = torch.tensor(past, device=x.device).view(-1, 1)
         cos, sin = rotary_cos_sin(positions, rotary_inv_freq(self.config.head_dim, self.config.rope_theta, x.device))
         inputs = MixerInputs(cos=cos.to(x.dtype), sin=sin.to(x.dtype), key_mask=None)
-        for i, layer in enumerate(self.layers):
-            x, _ = layer(x, inputs, RowCaches.of_layer(caches, i))
+        with small_ops_on_one_thread(_is_decode_step(x)):
+            for i, layer in enumerate(self.layers):
+                x, _ = layer(x, inputs, RowCaches.of_layer(caches, i))
         for cache in caches:
             if cache is not None:
                 cache.seen_tokens += 1

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from .native import load_kernel
+from .threads import kernel_threads
 
 __all__ = ["causal_attention", "sliding_window_attention", "decode_attention_available"]
 
@@ -76,7 +77,7 @@ def _kernel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     out = torch.empty_like(q)
     failed = _attention_library().sb_attend(
         q.data_ptr(), B, H, k.shape[2], D, k.shape[1], k.data_ptr(), k.stride(0), k.stride(1), k.stride(2),
-        v.data_ptr(), v.stride(0), v.stride(1), v.stride(2), scale, out.data_ptr(), torch.get_num_threads(),
+        v.data_ptr(), v.stride(0), v.stride(1), v.stride(2), scale, out.data_ptr(), kernel_threads(),
     )
     if failed:
         raise MemoryError(f"the decode-attention kernel could not allocate {H * k.shape[1] * 4} bytes of scores")

@@ -11,6 +11,7 @@ from typing import NamedTuple
 import torch
 
 from .native import load_kernel
+from .threads import kernel_threads
 
 __all__ = [
     "int8_matmul_available", "OneDnnInt8Weight", "onednn_int8_linear_available", "onednn_pack_int8_weight", "onednn_int8_row_product",
@@ -138,7 +139,7 @@ def vnni_int8_rows_product(rows: torch.Tensor, row_scales: torch.Tensor | None, 
                          f"{None if scales is None else scales.numel()} scales")
     y = torch.empty(m, weight.out_features)
     clipped = _vnni_library().sb_rows(rows.data_ptr(), m, k, None if scales is None else scales.data_ptr(), *weight.addresses,
-                                      y.data_ptr(), weight.out_features, torch.get_num_threads())
+                                      y.data_ptr(), weight.out_features, kernel_threads())
     if clipped < 0:
         raise MemoryError(f"the VNNI int8 kernel could not allocate {m * k} bytes")
     return y, clipped
