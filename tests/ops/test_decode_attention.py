@@ -27,9 +27,10 @@ def _calls(monkeypatch) -> list:
 
 
 @pytest.mark.parametrize("B,H,Hkv,D", [(1, 9, 3, 64), (2, 4, 4, 8), (1, 8, 1, 20), (2, 14, 2, 80), (1, 5, 5, 16)])
-@pytest.mark.parametrize("Tk", [1, 7, 300])
+@pytest.mark.parametrize("Tk", [1, 7, 300, 2049])
 def test_one_query_over_every_key_matches_dense(monkeypatch, B, H, Hkv, D, Tk):
-    """Grouped heads (G = 1, 3, 7, 8: more than the four summed at once), head sizes off and over the 16-float chunks."""
+    """Grouped heads (G = 1, 3, 7, 8: more than the four summed at once), head sizes off and over the 16-float chunks,
+    and 2,049 keys: attended in four uneven parts, merged."""
     gen = torch.Generator().manual_seed(Tk + D)
     q, k, v = torch.randn(B, 1, H, D, generator=gen), torch.randn(B, Tk, Hkv, D, generator=gen), torch.randn(B, Tk, Hkv, D, generator=gen)
     calls = _calls(monkeypatch)

@@ -135,8 +135,8 @@ def test_sibling_projections_share_one_kernel_call_and_equal_each_layer_alone(mo
     parent.q_proj, parent.k_proj, parent.v_proj = layers
     assert int8.link_sibling_products(parent) == 1
     calls = []
-    product = int8.vnni_int8_rows_product
-    monkeypatch.setattr(int8, "vnni_int8_rows_product", lambda *a: calls.append(a[0].shape) or product(*a))
+    product = int8.vnni_checked_rows_product
+    monkeypatch.setattr(int8, "vnni_checked_rows_product", lambda *a: calls.append(a[0].shape) or product(*a))
     x = torch.randn(1, 3, 256, generator=torch.Generator().manual_seed(3))
     wrap = (lambda t: t) if activations else (lambda t: SpikingInput(t, 3.0))
     with torch.inference_mode():

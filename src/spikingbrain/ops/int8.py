@@ -16,6 +16,7 @@ from .threads import kernel_threads
 __all__ = [
     "int8_matmul_available", "OneDnnInt8Weight", "onednn_int8_linear_available", "onednn_pack_int8_weight", "onednn_int8_row_product",
     "VNNI_MAX_ROWS", "VnniInt8Weight", "vnni_rows_available", "vnni_pack_int8_weight", "vnni_int8_rows_product",
+    "vnni_checked_rows_product",
 ]
 
 
@@ -30,7 +31,7 @@ def _probe(device_type: str) -> bool:
 
 def int8_matmul_available(device: torch.device | str) -> bool:
     """Whether ``torch._int_mm`` works on ``device`` (CPU only: elsewhere its shape limits are not handled here)."""
-    device_type = torch.device(device).type
+    device_type = device.type if isinstance(device, torch.device) else torch.device(device).type
     return device_type == "cpu" and _probe(device_type)
 
 
@@ -137,11 +138,19 @@ def vnni_int8_rows_product(rows: torch.Tensor, row_scales: torch.Tensor | None, 
         raise ValueError(f"the VNNI int8 kernel takes 1-{VNNI_MAX_ROWS} fp32 CPU rows of {weight.in_features} features and one "
                          f"scale per row or none; got {tuple(rows.shape)} {rows.dtype} on {rows.device}, "
                          f"{None if scales is None else scales.numel()} scales")
+    return vnni_checked_rows_product(rows, scales, weight)
+
+
+def vnni_checked_rows_product(rows: torch.Tensor, row_scales: torch.Tensor | None, weight: VnniInt8Weight) -> tuple[torch.Tensor, int]:
+    """:func:`vnni_int8_rows_product` for arguments its caller has checked: contiguous fp32 CPU ``rows`` ``[M, K]``
+    (``M <= VNNI_MAX_ROWS``, ``K`` the weight's), ``row_scales`` None or ``M`` contiguous fp32 values (a decode step's
+    hot path: no checks here)."""
+    m = rows.shape[0]
     y = torch.empty(m, weight.out_features)
-    clipped = _vnni_library().sb_rows(rows.data_ptr(), m, k, None if scales is None else scales.data_ptr(), *weight.addresses,
-                                      y.data_ptr(), weight.out_features, kernel_threads())
+    clipped = _vnni_library().sb_rows(rows.data_ptr(), m, weight.in_features, None if row_scales is None else row_scales.data_ptr(),
+                                      *weight.addresses, y.data_ptr(), weight.out_features, kernel_threads())
     if clipped < 0:
-        raise MemoryError(f"the VNNI int8 kernel could not allocate {m * k} bytes")
+        raise MemoryError(f"the VNNI int8 kernel could not allocate {m * weight.in_features} bytes")
     return y, clipped
 
 

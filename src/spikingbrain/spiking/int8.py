@@ -63,7 +63,7 @@ from torch import nn
 
 from ..ops.int8 import (
     VNNI_MAX_ROWS, VnniInt8Weight, int8_matmul_available, onednn_int8_linear_available, onednn_int8_row_product, onednn_pack_int8_weight,
-    vnni_int8_rows_product, vnni_pack_int8_weight, vnni_rows_available,
+    vnni_checked_rows_product, vnni_pack_int8_weight, vnni_rows_available,
 )
 from .apply import DEFAULT_TARGETS, current_spiking, spikify, spiking_linears
 from .neuron import SpikingInput, adaptive_threshold, round_half_up, spike_quantize
@@ -296,7 +296,7 @@ def _counts_of(x: torch.Tensor, threshold_of: Callable[..., torch.Tensor], *args
 def _buffer_versions(*tensors: torch.Tensor) -> tuple:
     """Storage and version counter of each tensor: changes when one is replaced or written in place (cache keys).
     Inference tensors have no version counter: their storage is the key."""
-    return tuple((t.data_ptr(), None if torch.is_inference(t) else t._version) for t in tensors)
+    return tuple([(t.data_ptr(), None if t.is_inference() else t._version) for t in tensors])
 
 
 class ProductGroup:
@@ -311,6 +311,7 @@ class ProductGroup:
         self._pending: tuple | None = None  # (counts, output per member, members yet to take theirs)
         self._vnni: tuple | None = None  # (buffer versions, the members' weights as one VnniInt8Weight)
         self._vnni_pending: tuple | None = None  # (input ref, input key, output per member or None if clipped, members yet)
+        self._widths = [m.out_features for m in members]
 
     def output(self, member: "Int8Linear", counts: _Counts) -> torch.Tensor:
         """``member``'s product ``[M, N]`` of these counts; for decode rows the first member to ask computes every
@@ -334,9 +335,9 @@ class ProductGroup:
         key = _input_key(source, threshold_of, args)
         pending = self._vnni_pending
         if pending is None or pending[0]() is not source or pending[1] != key or member not in pending[3]:
-            scales = None if threshold_of is per_token_int8_scale else threshold_of(flat, *args)  # None: found in the kernel
-            y, clipped = vnni_int8_rows_product(flat, scales, self._vnni_weight())
-            outputs = None if clipped else dict(zip(self.members, y.split([m.out_features for m in self.members], dim=1)))
+            scales = None if threshold_of is per_token_int8_scale else threshold_of(flat, *args).reshape(-1).contiguous()
+            y, clipped = vnni_checked_rows_product(flat.contiguous(), scales, self._vnni_weight())  # scales None: found in the kernel
+            outputs = None if clipped else dict(zip(self.members, y.split(self._widths, dim=1)))
             pending = self._vnni_pending = weakref.ref(source), key, outputs, set(self.members)
         pending[3].discard(member)
         if not pending[3]:
@@ -357,7 +358,12 @@ class ProductGroup:
 
     def _versions(self) -> tuple:
         """Changes when a member's codes, scales or bias do: what the cached layouts are rebuilt on."""
-        return _buffer_versions(*(t for m in self.members for t in (m.weight, m.weight_scale, m.bias) if t is not None))
+        tensors = []
+        for m in self.members:  # the modules' dictionaries, not __getattr__: a decode step's hot path
+            tensors += (m._buffers["weight"], m._buffers["weight_scale"])
+            if m._parameters.get("bias") is not None:
+                tensors.append(m._parameters["bias"])
+        return _buffer_versions(*tensors)
 
     def _integer_layout(self) -> tuple:
         """Per weight group its input columns and the members' codes ``[K_g, ΣN]`` (contiguous), the scales

@@ -4,20 +4,28 @@
  * head-major buffers or any other layout), out [B, H, D]; H a multiple of Hkv (grouped-query attention: query head g of
  * key/value head h is h * G + g, G = H / Hkv). For each (batch row, key/value head) the G query heads read the keys
  * once for their scores, the softmax runs over the scores with a vector exp, and the values are read once for the
- * weighted sums. The order of the keys does not matter (a ring buffer may be passed as it is). */
+ * weighted sums. The order of the keys does not matter (a ring buffer may be passed as it is). Long key runs are split
+ * into KEY_CHUNKS parts attended apart (so that two threads share even three key/value heads) and merged by their
+ * softmax maxima and sums; the split depends on the number of keys only, so any thread count gives the same output. */
 #include <immintrin.h>
 #include <math.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
 
+#include "thread_pool.h"
+
 #define AVX512 __attribute__((target("avx512f")))
 
-/* Attention smaller than this many query-key multiply-adds runs on one thread: a thread wake under
- * OMP_WAIT_POLICY=PASSIVE costs more than attending over a few hundred keys. */
-#define PARALLEL_MIN_MACS (1 << 20)
+/* Attention smaller than this many query-key multiply-adds runs on one thread: splitting it saves less than a pool
+ * call costs. */
+#define PARALLEL_MIN_MACS (1 << 16)
 /* Query heads and 16-float chunks of a head's values summed at once (their accumulators stay in registers). */
 #define HEADS_AT_ONCE 4
 #define CHUNKS_AT_ONCE 4
+/* From this many keys on, each (batch row, key/value head) attends its keys in KEY_CHUNKS parts. */
+#define CHUNKED_MIN_KEYS 2048
+#define KEY_CHUNKS 4
 
 int sb_attention_supported(void) {
     __builtin_cpu_init();
@@ -46,9 +54,11 @@ static inline __mmask16 chunk_mask(int64_t remaining) {
     return remaining >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << remaining) - 1);
 }
 
-/* one (batch row, key/value head): query heads q[g * dim], their outputs out[g * dim], scores scratch [G, T] */
+/* one (batch row, key/value head): query heads q[g * dim], their outputs out[g * dim], scores scratch [G, T]. Without
+ * tops (NULL) the outputs are the attention; with tops and totals [G] they are the weighted sums before division, and
+ * tops and totals receive each head's largest score and its softmax denominator at that shift (a part to merge). */
 AVX512 static void attend_group(const float *q, int64_t group, int64_t dim, int64_t keys, const float *k, int64_t k_pos,
-                                const float *v, int64_t v_pos, float scale, float *out, float *scores) {
+                                const float *v, int64_t v_pos, float scale, float *out, float *scores, float *tops, float *totals) {
     int64_t chunks = (dim + 15) / 16;
     for (int64_t g0 = 0; g0 < group; g0 += HEADS_AT_ONCE) {
         int64_t ng = group - g0 < HEADS_AT_ONCE ? group - g0 : HEADS_AT_ONCE;
@@ -68,14 +78,17 @@ AVX512 static void attend_group(const float *q, int64_t group, int64_t dim, int6
             float *s = scores + g * keys;
             __m512 top = _mm512_set1_ps(-INFINITY);
             for (int64_t t = 0; t < keys; t += 16) top = _mm512_max_ps(top, _mm512_mask_loadu_ps(top, chunk_mask(keys - t), s + t));
-            __m512 shift = _mm512_set1_ps(_mm512_reduce_max_ps(top)), total = _mm512_setzero_ps();
+            float largest = _mm512_reduce_max_ps(top);
+            __m512 shift = _mm512_set1_ps(largest), total = _mm512_setzero_ps();
             for (int64_t t = 0; t < keys; t += 16) {
                 __mmask16 m = chunk_mask(keys - t);
                 __m512 e = _mm512_maskz_mov_ps(m, exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, s + t), shift)));
                 _mm512_mask_storeu_ps(s + t, m, e);
                 total = _mm512_add_ps(total, e);
             }
-            inverse[g] = 1.0f / _mm512_reduce_add_ps(total);
+            float sum = _mm512_reduce_add_ps(total);
+            inverse[g] = tops ? 1.0f : 1.0f / sum;
+            if (tops) tops[g0 + g] = largest, totals[g0 + g] = sum;
         }
         for (int64_t c0 = 0; c0 < chunks; c0 += CHUNKS_AT_ONCE) {  /* weighted values: each value read once per block */
             int64_t nc = chunks - c0 < CHUNKS_AT_ONCE ? chunks - c0 : CHUNKS_AT_ONCE;
@@ -96,24 +109,73 @@ AVX512 static void attend_group(const float *q, int64_t group, int64_t dim, int6
     }
 }
 
-/* Returns 0, or -1 if the scores' scratch could not be allocated. Strides are in floats. */
+/* one call's tensors, shared by the pool's tasks (strides in floats) */
+struct attention {
+    const float *q, *k, *v;
+    int64_t heads, kv_heads, group, dim, keys, k_batch, k_pos, k_head, v_batch, v_pos, v_head, chunks;
+    float scale;
+    float *out;
+    float *parts, *tops, *totals; /* with chunks > 1: [pair][chunk][G][dim], [pair][chunk][G] twice */
+    atomic_int failed;
+};
+
+/* tasks [begin, end): (batch row, key/value head) pairs, times their key chunks */
+static void attend_tasks(void *context, int64_t begin, int64_t end) {
+    struct attention *a = context;
+    float *scores = malloc(sizeof(float) * (size_t)(a->group * (a->keys / a->chunks + 1)));
+    if (scores == NULL) {
+        atomic_store(&a->failed, 1);
+        return;
+    }
+    for (int64_t task = begin; task < end; task++) {
+        int64_t pair = task / a->chunks, chunk = task % a->chunks;
+        int64_t b = pair / a->kv_heads, h = pair % a->kv_heads, first = (b * a->heads + h * a->group) * a->dim;
+        int64_t k0 = a->keys * chunk / a->chunks, n = a->keys * (chunk + 1) / a->chunks - k0;
+        const float *k = a->k + b * a->k_batch + h * a->k_head + k0 * a->k_pos, *v = a->v + b * a->v_batch + h * a->v_head + k0 * a->v_pos;
+        if (a->chunks == 1)
+            attend_group(a->q + first, a->group, a->dim, n, k, a->k_pos, v, a->v_pos, a->scale, a->out + first, scores, NULL, NULL);
+        else
+            attend_group(a->q + first, a->group, a->dim, n, k, a->k_pos, v, a->v_pos, a->scale, a->parts + task * a->group * a->dim,
+                         scores, a->tops + task * a->group, a->totals + task * a->group);
+    }
+    free(scores);
+}
+
+/* the key chunks of every pair merged into the outputs, in chunk order */
+static void merge_chunks(struct attention *a, int64_t pairs) {
+    for (int64_t pair = 0; pair < pairs; pair++) {
+        int64_t b = pair / a->kv_heads, h = pair % a->kv_heads;
+        for (int64_t g = 0; g < a->group; g++) {
+            float *out = a->out + (b * a->heads + h * a->group + g) * a->dim, largest = -INFINITY, sum = 0.0f;
+            for (int64_t c = 0; c < a->chunks; c++) largest = fmaxf(largest, a->tops[(pair * a->chunks + c) * a->group + g]);
+            for (int64_t d = 0; d < a->dim; d++) out[d] = 0.0f;
+            for (int64_t c = 0; c < a->chunks; c++) {
+                int64_t part = (pair * a->chunks + c) * a->group + g;
+                float weight = expf(a->tops[part] - largest);
+                sum += weight * a->totals[part];
+                for (int64_t d = 0; d < a->dim; d++) out[d] += weight * a->parts[part * a->dim + d];
+            }
+            for (int64_t d = 0; d < a->dim; d++) out[d] *= 1.0f / sum;
+        }
+    }
+}
+
+/* Returns 0, or -1 if the scratch could not be allocated. Strides are in floats. */
 int sb_attend(const float *q, int64_t batch, int64_t heads, int64_t kv_heads, int64_t dim, int64_t keys,
               const float *k, int64_t k_batch, int64_t k_pos, int64_t k_head,
               const float *v, int64_t v_batch, int64_t v_pos, int64_t v_head, float scale, float *out, int threads) {
-    int64_t group = heads / kv_heads, tasks = batch * kv_heads;
-    int parallel = threads > 1 && tasks > 1 && keys * heads * dim * batch >= PARALLEL_MIN_MACS;
-    int failed = 0;
-#pragma omp parallel for schedule(static) num_threads(threads) if (parallel)
-    for (int64_t task = 0; task < tasks; task++) {
-        int64_t b = task / kv_heads, h = task % kv_heads;
-        float *scores = malloc(sizeof(float) * (size_t)(group * keys));
-        if (scores == NULL) {
-            failed = 1;
-            continue;
-        }
-        attend_group(q + (b * heads + h * group) * dim, group, dim, keys, k + b * k_batch + h * k_head, k_pos,
-                     v + b * v_batch + h * v_head, v_pos, scale, out + (b * heads + h * group) * dim, scores);
-        free(scores);
+    int64_t pairs = batch * kv_heads, chunks = keys >= CHUNKED_MIN_KEYS ? KEY_CHUNKS : 1, group = heads / kv_heads;
+    struct attention a = {q, k, v, heads, kv_heads, group, dim, keys, k_batch, k_pos, k_head, v_batch, v_pos, v_head, chunks,
+                          scale, out, NULL, NULL, NULL, 0};
+    if (chunks > 1) {
+        a.parts = malloc(sizeof(float) * (size_t)(pairs * chunks * group * (dim + 2)));
+        if (a.parts == NULL) return -1;
+        a.tops = a.parts + pairs * chunks * group * dim;
+        a.totals = a.tops + pairs * chunks * group;
     }
-    return failed ? -1 : 0;
+    int parallel = threads > 1 && keys * heads * dim * batch >= PARALLEL_MIN_MACS;
+    sb_parallel_for(attend_tasks, &a, pairs * chunks, parallel ? threads : 1);
+    if (chunks > 1 && !atomic_load(&a.failed)) merge_chunks(&a, pairs);
+    free(a.parts);
+    return atomic_load(&a.failed) ? -1 : 0;
 }

@@ -11,11 +11,13 @@
 #include <stdint.h>
 #include <stdlib.h>
 
+#include "thread_pool.h"
+
 #define VNNI __attribute__((target("avx512f,avx512bw,avx512vnni")))
 
-/* Products smaller than this many multiply-adds run on one thread: waking a second one (with OMP_WAIT_POLICY=PASSIVE,
- * 70-90 us measured) costs more than the 576 x 1536 product itself (about 21 us on one thread). */
-#define PARALLEL_MIN_MACS (1 << 22)
+/* Products smaller than this many multiply-adds run on one thread: a pool call costs about a microsecond, more than
+ * splitting a product this small saves. */
+#define PARALLEL_MIN_MACS (1 << 16)
 
 int sb_cpu_supported(void) {
     __builtin_cpu_init();
@@ -83,6 +85,45 @@ VNNI static void store_block(__m512i acc, const int32_t *offsets, const float *s
     _mm512_mask_storeu_ps(y + n0, mask, v);
 }
 
+/* one call's product, shared by the pool's tasks */
+struct product {
+    const uint8_t *xq;
+    int64_t rows, n_in;
+    const int8_t *packed;
+    const int32_t *offsets;
+    const float *scales, *bias;
+    const float *s;
+    float *y;
+    int64_t n_out;
+};
+
+/* one row, groups of four blocks of 16 outputs [begin, end) */
+VNNI static void one_row_quads(void *context, int64_t begin, int64_t end) {
+    const struct product *p = context;
+    int64_t blocks = (p->n_out + 15) / 16, stride = (p->n_in / 4) * 64;
+    for (int64_t g = begin; g < end; g++) {
+        __m512i acc[4];
+        int64_t b0 = g * 4, count = blocks - b0 < 4 ? blocks - b0 : 4;
+        if (count == 4)
+            dot_four_blocks(p->xq, p->n_in, p->packed + b0 * stride, acc);
+        else
+            for (int64_t t = 0; t < count; t++) dot_block(p->xq, 1, p->n_in, p->packed + (b0 + t) * stride, acc + t);
+        for (int64_t t = 0; t < count; t++) store_block(acc[t], p->offsets, p->scales, p->bias, p->s[0], p->y, (b0 + t) * 16, p->n_out);
+    }
+}
+
+/* several rows, blocks of 16 outputs [begin, end) */
+VNNI static void rows_blocks(void *context, int64_t begin, int64_t end) {
+    const struct product *p = context;
+    int64_t stride = (p->n_in / 4) * 64;
+    for (int64_t b = begin; b < end; b++) {
+        __m512i acc[8];
+        dot_block(p->xq, p->rows, p->n_in, p->packed + b * stride, acc);
+        for (int64_t m = 0; m < p->rows; m++)
+            store_block(acc[m], p->offsets, p->scales, p->bias, p->s[m], p->y + m * p->n_out, b * 16, p->n_out);
+    }
+}
+
 /* x [rows, n_in] fp32, row_scales [rows], y [rows, n_out]; rows <= 8. Without row_scales (NULL) each row's scale is
  * found here: max|x_m| / 127 (1 for a row of zeros), the per-token scale of W8A8.
  * Returns how many codes were clipped to +-127 (then y holds the clipped product), or -1 where memory ran out. */
@@ -109,28 +150,13 @@ VNNI int64_t sb_rows(const float *x, int64_t rows, int64_t n_in, const float *ro
             }
             xq[m * n_in + k] = (uint8_t)((int32_t)q + 128);
         }
-    int64_t blocks = (n_out + 15) / 16, stride = (n_in / 4) * 64;
+    struct product product = {xq, rows, n_in, packed, offsets, scales, bias, s, y, n_out};
+    int64_t blocks = (n_out + 15) / 16;
     int parallel = threads > 1 && rows * n_out * n_in >= PARALLEL_MIN_MACS;
-    if (rows == 1) {
-        int64_t quads = (blocks + 3) / 4;
-#pragma omp parallel for schedule(static) num_threads(threads) if (parallel)
-        for (int64_t g = 0; g < quads; g++) {
-            __m512i acc[4];
-            int64_t b0 = g * 4, count = blocks - b0 < 4 ? blocks - b0 : 4;
-            if (count == 4)
-                dot_four_blocks(xq, n_in, packed + b0 * stride, acc);
-            else
-                for (int64_t t = 0; t < count; t++) dot_block(xq, 1, n_in, packed + (b0 + t) * stride, acc + t);
-            for (int64_t t = 0; t < count; t++) store_block(acc[t], offsets, scales, bias, s[0], y, (b0 + t) * 16, n_out);
-        }
-    } else {
-#pragma omp parallel for schedule(static) num_threads(threads) if (parallel)
-        for (int64_t b = 0; b < blocks; b++) {
-            __m512i acc[8];
-            dot_block(xq, rows, n_in, packed + b * stride, acc);
-            for (int64_t m = 0; m < rows; m++) store_block(acc[m], offsets, scales, bias, s[m], y + m * n_out, b * 16, n_out);
-        }
-    }
+    if (rows == 1)
+        sb_parallel_for(one_row_quads, &product, (blocks + 3) / 4, parallel ? threads : 1);
+    else
+        sb_parallel_for(rows_blocks, &product, blocks, parallel ? threads : 1);
     free(xq);
     return clipped;
 }
