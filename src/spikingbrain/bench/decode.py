@@ -14,6 +14,8 @@ its values, so the context is not prefilled token by token at 256k):
 - **baseline** (transformers, SDPA): a ``DynamicCache`` filled with random keys and values
   of ``L`` positions per layer, the shapes its own prefill would leave; contexts whose KV
   cache would exceed ``--max-kv-gib`` are skipped (a 256k context of SmolLM2-135M needs 11 GiB).
+- **llama.cpp** (``--llama-cpp``, :mod:`spikingbrain.bench.llama_cpp`): a real prefill of ``L`` random tokens into
+  its context (llama.cpp's cache cannot be set from outside), so only contexts up to its ``n_ctx`` are timed.
 
 Memory per sequence is measured on these caches (bytes of their tensors) and computed
 analytically (:func:`spikingbrain.model.info.state_bytes` / ``kv_cache_bytes``).
@@ -27,6 +29,7 @@ from pathlib import Path
 
 from ..runtime.candidates import Candidate, check_lengths
 from ..runtime.lengths import format_length
+from .llama_cpp import is_llama_cpp
 
 __all__ = ["run", "context_cache", "cache_nbytes", "analytic_cache_bytes", "format_report", "DEFAULT_CONTEXTS"]
 
@@ -39,9 +42,12 @@ def _is_ours(model) -> bool:
 
 
 def analytic_cache_bytes(model, length: int) -> int:
-    """Bytes per sequence at ``length`` tokens: our state (GLA + windows) or a Transformer's KV cache (fp32)."""
+    """Bytes per sequence at ``length`` tokens: our state (GLA + windows), a Transformer's KV cache (fp32) or
+    llama.cpp's (f16)."""
     from ..model.info import state_bytes
 
+    if is_llama_cpp(model):
+        return model.kv_bytes(length)
     config = model.config
     if _is_ours(model):
         return state_bytes(config, length)
@@ -50,7 +56,10 @@ def analytic_cache_bytes(model, length: int) -> int:
 
 
 def cache_nbytes(cache) -> int:
-    """Bytes held by the tensors of our cache or of a transformers ``DynamicCache``."""
+    """Bytes held by the tensors of our cache or of a transformers ``DynamicCache``; for llama.cpp the KV cache it
+    allocated for its whole ``n_ctx``."""
+    if is_llama_cpp(cache):
+        return cache.kv_bytes(cache.n_ctx)
     if hasattr(cache, "nbytes"):
         return cache.nbytes()
     return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values) if t is not None)
@@ -60,6 +69,8 @@ def context_cache(model, length: int, seed: int = 0):
     """A cache holding a context of ``length`` tokens, made as the module docstring says."""
     import torch
 
+    if is_llama_cpp(model):
+        return model.fill(length, seed)
     gen = torch.Generator().manual_seed(seed)
     config = model.config
     if _is_ours(model):
@@ -135,10 +146,9 @@ def run(
         for length in contexts:
             caches, last, nbytes = {}, {}, {}
             for c in candidates:
-                analytic = analytic_cache_bytes(c.model, length)
-                if not _is_ours(c.model) and analytic > max_kv_gib * 2**30:
-                    skipped.append({"candidate": c.name, "length": length,
-                                    "reason": f"KV cache would need {analytic / 2**30:.1f} GiB > --max-kv-gib {max_kv_gib:g}"})
+                reason = _skip_reason(c.model, length, tokens * repeats + 1, max_kv_gib)
+                if reason:
+                    skipped.append({"candidate": c.name, "length": length, "reason": reason})
                     bar.update(1)
                     continue
                 bar.set_postfix_str(f"{c.name} cache T={format_length(length)}")
@@ -170,6 +180,16 @@ def run(
         result["files"]["png"] = str(plot(result, out / "decode.png"))
     write_json(out / "decode.json", result)
     return result
+
+
+def _skip_reason(model, length: int, steps: int, max_kv_gib: float) -> str | None:
+    """Why ``model`` is not timed at ``length`` (``steps`` decode calls after it), or None."""
+    analytic = analytic_cache_bytes(model, length)
+    if is_llama_cpp(model) and length + steps > model.n_ctx:
+        return f"{length} + {steps} tokens exceed llama.cpp's n_ctx of {model.n_ctx} (--llama-cpp-context)"
+    if not _is_ours(model) and analytic > max_kv_gib * 2**30:
+        return f"KV cache would need {analytic / 2**30:.1f} GiB > --max-kv-gib {max_kv_gib:g}"
+    return None
 
 
 def _compare(candidates: list[Candidate]) -> tuple[list[dict], dict]:

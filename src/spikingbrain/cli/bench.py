@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from .common import add_pair_arguments, candidates_from_args, length_list, print_benchmark, print_report
@@ -155,6 +156,10 @@ def _register_decode(subparsers) -> None:
     p.add_argument("--max-kv-gib", type=float, default=4.0, help="skip baseline contexts whose KV cache exceeds this")
     p.add_argument("--also", action="append", default=[], metavar="MODEL",
                    help="a further model of ours timed in the same run (repeatable; rows named also1, also2, ...)")
+    p.add_argument("--llama-cpp", metavar="GGUF", default=None,
+                   help="also time llama.cpp on this GGUF file ('default': the embedded teacher's Q4_1 file); needs llama-cpp-python")
+    p.add_argument("--llama-cpp-context", type=int, default=None, metavar="N",
+                   help="llama.cpp's n_ctx (default: the largest context up to 8k plus the decode steps); longer contexts skip it")
     p.set_defaults(func=_cmd_decode)
 
 
@@ -162,9 +167,19 @@ def _cmd_decode(args: argparse.Namespace) -> int:
     from ..bench.decode import DEFAULT_CONTEXTS, format_report, run
 
     candidates, notes = candidates_from_args(args, args.also)
-    result = run(candidates, args.contexts or list(DEFAULT_CONTEXTS), Path(args.out), tokens=args.tokens, repeats=args.repeats,
+    contexts = args.contexts or list(DEFAULT_CONTEXTS)
+    if args.llama_cpp:
+        from ..bench.llama_cpp import llama_cpp_candidate
+
+        llama, note = llama_cpp_candidate(args.llama_cpp, args.llama_cpp_context, contexts, args.tokens * args.repeats + 1)
+        candidates += [llama] if llama else []
+        if note:
+            print(note, file=sys.stderr)
+            notes.append(note)
+    result = run(candidates, contexts, Path(args.out), tokens=args.tokens, repeats=args.repeats,
                  max_kv_gib=args.max_kv_gib, seed=args.seed, plot_png=not args.no_plot, notes=notes)
     return print_benchmark(format_report(result), result)
+
 
 
 def _register_efficiency(subparsers) -> None:
