@@ -72,19 +72,18 @@ def recurrent_gla(q, k, v, g, scale=None, initial_state=None, output_final_state
     B, T, H, Hkv, K, V = _check_shapes(q, k, v, g)
     G = H // Hkv
     scale = K**-0.5 if scale is None else scale
-    S = _initial_state(initial_state, B, Hkv, K, V, q)
+    S = _initial_state(initial_state, B, Hkv, K, V, q).reshape(B * Hkv, K, V)  # heads flattened: batched products
     qg = _acc(q).view(B, T, Hkv, G, K) * scale
     kf, vf, decay = _acc(k), _acc(v), _acc(g).exp()
     outputs = []
     for t in range(T):
-        S = torch.baddbmm(
-            (decay[:, t].unsqueeze(-1) * S).view(B * Hkv, K, V),
-            kf[:, t].reshape(B * Hkv, K, 1),
-            vf[:, t].reshape(B * Hkv, 1, V),
-        ).view(B, Hkv, K, V)
-        outputs.append(torch.matmul(qg[:, t], S))  # [B, Hkv, G, V]
-    o = torch.stack(outputs, dim=1).reshape(B, T, H, V) if outputs else qg.new_zeros(B, 0, H, V)
-    return o.to(v.dtype), (S if output_final_state else None)
+        S = torch.baddbmm(decay[:, t].reshape(B * Hkv, K, 1) * S, kf[:, t].reshape(B * Hkv, K, 1), vf[:, t].reshape(B * Hkv, 1, V))
+        outputs.append(torch.bmm(qg[:, t].reshape(B * Hkv, G, K), S).view(B, H, V))
+    if T == 1:  # a decode step: no stacking copy
+        o = outputs[0].unsqueeze(1)
+    else:
+        o = torch.stack(outputs, dim=1) if outputs else qg.new_zeros(B, 0, H, V)
+    return o.to(v.dtype), (S.view(B, Hkv, K, V) if output_final_state else None)
 
 
 #: chunk_gla processes longer inputs in segments of about this many tokens (bounded temporaries).
