@@ -5,6 +5,7 @@ than cores, and in a child forked after the pool started (which must start its o
 from __future__ import annotations
 
 import multiprocessing
+import os
 import threading
 
 import pytest
@@ -41,6 +42,15 @@ def test_split_products_equal_the_reference(threads):
     weight, x, s, expected = _problem()
     for _ in range(20):  # the workers poll, sleep and wake between calls
         assert torch.equal(_product_with(threads, weight, x, s), expected)
+
+
+def test_no_more_workers_than_usable_cpus():
+    """Workers beyond the CPUs would poll on the cores the work needs: 64 threads asked for start at most one worker
+    fewer than the usable CPUs (threads of this process counted in /proc)."""
+    weight, x, s, expected = _problem(2)
+    before = len(os.listdir("/proc/self/task"))
+    assert torch.equal(_product_with(64, weight, x, s), expected)
+    assert len(os.listdir("/proc/self/task")) - before <= len(os.sched_getaffinity(0)) - 1
 
 
 def test_callers_in_several_threads_at_once_each_get_their_own_product():

@@ -3,11 +3,15 @@
  * slot for POLL_NS after its last task, then sleeps on a condition variable until a call signals it. Each part is
  * claimed before it runs, by its worker or by the caller: after its own part the caller runs every part no worker has
  * claimed yet, so a worker that is asleep or off its core (a busy machine) delays nobody, and one that comes late finds
- * its part taken. One call at a time: a second caller (another thread) runs its loop serially instead of waiting.
+ * its part taken. A loop never has more parts than this process may use CPUs: polling workers beyond them would take
+ * the cores the work needs. One call at a time: a second caller (another thread) runs its loop serially instead of
+ * waiting.
  * After fork() the child starts with no workers. */
+#define _GNU_SOURCE
 #include "thread_pool.h"
 
 #include <pthread.h>
+#include <sched.h>
 #include <stdatomic.h>
 #include <time.h>
 
@@ -104,7 +108,18 @@ static int ensure_workers(int wanted) {
     return workers;
 }
 
+/* CPUs this process may run on (at least 1) */
+static int usable_cpus(void) {
+    cpu_set_t set;
+    if (sched_getaffinity(0, sizeof(set), &set) != 0) return 1;
+    int count = CPU_COUNT(&set);
+    return count > 0 ? count : 1;
+}
+
 void sb_parallel_for(sb_task task, void *context, int64_t items, int threads) {
+    static int cpus;
+    if (cpus == 0) cpus = usable_cpus();
+    if (threads > cpus) threads = cpus;
     if (threads > MAX_WORKERS + 1) threads = MAX_WORKERS + 1;
     if (threads <= 1 || items <= 1 || pthread_mutex_trylock(&busy) != 0) {
         task(context, 0, items);
