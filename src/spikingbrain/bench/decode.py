@@ -127,7 +127,8 @@ def run(
     contexts = sorted(set(contexts))
     notes = list(notes)
     for c in candidates:
-        notes += check_lengths(c, contexts)
+        timed = [n for n in contexts if not _beyond_context(c.model, n, tokens * repeats + 1)]
+        notes += check_lengths(c, timed) if timed else []  # llama.cpp: only the contexts its n_ctx holds
     skipped = []
     started = time.time()
     out = Path(out)
@@ -182,10 +183,15 @@ def run(
     return result
 
 
+def _beyond_context(model, length: int, steps: int) -> bool:
+    """Whether ``length`` tokens and ``steps`` decode calls exceed llama.cpp's context (ours and transformers' have none)."""
+    return is_llama_cpp(model) and length + steps > model.n_ctx
+
+
 def _skip_reason(model, length: int, steps: int, max_kv_gib: float) -> str | None:
     """Why ``model`` is not timed at ``length`` (``steps`` decode calls after it), or None."""
     analytic = analytic_cache_bytes(model, length)
-    if is_llama_cpp(model) and length + steps > model.n_ctx:
+    if _beyond_context(model, length, steps):
         return f"{length} + {steps} tokens exceed llama.cpp's n_ctx of {model.n_ctx} (--llama-cpp-context)"
     if not _is_ours(model) and analytic > max_kv_gib * 2**30:
         return f"KV cache would need {analytic / 2**30:.1f} GiB > --max-kv-gib {max_kv_gib:g}"
