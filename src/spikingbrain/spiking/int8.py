@@ -310,8 +310,9 @@ class ProductGroup:
         self._outliers: tuple | None = None  # ((buffer versions, dtype), columns, weight [ΣN, len(columns)])
         self._pending: tuple | None = None  # (counts, output per member, members yet to take theirs)
         self._vnni: tuple | None = None  # (buffer versions, the members' weights as one VnniInt8Weight)
-        self._vnni_pending: tuple | None = None  # (input ref, input key, output per member or None if clipped, members yet)
-        self._widths = [m.out_features for m in members]
+        self._vnni_pending: tuple | None = None  # (input ref, input key, the product or None if clipped, members yet)
+        starts = [sum(m.out_features for m in members[:i]) for i in range(len(members))]
+        self._columns = {m: (start, m.out_features) for m, start in zip(members, starts)}  # each member's output columns
 
     def output(self, member: "Int8Linear", counts: _Counts) -> torch.Tensor:
         """``member``'s product ``[M, N]`` of these counts; for decode rows the first member to ask computes every
@@ -332,17 +333,26 @@ class ProductGroup:
         """``member``'s product of decode rows ``flat`` (``source`` reshaped) by the VNNI kernel, which the first member
         to ask computes for every member in one call (the per-call cost dominates these rows); None if a code was clipped
         to ±127 (the caller takes the two-plane product). The same input tensor, unchanged, is the same call."""
+        if len(self.members) == 1:  # nothing to share
+            y, clipped = self._vnni_product(flat, threshold_of, args)
+            return None if clipped else y
         key = _input_key(source, threshold_of, args)
         pending = self._vnni_pending
         if pending is None or pending[0]() is not source or pending[1] != key or member not in pending[3]:
-            scales = None if threshold_of is per_token_int8_scale else threshold_of(flat, *args).reshape(-1).contiguous()
-            y, clipped = vnni_checked_rows_product(flat.contiguous(), scales, self._vnni_weight())  # scales None: found in the kernel
-            outputs = None if clipped else dict(zip(self.members, y.split(self._widths, dim=1)))
-            pending = self._vnni_pending = weakref.ref(source), key, outputs, set(self.members)
+            y, clipped = self._vnni_product(flat, threshold_of, args)
+            pending = self._vnni_pending = weakref.ref(source), key, None if clipped else y, set(self.members)
         pending[3].discard(member)
         if not pending[3]:
             self._vnni_pending = None
-        return None if pending[2] is None else pending[2][member]
+        if pending[2] is None:
+            return None
+        start, width = self._columns[member]
+        return pending[2].narrow(1, start, width)
+
+    def _vnni_product(self, flat: torch.Tensor, threshold_of: Callable[..., torch.Tensor], args: tuple) -> tuple[torch.Tensor, int]:
+        """Every member's product of ``flat`` side by side, and how many codes were clipped."""
+        scales = None if threshold_of is per_token_int8_scale else threshold_of(flat, *args).reshape(-1).contiguous()
+        return vnni_checked_rows_product(flat.contiguous(), scales, self._vnni_weight())  # scales None: found in the kernel
 
     def _vnni_weight(self) -> VnniInt8Weight:
         """The members' codes, scales and biases side by side as one VNNI weight, rebuilt when a buffer changes."""
