@@ -190,9 +190,9 @@ def _beyond_context(model, length: int, steps: int) -> bool:
 
 def _skip_reason(model, length: int, steps: int, max_kv_gib: float) -> str | None:
     """Why ``model`` is not timed at ``length`` (``steps`` decode calls after it), or None."""
-    analytic = analytic_cache_bytes(model, length)
     if _beyond_context(model, length, steps):
         return f"{length} + {steps} tokens exceed llama.cpp's n_ctx of {model.n_ctx} (--llama-cpp-context)"
+    analytic = analytic_cache_bytes(model, length)
     if not _is_ours(model) and analytic > max_kv_gib * 2**30:
         return f"KV cache would need {analytic / 2**30:.1f} GiB > --max-kv-gib {max_kv_gib:g}"
     return None

@@ -4,7 +4,7 @@ teacher's own Q4_1 file) run by llama-cpp-python, timed in the same run as our m
 llama-cpp-python is not a dependency: it compiles llama.cpp when it installs (minutes on two cores). Where it is
 missing the benchmark says so and runs without it. Unlike the transformers baseline, whose cache can be filled with
 random keys and values, llama.cpp's context is filled by a real prefill of random tokens, so its contexts are capped
-(``max_context``, by default the model's trained length).
+(by default at :data:`MAX_CONTEXT`, the embedded teacher's trained length).
 """
 
 from __future__ import annotations

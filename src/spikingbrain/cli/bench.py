@@ -181,7 +181,6 @@ def _cmd_decode(args: argparse.Namespace) -> int:
     return print_benchmark(format_report(result), result)
 
 
-
 def _register_efficiency(subparsers) -> None:
     p = subparsers.add_parser(
         "efficiency",

@@ -51,10 +51,13 @@ def load_kernel(name: str) -> ctypes.CDLL | None:
     if compiler is None:
         warnings.warn(f"no C compiler (set CC, or install gcc): the {name} kernel is off and PyTorch computes instead", stacklevel=2)
         return None
-    pool = None if name == POOL else _build(POOL, compiler, (), name)
-    if name != POOL and pool is None:
-        return None
-    target = _build(name, compiler, () if pool is None else (str(pool),), name)
+    libraries = ()
+    if name != POOL:  # every other kernel links against the pool, built first
+        pool = _build(POOL, compiler, (), name)
+        if pool is None:
+            return None
+        libraries = (str(pool),)
+    target = _build(name, compiler, libraries, name)
     return None if target is None else ctypes.CDLL(str(target))
 
 

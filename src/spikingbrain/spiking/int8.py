@@ -51,6 +51,7 @@ more rows take the integer path above.
 
 from __future__ import annotations
 
+import itertools
 import threading
 import warnings
 import weakref
@@ -308,10 +309,10 @@ class ProductGroup:
         self.members = members
         self._layout: tuple | None = None  # (buffer versions, [(columns, codes [K_g, ΣN])], scales [G, 1, ΣN], bias)
         self._outliers: tuple | None = None  # ((buffer versions, dtype), columns, weight [ΣN, len(columns)])
-        self._pending: tuple | None = None  # (counts, output per member, members yet to take theirs)
+        self._pending: tuple | None = None  # (counts, the product, members yet to take theirs)
         self._vnni: tuple | None = None  # (buffer versions, the members' weights as one VnniInt8Weight)
         self._vnni_pending: tuple | None = None  # (input ref, input key, the product or None if clipped, members yet)
-        starts = [sum(m.out_features for m in members[:i]) for i in range(len(members))]
+        starts = itertools.accumulate((m.out_features for m in members), initial=0)
         self._columns = {m: (start, m.out_features) for m, start in zip(members, starts)}  # each member's output columns
 
     def output(self, member: "Int8Linear", counts: _Counts) -> torch.Tensor:
@@ -321,12 +322,11 @@ class ProductGroup:
             return member.product_alone.output(member, counts)
         pending = self._pending
         if pending is None or pending[0] is not counts or member not in pending[2]:
-            outputs = self._product(counts).split([m.out_features for m in self.members], dim=1)
-            pending = self._pending = counts, dict(zip(self.members, outputs)), set(self.members)
+            pending = self._pending = counts, self._product(counts), set(self.members)
         pending[2].discard(member)
         if not pending[2]:
             self._pending = None
-        return pending[1][member]
+        return self._columns_of(member, pending[1])
 
     def vnni_output(self, member: "Int8Linear", flat: torch.Tensor, source: torch.Tensor,
                     threshold_of: Callable[..., torch.Tensor], *args) -> torch.Tensor | None:
@@ -344,10 +344,12 @@ class ProductGroup:
         pending[3].discard(member)
         if not pending[3]:
             self._vnni_pending = None
-        if pending[2] is None:
-            return None
+        return None if pending[2] is None else self._columns_of(member, pending[2])
+
+    def _columns_of(self, member: "Int8Linear", product: torch.Tensor) -> torch.Tensor:
+        """``member``'s columns of the members' product side by side (a view)."""
         start, width = self._columns[member]
-        return pending[2].narrow(1, start, width)
+        return product.narrow(1, start, width)
 
     def _vnni_product(self, flat: torch.Tensor, threshold_of: Callable[..., torch.Tensor], args: tuple) -> tuple[torch.Tensor, int]:
         """Every member's product of ``flat`` side by side, and how many codes were clipped."""
@@ -368,12 +370,7 @@ class ProductGroup:
 
     def _versions(self) -> tuple:
         """Changes when a member's codes, scales or bias do: what the cached layouts are rebuilt on."""
-        tensors = []
-        for m in self.members:  # the modules' dictionaries, not __getattr__: a decode step's hot path
-            tensors += (m._buffers["weight"], m._buffers["weight_scale"])
-            if m._parameters.get("bias") is not None:
-                tensors.append(m._parameters["bias"])
-        return _buffer_versions(*tensors)
+        return _buffer_versions(*(t for m in self.members for t in m.own_tensors()))
 
     def _integer_layout(self) -> tuple:
         """Per weight group its input columns and the members' codes ``[K_g, ΣN]`` (contiguous), the scales
@@ -496,10 +493,16 @@ class Int8Linear(nn.Module):
         return (_RowKernel.enabled and flat.shape[0] <= VNNI_MAX_ROWS and flat.dtype == torch.float32 and self.group_size >= self.in_features
                 and self.in_features % 4 == 0 and vnni_rows_available())
 
+    def own_tensors(self) -> tuple[torch.Tensor, ...]:
+        """The codes, the scales and (where there is one) the bias: what packed layouts are built from. Read from the
+        module's dictionaries, not through ``__getattr__``: a decode step asks for them on every product."""
+        bias = self._parameters.get("bias")
+        weight, scale = self._buffers["weight"], self._buffers["weight_scale"]
+        return (weight, scale) if bias is None else (weight, scale, bias)
+
     def _packed(self, kernel: str, layout: Callable[["Int8Linear"], object]):
         """This layer's weight in ``kernel``'s layout, ``layout(self)``, kept until its codes, scales or bias change."""
-        tensors = self._buffers["weight"], self._buffers["weight_scale"], self._parameters.get("bias")  # no __getattr__: a hot path
-        key = _buffer_versions(*(t for t in tensors if t is not None))
+        key = _buffer_versions(*self.own_tensors())
         cached = self._packed_weights.get(kernel)
         if cached is None or cached[0] != key:
             cached = self._packed_weights[kernel] = key, layout(self)
