@@ -29,10 +29,13 @@ def test_bench_train_reports_side_by_side(tmp_path, capsys):
     report = json.loads((out / "train.json").read_text())
     results = report["results"]
     assert set(results) == {"transformers_finetune", "spikingbrain_finetune", "spikingbrain_distill_full_logits",
-                            "spikingbrain_distill", "spikingbrain_distill_checkpointed"}
+                            "spikingbrain_distill", "spikingbrain_distill_checkpointed", "spikingbrain_distill_stored_targets",
+                            "spikingbrain_distill_stored_targets_checkpointed"}
     first = report["first_step_loss"]
-    assert abs(first["spikingbrain_distill"] - first["spikingbrain_distill_full_logits"]) < 1e-5 * first["spikingbrain_distill"]
-    assert abs(first["spikingbrain_distill_checkpointed"] - first["spikingbrain_distill"]) < 1e-5 * first["spikingbrain_distill"]
+    for other in ("spikingbrain_distill_full_logits", "spikingbrain_distill_checkpointed", "spikingbrain_distill_stored_targets",
+                  "spikingbrain_distill_stored_targets_checkpointed"):
+        assert abs(first[other] - first["spikingbrain_distill"]) < 1e-5 * first["spikingbrain_distill"], other
+    assert report["teacher_targets_fill"]["rows"] == 3 * 2  # (repeats + 1) batches of 2 rows, each computed once
     assert report["distill_speedup_over_full_logits"] == (
         results["spikingbrain_distill"]["tokens_per_second"] / results["spikingbrain_distill_full_logits"]["tokens_per_second"])
     for name, r in results.items():

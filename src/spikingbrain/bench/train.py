@@ -11,7 +11,10 @@ memory of each step (Linux: the high-water mark is reset before every step):
   cross-entropy) from whole ``[tokens, vocab]`` logits, as the trainer computed it before;
 - ``spikingbrain_distill``: the same loss a slice of positions at a time (``train.losses``),
   what ``spikingbrain train`` runs;
-- ``spikingbrain_distill_checkpointed``: that, with gradient checkpointing.
+- ``spikingbrain_distill_checkpointed``: that, with gradient checkpointing;
+- ``spikingbrain_distill_stored_targets`` (and ``..._checkpointed``): the sliced loss with the teacher's
+  targets read from a ``teacher_targets`` folder (``train.teacher_targets``), as in a later epoch or run
+  over the same rows. Filling the folder once costs a teacher forward per row, timed as ``teacher_targets_fill``.
 
 The first (warm-up) round also checks that the full-logits and the sliced loss agree.
 """
@@ -19,6 +22,7 @@ The first (warm-up) round also checks that the full-logits and the sliced loss a
 from __future__ import annotations
 
 import statistics
+import tempfile
 import time
 
 from ..runtime.machine import flushing_denormals, machine_info, set_threads
@@ -70,6 +74,7 @@ def run_train_benchmark(student_ref: str, teacher_ref: str = "default", seq_len:
     from transformers import AutoModelForCausalLM
 
     from ..model.loading import load_model, resolve_folder
+    from ..train.teacher_targets import TeacherTargets
     from ..train.trainer import distill_loss
 
     threads = set_threads(threads)
@@ -97,19 +102,37 @@ def run_train_benchmark(student_ref: str, teacher_ref: str = "default", seq_len:
     def ce(model, ids):
         return model(ids, labels=ids, use_cache=False).loss
 
-    checkpointed = load_model(student_ref)
-    checkpointed.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    def checkpointed():
+        model = load_model(student_ref)
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        return model
+
+    store = tempfile.TemporaryDirectory(prefix="spikingbrain-teacher-targets-")
+    targets = TeacherTargets(store.name, teacher_ours)
+
+    def distill(m, ids):
+        return distill_loss(m, teacher_ours, ids, 1.0, 0.1)[0]
+
+    def distill_stored(m, ids):
+        return distill_loss(m, teacher_ours, ids, 1.0, 0.1, teacher_targets=targets)[0]
+
     steps = {
         "transformers_finetune": (teacher_hf, ce),
         "spikingbrain_finetune": (load_model(student_ref), ce),
         "spikingbrain_distill_full_logits": (load_model(student_ref), lambda m, ids: distill_loss(m, teacher_ours, ids, 1.0, 0.1, sliced=False)[0]),
-        "spikingbrain_distill": (load_model(student_ref), lambda m, ids: distill_loss(m, teacher_ours, ids, 1.0, 0.1)[0]),
-        "spikingbrain_distill_checkpointed": (checkpointed, lambda m, ids: distill_loss(m, teacher_ours, ids, 1.0, 0.1)[0]),
+        "spikingbrain_distill": (load_model(student_ref), distill),
+        "spikingbrain_distill_checkpointed": (checkpointed(), distill),
+        "spikingbrain_distill_stored_targets": (load_model(student_ref), distill_stored),
+        "spikingbrain_distill_stored_targets_checkpointed": (checkpointed(), distill_stored),
     }
     steps = {name: stepper(name, model, loss) for name, (model, loss) in steps.items()}
     seconds = {name: [] for name in steps}
     peaks = {name: [] for name in steps}
-    with flushing_denormals():  # as the trainer runs
+    with flushing_denormals(), store:  # as the trainer runs
+        start = time.perf_counter()
+        for batch in batches:  # every batch's targets stored once, before the steps that read them
+            targets(batch)
+        fill_seconds = time.perf_counter() - start
         for i in range(repeats + 1):  # the first round warms up; names alternate within every round
             for name, step in steps.items():
                 reset = _reset_peak_rss()
@@ -131,6 +154,8 @@ def run_train_benchmark(student_ref: str, teacher_ref: str = "default", seq_len:
         "ratios_to_transformers_finetune": {name: r["tokens_per_second"] / base for name, r in results.items()},
         "distill_speedup_over_full_logits": results["spikingbrain_distill"]["tokens_per_second"]
         / results["spikingbrain_distill_full_logits"]["tokens_per_second"],
+        "teacher_targets_fill": {"seconds": fill_seconds, "tokens_per_second": batches.numel() / fill_seconds,
+                                 "rows": targets.misses},
         "first_step_loss": first_losses,
         "peak_rss_note": "process high-water mark during the step (all models of the benchmark are resident)",
         "machine": machine_info(),

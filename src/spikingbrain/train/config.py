@@ -83,6 +83,9 @@ class TrainConfig:
     threads: int | None = None
     #: Recompute each block's activations in the backward pass: peak memory ~1/3, steps ~1/4 slower.
     gradient_checkpointing: bool = False
+    #: A folder for the teacher's final hidden states of each training row (``train.teacher_targets``): a step whose
+    #: rows an earlier epoch or run stored skips the teacher's forward. 2,304 bytes per token at hidden 576; None: none kept.
+    teacher_targets: str | None = None
     #: Pass-key accuracy of the student at these prompt lengths at every evaluation (3 depths x ``eval_passkey_trials``
     #: keys each), logged beside the perplexity and drawn in ``curve.png``; empty: perplexity only.
     eval_passkey_lengths: list[int] = field(default_factory=list)
@@ -151,7 +154,7 @@ class TrainConfig:
 
 #: Keys that change what a run writes or measures, not what it trains: a checkpoint resumes across them.
 EVALUATION_KEYS = ("out", "checkpoint_every", "keep_checkpoints", "eval_every", "threads", "device",
-                   "eval_passkey_lengths", "eval_passkey_trials")
+                   "eval_passkey_lengths", "eval_passkey_trials", "teacher_targets")
 
 
 def comparable_fingerprint(data: dict) -> dict:

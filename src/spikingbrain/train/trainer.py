@@ -45,6 +45,7 @@ from .data import (
 from .report import continued_curve, plot_training_curve, training_curve
 from .lora import LoRALinear, add_lora, lora_parameters, merge_lora
 from .losses import chunked_distill_loss, full_distill_loss
+from .teacher_targets import TeacherTargets
 
 __all__ = ["Trainer", "TrainingError", "distill_loss"]
 
@@ -73,24 +74,31 @@ def _pick_device(name: str) -> torch.device:
 
 
 def distill_loss(student, teacher, ids: torch.Tensor, kl_weight: float, ce_weight: float, temperature: float = 1.0,
-                 sliced: bool | None = None, loss_mask: torch.Tensor | None = None):
+                 sliced: bool | None = None, loss_mask: torch.Tensor | None = None, teacher_targets=None):
     """``kl_weight * T² KL(teacher || student) + ce_weight * CE(next token)`` per scored token, and its parts
     (``loss_mask``: which tokens are targets, a boolean mask or float weights, see ``train.losses.position_weights``; None: all).
 
     With frozen output heads (conversion training never trains them) the loss is computed from
     the final hidden states a slice of positions at a time (``train.losses``), which never holds
     the whole ``[tokens, vocab]`` logits; otherwise, or with ``sliced=False``, from the full logits.
+    ``teacher_targets`` (a ``train.teacher_targets.TeacherTargets``) gives the teacher's final hidden
+    states from its folder where they are stored; the sliced loss only.
     """
     heads_frozen = not (student.lm_head.weight.requires_grad or teacher.lm_head.weight.requires_grad)
     if sliced and not heads_frozen:
         raise ValueError("the sliced distillation loss needs frozen output heads; freeze lm_head or pass sliced=None")
     if not (heads_frozen if sliced is None else sliced):
+        if teacher_targets is not None:
+            raise ValueError("stored teacher targets serve the sliced loss only; freeze the output heads or drop teacher_targets")
         with torch.no_grad():
             target = teacher(ids, use_cache=False).logits
         return full_distill_loss(student(ids, use_cache=False).logits, target, ids, kl_weight, ce_weight, temperature,
                                  loss_mask)
-    with torch.no_grad():
-        target = teacher.model(input_ids=ids, use_cache=False).last_hidden_state
+    if teacher_targets is not None:
+        target = teacher_targets(ids)
+    else:
+        with torch.no_grad():
+            target = teacher.model(input_ids=ids, use_cache=False).last_hidden_state
     hidden = student.model(input_ids=ids, use_cache=False).last_hidden_state
     return chunked_distill_loss(
         hidden, student.lm_head.weight, target, teacher.lm_head.weight, ids, kl_weight, ce_weight, temperature,
@@ -139,6 +147,10 @@ class Trainer:
         self.student = load_model(config.student).to(self.device)
         self.teacher = load_model(config.teacher).to(self.device)
         self.teacher.requires_grad_(False)
+        self.teacher_targets = None
+        if config.teacher_targets:
+            mode = self.device.type + ("-bf16" if self.device.type == "cuda" else "")  # the steps' autocast
+            self.teacher_targets = TeacherTargets(config.teacher_targets, self.teacher, mode)
         if config.gradient_checkpointing:
             self.student.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         self._check_pair()
@@ -297,7 +309,8 @@ class Trainer:
 
     def _distill_loss(self, ids: torch.Tensor, stage: StageConfig, targets: torch.Tensor | None) -> tuple[torch.Tensor, dict]:
         return distill_loss(self.student, self.teacher, ids, stage.kl_weight, stage.ce_weight, stage.temperature,
-                            loss_mask=None if targets is None else target_weights(targets, stage.answer_share))
+                            loss_mask=None if targets is None else target_weights(targets, stage.answer_share),
+                            teacher_targets=self.teacher_targets)
 
     def _step_loss(self, ids: torch.Tensor, stage: StageConfig, layers: list[int],
                    targets: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
@@ -625,6 +638,8 @@ class Trainer:
                 "tokens_per_second": stage.batch_size * stage.grad_accum * stage.seq_len / seconds,
                 "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # Linux reports KiB
             }
+            if self.teacher_targets is not None:  # rows so far whose teacher targets were read, and computed
+                record["teacher_targets_read"], record["teacher_targets_computed"] = self.teacher_targets.hits, self.teacher_targets.misses
             last = self.stage_step == stage.steps
             if self.global_step % config.eval_every == 0 or last:
                 record.update(self.evaluate())
