@@ -61,6 +61,27 @@ def test_tiny_run_writes_json_and_plot(tmp_path, capsys):
     assert "baseline / ours latency" in capsys.readouterr().out
 
 
+def test_decoding_bytes_show_an_fp16_window_ring(tmp_path):
+    """A model whose windows decode in fp16 reports, after its steps, the ring's bytes: window layers' keys and values at
+    two bytes instead of four, the GLA state unchanged; before its steps (the prefill's fp32 window) the same as fp32."""
+    ours, base = make_pair(tmp_path)
+    model = load_model(ours)
+    model.config.window_kv_dtype = "float16"
+    model.save_pretrained(tmp_path / "fp16-window")
+    out = tmp_path / "out"
+    assert main(["bench", "decode", "--model", ours, "--baseline", base, "--contexts", "64", "--tokens", "2", "--repeats", "1",
+                 "--out", str(out), "--also", str(tmp_path / "fp16-window")]) == 0
+    data = json.loads((out / "decode.json").read_text())
+    fp32, fp16 = data["candidates"]["ours"]["rows"][0], data["candidates"]["also1"]["rows"][0]
+    assert fp16["cache_bytes_measured"] == fp32["cache_bytes_measured"]
+    cache = model.new_cache()
+    with torch.inference_mode():
+        model(torch.randint(0, 97, (1, 64), generator=torch.Generator().manual_seed(0)), cache=cache, use_cache=True)
+        model(torch.tensor([[3]]), cache=cache, use_cache=True)
+    fp16_ring = sum(layer.nbytes() for layer in cache.layers if hasattr(layer, "step_dtype"))  # the same model, fp16 windows
+    assert fp16_ring and fp32["cache_bytes_decoding"] - fp16["cache_bytes_decoding"] == fp16_ring  # half of 2 x fp16_ring
+
+
 def test_each_model_of_a_figure_gets_its_own_colour():
     """Ours and the baseline keep their colours; --also models take the further ones in turn, never ours or the baseline's."""
     from spikingbrain.runtime.plots import COLORS, FURTHER_COLORS, colors_of

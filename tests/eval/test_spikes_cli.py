@@ -105,3 +105,9 @@ def test_quantize_w8a8_writes_a_folder_that_reloads_as_w8a8(tmp_path, pair, text
     assert main(["quantize", "--model", student, "--out", str(tmp_path / "y"), "--lm-head", "--no-int8-weights",
                  "--spiking-k", "3"]) == 2
     assert "--lm-head" in capsys.readouterr().err
+    # --window-kv float16: saved in the config, the folder's window caches decode in fp16
+    assert main(args[:4] + [str(tmp_path / "fp16kv")] + args[5:] + ["--window-kv", "float16"]) == 0
+    assert json.loads(capsys.readouterr().out)["window_kv_dtype"] == "float16"
+    model = load_model(tmp_path / "fp16kv")
+    assert model.config.window_kv_dtype == "float16"
+    assert {layer.step_dtype for layer in model.new_cache().layers if hasattr(layer, "step_dtype")} == {torch.float16}

@@ -326,3 +326,53 @@ def test_max_sequence_length_is_enforced(tiny_model):
         with pytest.raises(ValueError, match="max_sequence_length"):
             model(ids[:, 15:], cache=cache)
     assert model(ids[:, :20], use_cache=False).logits.shape == (1, 20, 97)
+
+
+@pytest.mark.parametrize("keep_first,sinks", [(0, 0), (2, 3)])
+def test_fp16_step_buffer_holds_the_window_rounded_once(keep_first, sinks):
+    """A window cache whose step buffer is fp16 holds what the fp32 one holds, each key rounded to fp16 once (read
+    back as fp32), while it fills and as a ring; attention over its fp16 ring is attention over those rounded keys;
+    it takes half the bytes."""
+    from spikingbrain.model.cache import WindowKV
+    from spikingbrain.ops import sliding_window_attention
+
+    gen = torch.Generator().manual_seed(8)
+    window, B, H, D = 6, 2, 2, 16
+    half, full = WindowKV(window, keep_first, torch.float16), WindowKV(window, keep_first)
+    if sinks:
+        sink = (torch.randn(1, sinks, H, D, generator=gen), torch.randn(1, sinks, H, D, generator=gen))
+        half.set_sinks(*sink)
+        full.set_sinks(*sink)
+    prompt = (torch.randn(B, 4, H, D, generator=gen), torch.randn(B, 4, H, D, generator=gen))
+    half.extend(*prompt)
+    full.extend(*prompt)
+    for step in range(20):
+        k, v, q = (torch.randn(B, 1, H, D, generator=gen) for _ in range(3))
+        got, expected = half.extend(k, v, ring=True), full.extend(k, v, ring=True)
+        assert got[0].dtype == torch.float16
+        assert half.keys.dtype == torch.float32
+        assert torch.equal(half.keys, full.keys.half().float()) and torch.equal(half.values, full.values.half().float()), step
+        out = sliding_window_attention(q, *got, window, num_sinks=sinks, keep_first=keep_first)
+        rounded = [t.half().float() for t in expected]
+        reference = sliding_window_attention(q, *rounded, window, num_sinks=sinks, keep_first=keep_first)
+        torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-6)
+    assert 2 * half.nbytes() == full.nbytes()
+
+
+def test_window_kv_dtype_float16_decodes_like_fp32(tiny_model):
+    """A model with ``window_kv_dtype: float16`` decodes from the same prompt to logits within fp16 rounding of the
+    fp32 model's (and the same greedy tokens); the config refuses other dtypes by name."""
+    from spikingbrain import SpikingBrainConfig, SpikingBrainForCausalLM
+
+    model = tiny_model(["swa", "gla", "swa", "gla"], sliding_window=8)
+    half = SpikingBrainForCausalLM(SpikingBrainConfig.derived_from(model.config, window_kv_dtype="float16")).eval()
+    half.load_state_dict(model.state_dict())
+    ids = random_ids(1, 30, seed=4)
+    fp32_logits, _ = run_in_pieces(model, ids, [12] + [1] * 18)
+    fp16_logits, cache = run_in_pieces(half, ids, [12] + [1] * 18)
+    assert cache.layers[0]._ring[0].dtype == torch.float16
+    assert torch.equal(fp16_logits[:, :12], fp32_logits[:, :12])  # the prompt never touches the fp16 buffer
+    assert (fp16_logits - fp32_logits).abs().max() < 1e-2 * fp32_logits.abs().max()
+    assert torch.equal(fp16_logits.argmax(-1), fp32_logits.argmax(-1))
+    with pytest.raises(ValueError, match="window_kv_dtype='int4'"):
+        SpikingBrainConfig.derived_from(model.config, window_kv_dtype="int4")

@@ -82,3 +82,19 @@ def test_other_dtypes_gradients_and_masks_keep_sdpa(monkeypatch):
     with torch.no_grad():
         assert_close(causal_attention(q, k, v, key_padding_mask=mask), attention_reference(q, k, v, key_padding_mask=mask), TOL, "mask")
     assert calls == []
+
+
+@pytest.mark.parametrize("B,H,Hkv,D", [(1, 9, 3, 64), (2, 8, 1, 20)])
+@pytest.mark.parametrize("Tk", [5, 2049])
+def test_fp16_keys_and_values_are_widened_exactly(monkeypatch, B, H, Hkv, D, Tk):
+    """fp16 keys and values (a window cache's fp16 decode ring), read by the kernel: the dense fp64 attention over the
+    same fp16 numbers, head-major buffers included; on a path without the kernel they are widened to the query's dtype."""
+    gen = torch.Generator().manual_seed(Tk)
+    q = torch.randn(B, 1, H, D, generator=gen)
+    k, v = (torch.randn(B, Hkv, Tk, D, generator=gen).half().transpose(1, 2) for _ in range(2))
+    calls = _calls(monkeypatch)
+    assert_close(causal_attention(q, k, v), attention_reference(q, k.float(), v.float()), TOL, "fp16 kernel")
+    assert len(calls) == 1
+    two = torch.randn(B, 2, H, D, generator=gen)  # two queries: SDPA after widening
+    assert_close(causal_attention(two, k, v), attention_reference(two, k.float(), v.float()), TOL, "fp16 widened")
+    assert len(calls) == 1

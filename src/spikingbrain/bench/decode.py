@@ -168,6 +168,7 @@ def run(
                 c.rows.append({
                     "length": length, "step_times_s": times[c.name], "median_step_s": median, "tokens_per_s": 1 / median,
                     "cache_bytes_measured": nbytes[c.name], "cache_bytes_analytic": analytic_cache_bytes(c.model, length),
+                    "cache_bytes_decoding": cache_nbytes(caches[c.name]),  # after the steps: a decode buffer in its own dtype
                     "load_average": load_average(), "beyond_trained_context": bool(c.trained_length and length > c.trained_length),
                 })
                 bar.update(1)
@@ -237,11 +238,12 @@ def plot(result: dict, path: Path) -> Path:
 
 def format_report(result: dict) -> str:
     """The readable table of a decode result."""
-    lines = [f"{'model':<9} {'context':>8} {'ms/token':>9} {'tokens/s':>9} {'cache MiB':>10} {'analytic MiB':>13}"]
+    lines = [f"{'model':<9} {'context':>8} {'ms/token':>9} {'tokens/s':>9} {'cache MiB':>10} {'analytic MiB':>13} {'decoding MiB':>13}"]
     for name, c in result["candidates"].items():
         for r in c["rows"]:
             lines.append(f"{name:<9} {format_length(r['length']):>8} {1000 * r['median_step_s']:9.2f} {r['tokens_per_s']:9.1f} "
-                         f"{r['cache_bytes_measured'] / 2**20:10.2f} {r['cache_bytes_analytic'] / 2**20:13.2f}")
+                         f"{r['cache_bytes_measured'] / 2**20:10.2f} {r['cache_bytes_analytic'] / 2**20:13.2f} "
+                         f"{r['cache_bytes_decoding'] / 2**20:13.2f}")
     for s in result["skipped"]:
         lines.append(f"skipped {s['candidate']} at {format_length(s['length'])}: {s['reason']}")
     for r in result["comparison"]:

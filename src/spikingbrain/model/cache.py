@@ -74,12 +74,12 @@ VIEW_MAX_NEW = 16
 MIN_STEP_SLOTS = 64
 
 
-def head_major_empty(like: torch.Tensor, positions: int) -> torch.Tensor:
+def head_major_empty(like: torch.Tensor, positions: int, dtype: torch.dtype | None = None) -> torch.Tensor:
     """An uninitialised ``[B, positions, Hkv, D]`` buffer like ``like``, stored head-major (``[B, Hkv, positions, D]``
     in memory), so that attention over it reads each head's keys contiguously (one decode query over 4k keys
-    through SDPA took a third of the time of the position-major layout)."""
+    through SDPA took a third of the time of the position-major layout); in ``dtype`` (None: ``like``'s)."""
     batch, _, heads, dim = like.shape
-    return like.new_empty(batch, heads, positions, dim).transpose(1, 2)
+    return like.new_empty(batch, heads, positions, dim, dtype=dtype).transpose(1, 2)
 
 
 class WindowKV(_LayerCache):
@@ -94,14 +94,18 @@ class WindowKV(_LayerCache):
     the filled part (in order), the buffer doubling when it runs out of room; at its full size
     ``[sinks | first | window + 1 slots]`` it is a ring, where each step writes its key over the
     one leaving the window. So no step copies the window. ``keys`` and ``values`` always read the
-    window in order.
+    window in order. ``step_dtype`` (for example ``torch.float16``) stores the step buffer in that
+    dtype, so that each step reads fewer bytes; ``keys`` and ``values`` read it back in the dtype
+    of the keys given (rounded once, when a key enters the buffer).
     """
 
     is_sliding = True
 
-    def __init__(self, window: int, keep_first: int = 0):
+    def __init__(self, window: int, keep_first: int = 0, step_dtype: torch.dtype | None = None):
         self.window = window
         self.keep_first = keep_first
+        self.step_dtype = step_dtype
+        self._dtype: torch.dtype | None = None  # the dtype of the keys given, which keys and values return
         self._keys: torch.Tensor | None = None  # the window in order (None in ring mode)
         self._values: torch.Tensor | None = None
         self._ring: tuple[torch.Tensor, torch.Tensor] | None = None  # the step buffer
@@ -138,9 +142,10 @@ class WindowKV(_LayerCache):
     def _ordered(self, which: int) -> torch.Tensor:
         buffer, start = self._ring[which], self._num_sinks()
         if self._filled < self._capacity():
-            return buffer[:, start : start + self._filled]
+            return buffer[:, start : start + self._filled].to(self._dtype)
         ring = buffer[:, start + self.keep_first :]
-        return torch.cat((buffer[:, start : start + self.keep_first], ring[:, self._oldest + 1 :], ring[:, : self._oldest]), 1)
+        return torch.cat((buffer[:, start : start + self.keep_first], ring[:, self._oldest + 1 :], ring[:, : self._oldest]),
+                         1).to(self._dtype)
 
     def _num_sinks(self) -> int:
         return 0 if self.sinks is None else self.sinks[0].shape[1]
@@ -203,7 +208,8 @@ class WindowKV(_LayerCache):
             length, cached = self._filled, tuple(t[:, n : n + self._filled] for t in self._ring)
             front = tuple(t[:, :n] for t in self._ring) if n else None
         slots = min(self._capacity(), max(MIN_STEP_SLOTS, 2 * length))
-        buffers = tuple(head_major_empty(t, n + slots) for t in (keys, values))
+        self._dtype = keys.dtype
+        buffers = tuple(head_major_empty(t, n + slots, self.step_dtype) for t in (keys, values))
         for i, buffer in enumerate(buffers):
             if front is not None:
                 buffer[:, :n] = front[i]
@@ -300,15 +306,15 @@ class ParallelState(_LayerCache):
         return self.linear.nbytes() + self.softmax.nbytes()
 
 
-def _layer_cache(mixer: str, window: int, keep_first: int) -> _LayerCache:
+def _layer_cache(mixer: str, window: int, keep_first: int, step_dtype: torch.dtype | None = None) -> _LayerCache:
     if mixer == "gla":
         return GLAState()
     if mixer == "swa":
-        return WindowKV(window, keep_first)
+        return WindowKV(window, keep_first, step_dtype)
     if mixer == "full":
         return FullKV()
     if mixer.startswith("parallel-"):
-        return ParallelState(_layer_cache(mixer.removeprefix("parallel-"), window, keep_first))
+        return ParallelState(_layer_cache(mixer.removeprefix("parallel-"), window, keep_first, step_dtype))
     raise ValueError(f"no cache for mixer {mixer!r}")
 
 
@@ -319,8 +325,8 @@ class SpikingBrainCache(Cache):
     length; full-attention layers grow with it. ``seen_tokens`` counts processed positions.
     """
 
-    def __init__(self, layer_mixers: list[str], window: int, keep_first: int = 0):
-        super().__init__(layers=[_layer_cache(m, window, keep_first) for m in layer_mixers])
+    def __init__(self, layer_mixers: list[str], window: int, keep_first: int = 0, window_step_dtype: torch.dtype | None = None):
+        super().__init__(layers=[_layer_cache(m, window, keep_first, window_step_dtype) for m in layer_mixers])
         self.layer_mixers = list(layer_mixers)
         self.window = window
         self.keep_first = keep_first
@@ -329,7 +335,8 @@ class SpikingBrainCache(Cache):
     @classmethod
     def for_config(cls, config) -> "SpikingBrainCache":
         """An empty cache shaped for ``config``."""
-        return cls(config.layer_mixers, config.attention_window, config.keep_first_tokens)
+        step_dtype = getattr(torch, config.window_kv_dtype) if config.window_kv_dtype else None
+        return cls(config.layer_mixers, config.attention_window, config.keep_first_tokens, step_dtype)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.seen_tokens

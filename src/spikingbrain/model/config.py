@@ -19,6 +19,9 @@ GLA_UPDATES = ("additive", "delta")
 PARALLEL_COMBINES = ("sum", "mean", "learned", "residual")
 MOE_ROUTERS = ("softmax", "sigmoid")
 WINDOW_SEMANTICS = ("flash", "sdpa")
+#: How sliding-window layers store the keys and values of one-token decode steps: in the model's dtype (None), or in
+#: float16, which halves the bytes each decode step reads (each key rounded once; the attention itself stays fp32).
+WINDOW_KV_DTYPES = (None, "float16")
 
 
 class SpikingBrainConfig(PretrainedConfig):
@@ -69,6 +72,7 @@ class SpikingBrainConfig(PretrainedConfig):
         sliding_window: int = 4096,
         window_semantics: str = "flash",
         keep_first_tokens: int = 0,
+        window_kv_dtype: str | None = None,
         gla_feature_map: str = "relu",
         gla_gate: str = "lowrank",
         gla_gate_rank: int = 16,
@@ -115,6 +119,9 @@ class SpikingBrainConfig(PretrainedConfig):
         self.sliding_window = sliding_window
         self.window_semantics = window_semantics
         self.keep_first_tokens = keep_first_tokens
+        if window_kv_dtype not in WINDOW_KV_DTYPES:
+            raise ValueError(f"window_kv_dtype={window_kv_dtype!r}; use one of {list(WINDOW_KV_DTYPES)} (None: the model's dtype)")
+        self.window_kv_dtype = window_kv_dtype
         self.gla_feature_map = gla_feature_map
         self.gla_gate = gla_gate
         self.gla_gate_rank = gla_gate_rank

@@ -11,6 +11,9 @@ that no row is empty (its output is meaningless but finite).
 sees; they take no part in the causal order or the window, and ``Tk`` and
 ``key_padding_mask`` count only the keys after them.
 
+Keys and values may be stored in another float dtype than ``q`` (a window cache's fp16 decode ring);
+they are read as ``q``'s dtype.
+
 ``keep_first`` (sliding window only): the first ``keep_first`` real keys stay visible to
 every later query once the window has passed them (StreamingLLM's attention sinks). They
 are ordinary positions of the sequence, subject to causality and padding.
@@ -49,6 +52,7 @@ def causal_attention(q, k, v, scale=None, key_padding_mask=None, num_sinks: int 
     scale = D**-0.5 if scale is None else scale
     if key_padding_mask is None and Tq == 1 and _kernel_applies(q, k, v):  # a decode step on CPU
         return _kernel_attention(q, k, v, scale)
+    k, v = k.to(q.dtype), v.to(q.dtype)  # keys and values kept in another dtype (a decode ring in fp16) compute in q's
     if key_padding_mask is None and (Tq == 1 or (Tq == Tk and not num_sinks)):  # one query (decoding) sees every key
         qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
         o = F.scaled_dot_product_attention(qt, kt, vt, is_causal=Tq > 1, scale=scale, enable_gqa=Hkv != H)
@@ -65,19 +69,19 @@ def _attention_library() -> ctypes.CDLL | None:
     lib = load_kernel("decode_attention")
     if lib is None or not lib.sb_attention_supported():
         return None
-    lib.sb_attend.argtypes = [_P, _I, _I, _I, _I, _I, _P, _I, _I, _I, _P, _I, _I, _I, ctypes.c_float, _P, ctypes.c_int]
+    lib.sb_attend.argtypes = [_P, _I, _I, _I, _I, _I, _P, _I, _I, _I, _P, _I, _I, _I, ctypes.c_int, ctypes.c_float, _P, ctypes.c_int]
     lib.sb_attend.restype = ctypes.c_int
     return lib
 
 
 def _kernel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """One query ``q [B, 1, H, D]`` over every key of ``k, v [B, Tk, Hkv, D]`` (any order) through the C kernel."""
+    """One query ``q [B, 1, H, D]`` over every key of ``k, v [B, Tk, Hkv, D]`` (any order, fp32 or fp16) through the C kernel."""
     B, _, H, D = q.shape
     q = q.contiguous()
     out = torch.empty_like(q)
     failed = _attention_library().sb_attend(
         q.data_ptr(), B, H, k.shape[2], D, k.shape[1], k.data_ptr(), k.stride(0), k.stride(1), k.stride(2),
-        v.data_ptr(), v.stride(0), v.stride(1), v.stride(2), scale, out.data_ptr(), kernel_threads(),
+        v.data_ptr(), v.stride(0), v.stride(1), v.stride(2), int(k.dtype == torch.float16), scale, out.data_ptr(), kernel_threads(),
     )
     if failed:
         raise MemoryError(f"the decode-attention kernel could not allocate {H * k.shape[1] * 4} bytes of scores")
@@ -85,8 +89,10 @@ def _kernel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
 
 
 def _kernel_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether the decode-attention kernel takes these tensors: fp32 on CPU, each key's values contiguous, no gradient."""
-    return (q.device.type == "cpu" and q.dtype == k.dtype == v.dtype == torch.float32 and k.stride(3) == 1 and v.stride(3) == 1
+    """Whether the decode-attention kernel takes these tensors: on CPU, an fp32 query, fp32 or fp16 keys and values, each
+    key's values contiguous, no gradient."""
+    return (q.device.type == "cpu" and q.dtype == torch.float32 and k.dtype == v.dtype in (torch.float32, torch.float16)
+            and k.stride(3) == 1 and v.stride(3) == 1
             and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
             and decode_attention_available())
 
@@ -134,6 +140,7 @@ def sliding_window_attention(
     if Tk <= window + 1 or (Tq == 1 and key_padding_mask is None and Tk <= window + 1 + keep_first):
         return causal_attention(q, k, v, scale, key_padding_mask, num_sinks)  # the window cuts nothing off
     scale = D**-0.5 if scale is None else scale
+    k, v = k.to(q.dtype), v.to(q.dtype)
     keep_first = min(keep_first, Tk)
     if key_padding_mask is not None:
         if keep_first:

@@ -1,6 +1,7 @@
 /* Softmax attention of one query per head over every key (a decode step), fp32, with AVX-512.
  *
- * q [B, H, D] (contiguous), keys and values [B, T, Hkv, D] given by their strides (each key's D values contiguous:
+ * q [B, H, D] (contiguous, fp32), keys and values [B, T, Hkv, D] in fp32 or fp16 (half_kv; widened to fp32 as they
+ * are read, so that a step reads half the bytes), given by their strides (each key's D values contiguous:
  * head-major buffers or any other layout), out [B, H, D]; H a multiple of Hkv (grouped-query attention: query head g of
  * key/value head h is h * G + g, G = H / Hkv). For each (batch row, key/value head) the G query heads read the keys
  * once for their scores, the softmax runs over the scores with a vector exp, and the values are read once for the
@@ -15,7 +16,7 @@
 
 #include "thread_pool.h"
 
-#define AVX512 __attribute__((target("avx512f")))
+#define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl")))
 
 /* Attention smaller than this many query-key multiply-adds runs on one thread: splitting it saves less than a pool
  * call costs. */
@@ -29,7 +30,13 @@
 
 int sb_attention_supported(void) {
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f");
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
+}
+
+/* 16 (masked) elements of a key or value row from element offset at, as fp32 */
+AVX512 static inline __m512 load_row(const void *base, int64_t at, __mmask16 m, int half) {
+    if (half) return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, (const uint16_t *)base + at));
+    return _mm512_maskz_loadu_ps(m, (const float *)base + at);
 }
 
 /* e^x for x <= 0: x = n ln2 + r with |r| <= ln2 / 2, e^r = 1 + r + r^2 p(r) with Cephes' expf polynomial p, times
@@ -57,8 +64,9 @@ static inline __mmask16 chunk_mask(int64_t remaining) {
 /* one (batch row, key/value head): query heads q[g * dim], their outputs out[g * dim], scores scratch [G, T]. Without
  * tops (NULL) the outputs are the attention; with tops and totals [G] they are the weighted sums before division, and
  * tops and totals receive each head's largest score and its softmax denominator at that shift (a part to merge). */
-AVX512 static void attend_group(const float *q, int64_t group, int64_t dim, int64_t keys, const float *k, int64_t k_pos,
-                                const float *v, int64_t v_pos, float scale, float *out, float *scores, float *tops, float *totals) {
+AVX512 static void attend_group(const float *q, int64_t group, int64_t dim, int64_t keys, const void *k, int64_t k_pos,
+                                const void *v, int64_t v_pos, int half, float scale, float *out, float *scores, float *tops,
+                                float *totals) {
     int64_t chunks = (dim + 15) / 16;
     for (int64_t g0 = 0; g0 < group; g0 += HEADS_AT_ONCE) {
         int64_t ng = group - g0 < HEADS_AT_ONCE ? group - g0 : HEADS_AT_ONCE;
@@ -67,7 +75,7 @@ AVX512 static void attend_group(const float *q, int64_t group, int64_t dim, int6
             for (int64_t g = 0; g < ng; g++) acc[g] = _mm512_setzero_ps();
             for (int64_t c = 0; c < chunks; c++) {
                 __mmask16 m = chunk_mask(dim - 16 * c);
-                __m512 kc = _mm512_maskz_loadu_ps(m, k + t * k_pos + 16 * c);
+                __m512 kc = load_row(k, t * k_pos + 16 * c, m, half);
                 for (int64_t g = 0; g < ng; g++)
                     acc[g] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, q + (g0 + g) * dim + 16 * c), kc, acc[g]);
             }
@@ -97,7 +105,7 @@ AVX512 static void attend_group(const float *q, int64_t group, int64_t dim, int6
                 for (int64_t c = 0; c < nc; c++) acc[g][c] = _mm512_setzero_ps();
             for (int64_t t = 0; t < keys; t++) {
                 for (int64_t c = 0; c < nc; c++) {
-                    __m512 vc = _mm512_maskz_loadu_ps(chunk_mask(dim - 16 * (c0 + c)), v + t * v_pos + 16 * (c0 + c));
+                    __m512 vc = load_row(v, t * v_pos + 16 * (c0 + c), chunk_mask(dim - 16 * (c0 + c)), half);
                     for (int64_t g = 0; g < ng; g++) acc[g][c] = _mm512_fmadd_ps(_mm512_set1_ps(scores[g * keys + t]), vc, acc[g][c]);
                 }
             }
@@ -109,9 +117,11 @@ AVX512 static void attend_group(const float *q, int64_t group, int64_t dim, int6
     }
 }
 
-/* one call's tensors, shared by the pool's tasks (strides in floats) */
+/* one call's tensors, shared by the pool's tasks (strides in elements) */
 struct attention {
-    const float *q, *k, *v;
+    const float *q;
+    const void *k, *v;
+    int half;
     int64_t heads, kv_heads, group, dim, keys, k_batch, k_pos, k_head, v_batch, v_pos, v_head, chunks;
     float scale;
     float *out;
@@ -131,12 +141,15 @@ static void attend_tasks(void *context, int64_t begin, int64_t end) {
         int64_t pair = task / a->chunks, chunk = task % a->chunks;
         int64_t b = pair / a->kv_heads, h = pair % a->kv_heads, first = (b * a->heads + h * a->group) * a->dim;
         int64_t k0 = a->keys * chunk / a->chunks, n = a->keys * (chunk + 1) / a->chunks - k0;
-        const float *k = a->k + b * a->k_batch + h * a->k_head + k0 * a->k_pos, *v = a->v + b * a->v_batch + h * a->v_head + k0 * a->v_pos;
+        size_t width = a->half ? 2 : 4;
+        const char *k = (const char *)a->k + width * (size_t)(b * a->k_batch + h * a->k_head + k0 * a->k_pos);
+        const char *v = (const char *)a->v + width * (size_t)(b * a->v_batch + h * a->v_head + k0 * a->v_pos);
         if (a->chunks == 1)
-            attend_group(a->q + first, a->group, a->dim, n, k, a->k_pos, v, a->v_pos, a->scale, a->out + first, scores, NULL, NULL);
+            attend_group(a->q + first, a->group, a->dim, n, k, a->k_pos, v, a->v_pos, a->half, a->scale, a->out + first, scores,
+                         NULL, NULL);
         else
-            attend_group(a->q + first, a->group, a->dim, n, k, a->k_pos, v, a->v_pos, a->scale, a->parts + task * a->group * a->dim,
-                         scores, a->tops + task * a->group, a->totals + task * a->group);
+            attend_group(a->q + first, a->group, a->dim, n, k, a->k_pos, v, a->v_pos, a->half, a->scale,
+                         a->parts + task * a->group * a->dim, scores, a->tops + task * a->group, a->totals + task * a->group);
     }
     free(scores);
 }
@@ -160,12 +173,12 @@ static void merge_chunks(struct attention *a, int64_t pairs) {
     }
 }
 
-/* Returns 0, or -1 if the scratch could not be allocated. Strides are in floats. */
+/* Returns 0, or -1 if the scratch could not be allocated. Strides are in elements; half_kv: keys and values are fp16. */
 int sb_attend(const float *q, int64_t batch, int64_t heads, int64_t kv_heads, int64_t dim, int64_t keys,
-              const float *k, int64_t k_batch, int64_t k_pos, int64_t k_head,
-              const float *v, int64_t v_batch, int64_t v_pos, int64_t v_head, float scale, float *out, int threads) {
+              const void *k, int64_t k_batch, int64_t k_pos, int64_t k_head,
+              const void *v, int64_t v_batch, int64_t v_pos, int64_t v_head, int half_kv, float scale, float *out, int threads) {
     int64_t pairs = batch * kv_heads, chunks = keys >= CHUNKED_MIN_KEYS ? KEY_CHUNKS : 1, group = heads / kv_heads;
-    struct attention a = {q, k, v, heads, kv_heads, group, dim, keys, k_batch, k_pos, k_head, v_batch, v_pos, v_head, chunks,
+    struct attention a = {q, k, v, half_kv, heads, kv_heads, group, dim, keys, k_batch, k_pos, k_head, v_batch, v_pos, v_head, chunks,
                           scale, out, NULL, NULL, NULL, 0};
     if (chunks > 1) {
         a.parts = malloc(sizeof(float) * (size_t)(pairs * chunks * group * (dim + 2)));
