@@ -328,51 +328,64 @@ def test_max_sequence_length_is_enforced(tiny_model):
     assert model(ids[:, :20], use_cache=False).logits.shape == (1, 20, 97)
 
 
+def rounded_once(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` as a step buffer of ``dtype`` stores it: fp16, or int8 codes of scale max|row| / 127 per position and head."""
+    if dtype == torch.float16:
+        return x.half().float()
+    scale = x.abs().amax(-1, keepdim=True) / 127
+    return torch.round(x / scale) * scale
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.int8])
 @pytest.mark.parametrize("keep_first,sinks", [(0, 0), (2, 3)])
-def test_fp16_step_buffer_holds_the_window_rounded_once(keep_first, sinks):
-    """A window cache whose step buffer is fp16 holds what the fp32 one holds, each key rounded to fp16 once (read
-    back as fp32), while it fills and as a ring; attention over its fp16 ring is attention over those rounded keys;
-    it takes half the bytes."""
+def test_low_precision_step_buffer_holds_the_window_rounded_once(keep_first, sinks, dtype):
+    """A window cache whose step buffer is fp16 or int8 holds what the fp32 one holds, each key rounded once (read
+    back as fp32), while it fills and as a ring; attention over its ring is attention over those rounded keys; it
+    takes low the bytes (fp16), or a quarter plus a scale per position and head (int8)."""
     from spikingbrain.model.cache import WindowKV
     from spikingbrain.ops import sliding_window_attention
 
     gen = torch.Generator().manual_seed(8)
     window, B, H, D = 6, 2, 2, 16
-    half, full = WindowKV(window, keep_first, torch.float16), WindowKV(window, keep_first)
+    low, full = WindowKV(window, keep_first, dtype), WindowKV(window, keep_first)
     if sinks:
         sink = (torch.randn(1, sinks, H, D, generator=gen), torch.randn(1, sinks, H, D, generator=gen))
-        half.set_sinks(*sink)
+        low.set_sinks(*sink)
         full.set_sinks(*sink)
     prompt = (torch.randn(B, 4, H, D, generator=gen), torch.randn(B, 4, H, D, generator=gen))
-    half.extend(*prompt)
+    low.extend(*prompt)
     full.extend(*prompt)
     for step in range(20):
         k, v, q = (torch.randn(B, 1, H, D, generator=gen) for _ in range(3))
-        got, expected = half.extend(k, v, ring=True), full.extend(k, v, ring=True)
-        assert got[0].dtype == torch.float16
-        assert half.keys.dtype == torch.float32
-        assert torch.equal(half.keys, full.keys.half().float()) and torch.equal(half.values, full.values.half().float()), step
+        got, expected = low.extend(k, v, ring=True), full.extend(k, v, ring=True)
+        assert got[0].dtype == dtype
+        assert low.keys.dtype == torch.float32
+        for stored, exact in ((low.keys, full.keys), (low.values, full.values)):
+            torch.testing.assert_close(stored, rounded_once(exact, dtype), rtol=1e-6, atol=1e-7)
         out = sliding_window_attention(q, *got, window, num_sinks=sinks, keep_first=keep_first)
-        rounded = [t.half().float() for t in expected]
+        rounded = [rounded_once(t, dtype) for t in expected]
         reference = sliding_window_attention(q, *rounded, window, num_sinks=sinks, keep_first=keep_first)
         torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-6)
-    assert 2 * half.nbytes() == full.nbytes()
+    rows = 2 * B * (sinks + keep_first + window + 1) * H
+    assert low.nbytes() == (rows * D * 2 if dtype == torch.float16 else rows * (D + 4))
 
 
-def test_window_kv_dtype_float16_decodes_like_fp32(tiny_model):
-    """A model with ``window_kv_dtype: float16`` decodes from the same prompt to logits within fp16 rounding of the
-    fp32 model's (and the same greedy tokens); the config refuses other dtypes by name."""
+@pytest.mark.parametrize("name,dtype,tolerance", [("float16", torch.float16, 1e-2), ("int8", torch.int8, 5e-2)])
+def test_window_kv_dtype_decodes_like_fp32(tiny_model, name, dtype, tolerance):
+    """A model with ``window_kv_dtype: float16`` or ``int8`` decodes from the same prompt to logits within that
+    rounding of the fp32 model's (fp16: the same greedy tokens); the config refuses other dtypes by name."""
     from spikingbrain import SpikingBrainConfig, SpikingBrainForCausalLM
 
     model = tiny_model(["swa", "gla", "swa", "gla"], sliding_window=8)
-    half = SpikingBrainForCausalLM(SpikingBrainConfig.derived_from(model.config, window_kv_dtype="float16")).eval()
-    half.load_state_dict(model.state_dict())
+    low = SpikingBrainForCausalLM(SpikingBrainConfig.derived_from(model.config, window_kv_dtype=name)).eval()
+    low.load_state_dict(model.state_dict())
     ids = random_ids(1, 30, seed=4)
     fp32_logits, _ = run_in_pieces(model, ids, [12] + [1] * 18)
-    fp16_logits, cache = run_in_pieces(half, ids, [12] + [1] * 18)
-    assert cache.layers[0]._ring[0].dtype == torch.float16
-    assert torch.equal(fp16_logits[:, :12], fp32_logits[:, :12])  # the prompt never touches the fp16 buffer
-    assert (fp16_logits - fp32_logits).abs().max() < 1e-2 * fp32_logits.abs().max()
-    assert torch.equal(fp16_logits.argmax(-1), fp32_logits.argmax(-1))
+    low_logits, cache = run_in_pieces(low, ids, [12] + [1] * 18)
+    assert cache.layers[0]._ring[0].dtype == dtype
+    assert torch.equal(low_logits[:, :12], fp32_logits[:, :12])  # the prompt never touches the step buffer
+    assert (low_logits - fp32_logits).abs().max() < tolerance * fp32_logits.abs().max()
+    if dtype == torch.float16:
+        assert torch.equal(low_logits.argmax(-1), fp32_logits.argmax(-1))
     with pytest.raises(ValueError, match="window_kv_dtype='int4'"):
         SpikingBrainConfig.derived_from(model.config, window_kv_dtype="int4")

@@ -98,3 +98,36 @@ def test_fp16_keys_and_values_are_widened_exactly(monkeypatch, B, H, Hkv, D, Tk)
     two = torch.randn(B, 2, H, D, generator=gen)  # two queries: SDPA after widening
     assert_close(causal_attention(two, k, v), attention_reference(two, k.float(), v.float()), TOL, "fp16 widened")
     assert len(calls) == 1
+
+
+def hand_quantized(x: torch.Tensor) -> torch.Tensor:
+    """Each row (last dimension) rounded to int8 codes of scale max|row| / 127, as floats."""
+    scale = x.abs().amax(-1, keepdim=True) / 127
+    return torch.round(x / scale) * scale
+
+
+@pytest.mark.parametrize("Tk", [5, 2049])
+def test_int8_rows_are_attended_with_their_scales(monkeypatch, Tk):
+    """Keys and values as int8 codes with a scale per position and head (``Int8Rows``, head-major like a window cache's
+    ring): the kernel gives the dense fp64 attention over the hand-rounded rows; without the kernel (two queries) the
+    rows are dequantized first, to the same result."""
+    from spikingbrain.ops.attention import Int8Rows
+
+    gen = torch.Generator().manual_seed(Tk + 1)
+    B, H, Hkv, D = 2, 9, 3, 64
+    q = torch.randn(B, 1, H, D, generator=gen)
+    floats = [torch.randn(B, Tk, Hkv, D, generator=gen) * torch.rand(B, Tk, Hkv, 1, generator=gen) * 4 for _ in range(2)]
+    rows = []
+    for x in floats:
+        stored = Int8Rows(torch.empty(B, Hkv, Tk, D, dtype=torch.int8).transpose(1, 2), torch.empty(B, Hkv, Tk).transpose(1, 2))
+        stored[:] = x
+        rows.append(stored)
+    k, v = rows
+    rounded = [hand_quantized(x) for x in floats]
+    assert torch.allclose(k.to(torch.float32), rounded[0], rtol=1e-6, atol=1e-6)
+    calls = _calls(monkeypatch)
+    assert_close(causal_attention(q, k, v), attention_reference(q, *rounded), TOL, "int8 kernel")
+    assert len(calls) == 1
+    two = torch.randn(B, 2, H, D, generator=gen)
+    assert_close(causal_attention(two, k, v), attention_reference(two, *rounded), TOL, "int8 dequantized")
+    assert len(calls) == 1

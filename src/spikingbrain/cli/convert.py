@@ -138,9 +138,9 @@ def register_quantize(subparsers) -> None:
     p.add_argument("--lm-head", action="store_true",
                    help="the output head too: W8A8 per output channel, untied from the (fp32) embeddings; its decode "
                         "rows go through our VNNI kernel on CPU (oneDNN's int8 linear where the CPU lacks VNNI)")
-    p.add_argument("--window-kv", choices=["float16"], default=None,
-                   help="float16: sliding-window layers keep the keys and values of decode steps in fp16 (half the bytes "
-                        "each step reads; the attention stays fp32)")
+    p.add_argument("--window-kv", choices=["float16", "int8"], default=None,
+                   help="sliding-window layers keep the keys and values of decode steps in fp16 (half the bytes each step "
+                        "reads) or as int8 codes with a scale per position and head (about a quarter); the attention stays fp32")
     p.add_argument("--eval-text", default=None, help="report perplexity on this text before and after")
     p.add_argument("--context", type=int, default=2048, help="perplexity window")
     p.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens of --eval-text")

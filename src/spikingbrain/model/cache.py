@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache
 
+from ..ops.attention import Int8Rows
+
 __all__ = ["GLAState", "WindowKV", "FullKV", "ParallelState", "SpikingBrainCache", "RowCaches", "stack_states", "unstack_states"]
 
 
@@ -94,9 +96,10 @@ class WindowKV(_LayerCache):
     the filled part (in order), the buffer doubling when it runs out of room; at its full size
     ``[sinks | first | window + 1 slots]`` it is a ring, where each step writes its key over the
     one leaving the window. So no step copies the window. ``keys`` and ``values`` always read the
-    window in order. ``step_dtype`` (for example ``torch.float16``) stores the step buffer in that
-    dtype, so that each step reads fewer bytes; ``keys`` and ``values`` read it back in the dtype
-    of the keys given (rounded once, when a key enters the buffer).
+    window in order. ``step_dtype`` (``torch.float16``, or ``torch.int8``: codes with one scale per
+    position and head, ``ops.attention.Int8Rows``) stores the step buffer so, so that each step reads
+    fewer bytes; ``keys`` and ``values`` read it back in the dtype of the keys given (rounded once,
+    when a key enters the buffer).
     """
 
     is_sliding = True
@@ -144,8 +147,8 @@ class WindowKV(_LayerCache):
         if self._filled < self._capacity():
             return buffer[:, start : start + self._filled].to(self._dtype)
         ring = buffer[:, start + self.keep_first :]
-        return torch.cat((buffer[:, start : start + self.keep_first], ring[:, self._oldest + 1 :], ring[:, : self._oldest]),
-                         1).to(self._dtype)
+        pieces = (buffer[:, start : start + self.keep_first], ring[:, self._oldest + 1 :], ring[:, : self._oldest])
+        return torch.cat([piece.to(self._dtype) for piece in pieces], 1)
 
     def _num_sinks(self) -> int:
         return 0 if self.sinks is None else self.sinks[0].shape[1]
@@ -209,7 +212,7 @@ class WindowKV(_LayerCache):
             front = tuple(t[:, :n] for t in self._ring) if n else None
         slots = min(self._capacity(), max(MIN_STEP_SLOTS, 2 * length))
         self._dtype = keys.dtype
-        buffers = tuple(head_major_empty(t, n + slots, self.step_dtype) for t in (keys, values))
+        buffers = tuple(self._step_buffer(t, n + slots) for t in (keys, values))
         for i, buffer in enumerate(buffers):
             if front is not None:
                 buffer[:, :n] = front[i]
@@ -217,6 +220,15 @@ class WindowKV(_LayerCache):
                 buffer[:, n : n + length] = cached[i]
         self._ring, self._keys, self._values = buffers, None, None
         self._filled, self._oldest = length, 0
+
+    def _step_buffer(self, like: torch.Tensor, positions: int):
+        """An uninitialised head-major step buffer of ``positions`` rows like ``like``, in ``step_dtype`` (int8: codes
+        with their scales, ``Int8Rows``)."""
+        if self.step_dtype != torch.int8:
+            return head_major_empty(like, positions, self.step_dtype)
+        batch, _, heads, _ = like.shape
+        scales = like.new_empty(batch, heads, positions, dtype=torch.float32).transpose(1, 2)
+        return Int8Rows(head_major_empty(like, positions, torch.int8), scales)
 
     @property
     def length(self) -> int:
@@ -235,7 +247,7 @@ class WindowKV(_LayerCache):
 
     def nbytes(self) -> int:
         if self._ring is not None:  # the buffer holds a copy of the sinks
-            return sum(t.numel() * t.element_size() for t in self._ring)
+            return sum(t.nbytes for t in self._ring)
         sinks = 0 if self.sinks is None else sum(t.numel() * t.element_size() for t in self.sinks)
         return super().nbytes() + sinks
 

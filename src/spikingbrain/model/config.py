@@ -19,9 +19,10 @@ GLA_UPDATES = ("additive", "delta")
 PARALLEL_COMBINES = ("sum", "mean", "learned", "residual")
 MOE_ROUTERS = ("softmax", "sigmoid")
 WINDOW_SEMANTICS = ("flash", "sdpa")
-#: How sliding-window layers store the keys and values of one-token decode steps: in the model's dtype (None), or in
-#: float16, which halves the bytes each decode step reads (each key rounded once; the attention itself stays fp32).
-WINDOW_KV_DTYPES = (None, "float16")
+#: How sliding-window layers store the keys and values of one-token decode steps: in the model's dtype (None), in
+#: float16 (half the bytes each decode step reads) or int8 (codes with one fp32 scale per position and head: about a
+#: quarter); each key is rounded once, when it enters the cache, and the attention itself stays fp32.
+WINDOW_KV_DTYPES = (None, "float16", "int8")
 
 
 class SpikingBrainConfig(PretrainedConfig):

@@ -31,7 +31,53 @@ import torch.nn.functional as F
 from .native import load_kernel
 from .threads import kernel_threads
 
-__all__ = ["causal_attention", "sliding_window_attention", "decode_attention_available"]
+__all__ = ["causal_attention", "sliding_window_attention", "decode_attention_available", "Int8Rows"]
+
+
+class Int8Rows:
+    """Keys or values ``[B, T, Hkv, D]`` stored as int8 codes with one fp32 scale per position and head (``scales``
+    ``[B, T, Hkv]``): each row is ``codes * scale``, its scale its largest magnitude / 127.
+
+    Indexing with slices over the first dimensions views both parts; assigning float rows quantizes them;
+    ``to(dtype)`` gives the rows as floats. A window cache keeps its decode ring so (``window_kv_dtype: int8``).
+    """
+
+    dtype = torch.int8
+
+    def __init__(self, codes: torch.Tensor, scales: torch.Tensor):
+        self.codes, self.scales = codes, scales
+
+    @classmethod
+    def empty_like(cls, like: torch.Tensor, codes: torch.Tensor) -> "Int8Rows":
+        """Uninitialised rows around ``codes`` (a buffer shaped like ``like``), with scales laid out like the codes."""
+        scales = torch.empty(codes.shape[:3], dtype=torch.float32, device=like.device)
+        return cls(codes, scales)
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.codes.shape
+
+    def dim(self) -> int:
+        return self.codes.dim()
+
+    @property
+    def nbytes(self) -> int:
+        return self.codes.nbytes + self.scales.nbytes
+
+    def __getitem__(self, index) -> "Int8Rows":
+        return Int8Rows(self.codes[index], self.scales[index])
+
+    def __setitem__(self, index, rows) -> None:
+        if isinstance(rows, Int8Rows):
+            self.codes[index], self.scales[index] = rows.codes, rows.scales
+            return
+        scales = rows.detach().abs().amax(-1).float().clamp_min(torch.finfo(torch.float32).tiny) / 127
+        self.codes[index] = torch.round(rows.float() / scales.unsqueeze(-1)).clamp_(-127, 127).to(torch.int8)
+        self.scales[index] = scales
+
+    def to(self, dtype: torch.dtype) -> torch.Tensor:
+        """The rows as ``dtype`` floats."""
+        return (self.codes.to(torch.float32) * self.scales.unsqueeze(-1)).to(dtype)
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask, num_sinks: int = 0) -> tuple[int, ...]:
@@ -61,6 +107,8 @@ def causal_attention(q, k, v, scale=None, key_padding_mask=None, num_sinks: int 
 
 
 _P, _I = ctypes.c_void_p, ctypes.c_int64
+#: The kernel's codes for how keys and values are stored.
+_KV_KINDS = {torch.float32: 0, torch.float16: 1, torch.int8: 2}
 
 
 @functools.cache
@@ -69,29 +117,44 @@ def _attention_library() -> ctypes.CDLL | None:
     lib = load_kernel("decode_attention")
     if lib is None or not lib.sb_attention_supported():
         return None
-    lib.sb_attend.argtypes = [_P, _I, _I, _I, _I, _I, _P, _I, _I, _I, _P, _I, _I, _I, ctypes.c_int, ctypes.c_float, _P, ctypes.c_int]
+    lib.sb_attend.argtypes = [_P, _I, _I, _I, _I, _I, _P, _I, _I, _I, _P, _I, _I, _I, ctypes.c_int,
+                              _P, _I, _I, _I, _P, _I, _I, _I, ctypes.c_float, _P, ctypes.c_int]
     lib.sb_attend.restype = ctypes.c_int
     return lib
 
 
-def _kernel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """One query ``q [B, 1, H, D]`` over every key of ``k, v [B, Tk, Hkv, D]`` (any order, fp32 or fp16) through the C kernel."""
+def _parts(rows: torch.Tensor | Int8Rows) -> tuple:
+    """The kernel's arguments for keys or values: data pointer and strides, then the scales' pointer and strides."""
+    if isinstance(rows, Int8Rows):
+        codes, scales = rows.codes, rows.scales
+        return (codes.data_ptr(), codes.stride(0), codes.stride(1), codes.stride(2)), (scales.data_ptr(), *scales.stride())
+    return (rows.data_ptr(), rows.stride(0), rows.stride(1), rows.stride(2)), (None, 0, 0, 0)
+
+
+def _kernel_attention(q: torch.Tensor, k, v, scale: float) -> torch.Tensor:
+    """One query ``q [B, 1, H, D]`` over every key of ``k, v [B, Tk, Hkv, D]`` (any order; fp32, fp16 or ``Int8Rows``)
+    through the C kernel."""
     B, _, H, D = q.shape
     q = q.contiguous()
     out = torch.empty_like(q)
+    (k_data, k_scales), (v_data, v_scales) = _parts(k), _parts(v)
     failed = _attention_library().sb_attend(
-        q.data_ptr(), B, H, k.shape[2], D, k.shape[1], k.data_ptr(), k.stride(0), k.stride(1), k.stride(2),
-        v.data_ptr(), v.stride(0), v.stride(1), v.stride(2), int(k.dtype == torch.float16), scale, out.data_ptr(), kernel_threads(),
+        q.data_ptr(), B, H, k.shape[2], D, k.shape[1], *k_data, *v_data, _KV_KINDS[k.dtype], *k_scales, *v_scales,
+        scale, out.data_ptr(), kernel_threads(),
     )
     if failed:
         raise MemoryError(f"the decode-attention kernel could not allocate {H * k.shape[1] * 4} bytes of scores")
     return out
 
 
-def _kernel_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether the decode-attention kernel takes these tensors: on CPU, an fp32 query, fp32 or fp16 keys and values, each
-    key's values contiguous, no gradient."""
-    return (q.device.type == "cpu" and q.dtype == torch.float32 and k.dtype == v.dtype in (torch.float32, torch.float16)
+def _kernel_applies(q: torch.Tensor, k, v) -> bool:
+    """Whether the decode-attention kernel takes these tensors: on CPU, an fp32 query, fp32, fp16 or ``Int8Rows`` keys
+    and values, each key's values contiguous, no gradient."""
+    if isinstance(k, Int8Rows) != isinstance(v, Int8Rows):
+        return False
+    if isinstance(k, Int8Rows):
+        k, v = k.codes, v.codes
+    return (q.device.type == "cpu" and q.dtype == torch.float32 and k.dtype == v.dtype and k.dtype in _KV_KINDS
             and k.stride(3) == 1 and v.stride(3) == 1
             and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
             and decode_attention_available())

@@ -1,7 +1,8 @@
 /* Softmax attention of one query per head over every key (a decode step), fp32, with AVX-512.
  *
- * q [B, H, D] (contiguous, fp32), keys and values [B, T, Hkv, D] in fp32 or fp16 (half_kv; widened to fp32 as they
- * are read, so that a step reads half the bytes), given by their strides (each key's D values contiguous:
+ * q [B, H, D] (contiguous, fp32), keys and values [B, T, Hkv, D] in fp32, fp16 or int8 codes (kind; widened to fp32
+ * as they are read, so that a step reads a half or a quarter of the bytes; int8 codes come with one fp32 scale per
+ * key and head, [B, T, Hkv] by their strides, applied to each score and to each value's weight), given by their strides (each key's D values contiguous:
  * head-major buffers or any other layout), out [B, H, D]; H a multiple of Hkv (grouped-query attention: query head g of
  * key/value head h is h * G + g, G = H / Hkv). For each (batch row, key/value head) the G query heads read the keys
  * once for their scores, the softmax runs over the scores with a vector exp, and the values are read once for the
@@ -35,9 +36,13 @@ int sb_attention_supported(void) {
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
 }
 
-/* 16 (masked) elements of a key or value row from element offset at, as fp32 */
-AVX512 static inline __m512 load_row(const void *base, int64_t at, __mmask16 m, int half) {
-    if (half) return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, (const uint16_t *)base + at));
+/* how keys and values are stored */
+enum { KV_FP32 = 0, KV_FP16 = 1, KV_INT8 = 2 };
+
+/* 16 (masked) elements of a key or value row from element offset at, as fp32 (int8: the codes, unscaled) */
+AVX512 static inline __m512 load_row(const void *base, int64_t at, __mmask16 m, int kind) {
+    if (kind == KV_FP16) return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, (const uint16_t *)base + at));
+    if (kind == KV_INT8) return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, (const int8_t *)base + at)));
     return _mm512_maskz_loadu_ps(m, (const float *)base + at);
 }
 
@@ -73,12 +78,13 @@ static inline __mmask16 chunk_mask(int64_t remaining) {
     return remaining >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << remaining) - 1);
 }
 
-/* one (batch row, key/value head): query heads q[g * dim], their outputs out[g * dim], scores scratch [G, T]. Without
+/* one (batch row, key/value head): query heads q[g * dim], their outputs out[g * dim], scores scratch [G, T]; with int8
+ * codes, ks[t * ks_pos] and vs[t * vs_pos] are the scales of key t and of value t. Without
  * tops (NULL) the outputs are the attention; with tops and totals [G] they are the weighted sums before division, and
  * tops and totals receive each head's largest score and its softmax denominator at that shift (a part to merge). */
 AVX512 static void attend_group(const float *q, int64_t group, int64_t dim, int64_t keys, const void *k, int64_t k_pos,
-                                const void *v, int64_t v_pos, int half, float scale, float *out, float *scores, float *tops,
-                                float *totals) {
+                                const void *v, int64_t v_pos, int kind, const float *ks, int64_t ks_pos, const float *vs,
+                                int64_t vs_pos, float scale, float *out, float *scores, float *tops, float *totals) {
     int64_t chunks = (dim + 15) / 16;
     for (int64_t g0 = 0; g0 < group; g0 += HEADS_AT_ONCE) {
         int64_t ng = group - g0 < HEADS_AT_ONCE ? group - g0 : HEADS_AT_ONCE;
@@ -90,7 +96,7 @@ AVX512 static void attend_group(const float *q, int64_t group, int64_t dim, int6
             for (int64_t c = 0; c < chunks; c++) {
                 __mmask16 m = chunk_mask(dim - 16 * c);
                 __m512 kc[KEYS_AT_ONCE];
-                for (int j = 0; j < KEYS_AT_ONCE; j++) kc[j] = load_row(k, (t + j) * k_pos + 16 * c, m, half);
+                for (int j = 0; j < KEYS_AT_ONCE; j++) kc[j] = load_row(k, (t + j) * k_pos + 16 * c, m, kind);
                 for (int64_t g = 0; g < ng; g++) {
                     __m512 qc = _mm512_maskz_loadu_ps(m, q + (g0 + g) * dim + 16 * c);
                     for (int j = 0; j < KEYS_AT_ONCE; j++) acc[g][j] = _mm512_fmadd_ps(qc, kc[j], acc[g][j]);
@@ -104,12 +110,15 @@ AVX512 static void attend_group(const float *q, int64_t group, int64_t dim, int6
             for (int64_t g = 0; g < ng; g++) acc[g] = _mm512_setzero_ps();
             for (int64_t c = 0; c < chunks; c++) {
                 __mmask16 m = chunk_mask(dim - 16 * c);
-                __m512 kc = load_row(k, t * k_pos + 16 * c, m, half);
+                __m512 kc = load_row(k, t * k_pos + 16 * c, m, kind);
                 for (int64_t g = 0; g < ng; g++)
                     acc[g] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, q + (g0 + g) * dim + 16 * c), kc, acc[g]);
             }
             for (int64_t g = 0; g < ng; g++) scores[g * keys + t] = _mm512_reduce_add_ps(acc[g]) * scale;
         }
+        if (ks)  /* int8 keys: each score times its key's scale */
+            for (int64_t g = 0; g < ng; g++)
+                for (int64_t t = 0; t < keys; t++) scores[g * keys + t] *= ks[t * ks_pos];
         float inverse[HEADS_AT_ONCE];
         for (int64_t g = 0; g < ng; g++) {  /* softmax weights, unnormalised, and 1 / their sum */
             float *s = scores + g * keys;
@@ -126,6 +135,8 @@ AVX512 static void attend_group(const float *q, int64_t group, int64_t dim, int6
             float sum = _mm512_reduce_add_ps(total);
             inverse[g] = tops ? 1.0f : 1.0f / sum;
             if (tops) tops[g0 + g] = largest, totals[g0 + g] = sum;
+            if (vs)  /* int8 values: each weight times its value's scale, after the softmax sum */
+                for (int64_t t = 0; t < keys; t++) s[t] *= vs[t * vs_pos];
         }
         for (int64_t c0 = 0; c0 < chunks; c0 += CHUNKS_AT_ONCE) {  /* weighted values: each value read once per block */
             int64_t nc = chunks - c0 < CHUNKS_AT_ONCE ? chunks - c0 : CHUNKS_AT_ONCE;
@@ -134,7 +145,7 @@ AVX512 static void attend_group(const float *q, int64_t group, int64_t dim, int6
                 for (int64_t c = 0; c < nc; c++) acc[g][c] = _mm512_setzero_ps();
             for (int64_t t = 0; t < keys; t++) {
                 for (int64_t c = 0; c < nc; c++) {
-                    __m512 vc = load_row(v, t * v_pos + 16 * (c0 + c), chunk_mask(dim - 16 * (c0 + c)), half);
+                    __m512 vc = load_row(v, t * v_pos + 16 * (c0 + c), chunk_mask(dim - 16 * (c0 + c)), kind);
                     for (int64_t g = 0; g < ng; g++) acc[g][c] = _mm512_fmadd_ps(_mm512_set1_ps(scores[g * keys + t]), vc, acc[g][c]);
                 }
             }
@@ -150,7 +161,9 @@ AVX512 static void attend_group(const float *q, int64_t group, int64_t dim, int6
 struct attention {
     const float *q;
     const void *k, *v;
-    int half;
+    int kind;
+    const float *ks, *vs; /* int8 codes: their scales */
+    int64_t ks_batch, ks_pos, ks_head, vs_batch, vs_pos, vs_head;
     int64_t heads, kv_heads, group, dim, keys, k_batch, k_pos, k_head, v_batch, v_pos, v_head, chunks;
     float scale;
     float *out;
@@ -170,15 +183,18 @@ static void attend_tasks(void *context, int64_t begin, int64_t end) {
         int64_t pair = task / a->chunks, chunk = task % a->chunks;
         int64_t b = pair / a->kv_heads, h = pair % a->kv_heads, first = (b * a->heads + h * a->group) * a->dim;
         int64_t k0 = a->keys * chunk / a->chunks, n = a->keys * (chunk + 1) / a->chunks - k0;
-        size_t width = a->half ? 2 : 4;
+        size_t width = a->kind == KV_FP32 ? 4 : a->kind == KV_FP16 ? 2 : 1;
         const char *k = (const char *)a->k + width * (size_t)(b * a->k_batch + h * a->k_head + k0 * a->k_pos);
         const char *v = (const char *)a->v + width * (size_t)(b * a->v_batch + h * a->v_head + k0 * a->v_pos);
+        const float *ks = a->ks ? a->ks + b * a->ks_batch + h * a->ks_head + k0 * a->ks_pos : NULL;
+        const float *vs = a->vs ? a->vs + b * a->vs_batch + h * a->vs_head + k0 * a->vs_pos : NULL;
         if (a->chunks == 1)
-            attend_group(a->q + first, a->group, a->dim, n, k, a->k_pos, v, a->v_pos, a->half, a->scale, a->out + first, scores,
-                         NULL, NULL);
+            attend_group(a->q + first, a->group, a->dim, n, k, a->k_pos, v, a->v_pos, a->kind, ks, a->ks_pos, vs, a->vs_pos,
+                         a->scale, a->out + first, scores, NULL, NULL);
         else
-            attend_group(a->q + first, a->group, a->dim, n, k, a->k_pos, v, a->v_pos, a->half, a->scale,
-                         a->parts + task * a->group * a->dim, scores, a->tops + task * a->group, a->totals + task * a->group);
+            attend_group(a->q + first, a->group, a->dim, n, k, a->k_pos, v, a->v_pos, a->kind, ks, a->ks_pos, vs, a->vs_pos,
+                         a->scale, a->parts + task * a->group * a->dim, scores, a->tops + task * a->group,
+                         a->totals + task * a->group);
     }
     free(scores);
 }
@@ -202,12 +218,15 @@ static void merge_chunks(struct attention *a, int64_t pairs) {
     }
 }
 
-/* Returns 0, or -1 if the scratch could not be allocated. Strides are in elements; half_kv: keys and values are fp16. */
+/* Returns 0, or -1 if the scratch could not be allocated. Strides are in elements; kind: keys and values are fp32 (0),
+ * fp16 (1) or int8 codes (2) with scales ks, vs [B, T, Hkv] (given by their strides; NULL otherwise). */
 int sb_attend(const float *q, int64_t batch, int64_t heads, int64_t kv_heads, int64_t dim, int64_t keys,
               const void *k, int64_t k_batch, int64_t k_pos, int64_t k_head,
-              const void *v, int64_t v_batch, int64_t v_pos, int64_t v_head, int half_kv, float scale, float *out, int threads) {
+              const void *v, int64_t v_batch, int64_t v_pos, int64_t v_head, int kind,
+              const float *ks, int64_t ks_batch, int64_t ks_pos, int64_t ks_head,
+              const float *vs, int64_t vs_batch, int64_t vs_pos, int64_t vs_head, float scale, float *out, int threads) {
     int64_t pairs = batch * kv_heads, chunks = keys >= CHUNKED_MIN_KEYS ? KEY_CHUNKS : 1, group = heads / kv_heads;
-    struct attention a = {q, k, v, half_kv, heads, kv_heads, group, dim, keys, k_batch, k_pos, k_head, v_batch, v_pos, v_head, chunks,
+    struct attention a = {q, k, v, kind, ks, vs, ks_batch, ks_pos, ks_head, vs_batch, vs_pos, vs_head, heads, kv_heads, group, dim, keys, k_batch, k_pos, k_head, v_batch, v_pos, v_head, chunks,
                           scale, out, NULL, NULL, NULL, 0};
     if (chunks > 1) {
         a.parts = malloc(sizeof(float) * (size_t)(pairs * chunks * group * (dim + 2)));
