@@ -39,6 +39,18 @@ int sb_attention_supported(void) {
 /* how keys and values are stored */
 enum { KV_FP32 = 0, KV_FP16 = 1, KV_INT8 = 2 };
 
+/* Rows ahead of the one being read that are fetched into the cache (the rows of one head are short runs, which the
+ * hardware's prefetcher enters late). */
+#define PREFETCH_ROWS 16
+
+static inline int kv_width(int kind) { return kind == KV_FP32 ? 4 : kind == KV_FP16 ? 2 : 1; }
+
+/* ask for the cache lines of the row at element offset at (dim elements of width bytes) */
+static inline void prefetch_row(const void *base, int64_t at, int64_t dim, int width) {
+    const char *row = (const char *)base + at * width;
+    for (int64_t byte = 0; byte < dim * width; byte += 64) _mm_prefetch(row + byte, _MM_HINT_T0);
+}
+
 /* 16 (masked) elements of a key or value row from element offset at, as fp32 (int8: the codes, unscaled) */
 AVX512 static inline __m512 load_row(const void *base, int64_t at, __mmask16 m, int kind) {
     if (kind == KV_FP16) return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, (const uint16_t *)base + at));
@@ -90,6 +102,8 @@ AVX512 static void attend_group(const float *q, int64_t group, int64_t dim, int6
         int64_t ng = group - g0 < HEADS_AT_ONCE ? group - g0 : HEADS_AT_ONCE;
         int64_t t = 0;
         for (; t + KEYS_AT_ONCE <= keys; t += KEYS_AT_ONCE) {  /* scores of four keys at once, summed together */
+            for (int j = 0; j < KEYS_AT_ONCE; j++)
+                if (t + PREFETCH_ROWS + j < keys) prefetch_row(k, (t + PREFETCH_ROWS + j) * k_pos, dim, kv_width(kind));
             __m512 acc[HEADS_AT_ONCE][KEYS_AT_ONCE];
             for (int64_t g = 0; g < ng; g++)
                 for (int j = 0; j < KEYS_AT_ONCE; j++) acc[g][j] = _mm512_setzero_ps();
@@ -144,6 +158,7 @@ AVX512 static void attend_group(const float *q, int64_t group, int64_t dim, int6
             for (int64_t g = 0; g < ng; g++)
                 for (int64_t c = 0; c < nc; c++) acc[g][c] = _mm512_setzero_ps();
             for (int64_t t = 0; t < keys; t++) {
+                if (c0 == 0 && t + PREFETCH_ROWS < keys) prefetch_row(v, (t + PREFETCH_ROWS) * v_pos, dim, kv_width(kind));
                 for (int64_t c = 0; c < nc; c++) {
                     __m512 vc = load_row(v, t * v_pos + 16 * (c0 + c), chunk_mask(dim - 16 * (c0 + c)), kind);
                     for (int64_t g = 0; g < ng; g++) acc[g][c] = _mm512_fmadd_ps(_mm512_set1_ps(scores[g * keys + t]), vc, acc[g][c]);
@@ -183,7 +198,7 @@ static void attend_tasks(void *context, int64_t begin, int64_t end) {
         int64_t pair = task / a->chunks, chunk = task % a->chunks;
         int64_t b = pair / a->kv_heads, h = pair % a->kv_heads, first = (b * a->heads + h * a->group) * a->dim;
         int64_t k0 = a->keys * chunk / a->chunks, n = a->keys * (chunk + 1) / a->chunks - k0;
-        size_t width = a->kind == KV_FP32 ? 4 : a->kind == KV_FP16 ? 2 : 1;
+        size_t width = (size_t)kv_width(a->kind);
         const char *k = (const char *)a->k + width * (size_t)(b * a->k_batch + h * a->k_head + k0 * a->k_pos);
         const char *v = (const char *)a->v + width * (size_t)(b * a->v_batch + h * a->v_head + k0 * a->v_pos);
         const float *ks = a->ks ? a->ks + b * a->ks_batch + h * a->ks_head + k0 * a->ks_pos : NULL;
