@@ -63,13 +63,18 @@ def test_decode_rows_take_the_kernel_and_equal_the_int_mm_product(rows, activati
     assert_close(got, simulated, 1e-6, "kernel against the simulation")
 
 
-def test_counts_beyond_127_fall_back_to_the_two_plane_product():
+def test_counts_beyond_127_add_their_excess_to_the_kernels_product():
+    """Counts past ±127 (a massive-activation channel): the kernel's product of the clipped counts plus the excess
+    columns in fp32 equals the two-plane ``torch._int_mm`` product bit for bit, and the fp64 simulation."""
     layer = _layer(300, 40, 0, seed=4)
     x = torch.randn(1, 2, 300, generator=torch.Generator().manual_seed(2))
-    x[..., 3] = 2e3  # a massive-activation channel: its count passes ±127
+    x[..., 3] = 2e3  # its count passes ±127
+    x[0, 1, 7] = -900.0  # and one more channel, in one row only
     got, int_mm, _ = _calls(lambda: layer(SpikingInput(x, 3.0)))
-    expected, _, _ = _by_int_mm(lambda: layer(SpikingInput(x, 3.0)))
-    assert int_mm == 1 and torch.equal(got, expected)
+    expected, int_mm_off, _ = _by_int_mm(lambda: layer(SpikingInput(x, 3.0)))
+    assert (int_mm, int_mm_off) == (0, 1) and torch.equal(got, expected)
+    simulated = torch.nn.functional.linear(spike_quantize(x, 3.0).double(), layer.dequantized_weight().double(), layer.bias.double())
+    assert_close(got, simulated, 1e-6, "kernel plus excess against the simulation")
 
 
 def test_grouped_weights_more_rows_and_gradients_keep_the_int_mm_product():

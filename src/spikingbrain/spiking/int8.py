@@ -329,32 +329,35 @@ class ProductGroup:
         return self._columns_of(member, pending[1])
 
     def vnni_output(self, member: "Int8Linear", flat: torch.Tensor, source: torch.Tensor,
-                    threshold_of: Callable[..., torch.Tensor], *args) -> torch.Tensor | None:
+                    threshold_of: Callable[..., torch.Tensor], *args) -> torch.Tensor:
         """``member``'s product of decode rows ``flat`` (``source`` reshaped) by the VNNI kernel, which the first member
-        to ask computes for every member in one call (the per-call cost dominates these rows); None if a code was clipped
-        to ±127 (the caller takes the two-plane product). The same input tensor, unchanged, is the same call."""
+        to ask computes for every member in one call (the per-call cost dominates these rows). The same input tensor,
+        unchanged, is the same call."""
         if len(self.members) == 1:  # nothing to share
-            y, clipped = self._vnni_product(flat, threshold_of, args)
-            return None if clipped else y
+            return self._vnni_product(flat, threshold_of, args)
         key = _input_key(source, threshold_of, args)
         pending = self._vnni_pending
         if pending is None or pending[0]() is not source or pending[1] != key or member not in pending[3]:
-            y, clipped = self._vnni_product(flat, threshold_of, args)
-            pending = self._vnni_pending = weakref.ref(source), key, None if clipped else y, set(self.members)
+            pending = self._vnni_pending = weakref.ref(source), key, self._vnni_product(flat, threshold_of, args), set(self.members)
         pending[3].discard(member)
         if not pending[3]:
             self._vnni_pending = None
-        return None if pending[2] is None else self._columns_of(member, pending[2])
+        return self._columns_of(member, pending[2])
 
     def _columns_of(self, member: "Int8Linear", product: torch.Tensor) -> torch.Tensor:
         """``member``'s columns of the members' product side by side (a view)."""
         start, width = self._columns[member]
         return product.narrow(1, start, width)
 
-    def _vnni_product(self, flat: torch.Tensor, threshold_of: Callable[..., torch.Tensor], args: tuple) -> tuple[torch.Tensor, int]:
-        """Every member's product of ``flat`` side by side, and how many codes were clipped."""
+    def _vnni_product(self, flat: torch.Tensor, threshold_of: Callable[..., torch.Tensor], args: tuple) -> torch.Tensor:
+        """Every member's product of ``flat`` side by side: the kernel's product of the counts clipped to ±127, plus, where
+        counts pass ±127 (massive-activation channels), what the clipping left out, in fp32 as the two-plane product adds it."""
         scales = None if threshold_of is per_token_int8_scale else threshold_of(flat, *args).reshape(-1).contiguous()
-        return vnni_checked_rows_product(flat.contiguous(), scales, self._vnni_weight())  # scales None: found in the kernel
+        y, clipped = vnni_checked_rows_product(flat.contiguous(), scales, self._vnni_weight())  # scales None: found in the kernel
+        if clipped:
+            counts = _count(flat, threshold_of, *args)
+            y.addmm_(counts.excess.to(y.dtype), self._outlier_weight(counts.columns, y.dtype).t())
+        return y
 
     def _vnni_weight(self) -> VnniInt8Weight:
         """The members' codes, scales and biases side by side as one VNNI weight, rebuilt when a buffer changes."""
@@ -479,12 +482,10 @@ class Int8Linear(nn.Module):
 
     def _integer_forward(self, x: torch.Tensor, threshold_of: Callable[..., torch.Tensor], *args) -> torch.Tensor:
         """``x``'s product through integer counts ``round_half_up(x / t)``, ``t = threshold_of(rows, *args)`` ``[M, 1]``:
-        decode rows by the VNNI kernel where it runs and no count passes ±127, otherwise ``torch._int_mm``."""
+        decode rows by the VNNI kernel where it runs, otherwise ``torch._int_mm``."""
         flat = x.reshape(-1, self.in_features)
         if self._vnni_rows(flat):
-            y = self.product_group.vnni_output(self, flat, x, threshold_of, *args)
-            if y is not None:
-                return y.view(*x.shape[:-1], self.out_features)
+            return self.product_group.vnni_output(self, flat, x, threshold_of, *args).view(*x.shape[:-1], self.out_features)
         y = self.product_group.output(self, _counts_of(x, threshold_of, *args))
         return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
 
