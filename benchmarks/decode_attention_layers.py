@@ -22,11 +22,7 @@ def rings(storage, layers: int, keys: int, generator) -> list[tuple]:
     """``layers`` (keys, values) pairs of ``[1, keys, 3, 64]`` head-major rows in ``storage`` (a dtype or ``"int8"``)."""
     def one():
         rows = torch.randn(1, 3, keys, 64, generator=generator).transpose(1, 2)
-        if storage != "int8":
-            return rows.to(storage)
-        stored = Int8Rows(torch.empty(1, 3, keys, 64, dtype=torch.int8).transpose(1, 2), torch.empty(1, 3, keys).transpose(1, 2))
-        stored[:] = rows
-        return stored
+        return Int8Rows.quantized(rows) if storage == "int8" else rows.to(storage)
 
     return [(one(), one()) for _ in range(layers)]
 

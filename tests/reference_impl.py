@@ -215,6 +215,12 @@ def int8_reference(x):
     return torch.clamp(torch.round(x.double() / scale), -127, 127) * scale
 
 
+def int8_rows_rounded(x):
+    """Each row (last dimension) rounded to int8 codes of scale max|row| / 127, in fp32 as a cache stores it, as floats."""
+    scale = x.abs().amax(-1, keepdim=True) / 127
+    return torch.round(x / scale) * scale
+
+
 _SPIKED = ("q_proj", "k_proj", "v_proj", "o_proj", "gk_proj.0", "gate_proj", "up_proj", "down_proj")
 
 

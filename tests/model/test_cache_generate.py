@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from reference_impl import assert_close, greedy_reference, reference_logits, spec_for
+from reference_impl import assert_close, greedy_reference, int8_rows_rounded, reference_logits, spec_for
 
 TOL = 5e-5
 MIXED = ["gla", "swa", "full", "gla"]
@@ -330,10 +330,7 @@ def test_max_sequence_length_is_enforced(tiny_model):
 
 def rounded_once(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``x`` as a step buffer of ``dtype`` stores it: fp16, or int8 codes of scale max|row| / 127 per position and head."""
-    if dtype == torch.float16:
-        return x.half().float()
-    scale = x.abs().amax(-1, keepdim=True) / 127
-    return torch.round(x / scale) * scale
+    return x.half().float() if dtype == torch.float16 else int8_rows_rounded(x)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.int8])

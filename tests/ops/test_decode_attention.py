@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from reference_impl import assert_close, attention_reference
+from reference_impl import assert_close, attention_reference, int8_rows_rounded
 from spikingbrain.ops import attention
 from spikingbrain.ops.attention import causal_attention, decode_attention_available
 
@@ -100,12 +100,6 @@ def test_fp16_keys_and_values_are_widened_exactly(monkeypatch, B, H, Hkv, D, Tk)
     assert len(calls) == 1
 
 
-def hand_quantized(x: torch.Tensor) -> torch.Tensor:
-    """Each row (last dimension) rounded to int8 codes of scale max|row| / 127, as floats."""
-    scale = x.abs().amax(-1, keepdim=True) / 127
-    return torch.round(x / scale) * scale
-
-
 @pytest.mark.parametrize("Tk", [5, 2049])
 def test_int8_rows_are_attended_with_their_scales(monkeypatch, Tk):
     """Keys and values as int8 codes with a scale per position and head (``Int8Rows``, head-major like a window cache's
@@ -117,13 +111,9 @@ def test_int8_rows_are_attended_with_their_scales(monkeypatch, Tk):
     B, H, Hkv, D = 2, 9, 3, 64
     q = torch.randn(B, 1, H, D, generator=gen)
     floats = [torch.randn(B, Tk, Hkv, D, generator=gen) * torch.rand(B, Tk, Hkv, 1, generator=gen) * 4 for _ in range(2)]
-    rows = []
-    for x in floats:
-        stored = Int8Rows(torch.empty(B, Hkv, Tk, D, dtype=torch.int8).transpose(1, 2), torch.empty(B, Hkv, Tk).transpose(1, 2))
-        stored[:] = x
-        rows.append(stored)
-    k, v = rows
-    rounded = [hand_quantized(x) for x in floats]
+    k, v = (Int8Rows.quantized(x) for x in floats)
+    assert k.codes.transpose(1, 2).is_contiguous()  # head-major, as a window cache's ring
+    rounded = [int8_rows_rounded(x) for x in floats]
     assert torch.allclose(k.to(torch.float32), rounded[0], rtol=1e-6, atol=1e-6)
     calls = _calls(monkeypatch)
     assert_close(causal_attention(q, k, v), attention_reference(q, *rounded), TOL, "int8 kernel")

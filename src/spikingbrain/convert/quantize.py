@@ -19,7 +19,7 @@ import torch
 
 from ..eval.perplexity import perplexity, text_token_ids
 from ..model.checkpoint import copy_tokenizer_files, written_folder
-from ..model.config import WINDOW_KV_DTYPES
+from ..model.config import checked_window_kv_dtype
 from ..spiking.apply import spikify
 from ..spiking.int8 import quantize_model_int8
 
@@ -100,7 +100,7 @@ def quantize_to_folder(
 
     With ``eval_text`` the result has the perplexity before and after (first ``max_tokens`` tokens,
     windows of ``context``); it always has the file bytes against the fp32 tensor bytes.
-    ``window_kv_dtype`` (``"float16"``) is saved in the config: the folder's sliding-window layers keep
+    ``window_kv_dtype`` (``"float16"`` or ``"int8"``) is saved in the config: the folder's sliding-window layers keep
     the keys and values of decode steps in that dtype (see ``SpikingBrainConfig``).
     """
     from ..model.loading import load_model, load_tokenizer
@@ -120,9 +120,7 @@ def quantize_to_folder(
     print("quantizing" + (f" with {len(calibration)} calibration windows" if calibration else ""), file=sys.stderr)
     result.update(w8aspike(model, calibration, group_size, spiking_k, spike_query, int8_kv, int8_weights, activations, lm_head))
     if window_kv_dtype is not None:
-        if window_kv_dtype not in WINDOW_KV_DTYPES:
-            raise ValueError(f"window_kv_dtype={window_kv_dtype!r}; use one of {list(WINDOW_KV_DTYPES)}")
-        model.config.window_kv_dtype = result["window_kv_dtype"] = window_kv_dtype
+        model.config.window_kv_dtype = result["window_kv_dtype"] = checked_window_kv_dtype(window_kv_dtype)
     if eval_ids is not None:
         result["ppl_after"] = perplexity(model, eval_ids, context, progress=True)["ppl"]
         result["ppl_ratio"] = result["ppl_after"] / result["ppl_before"]

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache
 
-from ..ops.attention import Int8Rows
+from ..ops.attention import Int8Rows, head_major_empty
 
 __all__ = ["GLAState", "WindowKV", "FullKV", "ParallelState", "SpikingBrainCache", "RowCaches", "stack_states", "unstack_states"]
 
@@ -74,14 +74,6 @@ def unstack_states(stacked: GLAState, states: list[GLAState | None]) -> None:
 VIEW_MAX_NEW = 16
 #: Slots of the first step buffer of a window cache (it doubles as it fills, up to the whole window).
 MIN_STEP_SLOTS = 64
-
-
-def head_major_empty(like: torch.Tensor, positions: int, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """An uninitialised ``[B, positions, Hkv, D]`` buffer like ``like``, stored head-major (``[B, Hkv, positions, D]``
-    in memory), so that attention over it reads each head's keys contiguously (one decode query over 4k keys
-    through SDPA took a third of the time of the position-major layout); in ``dtype`` (None: ``like``'s)."""
-    batch, _, heads, dim = like.shape
-    return like.new_empty(batch, heads, positions, dim, dtype=dtype).transpose(1, 2)
 
 
 class WindowKV(_LayerCache):
@@ -224,11 +216,9 @@ class WindowKV(_LayerCache):
     def _step_buffer(self, like: torch.Tensor, positions: int):
         """An uninitialised head-major step buffer of ``positions`` rows like ``like``, in ``step_dtype`` (int8: codes
         with their scales, ``Int8Rows``)."""
-        if self.step_dtype != torch.int8:
-            return head_major_empty(like, positions, self.step_dtype)
-        batch, _, heads, _ = like.shape
-        scales = like.new_empty(batch, heads, positions, dtype=torch.float32).transpose(1, 2)
-        return Int8Rows(head_major_empty(like, positions, torch.int8), scales)
+        if self.step_dtype == torch.int8:
+            return Int8Rows.empty(like, positions)
+        return head_major_empty(like, positions, self.step_dtype)
 
     @property
     def length(self) -> int:

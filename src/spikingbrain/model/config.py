@@ -25,6 +25,13 @@ WINDOW_SEMANTICS = ("flash", "sdpa")
 WINDOW_KV_DTYPES = (None, "float16", "int8")
 
 
+def checked_window_kv_dtype(value: str | None) -> str | None:
+    """``value`` if it is one of ``WINDOW_KV_DTYPES``, else a ValueError naming it and the choices."""
+    if value not in WINDOW_KV_DTYPES:
+        raise ValueError(f"window_kv_dtype={value!r}; use one of {list(WINDOW_KV_DTYPES)} (None: the model's dtype)")
+    return value
+
+
 class SpikingBrainConfig(PretrainedConfig):
     """Shapes and per-layer mixers of a SpikingBrain model.
 
@@ -120,9 +127,7 @@ class SpikingBrainConfig(PretrainedConfig):
         self.sliding_window = sliding_window
         self.window_semantics = window_semantics
         self.keep_first_tokens = keep_first_tokens
-        if window_kv_dtype not in WINDOW_KV_DTYPES:
-            raise ValueError(f"window_kv_dtype={window_kv_dtype!r}; use one of {list(WINDOW_KV_DTYPES)} (None: the model's dtype)")
-        self.window_kv_dtype = window_kv_dtype
+        self.window_kv_dtype = checked_window_kv_dtype(window_kv_dtype)
         self.gla_feature_map = gla_feature_map
         self.gla_gate = gla_gate
         self.gla_gate_rank = gla_gate_rank

@@ -249,11 +249,10 @@ class _Counts(NamedTuple):
     excess: torch.Tensor | None  # [M, len(columns)]: threshold · (counts - low) on those columns
 
 
-def _count(flat: torch.Tensor, threshold_of: Callable[..., torch.Tensor], *args) -> _Counts:
-    """The counts of rows ``flat`` at the threshold ``threshold_of(flat, *args)``, with the excess of the columns beyond
-    ±127. The threshold stays eager: a compiled reduction sums in another order, and a threshold one ulp off moves
-    counts across rounding boundaries, away from the simulation's."""
-    threshold = threshold_of(flat, *args)
+def _count(flat: torch.Tensor, threshold: torch.Tensor) -> _Counts:
+    """The counts of rows ``flat`` at ``threshold`` ``[M, 1]``, with the excess of the columns beyond ±127. The threshold
+    is computed eager (``threshold_of(flat, *args)``): a compiled reduction sums in another order, and a threshold one ulp
+    off moves counts across rounding boundaries, away from the simulation's."""
     low, beyond = (_low_plane if flat.shape[0] <= DECODE_MAX_ROWS else _fused_low_plane)(flat, threshold)
     columns = beyond.nonzero().squeeze(1)
     excess = (round_half_up(flat[:, columns] / threshold) - low[:, columns].to(flat.dtype)) * threshold if columns.numel() else None
@@ -289,7 +288,8 @@ def _counts_of(x: torch.Tensor, threshold_of: Callable[..., torch.Tensor], *args
     if memo.source is not None and memo.source() is x and memo.key == key:
         return memo.counts
     memo.forget()
-    counts = _count(x.reshape(-1, x.shape[-1]), threshold_of, *args)
+    flat = x.reshape(-1, x.shape[-1])
+    counts = _count(flat, threshold_of(flat, *args))
     memo.source, memo.key, memo.counts = weakref.ref(x, memo.forget), key, counts
     return counts
 
@@ -352,10 +352,11 @@ class ProductGroup:
     def _vnni_product(self, flat: torch.Tensor, threshold_of: Callable[..., torch.Tensor], args: tuple) -> torch.Tensor:
         """Every member's product of ``flat`` side by side: the kernel's product of the counts clipped to ±127, plus, where
         counts pass ±127 (massive-activation channels), what the clipping left out, in fp32 as the two-plane product adds it."""
-        scales = None if threshold_of is per_token_int8_scale else threshold_of(flat, *args).reshape(-1).contiguous()
+        threshold = None if threshold_of is per_token_int8_scale else threshold_of(flat, *args)
+        scales = None if threshold is None else threshold.reshape(-1).contiguous()
         y, clipped = vnni_checked_rows_product(flat.contiguous(), scales, self._vnni_weight())  # scales None: found in the kernel
-        if clipped:
-            counts = _count(flat, threshold_of, *args)
+        if clipped:  # only spike counts clip (W8A8's per-token scale maps the largest input to 127)
+            counts = _count(flat, threshold)
             y.addmm_(counts.excess.to(y.dtype), self._outlier_weight(counts.columns, y.dtype).t())
         return y
 
