@@ -14,7 +14,7 @@ import argparse
 from pathlib import Path
 
 from spikingbrain.model.checkpoint import CheckpointError
-from spikingbrain.model.shipped import read_delta, write_delta
+from spikingbrain.model.shipped import read_delta_to_copy, write_delta
 
 
 def main() -> None:
@@ -33,10 +33,8 @@ def main() -> None:
         parser.error(f"--window {args.window}: give a window of at least 1 key")
     if args.keep_first_tokens is not None and args.keep_first_tokens < 0:
         parser.error(f"--keep-first-tokens {args.keep_first_tokens}: give 0 or more first tokens")
-    if out.exists():
-        parser.error(f"{out}: exists; give a new file name (the delta is never overwritten)")
     try:
-        config, teacher, tensors, extra = read_delta(delta)
+        config, teacher, tensors, extra = read_delta_to_copy(delta, out)
     except CheckpointError as err:
         raise SystemExit(str(err)) from None
     if "sliding_window" not in config:

@@ -26,7 +26,7 @@ from .hf_import import import_transformer
 from .names import SHIPPED_MODELS, SHORT_NAMES
 
 __all__ = ["resolve_folder", "shipped_delta_path", "shipped_conversion_of", "shipped_conversions_of", "shipped_model_folder",
-           "shipped_training_curve", "write_delta", "read_delta", "build_from_delta", "export_model"]
+           "shipped_training_curve", "write_delta", "read_delta", "read_delta_to_copy", "build_from_delta", "export_model"]
 _CONFIG_KEYS_NOT_OVERRIDDEN = ("architectures", "transformers_version", "model_type", "dtype", "torch_dtype", "_name_or_path")
 
 
@@ -115,6 +115,13 @@ def read_delta(path: str | Path) -> tuple[dict, str, dict[str, torch.Tensor], di
         raise CheckpointError(f"{path}: not a spikingbrain delta file (no 'config'/'teacher' metadata)")
     extra = {k: json.loads(v) for k, v in meta.items() if k not in ("config", "teacher")}
     return json.loads(meta["config"]), meta["teacher"], tensors, extra
+
+
+def read_delta_to_copy(delta: str | Path, out: str | Path) -> tuple[dict, str, dict[str, torch.Tensor], dict]:
+    """:func:`read_delta` of ``delta`` for writing an edited copy to ``out``, which must not exist (a delta is never overwritten)."""
+    if Path(out).exists():
+        raise CheckpointError(f"{out}: exists; give a new file name (the delta is never overwritten)")
+    return read_delta(delta)
 
 
 def build_from_delta(delta: Path, out: Path) -> None:
