@@ -29,19 +29,14 @@ NLL_DEPTHS = [0.1, 0.3, 0.5, 0.7]
 def key_nll(model, tokenizer, length: int, cases: list[tuple[float, str]]) -> float:
     """Mean NLL (nats per token) of each case's key tokens right after its pass-key prompt."""
     import torch
-    from torch.nn import functional as F
 
+    from spikingbrain.convert.selection import answer_nll
     from spikingbrain.eval.passkey import passkey_prompt
 
-    total, count = 0.0, 0
+    prompts = [(passkey_prompt(tokenizer, length, depth, key), tokenizer(" " + key, add_special_tokens=False)["input_ids"])
+               for depth, key in cases]
     with torch.inference_mode():
-        for depth, key in cases:
-            prompt = passkey_prompt(tokenizer, length, depth, key)
-            answer = tokenizer(" " + key, add_special_tokens=False)["input_ids"]
-            logits = model(torch.tensor([prompt + answer]), use_cache=False).logits[0, len(prompt) - 1 : -1].float()
-            total += F.cross_entropy(logits, torch.tensor(answer), reduction="sum").item()
-            count += len(answer)
-    return total / count
+        return answer_nll(model, prompts)
 
 
 def gate_half_lives(model) -> list[dict]:

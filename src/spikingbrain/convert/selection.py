@@ -22,7 +22,7 @@ from torch.nn import functional as F
 from ..model.mixers import GatedLinearAttention
 from .calibrate import calibrate_gla
 
-__all__ = ["RetrievalPrompt", "layer_costs", "rank_layers", "plan_from_ranking", "measure_ranking", "probe_inputs", "read_ranking"]
+__all__ = ["RetrievalPrompt", "answer_nll", "layer_costs", "rank_layers", "plan_from_ranking", "measure_ranking", "probe_inputs", "read_ranking"]
 
 RetrievalPrompt = tuple[list[int], list[int]]  # (prompt ids, answer ids)
 
@@ -36,7 +36,7 @@ def _mean_kl(logits: torch.Tensor, target_logits: torch.Tensor) -> float:
     ).item()
 
 
-def _answer_nll(model, prompts: list[RetrievalPrompt]) -> float:
+def answer_nll(model, prompts: list[RetrievalPrompt]) -> float:
     """Mean negative log-likelihood of the answer tokens that follow each prompt (teacher forcing)."""
     total, count = 0.0, 0
     for prompt, answer in prompts:
@@ -67,7 +67,7 @@ def layer_costs(
         raise ValueError(f"the linear student has {len(linear_student.model.layers)} layers, the teacher {len(layers)}")
     calibrate_gla(linear_student, teacher, calibration_ids)
     reference_logits = teacher(text_ids, use_cache=False).logits
-    reference_nll = _answer_nll(teacher, prompts)
+    reference_nll = answer_nll(teacher, prompts)
     costs = []
     for i, block in enumerate(layers):
         linear = linear_student.model.layers[i].attn
@@ -76,7 +76,7 @@ def layer_costs(
         softmax, block.attn = block.attn, linear
         try:
             kl = _mean_kl(teacher(text_ids, use_cache=False).logits, reference_logits)
-            retrieval = _answer_nll(teacher, prompts) - reference_nll
+            retrieval = answer_nll(teacher, prompts) - reference_nll
         finally:
             block.attn = softmax
         costs.append({"layer": i, "kl": kl, "retrieval": retrieval})
