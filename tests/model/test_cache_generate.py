@@ -386,3 +386,24 @@ def test_window_kv_dtype_decodes_like_fp32(tiny_model, name, dtype, tolerance):
         assert torch.equal(low_logits.argmax(-1), fp32_logits.argmax(-1))
     with pytest.raises(ValueError, match="window_kv_dtype='int4'"):
         SpikingBrainConfig.derived_from(model.config, window_kv_dtype="int4")
+
+
+def test_int8_window_caches_hold_what_int8_kv_attends(tiny_model):
+    """W8ASpike's INT8 keys and values (``int8_kv``) with an int8 window ring (``window_kv_dtype: int8``): the ring holds
+    the rows as ``int8_kv`` rounds them (the same codes and scales, once), so decoding gives the logits of ``int8_kv``
+    over the fp32 ring, up to fp32 rounding, and the same greedy tokens."""
+    from spikingbrain import SpikingBrainConfig, SpikingBrainForCausalLM
+
+    model = tiny_model(["swa", "gla", "swa", "gla"], sliding_window=8)
+    low = SpikingBrainForCausalLM(SpikingBrainConfig.derived_from(model.config, window_kv_dtype="int8")).eval()
+    low.load_state_dict(model.state_dict())
+    for m in (model, low):
+        for module in m.modules():
+            if hasattr(module, "int8_kv"):
+                module.int8_kv = True
+    ids = random_ids(1, 30, seed=4)
+    fp32_logits, _ = run_in_pieces(model, ids, [12] + [1] * 18)
+    low_logits, cache = run_in_pieces(low, ids, [12] + [1] * 18)
+    assert cache.layers[0]._ring[0].dtype == torch.int8
+    assert_close(low_logits, fp32_logits, 1e-5, "int8 ring against int8_kv over the fp32 ring")
+    assert torch.equal(low_logits.argmax(-1), fp32_logits.argmax(-1))

@@ -128,3 +128,32 @@ def test_per_token_scales_found_in_the_kernel_equal_w8a8s(rows):
     given, _ = vnni_int8_rows_product(x, per_token_int8_scale(x), weight)
     assert clipped == 0 and torch.equal(found, given)
     assert torch.equal(found[-1], weight.bias)
+
+
+@needs_vnni
+@pytest.mark.parametrize("rows", [1, 3])
+def test_spike_thresholds_and_clipped_columns_found_in_the_kernel(rows):
+    """Given mean|x| and ``k``, the kernel's thresholds are ``adaptive_threshold``'s (clamped rows too): the product
+    equals the one with torch's thresholds given, bit for bit. The clipped columns and their excess are what the
+    counts beyond ±127 leave out: computed here from ``round_half_up`` in torch."""
+    from spikingbrain.ops.int8 import vnni_checked_rows_product
+    from spikingbrain.spiking.neuron import THRESHOLD_RANGE, adaptive_threshold, round_half_up
+
+    gen = torch.Generator().manual_seed(rows)
+    codes = torch.randint(-127, 128, (40, 64), dtype=torch.int8, generator=gen)
+    weight = vnni_pack_int8_weight(codes, torch.rand(40, generator=gen), torch.randn(40, generator=gen))
+    x = torch.randn(rows, 64, generator=gen) * torch.logspace(-2, 2, rows)[:, None]
+    x[:, 5] = 3e3  # counts in the thousands: clipped in every row
+    x[-1, 9] = -700.0  # and a second column in one row
+    if rows > 1:
+        x[0] = 1e-8  # a threshold clamped at its lower end
+        x[1, :] = 5e6  # and at its upper end
+    threshold = adaptive_threshold(x, 3.0)
+    assert rows == 1 or (threshold[0] == THRESHOLD_RANGE[0] and threshold[1] == THRESHOLD_RANGE[1])
+    found = vnni_checked_rows_product(x, x.abs().mean(-1), weight, (3.0, *THRESHOLD_RANGE))
+    given = vnni_checked_rows_product(x, threshold.reshape(-1).contiguous(), weight)
+    assert torch.equal(found[0], given[0]) and found[1] == given[1] > 0
+    q = round_half_up(x / threshold)
+    columns = (q.abs() > 127).any(0).nonzero().squeeze(1)
+    assert torch.equal(found[2].columns, columns)
+    assert torch.equal(found[2].excess, (q[:, columns] - q[:, columns].clamp(-127, 127)) * threshold)

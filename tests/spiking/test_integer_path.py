@@ -270,6 +270,47 @@ def test_a_saved_spiking_int8_model_uses_the_integer_path_and_equals_the_simulat
     assert _int_mm_calls(grouped, ids)[1] == 17
 
 
+def test_int8_layers_hold_their_neuron_instead_of_a_module_hook():
+    """``spikify`` gives each INT8 layer its neuron as ``spike_input`` (no forward pre-hook: a decode step calls ~220
+    of them); the layer then computes what the hook computed (the simulation, outside the integer path), observers
+    see its counts, and ``unspikify`` leaves the plain INT8 layer."""
+    from spikingbrain.spiking.apply import observe_spikes, unspikify
+
+    config = SpikingBrainConfig(
+        vocab_size=64, hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2,
+        num_hidden_layers=2, layer_mixers=["gla", "swa"], sliding_window=5, max_position_embeddings=256,
+    )
+    torch.manual_seed(0)
+    model = SpikingBrainForCausalLM(config).eval()
+    quantize_model_int8(model, group_size=0)
+    ids = torch.randint(0, 64, (1, 12), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        dense = model(ids).logits
+    spikify(model, k=3)
+    layers = [m for m in model.modules() if isinstance(m, Int8Linear)]
+    assert layers and all(m.spike_input is not None and not m._forward_pre_hooks for m in layers)
+    set_integer_matmul(model, False)
+    with torch.inference_mode():
+        got = model(ids).logits
+    # the reference: the same INT8 layers with each input spiked by a plain pre-hook
+    unspikify(model)
+    handles = [m.register_forward_pre_hook(lambda module, args: (spike_quantize(args[0], 3.0),)) for m in layers]
+    with torch.inference_mode():
+        hooked = model(ids).logits
+    for handle in handles:
+        handle.remove()
+    assert torch.equal(got, hooked) and not torch.equal(got, dense)
+    spikify(model, k=3)
+    seen = []
+    with observe_spikes(model, lambda name, counts, threshold: seen.append(name)), torch.inference_mode():
+        model(ids)
+    assert len(seen) == len(layers)
+    unspikify(model)
+    assert all(m.spike_input is None for m in layers)
+    with torch.inference_mode():
+        assert torch.equal(model(ids).logits, dense)
+
+
 def test_w8a8_by_hand():
     layer = Int8Linear(3, 2, bias=False, group_size=0, activations="int8")
     with torch.no_grad():

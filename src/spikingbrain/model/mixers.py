@@ -10,6 +10,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..ops import apply_rotary, causal_attention, chunk_delta_rule, chunk_gla, recurrent_delta_rule, recurrent_gla, sliding_window_attention
+from ..ops.attention import Int8Rows
 from ..spiking.int8 import fake_quantize_int8
 from ..spiking.neuron import spike_quantize
 from .cache import FullKV, GLAState, ParallelState, RowCaches, WindowKV, stack_states, unstack_states
@@ -224,8 +225,8 @@ class SoftmaxAttention(_Mixer):
             # a window cache may answer a one-token step with its ring buffer: keys out of order, all of them
             # attended, which is only right without a padding mask
             k, v = cache.extend(k, v) if self.window is None else cache.extend(k, v, ring=inputs.key_mask is None)
-        if self.int8_kv:  # at use time, per token and head; the cache keeps the unquantized values
-            k, v = fake_quantize_int8(k), fake_quantize_int8(v)
+        if self.int8_kv and not isinstance(k, Int8Rows):  # at use time, per token and head; the cache keeps the unquantized
+            k, v = fake_quantize_int8(k), fake_quantize_int8(v)  # values (an int8 ring holds these very codes and scales)
         mask = inputs.mask_of_keys(k.shape[1] - n, self.keep_first)
         if self.window is None:
             o = causal_attention(q, k, v, key_padding_mask=mask, num_sinks=n)

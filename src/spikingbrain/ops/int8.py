@@ -16,7 +16,7 @@ from .threads import kernel_threads
 __all__ = [
     "int8_matmul_available", "OneDnnInt8Weight", "onednn_int8_linear_available", "onednn_pack_int8_weight", "onednn_int8_row_product",
     "VNNI_MAX_ROWS", "VnniInt8Weight", "vnni_rows_available", "vnni_pack_int8_weight", "vnni_int8_rows_product",
-    "vnni_checked_rows_product",
+    "vnni_checked_rows_product", "ClippedColumns",
 ]
 
 
@@ -101,7 +101,7 @@ def _vnni_library() -> ctypes.CDLL | None:
         return None
     lib.sb_pack.argtypes = [_P, _I, _I, _P, _P]
     lib.sb_pack.restype = None
-    lib.sb_rows.argtypes = [_P, _I, _I, _P, _P, _P, _P, _P, _P, _I, ctypes.c_int]
+    lib.sb_rows.argtypes = [_P, _I, _I, _P, _P, _P, _P, _P, _P, _I, ctypes.c_int, _P, _P, _P, ctypes.c_float, ctypes.c_float, ctypes.c_float]
     lib.sb_rows.restype = _I
     return lib
 
@@ -138,20 +138,43 @@ def vnni_int8_rows_product(rows: torch.Tensor, row_scales: torch.Tensor | None, 
         raise ValueError(f"the VNNI int8 kernel takes 1-{VNNI_MAX_ROWS} fp32 CPU rows of {weight.in_features} features and one "
                          f"scale per row or none; got {tuple(rows.shape)} {rows.dtype} on {rows.device}, "
                          f"{None if scales is None else scales.numel()} scales")
-    return vnni_checked_rows_product(rows, scales, weight)
+    y, clipped, _ = vnni_checked_rows_product(rows, scales, weight)
+    return y, clipped
 
 
-def vnni_checked_rows_product(rows: torch.Tensor, row_scales: torch.Tensor | None, weight: VnniInt8Weight) -> tuple[torch.Tensor, int]:
+class ClippedColumns(NamedTuple):
+    """What clipping codes to ±127 left out of a kernel product: the input ``columns`` ``[C]`` with a code beyond ±127
+    in some row, and ``excess`` ``[M, C]``, ``(q - clamp(q, ±127)) · s_m`` with ``q = round_half_up(x / s_m)``, so
+    that ``product + excess @ W[:, columns]ᵀ`` is the unclipped product."""
+
+    columns: torch.Tensor
+    excess: torch.Tensor
+
+
+def vnni_checked_rows_product(rows: torch.Tensor, row_scales: torch.Tensor | None, weight: VnniInt8Weight,
+                              spike_threshold: tuple[float, float, float] | None = None) -> tuple[torch.Tensor, int, ClippedColumns | None]:
     """:func:`vnni_int8_rows_product` for arguments its caller has checked: contiguous fp32 CPU ``rows`` ``[M, K]``
     (``M <= VNNI_MAX_ROWS``, ``K`` the weight's), ``row_scales`` None or ``M`` contiguous fp32 values (a decode step's
-    hot path: no checks here)."""
-    m = rows.shape[0]
+    hot path: no checks here). With ``spike_threshold = (k, lo, hi)`` the ``row_scales`` are ``mean|rows_m|`` and
+    each row's scale is the spiking threshold ``clamp(mean / k, lo, hi)``, computed in the kernel as PyTorch computes
+    it in fp32. Also returns, with given ``row_scales`` and clipped codes, the clipped columns and their excess as
+    the kernel found them (None otherwise: W8A8's own scales never clip)."""
+    m, k = rows.shape
     y = torch.empty(m, weight.out_features)
-    clipped = _vnni_library().sb_rows(rows.data_ptr(), m, weight.in_features, None if row_scales is None else row_scales.data_ptr(),
-                                      *weight.addresses, y.data_ptr(), weight.out_features, kernel_threads())
+    columns = excess = found = None
+    addresses = (None, None, None)
+    if row_scales is not None:
+        columns, excess, found = torch.empty(k, dtype=torch.int64), torch.empty(k * m), torch.zeros(1, dtype=torch.int64)
+        addresses = (columns.data_ptr(), excess.data_ptr(), found.data_ptr())
+    clipped = _vnni_library().sb_rows(rows.data_ptr(), m, k, None if row_scales is None else row_scales.data_ptr(),
+                                      *weight.addresses, y.data_ptr(), weight.out_features, kernel_threads(), *addresses,
+                                      *(spike_threshold or (0.0, 0.0, 0.0)))
     if clipped < 0:
-        raise MemoryError(f"the VNNI int8 kernel could not allocate {m * weight.in_features} bytes")
-    return y, clipped
+        raise MemoryError(f"the VNNI int8 kernel could not allocate {m * k} bytes")
+    if not clipped or found is None:
+        return y, clipped, None
+    count = int(found)
+    return y, clipped, ClippedColumns(columns[:count], excess[: count * m].view(count, m).t())
 
 
 @functools.cache

@@ -10,7 +10,7 @@ inputs on calibration text (the inputs as the layer sees them: spiked when spiki
 The settings live in ``config.weight_quantization`` so a saved INT8 model reloads as INT8.
 ``group_size`` 0 means one scale per output channel (the whole row is one group).
 
-The integer path: when a spiking hook hands an ``Int8Linear`` its raw input (``SpikingInput``)
+The integer path: when its spiking neuron hands an ``Int8Linear`` its raw input (``SpikingInput``)
 on a device with int8 matmuls (``ops.int8``; CPU) and no gradient is wanted, the layer computes
 ``y = V_th · Σ_g s_g (counts_g @ codes_gᵀ) + b`` with int8 counts, int8 codes and int32
 accumulation (``torch._int_mm``, one product per group). Counts are clipped to ±127 in that
@@ -67,7 +67,7 @@ from ..ops.int8 import (
     vnni_checked_rows_product, vnni_pack_int8_weight, vnni_rows_available,
 )
 from .apply import DEFAULT_TARGETS, current_spiking, spikify, spiking_linears
-from .neuron import SpikingInput, adaptive_threshold, round_half_up, spike_quantize
+from .neuron import THRESHOLD_RANGE, SpikingInput, adaptive_threshold, check_firing_k, round_half_up, spike_quantize
 
 __all__ = [
     "CLIP_GRID",
@@ -352,12 +352,16 @@ class ProductGroup:
     def _vnni_product(self, flat: torch.Tensor, threshold_of: Callable[..., torch.Tensor], args: tuple) -> torch.Tensor:
         """Every member's product of ``flat`` side by side: the kernel's product of the counts clipped to ±127, plus, where
         counts pass ±127 (massive-activation channels), what the clipping left out, in fp32 as the two-plane product adds it."""
-        threshold = None if threshold_of is per_token_int8_scale else threshold_of(flat, *args)
-        scales = None if threshold is None else threshold.reshape(-1).contiguous()
-        y, clipped = vnni_checked_rows_product(flat.contiguous(), scales, self._vnni_weight())  # scales None: found in the kernel
-        if clipped:  # only spike counts clip (W8A8's per-token scale maps the largest input to 127)
-            counts = _count(flat, threshold)
-            y.addmm_(counts.excess.to(y.dtype), self._outlier_weight(counts.columns, y.dtype).t())
+        flat, spike_threshold = flat.contiguous(), None
+        if threshold_of is per_token_int8_scale:
+            scales = None  # found in the kernel
+        elif threshold_of is adaptive_threshold:  # the kernel divides mean|x| by k and clamps, as adaptive_threshold does
+            scales, spike_threshold = flat.abs().mean(-1), (check_firing_k(*args), *THRESHOLD_RANGE)
+        else:
+            scales = threshold_of(flat, *args).reshape(-1).contiguous()
+        y, _, beyond = vnni_checked_rows_product(flat, scales, self._vnni_weight(), spike_threshold)
+        if beyond is not None:  # only spike counts clip (W8A8's per-token scale maps the largest input to 127)
+            y.addmm_(beyond.excess, self._outlier_weight(beyond.columns, y.dtype).t())
         return y
 
     def _vnni_weight(self) -> VnniInt8Weight:
@@ -417,7 +421,7 @@ class Int8Linear(nn.Module):
     """A linear layer whose weight is stored as INT8 codes with one fp32 scale per group of input channels
     (``group_size`` 0: per output channel); with spiking input it multiplies in integers (module docstring)."""
 
-    #: a spiking hook hands this layer its raw input (``SpikingInput``) instead of the spiked one
+    #: a spiking neuron hands this layer its raw input (``SpikingInput``) instead of the spiked one
     takes_spiking_input = True
 
     def __init__(self, in_features: int, out_features: int, bias: bool, group_size: int = 128, activations: str | None = None):
@@ -437,6 +441,8 @@ class Int8Linear(nn.Module):
         #: decode rows; alone by default
         self.product_alone = self.product_group = ProductGroup([self])
         self._packed_weights: dict[str, tuple] = {}  # kernel name -> (buffer versions, the weight in its layout)
+        #: the neuron ``spiking.spikify`` gives this layer's input (it calls it here, not as a module hook), or None
+        self.spike_input = None
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, group_size: int = 128, clip: torch.Tensor | None = None,
@@ -460,6 +466,8 @@ class Int8Linear(nn.Module):
         return wanted and not torch.is_grad_enabled() and int8_matmul_available(x.device)
 
     def forward(self, x: torch.Tensor | SpikingInput) -> torch.Tensor:
+        if self.spike_input is not None and not isinstance(x, SpikingInput):
+            x = self.spike_input.apply(self, x)
         if isinstance(x, SpikingInput):
             if self._integer(x.x):
                 return self._integer_forward(x.x, adaptive_threshold, x.k)

@@ -19,6 +19,7 @@ import torch
 
 __all__ = [
     "adaptive_threshold",
+    "check_firing_k",
     "round_half_up",
     "spike_counts",
     "spike_quantize",
@@ -33,9 +34,14 @@ THRESHOLD_RANGE = (1e-5, 1e4)
 
 def adaptive_threshold(x: torch.Tensor, k: float = 3.0) -> torch.Tensor:
     """``mean(|x|) / k`` over the last (channel) dimension, clamped, with that dimension kept."""
+    return (x.abs().mean(-1, keepdim=True) / check_firing_k(k)).clamp(*THRESHOLD_RANGE)
+
+
+def check_firing_k(k: float) -> float:
+    """``k``, or a ValueError naming it where it is not positive."""
     if k <= 0:
         raise ValueError(f"firing-rate parameter k must be > 0, got {k}")
-    return (x.abs().mean(-1, keepdim=True) / k).clamp(*THRESHOLD_RANGE)
+    return k
 
 
 def round_half_up(q: torch.Tensor) -> torch.Tensor:

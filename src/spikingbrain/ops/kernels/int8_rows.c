@@ -124,13 +124,42 @@ VNNI static void rows_blocks(void *context, int64_t begin, int64_t end) {
     }
 }
 
+/* What the clipping left out, for the caller to add: the input columns with a code beyond +-127 in some row
+ * (ascending) into columns[0 .. *n_columns), and per such column c and row m the excess (q - clipped q) * s_m, with
+ * q = round_half_up(x / s_m), into excess[c * rows + m] (0 where that row's code was not clipped). */
+static void clipped_columns(const float *x, int64_t rows, int64_t n_in, const float *s, int64_t *columns, float *excess,
+                            int64_t *n_columns) {
+    int64_t c = 0;
+    for (int64_t k = 0; k < n_in; k++) {
+        int beyond = 0;
+        for (int64_t m = 0; m < rows; m++) {
+            float q = round_half_up(x[m * n_in + k] / s[m]);
+            beyond |= q > 127.0f || q < -127.0f;
+        }
+        if (!beyond) continue;
+        for (int64_t m = 0; m < rows; m++) {
+            float q = round_half_up(x[m * n_in + k] / s[m]);
+            float kept = q > 127.0f ? 127.0f : q < -127.0f ? -127.0f : q;
+            excess[c * rows + m] = (q - kept) * s[m];
+        }
+        columns[c++] = k;
+    }
+    *n_columns = c;
+}
+
 /* x [rows, n_in] fp32, row_scales [rows], y [rows, n_out]; rows <= 8. Without row_scales (NULL) each row's scale is
- * found here: max|x_m| / 127 (1 for a row of zeros), the per-token scale of W8A8.
- * Returns how many codes were clipped to +-127 (then y holds the clipped product), or -1 where memory ran out. */
+ * found here: max|x_m| / 127 (1 for a row of zeros), the per-token scale of W8A8. With a divisor > 0, row_scales hold
+ * mean|x_m| and the scale is the spiking threshold min(max(mean|x_m| / divisor, lo), hi), in fp32 as PyTorch's
+ * division by a scalar and clamp compute it.
+ * Returns how many codes were clipped to +-127 (then y holds the clipped product), or -1 where memory ran out. Where
+ * codes were clipped and columns is not NULL (room for n_in columns and rows * n_in excess values), the clipped
+ * columns and their excess are written as clipped_columns says; *n_columns is 0 where none were. */
 VNNI int64_t sb_rows(const float *x, int64_t rows, int64_t n_in, const float *row_scales, const int8_t *packed,
-                     const int32_t *offsets, const float *scales, const float *bias, float *y, int64_t n_out, int threads) {
+                     const int32_t *offsets, const float *scales, const float *bias, float *y, int64_t n_out, int threads,
+                     int64_t *columns, float *excess, int64_t *n_columns, float divisor, float lo, float hi) {
     int64_t clipped = 0;
     float s[8];
+    if (n_columns) *n_columns = 0;
     uint8_t *xq = malloc((size_t)(rows * n_in));
     if (!xq || rows > 8) {
         free(xq);
@@ -139,7 +168,8 @@ VNNI int64_t sb_rows(const float *x, int64_t rows, int64_t n_in, const float *ro
     for (int64_t m = 0; m < rows; m++) {
         float amax = 0.0f;
         for (int64_t k = 0; !row_scales && k < n_in; k++) amax = fmaxf(amax, fabsf(x[m * n_in + k]));
-        s[m] = row_scales ? row_scales[m] : amax > 0.0f ? amax / 127.0f : 1.0f;
+        s[m] = !row_scales ? (amax > 0.0f ? amax / 127.0f : 1.0f)
+               : divisor > 0.0f ? fminf(fmaxf(row_scales[m] / divisor, lo), hi) : row_scales[m];
     }
     for (int64_t m = 0; m < rows; m++)
         for (int64_t k = 0; k < n_in; k++) {
@@ -158,5 +188,6 @@ VNNI int64_t sb_rows(const float *x, int64_t rows, int64_t n_in, const float *ro
     else
         sb_parallel_for(rows_blocks, &product, blocks, parallel ? threads : 1);
     free(xq);
+    if (clipped && columns) clipped_columns(x, rows, n_in, s, columns, excess, n_columns);
     return clipped;
 }
