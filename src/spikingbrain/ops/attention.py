@@ -88,8 +88,9 @@ class Int8Rows:
         if isinstance(rows, Int8Rows):
             self.codes[index], self.scales[index] = rows.codes, rows.scales
             return
-        scales = rows.detach().abs().amax(-1).float().clamp_min(torch.finfo(torch.float32).tiny) / 127
-        self.codes[index] = torch.round(rows.float() / scales.unsqueeze(-1)).clamp_(-127, 127).to(torch.int8)
+        rows = rows.detach().float()
+        scales = rows.abs().amax(-1).clamp_min_(torch.finfo(torch.float32).tiny).div_(127)
+        self.codes[index] = rows.div(scales.unsqueeze(-1)).round_().clamp_(-127, 127)  # whole numbers: cast exactly
         self.scales[index] = scales
 
     def to(self, dtype: torch.dtype) -> torch.Tensor:

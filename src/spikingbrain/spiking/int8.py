@@ -466,8 +466,11 @@ class Int8Linear(nn.Module):
         return wanted and not torch.is_grad_enabled() and int8_matmul_available(x.device)
 
     def forward(self, x: torch.Tensor | SpikingInput) -> torch.Tensor:
-        if self.spike_input is not None and not isinstance(x, SpikingInput):
-            x = self.spike_input.apply(self, x)
+        neuron = self.spike_input
+        if neuron is not None and not isinstance(x, SpikingInput):
+            if neuron.observer is None and self._integer(x):  # what neuron.apply would hand over, without the detour
+                return self._integer_forward(x, adaptive_threshold, neuron.k)
+            x = neuron.apply(self, x)
         if isinstance(x, SpikingInput):
             if self._integer(x.x):
                 return self._integer_forward(x.x, adaptive_threshold, x.k)
