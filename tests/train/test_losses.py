@@ -1,11 +1,12 @@
-"""The chunked distillation loss against the full-logits loss: same value, same gradients, any slice size."""
+"""The chunked distillation loss against the full-logits loss: same value, same gradients, any slice size; also with
+the teacher reduced to its expected head rows and negentropy (``TeacherExpectations``)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from spikingbrain.train.losses import chunked_distill_loss, full_distill_loss
+from spikingbrain.train.losses import chunked_distill_loss, full_distill_loss, teacher_expectations
 
 
 def case(B=2, T=9, H=6, V=23, seed=0):
@@ -34,6 +35,30 @@ def test_chunked_loss_equals_full_loss(chunk, kl_weight, ce_weight, temperature)
     assert parts["kl"] == pytest.approx(expected_parts["kl"], rel=1e-5, abs=1e-7)
     assert parts["ce"] == pytest.approx(expected_parts["ce"], rel=1e-5)
     assert torch.allclose(chunk_hidden.grad, 3.0 * full_hidden.grad, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 1000])
+@pytest.mark.parametrize("kl_weight,ce_weight,temperature", [(1.0, 0.1, 1.0), (1.0, 0.0, 2.0), (0.5, 1.0, 1.5)])
+def test_loss_from_teacher_expectations_equals_full_loss(chunk, kl_weight, ce_weight, temperature):
+    """The teacher reduced to ``e = Σ p_v W_v`` and ``Σ p log p`` (its head differs from the student's here) gives the
+    full loss's value and gradients."""
+    hidden, head, target_hidden, target_head, ids = case(seed=3)
+    full_hidden = hidden.clone().requires_grad_(True)
+    expected, expected_parts = full_distill_loss(
+        full_hidden @ head.t(), target_hidden @ target_head.t(), ids, kl_weight, ce_weight, temperature
+    )
+    expected.backward()
+    reduced = teacher_expectations(target_hidden, target_head, head, temperature, chunk=5)
+    assert reduced.expected.shape == hidden.shape and reduced.negentropy.shape == ids.shape
+    chunk_hidden = hidden.clone().requires_grad_(True)
+    got, parts = chunked_distill_loss(chunk_hidden, head, reduced, None, ids, kl_weight, ce_weight, temperature, chunk)
+    got.backward()
+    assert got.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert parts["kl"] == pytest.approx(expected_parts["kl"], rel=1e-4, abs=1e-6)
+    assert parts["ce"] == pytest.approx(expected_parts["ce"], rel=1e-5)
+    assert torch.allclose(chunk_hidden.grad, full_hidden.grad, rtol=1e-4, atol=1e-7)
+    with pytest.raises(ValueError, match="temperature"):
+        chunked_distill_loss(hidden, head, reduced, None, ids, kl_weight, ce_weight, temperature + 1.0, chunk)
 
 
 def test_chunked_loss_refuses_a_trainable_head():

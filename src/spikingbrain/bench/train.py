@@ -122,7 +122,7 @@ def run_train_benchmark(student_ref: str, teacher_ref: str = "default", seq_len:
         "spikingbrain_distill_full_logits": (load_model(student_ref), lambda m, ids: distill_loss(m, teacher_ours, ids, 1.0, 0.1, sliced=False)[0]),
         "spikingbrain_distill": (load_model(student_ref), distill),
         "spikingbrain_distill_checkpointed": (checkpointed(), distill),
-        "spikingbrain_distill_stored_targets": (load_model(student_ref), distill_stored),
+        "spikingbrain_distill_stored_targets": (stored_student := load_model(student_ref), distill_stored),
         "spikingbrain_distill_stored_targets_checkpointed": (checkpointed(), distill_stored),
     }
     steps = {name: stepper(name, model, loss) for name, (model, loss) in steps.items()}
@@ -131,7 +131,7 @@ def run_train_benchmark(student_ref: str, teacher_ref: str = "default", seq_len:
     with flushing_denormals(), store:  # as the trainer runs
         start = time.perf_counter()
         for batch in batches:  # every batch's targets stored once, before the steps that read them
-            targets(batch)
+            targets(batch, stored_student.lm_head.weight)  # the students' heads are equal: one set of files
         fill_seconds = time.perf_counter() - start
         for i in range(repeats + 1):  # the first round warms up; names alternate within every round
             for name, step in steps.items():

@@ -81,8 +81,8 @@ def distill_loss(student, teacher, ids: torch.Tensor, kl_weight: float, ce_weigh
     With frozen output heads (conversion training never trains them) the loss is computed from
     the final hidden states a slice of positions at a time (``train.losses``), which never holds
     the whole ``[tokens, vocab]`` logits; otherwise, or with ``sliced=False``, from the full logits.
-    ``teacher_targets`` (a ``train.teacher_targets.TeacherTargets``) gives the teacher's final hidden
-    states from its folder where they are stored; the sliced loss only.
+    ``teacher_targets`` (a ``train.teacher_targets.TeacherTargets``) gives the teacher's targets reduced for the
+    student's head from its folder where they are stored; the sliced loss only.
     """
     heads_frozen = not (student.lm_head.weight.requires_grad or teacher.lm_head.weight.requires_grad)
     if sliced and not heads_frozen:
@@ -95,14 +95,13 @@ def distill_loss(student, teacher, ids: torch.Tensor, kl_weight: float, ce_weigh
         return full_distill_loss(student(ids, use_cache=False).logits, target, ids, kl_weight, ce_weight, temperature,
                                  loss_mask)
     if teacher_targets is not None:
-        target = teacher_targets(ids)
+        target, target_head = teacher_targets(ids, student.lm_head.weight, temperature), None
     else:
         with torch.no_grad():
-            target = teacher.model(input_ids=ids, use_cache=False).last_hidden_state
+            target, target_head = teacher.model(input_ids=ids, use_cache=False).last_hidden_state, teacher.lm_head.weight
     hidden = student.model(input_ids=ids, use_cache=False).last_hidden_state
     return chunked_distill_loss(
-        hidden, student.lm_head.weight, target, teacher.lm_head.weight, ids, kl_weight, ce_weight, temperature,
-        loss_mask=loss_mask,
+        hidden, student.lm_head.weight, target, target_head, ids, kl_weight, ce_weight, temperature, loss_mask=loss_mask,
     )
 
 
