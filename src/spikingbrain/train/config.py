@@ -83,8 +83,9 @@ class TrainConfig:
     threads: int | None = None
     #: Recompute each block's activations in the backward pass: peak memory ~1/3, steps ~1/4 slower.
     gradient_checkpointing: bool = False
-    #: A folder for the teacher's final hidden states of each training row (``train.teacher_targets``): a step whose
-    #: rows an earlier epoch or run stored skips the teacher's forward. 2,304 bytes per token at hidden 576; None: none kept.
+    #: A folder for the teacher's targets of each training row (``train.teacher_targets``: its expected head rows and
+    #: negentropy): a step whose rows an earlier epoch or run stored skips the teacher's forward and one head product.
+    #: 2,308 bytes per token at hidden 576; None: none kept.
     teacher_targets: str | None = None
     #: Pass-key accuracy of the student at these prompt lengths at every evaluation (3 depths x ``eval_passkey_trials``
     #: keys each), logged beside the perplexity and drawn in ``curve.png``; empty: perplexity only.
