@@ -11,6 +11,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from reference_impl import randomize_
 from spikingbrain.cli import main
 from spikingbrain.convert.converter import convert_transformer
+from spikingbrain.ops.int8 import int8_matmul_available
 
 
 def test_bench_train_reports_side_by_side(tmp_path, capsys):
@@ -28,13 +29,16 @@ def test_bench_train_reports_side_by_side(tmp_path, capsys):
         torch.set_num_threads(threads)
     report = json.loads((out / "train.json").read_text())
     results = report["results"]
+    int8 = {"spikingbrain_distill_stored_targets_int8"} if int8_matmul_available("cpu") else set()
     assert set(results) == {"transformers_finetune", "spikingbrain_finetune", "spikingbrain_distill_full_logits",
                             "spikingbrain_distill", "spikingbrain_distill_checkpointed", "spikingbrain_distill_stored_targets",
-                            "spikingbrain_distill_stored_targets_checkpointed"}
+                            "spikingbrain_distill_stored_targets_checkpointed"} | int8
     first = report["first_step_loss"]
     for other in ("spikingbrain_distill_full_logits", "spikingbrain_distill_checkpointed", "spikingbrain_distill_stored_targets",
                   "spikingbrain_distill_stored_targets_checkpointed"):
         assert abs(first[other] - first["spikingbrain_distill"]) < 1e-5 * first["spikingbrain_distill"], other
+    # int8 products of the frozen weights: the same loss up to their rounding
+    assert not int8 or abs(first["spikingbrain_distill_stored_targets_int8"] - first["spikingbrain_distill"]) < 0.05 * first["spikingbrain_distill"]
     assert report["teacher_targets_fill"]["rows"] == 3 * 2  # (repeats + 1) batches of 2 rows, each computed once
     assert report["distill_speedup_over_full_logits"] == (
         results["spikingbrain_distill"]["tokens_per_second"] / results["spikingbrain_distill_full_logits"]["tokens_per_second"])

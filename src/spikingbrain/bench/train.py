@@ -15,6 +15,8 @@ memory of each step (Linux: the high-water mark is reset before every step):
 - ``spikingbrain_distill_stored_targets`` (and ``..._checkpointed``): the sliced loss with the teacher's
   targets read from a ``teacher_targets`` folder (``train.teacher_targets``), as in a later epoch or run
   over the same rows. Filling the folder once costs a teacher forward per row, timed as ``teacher_targets_fill``.
+- ``spikingbrain_distill_stored_targets_int8`` (LoRA, where ``torch._int_mm`` works): that step with the frozen
+  weights' products in int8 (``train.int8_products``, the ``int8_frozen_products`` option).
 
 The first (warm-up) round also checks that the full-logits and the sliced loss agree.
 """
@@ -74,6 +76,8 @@ def run_train_benchmark(student_ref: str, teacher_ref: str = "default", seq_len:
     from transformers import AutoModelForCausalLM
 
     from ..model.loading import load_model, resolve_folder
+    from ..ops.int8 import int8_matmul_available
+    from ..train.int8_products import int8_frozen_products
     from ..train.teacher_targets import TeacherTargets
     from ..train.trainer import distill_loss
 
@@ -85,9 +89,10 @@ def run_train_benchmark(student_ref: str, teacher_ref: str = "default", seq_len:
     batches = torch.randint(0, vocab, (repeats + 1, batch_size, seq_len), generator=torch.Generator().manual_seed(seed))
     first_losses = {}
 
-    def stepper(name, model, loss_fn):
+    def stepper(name, model, loss_fn, int8=False):
         model.train()
         params = _trainable(model, trainable, rank)
+        int8_frozen_products(model, int8)
         optimizer = torch.optim.AdamW(params, lr=1e-5)
 
         def step(ids):
@@ -125,7 +130,9 @@ def run_train_benchmark(student_ref: str, teacher_ref: str = "default", seq_len:
         "spikingbrain_distill_stored_targets": (stored_student := load_model(student_ref), distill_stored),
         "spikingbrain_distill_stored_targets_checkpointed": (checkpointed(), distill_stored),
     }
-    steps = {name: stepper(name, model, loss) for name, (model, loss) in steps.items()}
+    if trainable == "lora" and int8_matmul_available("cpu"):
+        steps["spikingbrain_distill_stored_targets_int8"] = (load_model(student_ref), distill_stored, True)
+    steps = {name: stepper(name, *spec) for name, spec in steps.items()}
     seconds = {name: [] for name in steps}
     peaks = {name: [] for name in steps}
     with flushing_denormals(), store:  # as the trainer runs

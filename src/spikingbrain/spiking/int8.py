@@ -84,6 +84,7 @@ __all__ = [
     "link_sibling_products",
     "ProductGroup",
     "fused_passes",
+    "Fused",
     "row_kernel",
     "ACTIVATION_MODES",
     "per_token_int8_scale",
@@ -157,7 +158,7 @@ def clip_ratios(weight: torch.Tensor, gram: torch.Tensor, group_size: int = 128,
     return best_clip
 
 
-class _Fused:
+class Fused:
     """``fn`` compiled by inductor on first use; eager where compiling fails (say, no C++ compiler) or is off."""
 
     compile = True
@@ -166,7 +167,7 @@ class _Fused:
         self.fn, self.compiled = fn, None
 
     def __call__(self, *args):
-        if not _Fused.compile:
+        if not Fused.compile:
             return self.fn(*args)
         if self.compiled is None:
             try:
@@ -195,7 +196,7 @@ def row_kernel(enabled: bool) -> None:
 
 def fused_passes(enabled: bool) -> None:
     """Compile (True, the default) or run eager (False) the counting and dequantising passes of the integer path."""
-    _Fused.compile = bool(enabled)
+    Fused.compile = bool(enabled)
 
 
 def per_token_int8_scale(x: torch.Tensor) -> torch.Tensor:
@@ -231,8 +232,8 @@ def _weight_only_product(x: torch.Tensor, codes: torch.Tensor, scales: torch.Ten
     return y if bias is None else y + bias
 
 
-_fused_low_plane, _fused_dequantize = _Fused(_low_plane), _Fused(_dequantize)
-_fused_weight_only = _Fused(_weight_only_product)
+_fused_low_plane, _fused_dequantize = Fused(_low_plane), Fused(_dequantize)
+_fused_weight_only = Fused(_weight_only_product)
 
 #: Rows up to which a product is a decode step's, bound by reading the weight and by the cost of each call: a plain
 #: input (W8) is multiplied by the fused kernel ``_weight_only_product``, which reads the codes once per call, and the

@@ -57,7 +57,7 @@ def spike_counts(x: torch.Tensor, k: float = 3.0) -> tuple[torch.Tensor, torch.T
 
 
 class SpikingInput(NamedTuple):
-    """What a spiking hook hands to a layer that computes with the counts itself: the raw input and ``k``."""
+    """What a spiking neuron hands to a layer that computes with the counts itself: the raw input and ``k``."""
 
     x: torch.Tensor
     k: float

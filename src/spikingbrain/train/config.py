@@ -83,6 +83,9 @@ class TrainConfig:
     threads: int | None = None
     #: Recompute each block's activations in the backward pass: peak memory ~1/3, steps ~1/4 slower.
     gradient_checkpointing: bool = False
+    #: LoRA steps multiply the frozen base weights in int8, forward and for the input gradients (``train.int8_products``;
+    #: CPU): the student trains on W8A8 numbers of its frozen layers. Off: fp32 products.
+    int8_frozen_products: bool = False
     #: A folder for the teacher's targets of each training row (``train.teacher_targets``: its expected head rows and
     #: negentropy): a step whose rows an earlier epoch or run stored skips the teacher's forward and one head product.
     #: 2,308 bytes per token at hidden 576; None: none kept.

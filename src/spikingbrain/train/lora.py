@@ -26,6 +26,8 @@ class LoRALinear(nn.Module):
         base.weight.requires_grad_(False)
         if base.bias is not None:
             base.bias.requires_grad_(False)
+        #: the base product as int8 in training steps (``train.int8_products.int8_frozen_products``), or None: fp32
+        self.int8_base = None
 
     @property
     def weight(self) -> torch.Tensor:
@@ -33,7 +35,8 @@ class LoRALinear(nn.Module):
         return self.base.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base(x) + nn.functional.linear(nn.functional.linear(x, self.lora_a), self.lora_b) * self.scale
+        base = self.base(x) if self.int8_base is None or not torch.is_grad_enabled() else self.int8_base(x)
+        return base + nn.functional.linear(nn.functional.linear(x, self.lora_a), self.lora_b) * self.scale
 
     def merged(self) -> nn.Linear:
         """A plain ``nn.Linear`` computing the same function."""

@@ -43,6 +43,7 @@ from .data import (
     split_held_out,
 )
 from .report import continued_curve, plot_training_curve, training_curve
+from .int8_products import int8_frozen_products
 from .lora import LoRALinear, add_lora, lora_parameters, merge_lora
 from .losses import chunked_distill_loss, full_distill_loss
 from .teacher_targets import TeacherTargets
@@ -156,6 +157,10 @@ class Trainer:
         self.lora_names = []
         if any(s.trainable == "lora" for s in config.stages):
             self.lora_names = add_lora(self.student, config.lora_rank, config.lora_alpha, config.lora_targets)
+            int8_frozen_products(self.student, config.int8_frozen_products)
+        elif config.int8_frozen_products:
+            raise TrainingError("int8_frozen_products multiplies the frozen base weights of LoRA layers; no stage trains LoRA "
+                                "(trainable: lora), so set int8_frozen_products: false")
         self.ever_trained: set[str] = set()
         self.started_from: dict | None = None  # init_delta as given, its steps, tokens and curve
         if config.init_delta:
