@@ -78,8 +78,16 @@ def test_quantize_writes_a_smaller_int8_spiking_folder(tmp_path, pair, text, cap
     assert perplexity(model, ids, 64)["ppl"] == pytest.approx(result["ppl_after"], rel=1e-6)
     assert result["calibration"]["windows"] == 3 and result["file_bytes"] < result["fp32_tensor_bytes"]
     assert result["projection_size_ratio"] == pytest.approx(4 / (1 + 4 / 16))  # 1-byte codes + one fp32 scale per 16
+    assert model.config.window_kv_dtype is None  # no int8 keys and values: the decode rings keep fp32
     assert main(args) == 2  # the folder exists now: refused without --force
     assert "--force" in capsys.readouterr().err
+    # --int8-kv: the decode rings keep int8 codes by default (what int8_kv attends); --window-kv model keeps fp32
+    for extra, dtype in ((["--int8-kv"], "int8"), (["--int8-kv", "--window-kv", "model"], None)):
+        folder = tmp_path / f"kv-{dtype}"
+        assert main(args[:4] + [str(folder)] + args[5:] + extra) == 0
+        assert json.loads(capsys.readouterr().out).get("window_kv_dtype") == dtype
+        reloaded = load_model(folder)
+        assert reloaded.config.spiking["int8_kv"] and reloaded.config.window_kv_dtype == dtype
 
 
 def test_quantize_w8a8_writes_a_folder_that_reloads_as_w8a8(tmp_path, pair, text, capsys):

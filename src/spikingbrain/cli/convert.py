@@ -114,7 +114,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         group_size=args.group_size, samples=args.samples, sample_tokens=args.sample_tokens, spiking_k=args.spiking_k,
         spike_query=args.spike_query, int8_kv=args.int8_kv, int8_weights=args.int8_weights,
         context=args.context, max_tokens=args.max_tokens, activations=args.activations, lm_head=args.lm_head,
-        window_kv_dtype=args.window_kv,
+        window_kv_dtype=None if args.window_kv == "model" else args.window_kv,
     )
     print_result(result, args.json)
     return 0
@@ -138,9 +138,11 @@ def register_quantize(subparsers) -> None:
     p.add_argument("--lm-head", action="store_true",
                    help="the output head too: W8A8 per output channel, untied from the (fp32) embeddings; its decode "
                         "rows go through our VNNI kernel on CPU (oneDNN's int8 linear where the CPU lacks VNNI)")
-    p.add_argument("--window-kv", choices=["float16", "int8"], default=None,
+    p.add_argument("--window-kv", choices=["float16", "int8", "model"], default="auto",
                    help="sliding-window layers keep the keys and values of decode steps in fp16 (half the bytes each step "
-                        "reads) or as int8 codes with a scale per position and head (about a quarter); the attention stays fp32")
+                        "reads) or as int8 codes with a scale per position and head (about a quarter), or in the model's "
+                        "dtype; the attention stays fp32. Default: int8 with --int8-kv (the exact codes it attends), else "
+                        "the model's dtype")
     p.add_argument("--eval-text", default=None, help="report perplexity on this text before and after")
     p.add_argument("--context", type=int, default=2048, help="perplexity window")
     p.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens of --eval-text")

@@ -94,15 +94,19 @@ def quantize_to_folder(
     activations: str | None = None,
     max_tokens: int | None = None,
     lm_head: bool = False,
-    window_kv_dtype: str | None = None,
+    window_kv_dtype: str | None = "auto",
 ) -> dict:
     """Load ``model_ref``, make it W8ASpike (:func:`w8aspike`, calibrated on ``calibration_text``) and save it in ``out``.
 
     With ``eval_text`` the result has the perplexity before and after (first ``max_tokens`` tokens,
     windows of ``context``); it always has the file bytes against the fp32 tensor bytes.
     ``window_kv_dtype`` (``"float16"`` or ``"int8"``) is saved in the config: the folder's sliding-window layers keep
-    the keys and values of decode steps in that dtype (see ``SpikingBrainConfig``).
+    the keys and values of decode steps in that dtype (see ``SpikingBrainConfig``); None keeps the model's dtype;
+    ``"auto"`` is ``"int8"`` with ``int8_kv`` (those layers attend int8 keys and values anyway, and an int8 ring holds
+    exactly their codes and scales: a quarter of the bytes) and None otherwise.
     """
+    if window_kv_dtype == "auto":
+        window_kv_dtype = "int8" if int8_kv else None
     from ..model.loading import load_model, load_tokenizer
     from ..model.loading import resolve_folder
 
