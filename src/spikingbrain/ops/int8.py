@@ -161,19 +161,19 @@ def vnni_checked_rows_product(rows: torch.Tensor, row_scales: torch.Tensor | Non
     the kernel found them (None otherwise: W8A8's own scales never clip)."""
     m, k = rows.shape
     y = torch.empty(m, weight.out_features)
-    columns = excess = found = None
+    columns = excess = None
     addresses = (None, None, None)
-    if row_scales is not None:
-        columns, excess, found = torch.empty(k, dtype=torch.int64), torch.empty(k * m), torch.zeros(1, dtype=torch.int64)
-        addresses = (columns.data_ptr(), excess.data_ptr(), found.data_ptr())
+    if row_scales is not None:  # room for every column, then their count in the last slot; the excess of each
+        columns, excess = torch.empty(k + 1, dtype=torch.int64), torch.empty(k * m)
+        addresses = (columns.data_ptr(), excess.data_ptr(), columns.data_ptr() + k * columns.element_size())
     clipped = _vnni_library().sb_rows(rows.data_ptr(), m, k, None if row_scales is None else row_scales.data_ptr(),
                                       *weight.addresses, y.data_ptr(), weight.out_features, kernel_threads(), *addresses,
                                       *(spike_threshold or (0.0, 0.0, 0.0)))
     if clipped < 0:
         raise MemoryError(f"the VNNI int8 kernel could not allocate {m * k} bytes")
-    if not clipped or found is None:
+    if not clipped or columns is None:
         return y, clipped, None
-    count = int(found)
+    count = int(columns[k])
     return y, clipped, ClippedColumns(columns[:count], excess[: count * m].view(count, m).t())
 
 

@@ -49,8 +49,7 @@ def teacher_expectations(target_hidden: torch.Tensor, target_head_weight: torch.
     negentropy = torch.empty(B * L, dtype=torch.float32, device=flat.device)
     for start in range(0, B * L, chunk):
         rows = slice(start, min(start + chunk, B * L))
-        log_p = F.log_softmax(_scaled(flat[rows].float() @ target_head_weight.float().t(), temperature), -1)
-        p = log_p.exp()
+        log_p, p = _teacher_distribution(flat[rows], target_head_weight.float(), temperature)
         negentropy[rows] = (p * log_p).sum(-1)
         expected[rows] = p @ head_weight.float()
     return TeacherExpectations(expected.view(B, L, -1), negentropy.view(B, L), float(temperature))
@@ -98,6 +97,12 @@ def _scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     return logits if temperature == 1.0 else logits.div_(temperature)
 
 
+def _teacher_distribution(hidden_rows: torch.Tensor, head_weight: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(log p, p)`` of the teacher's softmax at ``temperature`` for rows of its final hidden states (``head_weight`` fp32)."""
+    log_p = F.log_softmax(_scaled(hidden_rows.float() @ head_weight.t(), temperature), -1)
+    return log_p, log_p.exp()
+
+
 class _ChunkedDistill(torch.autograd.Function):
     """Loss value in forward; the gradient for the student's hidden states is computed there too and scaled in backward.
     The teacher comes as its hidden states and head (``target``: a pair) or as :class:`TeacherExpectations`."""
@@ -131,8 +136,7 @@ class _ChunkedDistill(torch.autograd.Function):
                 kl_sum += float((kl_each * kl_rows).sum())
                 dz = log_q.exp().mul_(kl_scale[:, None])  # the -p part is -e after the product
             else:
-                log_p = F.log_softmax(_scaled(target_flat[rows].float() @ target_weight.t(), Tm), -1)
-                p = log_p.exp()
+                log_p, p = _teacher_distribution(target_flat[rows], target_weight, Tm)
                 kl_sum += float((log_p.sub_(log_q).mul_(p).sum(-1) * kl_rows).sum())  # sum p (log p - log q); log_p is spent
                 del log_p
                 dz = log_q.exp().sub_(p).mul_(kl_scale[:, None])

@@ -10,6 +10,7 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "thread_pool.h"
 
@@ -124,19 +125,14 @@ VNNI static void rows_blocks(void *context, int64_t begin, int64_t end) {
     }
 }
 
-/* What the clipping left out, for the caller to add: the input columns with a code beyond +-127 in some row
- * (ascending) into columns[0 .. *n_columns), and per such column c and row m the excess (q - clipped q) * s_m, with
- * q = round_half_up(x / s_m), into excess[c * rows + m] (0 where that row's code was not clipped). */
-static void clipped_columns(const float *x, int64_t rows, int64_t n_in, const float *s, int64_t *columns, float *excess,
-                            int64_t *n_columns) {
+/* What the clipping left out, for the caller to add: the input columns flagged in beyond[] (a code beyond +-127 in
+ * some row), ascending, into columns[0 .. *n_columns), and per such column c and row m the excess (q - clipped q) * s_m,
+ * with q = round_half_up(x / s_m), into excess[c * rows + m] (0 where that row's code was not clipped). */
+static void clipped_columns(const float *x, int64_t rows, int64_t n_in, const float *s, const uint8_t *beyond,
+                            int64_t *columns, float *excess, int64_t *n_columns) {
     int64_t c = 0;
     for (int64_t k = 0; k < n_in; k++) {
-        int beyond = 0;
-        for (int64_t m = 0; m < rows; m++) {
-            float q = round_half_up(x[m * n_in + k] / s[m]);
-            beyond |= q > 127.0f || q < -127.0f;
-        }
-        if (!beyond) continue;
+        if (!beyond[k]) continue;
         for (int64_t m = 0; m < rows; m++) {
             float q = round_half_up(x[m * n_in + k] / s[m]);
             float kept = q > 127.0f ? 127.0f : q < -127.0f ? -127.0f : q;
@@ -160,11 +156,12 @@ VNNI int64_t sb_rows(const float *x, int64_t rows, int64_t n_in, const float *ro
     int64_t clipped = 0;
     float s[8];
     if (n_columns) *n_columns = 0;
-    uint8_t *xq = malloc((size_t)(rows * n_in));
+    uint8_t *xq = malloc((size_t)(rows * n_in + n_in)), *beyond = xq + rows * n_in; /* codes, then a flag per column */
     if (!xq || rows > 8) {
         free(xq);
         return -1;
     }
+    memset(beyond, 0, (size_t)n_in);
     for (int64_t m = 0; m < rows; m++) {
         float amax = 0.0f;
         for (int64_t k = 0; !row_scales && k < n_in; k++) amax = fmaxf(amax, fabsf(x[m * n_in + k]));
@@ -177,6 +174,7 @@ VNNI int64_t sb_rows(const float *x, int64_t rows, int64_t n_in, const float *ro
             if (q > 127.0f || q < -127.0f) {
                 q = q > 0 ? 127.0f : -127.0f;
                 clipped++;
+                beyond[k] = 1;
             }
             xq[m * n_in + k] = (uint8_t)((int32_t)q + 128);
         }
@@ -187,7 +185,7 @@ VNNI int64_t sb_rows(const float *x, int64_t rows, int64_t n_in, const float *ro
         sb_parallel_for(one_row_quads, &product, (blocks + 3) / 4, parallel ? threads : 1);
     else
         sb_parallel_for(rows_blocks, &product, blocks, parallel ? threads : 1);
+    if (clipped && columns) clipped_columns(x, rows, n_in, s, beyond, columns, excess, n_columns);
     free(xq);
-    if (clipped && columns) clipped_columns(x, rows, n_in, s, columns, excess, n_columns);
     return clipped;
 }
