@@ -228,16 +228,13 @@ def sliding_window_attention(
             return _dense_masked_attention(q, k, v, window, scale, key_padding_mask, num_sinks, keep_first)
         return _sliding_window_masked(q, k, v, window, scale, key_padding_mask, block_size, num_sinks)
     offset = Tk - Tq
-    # Queries at key positions < window + keep_first: their window still holds some of the first keys.
+    # Queries at key positions p < window + keep_first see every earlier key: those before p - window are all among
+    # the first keep_first, so their attention is plain causal attention (SDPA skips the masked half).
     n_near = min(Tq, max(0, window + keep_first - offset))
     parts = []
     if n_near:
         end = num_sinks + offset + n_near
-        q_near, k_near, v_near = q[:, :n_near], k[:, :end], v[:, :end]
-        if keep_first:
-            parts.append(_dense_masked_attention(q_near, k_near, v_near, window, scale, None, num_sinks, keep_first))
-        else:  # positions < window: nothing is cut off yet
-            parts.append(causal_attention(q_near, k_near, v_near, scale, num_sinks=num_sinks))
+        parts.append(causal_attention(q[:, :n_near], k[:, :end], v[:, :end], scale, num_sinks=num_sinks))
     if n_near < Tq:
         if keep_first:  # every later window has passed the first keys: they join the sinks
             k, v = (torch.cat((x[:, : num_sinks + keep_first], x[:, num_sinks:]), 1) for x in (k, v))
