@@ -121,3 +121,29 @@ def test_int8_rows_are_attended_with_their_scales(monkeypatch, Tk):
     two = torch.randn(B, 2, H, D, generator=gen)
     assert_close(causal_attention(two, k, v), attention_reference(two, *rounded), TOL, "int8 dequantized")
     assert len(calls) == 1
+
+
+@pytest.mark.parametrize("B,Hkv,D", [(1, 3, 64), (2, 2, 20), (3, 1, 8)])
+def test_int8_rows_written_by_the_kernel_equal_the_indexed_write_and_a_hand_rounding(B, Hkv, D):
+    """A decode step's row into an int8 ring (``Int8Rows.set_position``, one kernel call) stores the codes and scales
+    that the indexed write stores, and those round each row to max|row| / 127 by hand; a row of zeros and ties too."""
+    from spikingbrain.ops.attention import Int8Rows
+
+    rows = torch.randn(B, Hkv, D, generator=torch.Generator().manual_seed(D)) * torch.logspace(-3, 3, Hkv).view(1, Hkv, 1)
+    rows[0, 0] = 0.0  # scale FLT_MIN / 127, codes 0
+    if D >= 8:
+        rows[-1, -1] = 0.0
+        rows[-1, -1, :4] = torch.tensor([127.0, 0.5, 1.5, -2.5])  # scale 1: ties go to even
+    like = torch.empty(B, 5, Hkv, D)
+    kernel, indexed = Int8Rows.empty(like, 5), Int8Rows.empty(like, 5)
+    kernel.set_position(3, rows)
+    indexed[:, 3] = rows
+    assert torch.equal(kernel.codes[:, 3], indexed.codes[:, 3]) and torch.equal(kernel.scales[:, 3], indexed.scales[:, 3])
+    scale = rows.abs().amax(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny) / 127
+    assert torch.equal(kernel.scales[:, 3], scale.squeeze(-1))
+    assert torch.equal(kernel.codes[:, 3], torch.round(rows / scale).to(torch.int8))
+    if D >= 8:
+        assert kernel.codes[-1, 3, -1, :4].tolist() == [127, 0, 2, -2]
+    strided = rows.transpose(0, 1).contiguous().transpose(0, 1)  # another row order in memory
+    kernel.set_position(1, strided)
+    assert torch.equal(kernel.codes[:, 1], indexed.codes[:, 3])

@@ -181,14 +181,20 @@ class WindowKV(_LayerCache):
         if self._filled < self._capacity():  # still filling: the next slot, and a view of the filled part
             slot = n + self._filled
             self._filled += 1
-            self._ring[0][:, slot] = keys[:, 0]
-            self._ring[1][:, slot] = values[:, 0]
+            self._write(slot, keys, values)
             return tuple(t[:, : slot + 1] for t in self._ring)
         slot = n + self.keep_first + self._oldest  # a ring: overwrite the key leaving the window
-        self._ring[0][:, slot] = keys[:, 0]
-        self._ring[1][:, slot] = values[:, 0]
+        self._write(slot, keys, values)
         self._oldest = (self._oldest + 1) % (self.window + 1)
         return self._ring
+
+    def _write(self, slot: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """The step's key and value ``[B, 1, Hkv, D]`` into ring position ``slot``."""
+        for buffer, rows in zip(self._ring, (keys, values)):
+            if isinstance(buffer, Int8Rows):
+                buffer.set_position(slot, rows[:, 0])
+            else:
+                buffer[:, slot] = rows[:, 0]
 
     def _grow(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """(Re)allocate the step buffer with room for more positions: twice the filled part (at least

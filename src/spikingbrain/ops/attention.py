@@ -93,6 +93,18 @@ class Int8Rows:
         self.codes[index] = rows.div(scales.unsqueeze(-1)).round_().clamp_(-127, 127)  # whole numbers: cast exactly
         self.scales[index] = scales
 
+    def set_position(self, position: int, rows: torch.Tensor) -> None:
+        """``self[:, position] = rows`` for rows ``[B, Hkv, D]`` (a decode step's new key or value): one kernel call
+        where the decode-attention kernel runs (the same codes and scales), else the indexing above."""
+        lib = _attention_library()
+        codes, scales = self.codes[:, position], self.scales[:, position]
+        if lib is None or rows.dtype != torch.float32 or rows.device.type != "cpu" or rows.stride(-1) != 1 or codes.stride(-1) != 1 \
+                or rows.shape != codes.shape or (torch.is_grad_enabled() and rows.requires_grad):
+            self[:, position] = rows
+            return
+        lib.sb_quantize_rows(rows.data_ptr(), *rows.shape, rows.stride(0), rows.stride(1),
+                             codes.data_ptr(), codes.stride(0), codes.stride(1), scales.data_ptr(), *scales.stride())
+
     def to(self, dtype: torch.dtype) -> torch.Tensor:
         """The rows as ``dtype`` floats."""
         return (self.codes.to(torch.float32) * self.scales.unsqueeze(-1)).to(dtype)
@@ -138,6 +150,8 @@ def _attention_library() -> ctypes.CDLL | None:
     lib.sb_attend.argtypes = [_P, _I, _I, _I, _I, _I, _P, _I, _I, _I, _P, _I, _I, _I, ctypes.c_int,
                               _P, _I, _I, _I, _P, _I, _I, _I, ctypes.c_float, _P, ctypes.c_int]
     lib.sb_attend.restype = ctypes.c_int
+    lib.sb_quantize_rows.argtypes = [_P, _I, _I, _I, _I, _I, _P, _I, _I, _P, _I, _I]
+    lib.sb_quantize_rows.restype = None
     return lib
 
 

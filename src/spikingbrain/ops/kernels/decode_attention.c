@@ -255,3 +255,23 @@ int sb_attend(const float *q, int64_t batch, int64_t heads, int64_t kv_heads, in
     free(a.parts);
     return atomic_load(&a.failed) ? -1 : 0;
 }
+
+/* Write rows src [B, H, D] (fp32, each row's D values contiguous, strides in elements) as int8 codes with one fp32
+ * scale per row, as Int8Rows stores them: scale = max(max|x|, FLT_MIN) / 127, code = clamp(round(x / scale), -127, 127)
+ * with ties to even (rintf in the default rounding mode, as torch.round), every step in fp32 as PyTorch computes it. */
+void sb_quantize_rows(const float *src, int64_t batch, int64_t heads, int64_t dim, int64_t src_b, int64_t src_h,
+                      int8_t *codes, int64_t codes_b, int64_t codes_h, float *scales, int64_t scales_b, int64_t scales_h) {
+    for (int64_t b = 0; b < batch; b++)
+        for (int64_t h = 0; h < heads; h++) {
+            const float *x = src + b * src_b + h * src_h;
+            int8_t *out = codes + b * codes_b + h * codes_h;
+            float amax = 0.0f;
+            for (int64_t d = 0; d < dim; d++) amax = fmaxf(amax, fabsf(x[d]));
+            float scale = fmaxf(amax, 1.17549435e-38f) / 127.0f;
+            for (int64_t d = 0; d < dim; d++) {
+                float q = rintf(x[d] / scale);
+                out[d] = (int8_t)(q > 127.0f ? 127.0f : q < -127.0f ? -127.0f : q);
+            }
+            scales[b * scales_b + h * scales_h] = scale;
+        }
+}
