@@ -11,8 +11,8 @@ the time to first token of each variant is compared with the teacher's in the sa
 (``ttft_speedup``: the teacher's seconds over the variant's). With ``--layer-shape`` also one
 projection alone: fp32 linear, integer path with torch.compile'd passes and with eager passes.
 Without ``--model`` the model is a random SmolLM2-135M-shaped hybrid (its activations have no
-massive outliers, so carries are rarer than in a trained model). Writes int8_prefill.json (load average before and after, machine) and
-int8_prefill.png. A busy machine makes every figure slower and the ratios noisy: compare the
+massive outliers, so carries are rarer than in a trained model). Writes int8_prefill.json (load average before and after, machine; after each length, so a stopped run keeps
+what it measured) and int8_prefill.png. A busy machine makes every figure slower and the ratios noisy: compare the
 load average with the core count before reading them.
 """
 
@@ -145,6 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     built = models(args.model, args.window, args.group_size)
     teacher = load_baseline(args.teacher) if args.teacher else None
     result["prefill"] = []
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    result["files"] = {"json": str(out / "int8_prefill.json")}
     for length in parse_lengths(args.lengths):
         row = {"length": length}
         row["fp32_dense"] = time_prefill(built["dense"], length, args.repeats, args.max_seconds)
@@ -159,10 +162,9 @@ def main(argv: list[str] | None = None) -> int:
             line += ", TTFT against the teacher " + ", ".join(f"{v} {x:.2f}x" for v, x in row["ttft_speedup"].items())
         print(f"{format_length(length)}: {line}", file=sys.stderr)
         result["prefill"].append(row)
+        write_json(out / "int8_prefill.json", result)  # each length as it is measured: a long run stopped keeps them
     result["load_average_after"] = load_average()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    result["files"] = {"json": str(out / "int8_prefill.json"), "png": str(plot(result, out / "int8_prefill.png"))}
+    result["files"]["png"] = str(plot(result, out / "int8_prefill.png"))
     write_json(out / "int8_prefill.json", result)
     return 0
 

@@ -153,36 +153,3 @@ def test_sibling_projections_share_one_kernel_call_and_equal_each_layer_alone(mo
         assert len(calls) == 5 and torch.equal(got_again, alone[0](wrap(x + 1)))
     for g, e in zip(got, expected):
         assert torch.equal(g, e)
-
-
-@pytest.mark.parametrize("activations", [None, "int8"])
-def test_apply_siblings_takes_one_kernel_call_without_module_calls_and_keeps_hooks(monkeypatch, activations):
-    """``apply_siblings`` on linked spiking (or W8A8) q/k/v decode rows: each output bit-equal to the layer called alone,
-    from one kernel call and no ``forward`` call; a layer with a hook is called as a module, so its hook runs."""
-    from spikingbrain.spiking.apply import spikify
-
-    layers = [_layer(256, n, 0, seed=n) for n in (64, 32, 32)]
-    parent = torch.nn.Module()
-    parent.q_proj, parent.k_proj, parent.v_proj = layers
-    for layer in layers:
-        layer.int8_activations = activations == "int8"
-    if activations is None:
-        spikify(parent, k=3.0)
-    alone = copy.deepcopy(parent)
-    int8.link_sibling_products(parent)
-    calls, forwards = [], []
-    product, forward = int8.vnni_checked_rows_product, Int8Linear.forward
-    monkeypatch.setattr(int8, "vnni_checked_rows_product", lambda *a: calls.append(a[0].shape) or product(*a))
-    monkeypatch.setattr(Int8Linear, "forward", lambda self, x: forwards.append(self) or forward(self, x))
-    x = torch.randn(1, 2, 256, generator=torch.Generator().manual_seed(5))
-    with torch.inference_mode():
-        got = int8.apply_siblings(layers, x)
-        assert (len(calls), len(forwards)) == (1, 0)
-        expected = [alone.q_proj(x), alone.k_proj(x), alone.v_proj(x)]
-        seen = []
-        handle = layers[1].register_forward_pre_hook(lambda module, args: seen.append(module))
-        hooked = int8.apply_siblings(layers, x)
-        handle.remove()
-    assert seen == [layers[1]] and len(forwards) == 3 + 3
-    for g, h, e in zip(got, hooked, expected):
-        assert g.shape == e.shape and torch.equal(g, e) and torch.equal(h, e)

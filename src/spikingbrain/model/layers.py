@@ -6,8 +6,6 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..spiking.int8 import apply_siblings
-
 __all__ = ["RMSNorm", "SwiGLU"]
 
 
@@ -38,8 +36,7 @@ class SwiGLU(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = apply_siblings((self.gate_proj, self.up_proj), x)
-        hidden = F.silu(gate)
+        hidden = F.silu(self.gate_proj(x))
         # Without autograd the product can overwrite silu's fresh output: one [tokens, intermediate] temporary less.
-        hidden = hidden * up if torch.is_grad_enabled() else hidden.mul_(up)
+        hidden = hidden * self.up_proj(x) if torch.is_grad_enabled() else hidden.mul_(self.up_proj(x))
         return self.down_proj(hidden)

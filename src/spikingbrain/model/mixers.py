@@ -11,7 +11,7 @@ from torch.nn import functional as F
 
 from ..ops import apply_rotary, causal_attention, chunk_delta_rule, chunk_gla, recurrent_delta_rule, recurrent_gla, sliding_window_attention
 from ..ops.attention import Int8Rows
-from ..spiking.int8 import apply_siblings, fake_quantize_int8
+from ..spiking.int8 import fake_quantize_int8
 from ..spiking.neuron import spike_quantize
 from .cache import FullKV, GLAState, ParallelState, RowCaches, WindowKV, stack_states, unstack_states
 from .config import SpikingBrainConfig
@@ -69,11 +69,10 @@ class _Mixer(nn.Module):
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q ``[B, T, H, D]``, k and v ``[B, T, Hkv, D]``."""
         B, T, _ = x.shape
-        q, k, v = apply_siblings((self.q_proj, self.k_proj, self.v_proj), x)
         return (
-            q.view(B, T, self.num_heads, self.head_dim),
-            k.view(B, T, self.num_kv_heads, self.head_dim),
-            v.view(B, T, self.num_kv_heads, self.head_dim),
+            self.q_proj(x).view(B, T, self.num_heads, self.head_dim),
+            self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim),
+            self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim),
         )
 
     def heads(self, x, q, k, v, inputs: MixerInputs, cache, proj: "_Mixer") -> torch.Tensor:

@@ -55,13 +55,12 @@ import itertools
 import threading
 import warnings
 import weakref
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.modules import module as torch_module
 
 from ..ops.int8 import (
     VNNI_MAX_ROWS, VnniInt8Weight, int8_matmul_available, onednn_int8_linear_available, onednn_int8_row_product, onednn_pack_int8_weight,
@@ -83,7 +82,6 @@ __all__ = [
     "fake_quantize_int8",
     "set_integer_matmul",
     "link_sibling_products",
-    "apply_siblings",
     "ProductGroup",
     "fused_passes",
     "Fused",
@@ -331,19 +329,6 @@ class ProductGroup:
             self._pending = None
         return self._columns_of(member, pending[1])
 
-    def decode_outputs(self, layers: Sequence[nn.Module], x: torch.Tensor) -> list[torch.Tensor] | None:
-        """What ``[layer(x) for layer in layers]`` returns, for decode rows ``x`` that every one of ``layers`` (members of
-        this group, without hooks) multiplies on the integer path through the VNNI kernel: one kernel call and no
-        module call per layer. None where one of them would take another path (then call the layers)."""
-        if len(self.members) < 2 or not all(layer in self._columns and not _has_hooks(layer) for layer in layers):
-            return None
-        first = layers[0]
-        plan = first.integer_plan(x)
-        flat = x.reshape(-1, first.in_features)
-        if plan is None or not first._vnni_rows(flat) or any(layer.integer_plan(x) != plan for layer in layers[1:]):
-            return None
-        return [self.vnni_output(layer, flat, x, plan[0], *plan[1]).view(*x.shape[:-1], layer.out_features) for layer in layers]
-
     def vnni_output(self, member: "Int8Linear", flat: torch.Tensor, source: torch.Tensor,
                     threshold_of: Callable[..., torch.Tensor], *args) -> torch.Tensor:
         """``member``'s product of decode rows ``flat`` (``source`` reshaped) by the VNNI kernel, which the first member
@@ -481,21 +466,12 @@ class Int8Linear(nn.Module):
         wanted = self.group_size >= self.in_features if self.integer_matmul is None else self.integer_matmul
         return wanted and not torch.is_grad_enabled() and int8_matmul_available(x.device)
 
-    def integer_plan(self, x: torch.Tensor) -> tuple[Callable[..., torch.Tensor], tuple] | None:
-        """``(threshold_of, args)`` where this layer multiplies the plain input ``x`` on the integer path straight away
-        (its own neuron, not observed; or W8A8's per-token scale), else None."""
-        neuron = self.spike_input
-        if neuron is not None:  # what neuron.apply would hand over, without the detour
-            return (adaptive_threshold, (neuron.k,)) if neuron.observer is None and self._integer(x) else None
-        return (per_token_int8_scale, ()) if self.int8_activations and self._integer(x) else None
-
     def forward(self, x: torch.Tensor | SpikingInput) -> torch.Tensor:
-        if not isinstance(x, SpikingInput):
-            plan = self.integer_plan(x)
-            if plan is not None:
-                return self._integer_forward(x, plan[0], *plan[1])
-            if self.spike_input is not None:
-                x = self.spike_input.apply(self, x)
+        neuron = self.spike_input
+        if neuron is not None and not isinstance(x, SpikingInput):
+            if neuron.observer is None and self._integer(x):  # what neuron.apply would hand over, without the detour
+                return self._integer_forward(x, adaptive_threshold, neuron.k)
+            x = neuron.apply(self, x)
         if isinstance(x, SpikingInput):
             if self._integer(x.x):
                 return self._integer_forward(x.x, adaptive_threshold, x.k)
@@ -606,20 +582,6 @@ def link_sibling_products(model: nn.Module) -> int:
                     layer.product_group = group
                 linked += 1
     return linked
-
-
-def apply_siblings(layers: Sequence[nn.Module], x: torch.Tensor) -> list[torch.Tensor]:
-    """``[layer(x) for layer in layers]``; sibling INT8 layers that share one product (``link_sibling_products``) get
-    their decode rows from one kernel call, without a module call each (a decode step has ~100 such calls fewer)."""
-    group = getattr(layers[0], "product_group", None)
-    outputs = group.decode_outputs(layers, x) if isinstance(group, ProductGroup) else None
-    return outputs if outputs is not None else [layer(x) for layer in layers]
-
-
-def _has_hooks(module: nn.Module) -> bool:
-    """Whether calling ``module`` would run a forward hook (its own or a global one) that ``forward`` alone skips."""
-    return bool(module._forward_hooks or module._forward_pre_hooks or torch_module._global_forward_hooks
-                or torch_module._global_forward_pre_hooks)
 
 
 def _has_submodule(module: nn.Module, name: str) -> bool:
