@@ -90,85 +90,111 @@ static inline __mmask16 chunk_mask(int64_t remaining) {
     return remaining >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << remaining) - 1);
 }
 
-/* one (batch row, key/value head): query heads q[g * dim], their outputs out[g * dim], scores scratch [G, T]; with int8
+/* out[(g0 + g) * dim + 16 * (c0 + c) ...] = inverse[g] * sum_t scores[g * keys + t] * v_t for query heads g < ng and
+ * value chunks c < nc; always inlined with constant counts, so that the accumulators stay in registers */
+AVX512 static inline __attribute__((always_inline)) void weighted_values(int64_t c0, const int64_t nc, int64_t g0, const int64_t ng,
+                                                                       int64_t dim, int64_t keys, const void *v, int64_t v_pos,
+                                                                       int kind, const float *scores, const float *inverse, float *out) {
+    __m512 acc[HEADS_AT_ONCE][CHUNKS_AT_ONCE];
+    for (int64_t g = 0; g < ng; g++)
+        for (int64_t c = 0; c < nc; c++) acc[g][c] = _mm512_setzero_ps();
+    for (int64_t t = 0; t < keys; t++) {
+        if (c0 == 0 && t + PREFETCH_ROWS < keys) prefetch_row(v, (t + PREFETCH_ROWS) * v_pos, dim, kv_width(kind));
+        for (int64_t c = 0; c < nc; c++) {
+            __m512 vc = load_row(v, t * v_pos + 16 * (c0 + c), chunk_mask(dim - 16 * (c0 + c)), kind);
+            for (int64_t g = 0; g < ng; g++) acc[g][c] = _mm512_fmadd_ps(_mm512_set1_ps(scores[g * keys + t]), vc, acc[g][c]);
+        }
+    }
+    for (int64_t g = 0; g < ng; g++)
+        for (int64_t c = 0; c < nc; c++)
+            _mm512_mask_storeu_ps(out + (g0 + g) * dim + 16 * (c0 + c), chunk_mask(dim - 16 * (c0 + c)),
+                                  _mm512_mul_ps(acc[g][c], _mm512_set1_ps(inverse[g])));
+}
+
+/* query heads g0 .. g0 + ng - 1 of one (batch row, key/value head): query heads q[g * dim], their outputs out[g * dim],
+ * scores scratch [G, T]; with int8
  * codes, ks[t * ks_pos] and vs[t * vs_pos] are the scales of key t and of value t. Without
  * tops (NULL) the outputs are the attention; with tops and totals [G] they are the weighted sums before division, and
  * tops and totals receive each head's largest score and its softmax denominator at that shift (a part to merge). */
+AVX512 static inline __attribute__((always_inline)) void attend_heads(int64_t g0, const int64_t ng, int64_t chunks,
+                                const float *q, int64_t dim, int64_t keys, const void *k, int64_t k_pos,
+                                const void *v, int64_t v_pos, int kind, const float *ks, int64_t ks_pos, const float *vs,
+                                int64_t vs_pos, float scale, float *out, float *scores, float *tops, float *totals) {
+    int64_t t = 0;
+    for (; t + KEYS_AT_ONCE <= keys; t += KEYS_AT_ONCE) {  /* scores of four keys at once, summed together */
+        for (int j = 0; j < KEYS_AT_ONCE; j++)
+            if (t + PREFETCH_ROWS + j < keys) prefetch_row(k, (t + PREFETCH_ROWS + j) * k_pos, dim, kv_width(kind));
+        __m512 acc[HEADS_AT_ONCE][KEYS_AT_ONCE];
+        for (int64_t g = 0; g < ng; g++)
+            for (int j = 0; j < KEYS_AT_ONCE; j++) acc[g][j] = _mm512_setzero_ps();
+        for (int64_t c = 0; c < chunks; c++) {
+            __mmask16 m = chunk_mask(dim - 16 * c);
+            __m512 kc[KEYS_AT_ONCE];
+            for (int j = 0; j < KEYS_AT_ONCE; j++) kc[j] = load_row(k, (t + j) * k_pos + 16 * c, m, kind);
+            for (int64_t g = 0; g < ng; g++) {
+                __m512 qc = _mm512_maskz_loadu_ps(m, q + (g0 + g) * dim + 16 * c);
+                for (int j = 0; j < KEYS_AT_ONCE; j++) acc[g][j] = _mm512_fmadd_ps(qc, kc[j], acc[g][j]);
+            }
+        }
+        for (int64_t g = 0; g < ng; g++)
+            _mm_storeu_ps(scores + g * keys + t, _mm_mul_ps(sums_of_four(acc[g][0], acc[g][1], acc[g][2], acc[g][3]), _mm_set1_ps(scale)));
+    }
+    for (; t < keys; t++) {  /* the last keys one at a time, each read once for the ng query heads */
+        __m512 acc[HEADS_AT_ONCE];
+        for (int64_t g = 0; g < ng; g++) acc[g] = _mm512_setzero_ps();
+        for (int64_t c = 0; c < chunks; c++) {
+            __mmask16 m = chunk_mask(dim - 16 * c);
+            __m512 kc = load_row(k, t * k_pos + 16 * c, m, kind);
+            for (int64_t g = 0; g < ng; g++)
+                acc[g] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, q + (g0 + g) * dim + 16 * c), kc, acc[g]);
+        }
+        for (int64_t g = 0; g < ng; g++) scores[g * keys + t] = _mm512_reduce_add_ps(acc[g]) * scale;
+    }
+    if (ks)  /* int8 keys: each score times its key's scale */
+        for (int64_t g = 0; g < ng; g++)
+            for (int64_t t = 0; t < keys; t++) scores[g * keys + t] *= ks[t * ks_pos];
+    float inverse[HEADS_AT_ONCE];
+    for (int64_t g = 0; g < ng; g++) {  /* softmax weights, unnormalised, and 1 / their sum */
+        float *s = scores + g * keys;
+        __m512 top = _mm512_set1_ps(-INFINITY);
+        for (int64_t t = 0; t < keys; t += 16) top = _mm512_max_ps(top, _mm512_mask_loadu_ps(top, chunk_mask(keys - t), s + t));
+        float largest = _mm512_reduce_max_ps(top);
+        __m512 shift = _mm512_set1_ps(largest), total = _mm512_setzero_ps();
+        for (int64_t t = 0; t < keys; t += 16) {
+            __mmask16 m = chunk_mask(keys - t);
+            __m512 e = _mm512_maskz_mov_ps(m, exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, s + t), shift)));
+            _mm512_mask_storeu_ps(s + t, m, e);
+            total = _mm512_add_ps(total, e);
+        }
+        float sum = _mm512_reduce_add_ps(total);
+        inverse[g] = tops ? 1.0f : 1.0f / sum;
+        if (tops) tops[g0 + g] = largest, totals[g0 + g] = sum;
+        if (vs)  /* int8 values: each weight times its value's scale, after the softmax sum */
+            for (int64_t t = 0; t < keys; t++) s[t] *= vs[t * vs_pos];
+    }
+    for (int64_t c0 = 0; c0 < chunks; c0 += CHUNKS_AT_ONCE) {  /* weighted values: each value read once per block */
+        if (chunks - c0 >= CHUNKS_AT_ONCE)
+            weighted_values(c0, CHUNKS_AT_ONCE, g0, ng, dim, keys, v, v_pos, kind, scores, inverse, out);
+        else
+            weighted_values(c0, chunks - c0, g0, ng, dim, keys, v, v_pos, kind, scores, inverse, out);
+    }
+}
+
+/* the query heads of one (batch row, key/value head) in groups of HEADS_AT_ONCE, each group through attend_heads with
+ * its head count a constant (its accumulators then stay in registers: with a count known only at run time they were
+ * kept on the stack) */
 AVX512 static void attend_group(const float *q, int64_t group, int64_t dim, int64_t keys, const void *k, int64_t k_pos,
                                 const void *v, int64_t v_pos, int kind, const float *ks, int64_t ks_pos, const float *vs,
                                 int64_t vs_pos, float scale, float *out, float *scores, float *tops, float *totals) {
     int64_t chunks = (dim + 15) / 16;
     for (int64_t g0 = 0; g0 < group; g0 += HEADS_AT_ONCE) {
         int64_t ng = group - g0 < HEADS_AT_ONCE ? group - g0 : HEADS_AT_ONCE;
-        int64_t t = 0;
-        for (; t + KEYS_AT_ONCE <= keys; t += KEYS_AT_ONCE) {  /* scores of four keys at once, summed together */
-            for (int j = 0; j < KEYS_AT_ONCE; j++)
-                if (t + PREFETCH_ROWS + j < keys) prefetch_row(k, (t + PREFETCH_ROWS + j) * k_pos, dim, kv_width(kind));
-            __m512 acc[HEADS_AT_ONCE][KEYS_AT_ONCE];
-            for (int64_t g = 0; g < ng; g++)
-                for (int j = 0; j < KEYS_AT_ONCE; j++) acc[g][j] = _mm512_setzero_ps();
-            for (int64_t c = 0; c < chunks; c++) {
-                __mmask16 m = chunk_mask(dim - 16 * c);
-                __m512 kc[KEYS_AT_ONCE];
-                for (int j = 0; j < KEYS_AT_ONCE; j++) kc[j] = load_row(k, (t + j) * k_pos + 16 * c, m, kind);
-                for (int64_t g = 0; g < ng; g++) {
-                    __m512 qc = _mm512_maskz_loadu_ps(m, q + (g0 + g) * dim + 16 * c);
-                    for (int j = 0; j < KEYS_AT_ONCE; j++) acc[g][j] = _mm512_fmadd_ps(qc, kc[j], acc[g][j]);
-                }
-            }
-            for (int64_t g = 0; g < ng; g++)
-                _mm_storeu_ps(scores + g * keys + t, _mm_mul_ps(sums_of_four(acc[g][0], acc[g][1], acc[g][2], acc[g][3]), _mm_set1_ps(scale)));
-        }
-        for (; t < keys; t++) {  /* the last keys one at a time, each read once for the ng query heads */
-            __m512 acc[HEADS_AT_ONCE];
-            for (int64_t g = 0; g < ng; g++) acc[g] = _mm512_setzero_ps();
-            for (int64_t c = 0; c < chunks; c++) {
-                __mmask16 m = chunk_mask(dim - 16 * c);
-                __m512 kc = load_row(k, t * k_pos + 16 * c, m, kind);
-                for (int64_t g = 0; g < ng; g++)
-                    acc[g] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, q + (g0 + g) * dim + 16 * c), kc, acc[g]);
-            }
-            for (int64_t g = 0; g < ng; g++) scores[g * keys + t] = _mm512_reduce_add_ps(acc[g]) * scale;
-        }
-        if (ks)  /* int8 keys: each score times its key's scale */
-            for (int64_t g = 0; g < ng; g++)
-                for (int64_t t = 0; t < keys; t++) scores[g * keys + t] *= ks[t * ks_pos];
-        float inverse[HEADS_AT_ONCE];
-        for (int64_t g = 0; g < ng; g++) {  /* softmax weights, unnormalised, and 1 / their sum */
-            float *s = scores + g * keys;
-            __m512 top = _mm512_set1_ps(-INFINITY);
-            for (int64_t t = 0; t < keys; t += 16) top = _mm512_max_ps(top, _mm512_mask_loadu_ps(top, chunk_mask(keys - t), s + t));
-            float largest = _mm512_reduce_max_ps(top);
-            __m512 shift = _mm512_set1_ps(largest), total = _mm512_setzero_ps();
-            for (int64_t t = 0; t < keys; t += 16) {
-                __mmask16 m = chunk_mask(keys - t);
-                __m512 e = _mm512_maskz_mov_ps(m, exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, s + t), shift)));
-                _mm512_mask_storeu_ps(s + t, m, e);
-                total = _mm512_add_ps(total, e);
-            }
-            float sum = _mm512_reduce_add_ps(total);
-            inverse[g] = tops ? 1.0f : 1.0f / sum;
-            if (tops) tops[g0 + g] = largest, totals[g0 + g] = sum;
-            if (vs)  /* int8 values: each weight times its value's scale, after the softmax sum */
-                for (int64_t t = 0; t < keys; t++) s[t] *= vs[t * vs_pos];
-        }
-        for (int64_t c0 = 0; c0 < chunks; c0 += CHUNKS_AT_ONCE) {  /* weighted values: each value read once per block */
-            int64_t nc = chunks - c0 < CHUNKS_AT_ONCE ? chunks - c0 : CHUNKS_AT_ONCE;
-            __m512 acc[HEADS_AT_ONCE][CHUNKS_AT_ONCE];
-            for (int64_t g = 0; g < ng; g++)
-                for (int64_t c = 0; c < nc; c++) acc[g][c] = _mm512_setzero_ps();
-            for (int64_t t = 0; t < keys; t++) {
-                if (c0 == 0 && t + PREFETCH_ROWS < keys) prefetch_row(v, (t + PREFETCH_ROWS) * v_pos, dim, kv_width(kind));
-                for (int64_t c = 0; c < nc; c++) {
-                    __m512 vc = load_row(v, t * v_pos + 16 * (c0 + c), chunk_mask(dim - 16 * (c0 + c)), kind);
-                    for (int64_t g = 0; g < ng; g++) acc[g][c] = _mm512_fmadd_ps(_mm512_set1_ps(scores[g * keys + t]), vc, acc[g][c]);
-                }
-            }
-            for (int64_t g = 0; g < ng; g++)
-                for (int64_t c = 0; c < nc; c++)
-                    _mm512_mask_storeu_ps(out + (g0 + g) * dim + 16 * (c0 + c), chunk_mask(dim - 16 * (c0 + c)),
-                                          _mm512_mul_ps(acc[g][c], _mm512_set1_ps(inverse[g])));
-        }
+#define HEADS(n) attend_heads(g0, n, chunks, q, dim, keys, k, k_pos, v, v_pos, kind, ks, ks_pos, vs, vs_pos, scale, out, scores, tops, totals)
+        if (ng == 1) HEADS(1);
+        else if (ng == 2) HEADS(2);
+        else if (ng == 3) HEADS(3);
+        else HEADS(HEADS_AT_ONCE);
+#undef HEADS
     }
 }
 
