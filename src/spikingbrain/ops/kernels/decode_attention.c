@@ -48,7 +48,8 @@ static inline int kv_width(int kind) { return kind == KV_FP32 ? 4 : kind == KV_F
 /* ask for the cache lines of the row at element offset at (dim elements of width bytes) */
 static inline void prefetch_row(const void *base, int64_t at, int64_t dim, int width) {
     const char *row = (const char *)base + at * width;
-    for (int64_t byte = 0; byte < dim * width; byte += 64) _mm_prefetch(row + byte, _MM_HINT_T0);
+    /* __builtin_prefetch, not _mm_prefetch: GCC 12 dropped the latter from the always-inlined bodies below */
+    for (int64_t byte = 0; byte < dim * width; byte += 64) __builtin_prefetch(row + byte, 0, 3);
 }
 
 /* 16 (masked) elements of a key or value row from element offset at, as fp32 (int8: the codes, unscaled) */
