@@ -78,3 +78,23 @@ def test_scores_depend_only_on_relative_position():
 def test_odd_head_dim_is_rejected():
     with pytest.raises(ValueError, match="head_dim"):
         rotary_inv_freq(7, 10000.0)
+
+
+@pytest.mark.parametrize("T", [1, 5])
+def test_rotate_query_key_equals_apply_rotary_bit_for_bit(monkeypatch, T):
+    """Queries and keys of one decode position go through the C kernel (two calls), more positions through one
+    ``apply_rotary``; either way each equals ``apply_rotary`` of it alone, bit for bit, also for strided views."""
+    from spikingbrain.ops import rotary
+
+    calls = []
+    kernel = rotary._kernel_rotate
+    monkeypatch.setattr(rotary, "_kernel_rotate", lambda *a: calls.append(a[0].shape) or kernel(*a))
+    g = torch.Generator().manual_seed(T)
+    product = torch.randn(1, T, 9 * 64 + 3 * 64 + 3 * 64, generator=g)  # q, k, v side by side, as a shared product
+    q, k = product[..., : 9 * 64].view(1, T, 9, 64), product[..., 9 * 64 : 12 * 64].view(1, T, 3, 64)
+    cos, sin = rotary_cos_sin(torch.arange(100, 100 + T).view(1, T), rotary_inv_freq(64, 10000.0))
+    with torch.inference_mode():
+        got_q, got_k = rotary.rotate_query_key(q, k, cos, sin)
+    assert torch.equal(got_q, apply_rotary(q, cos, sin)) and torch.equal(got_k, apply_rotary(k, cos, sin))
+    used = rotary._rotary_library() is not None and T == 1
+    assert calls == ([q.shape, k.shape] if used else [])

@@ -9,7 +9,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..ops import apply_rotary, causal_attention, chunk_delta_rule, chunk_gla, recurrent_delta_rule, recurrent_gla, sliding_window_attention
+from ..ops import (
+    causal_attention, chunk_delta_rule, chunk_gla, recurrent_delta_rule, recurrent_gla, rotate_query_key, sliding_window_attention,
+)
 from ..ops.attention import Int8Rows
 from ..spiking.int8 import fake_quantize_int8
 from ..spiking.neuron import spike_quantize
@@ -203,10 +205,8 @@ class SoftmaxAttention(_Mixer):
         return proj.k_proj(self.sinks).view(shape), proj.v_proj(self.sinks).view(shape)
 
     def heads(self, x, q, k, v, inputs, cache: WindowKV | FullKV | None, proj: _Mixer) -> torch.Tensor:
-        B, heads = x.shape[0], q.shape[2]
-        # q and k rotated as one tensor: half the small ops of a decode step's rotation, the same values
-        rotated = apply_rotary(torch.cat((q, k), 2), inputs.cos, inputs.sin)
-        q, k = rotated[:, :, :heads], rotated[:, :, heads:]
+        B = x.shape[0]
+        q, k = rotate_query_key(q, k, inputs.cos, inputs.sin)
         if self.query_spike_k:  # threshold per token and head
             q = spike_quantize(q, self.query_spike_k)
         n = 0 if self.sinks is None else self.sinks.shape[0]

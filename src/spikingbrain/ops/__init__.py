@@ -4,10 +4,11 @@ from .attention import causal_attention, sliding_window_attention
 from .delta_rule import chunk_delta_rule, recurrent_delta_rule
 from .gla import chunk_gla, naive_gla, recurrent_gla
 from .int8 import int8_matmul_available
-from .rotary import apply_rotary, rotary_cos_sin, rotary_inv_freq
+from .rotary import apply_rotary, rotary_cos_sin, rotary_inv_freq, rotate_query_key
 
 __all__ = [
     "apply_rotary",
+    "rotate_query_key",
     "causal_attention",
     "chunk_delta_rule",
     "chunk_gla",
