@@ -99,7 +99,7 @@ class Int8Rows:
         lib = _attention_library()
         codes, scales = self.codes[:, position], self.scales[:, position]
         if lib is None or rows.dtype != torch.float32 or rows.device.type != "cpu" or rows.stride(-1) != 1 or codes.stride(-1) != 1 \
-                or rows.shape != codes.shape or (torch.is_grad_enabled() and rows.requires_grad):
+                or rows.shape != codes.shape:  # (the indexed write detaches the rows too)
             self[:, position] = rows
             return
         lib.sb_quantize_rows(rows.data_ptr(), *rows.shape, rows.stride(0), rows.stride(1),

@@ -42,8 +42,8 @@ from .data import (
     packed_rows_with_targets,
     split_held_out,
 )
-from .report import continued_curve, plot_training_curve, training_curve
 from .int8_products import int8_frozen_products
+from .report import continued_curve, plot_training_curve, training_curve
 from .lora import LoRALinear, add_lora, lora_parameters, merge_lora
 from .losses import chunked_distill_loss, full_distill_loss
 from .teacher_targets import TeacherTargets

@@ -113,10 +113,10 @@ AVX512 static inline __attribute__((always_inline)) void weighted_values(int64_t
 }
 
 /* query heads g0 .. g0 + ng - 1 of one (batch row, key/value head): query heads q[g * dim], their outputs out[g * dim],
- * scores scratch [G, T]; with int8
- * codes, ks[t * ks_pos] and vs[t * vs_pos] are the scales of key t and of value t. Without
- * tops (NULL) the outputs are the attention; with tops and totals [G] they are the weighted sums before division, and
- * tops and totals receive each head's largest score and its softmax denominator at that shift (a part to merge). */
+ * scores scratch [G, T]; with int8 codes, ks[t * ks_pos] and vs[t * vs_pos] are the scales of key t and of value t.
+ * Without tops (NULL) the outputs are the attention; with tops and totals [G] they are the weighted sums before
+ * division, and tops and totals receive each head's largest score and its softmax denominator at that shift (a part to
+ * merge). Always inlined with a constant ng (attend_group). */
 AVX512 static inline __attribute__((always_inline)) void attend_heads(int64_t g0, const int64_t ng, int64_t chunks,
                                 const float *q, int64_t dim, int64_t keys, const void *k, int64_t k_pos,
                                 const void *v, int64_t v_pos, int kind, const float *ks, int64_t ks_pos, const float *vs,
