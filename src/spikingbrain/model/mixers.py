@@ -13,8 +13,9 @@ from ..ops import (
     causal_attention, chunk_delta_rule, chunk_gla, recurrent_delta_rule, recurrent_gla, rotate_query_key, sliding_window_attention,
 )
 from ..ops.attention import Int8Rows
+from ..ops.integer_attention import integer_attention, integer_attention_applies
 from ..spiking.int8 import fake_quantize_int8
-from ..spiking.neuron import spike_quantize
+from ..spiking.neuron import spike_counts, spike_quantize
 from .cache import FullKV, GLAState, ParallelState, RowCaches, WindowKV, stack_states, unstack_states
 from .config import SpikingBrainConfig
 from .layers import RMSNorm
@@ -198,6 +199,7 @@ class SoftmaxAttention(_Mixer):
         self.norm = RMSNorm(config.head_dim, eps=config.rms_norm_eps) if output_norm else None
         self.query_spike_k: float | None = None  # W8ASpike options, set by spiking.spikify
         self.int8_kv = False
+        self.integer_attention = True  # with both: the integer kernel where it applies (False: the fp32 simulation)
 
     def sink_keys_values(self, proj: _Mixer) -> tuple[torch.Tensor, torch.Tensor]:
         """Sink keys and values ``[1, n, Hkv, D]`` through ``proj``'s k/v projections (no rotation)."""
@@ -207,8 +209,12 @@ class SoftmaxAttention(_Mixer):
     def heads(self, x, q, k, v, inputs, cache: WindowKV | FullKV | None, proj: _Mixer) -> torch.Tensor:
         B = x.shape[0]
         q, k = rotate_query_key(q, k, inputs.cos, inputs.sin)
-        if self.query_spike_k:  # threshold per token and head
+        spikes = None
+        if self.query_spike_k and torch.is_grad_enabled():  # threshold per token and head
             q = spike_quantize(q, self.query_spike_k)
+        elif self.query_spike_k:  # the counts too, for the integer attention kernel
+            spikes = spike_counts(q, self.query_spike_k)
+            q = spikes[0].to(q.dtype) * spikes[1]
         n = 0 if self.sinks is None else self.sinks.shape[0]
         if n and (cache is None or cache.sinks is None):
             sinks = self.sink_keys_values(proj)
@@ -225,13 +231,16 @@ class SoftmaxAttention(_Mixer):
             # a window cache may answer a one-token step with its ring buffer: keys out of order, all of them
             # attended, which is only right without a padding mask
             k, v = cache.extend(k, v) if self.window is None else cache.extend(k, v, ring=inputs.key_mask is None)
-        if self.int8_kv and not isinstance(k, Int8Rows):  # at use time, per token and head; the cache keeps the unquantized
-            k, v = fake_quantize_int8(k), fake_quantize_int8(v)  # values (an int8 ring holds these very codes and scales)
         mask = inputs.mask_of_keys(k.shape[1] - n, self.keep_first)
-        if self.window is None:
-            o = causal_attention(q, k, v, key_padding_mask=mask, num_sinks=n)
+        if self.int8_kv and self.integer_attention and spikes is not None and mask is None and integer_attention_applies(q, spikes[0], k, v):
+            o = integer_attention(*spikes, k, v, self.window, num_sinks=n, keep_first=self.keep_first)  # W8ASpike in integers
         else:
-            o = sliding_window_attention(q, k, v, self.window, key_padding_mask=mask, num_sinks=n, keep_first=self.keep_first)
+            if self.int8_kv and not isinstance(k, Int8Rows):  # at use time, per token and head; the cache keeps the
+                k, v = fake_quantize_int8(k), fake_quantize_int8(v)  # unquantized values (an int8 ring holds these codes)
+            if self.window is None:
+                o = causal_attention(q, k, v, key_padding_mask=mask, num_sinks=n)
+            else:
+                o = sliding_window_attention(q, k, v, self.window, key_padding_mask=mask, num_sinks=n, keep_first=self.keep_first)
         return o if self.norm is None else self.norm(o)
 
 

@@ -555,10 +555,14 @@ def _onednn_layout(layer: Int8Linear):
 def set_integer_matmul(model: nn.Module, enabled: bool | None) -> int:
     """Choose the integer path (and W8's fused decode product) of every ``Int8Linear`` in ``model``: None (the default)
     where it is faster (per-channel weights; with groups of 128 the simulation ran faster on this project's CPU), True
-    for every layer, False for none (the fp32 simulation: the dequantised weight); returns how many."""
+    for every layer, False for none (the fp32 simulation: the dequantised weight); returns how many. W8ASpike
+    attention layers (those with an ``integer_attention`` switch) follow: False computes their attention in fp32 too."""
     layers = [m for m in model.modules() if isinstance(m, Int8Linear)]
     for layer in layers:
         layer.integer_matmul = None if enabled is None else bool(enabled)
+    for module in model.modules():
+        if hasattr(module, "integer_attention"):
+            module.integer_attention = enabled is not False
     return len(layers)
 
 

@@ -1,0 +1,303 @@
+/* Causal softmax attention of many queries (a prefill) in integers, with AVX-512 VNNI: W8ASpike's attention, whose
+ * query is a spike count times a threshold and whose keys and values are int8 codes times a scale per key and head.
+ *
+ * Scores: the int8 counts times the int8 key codes, summed in int32 by vpdpbusd (the counts offset by 128 to make them
+ * unsigned, and 128 times each key's code sum taken off again), times the query's and the key's scale: the same
+ * numbers as the fp32 product of the dequantised query and key, up to fp32 rounding. Softmax: online, in fp32, over
+ * tiles of TILE keys. Weighted values: within a tile, each weight times its value's scale is rounded to a 15-bit integer
+ * on the tile's own scale (its largest weight is 32767), multiplied by the int8 value codes widened to int16 and summed
+ * in int32 by vpdpwssd, then added in fp32; the softmax denominator sums the same rounded weights, so each query's
+ * weights still sum to one. That rounding is the kernel's one departure from the fp32 computation.
+ *
+ * Queries: counts [B, Tq, H, D] int8 (contiguous) and scales [B, Tq, H] fp32 (threshold times the softmax scale).
+ * Keys and values: int8 codes [B, Tk, Hkv, D] and fp32 scales [B, Tk, Hkv], given by their strides (each key's D codes
+ * contiguous). The first `sinks` keys are sink keys that every query sees; key sinks + j is the real key at position j.
+ * Query i sits at position offset + i and sees real key j where j <= its position and (window < 0, or position - j
+ * <= window, or j < keep_first). Grouped-query attention: query head h * G + g uses key/value head h, G = H / Hkv.
+ * D must be a multiple of 16. Output [B, Tq, H, D] fp32, contiguous. */
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "thread_pool.h"
+#include "vector_math.h"
+
+#define VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
+
+/* keys per tile of the online softmax (a multiple of 16; with 15-bit weights and 7-bit value codes a tile's int32 sums
+ * stay below 2^31 up to 1024 keys) */
+#define TILE 64
+/* queries of one key/value head per work item: the G * QUERY_BLOCK rows share every key and value tile they read */
+#define QUERY_BLOCK 16
+/* rows whose scores and weighted values are summed at once (their accumulators stay in registers) */
+#define ROWS 4
+#define WEIGHT_MAX 32767.0f
+
+int sb_integer_attention_supported(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl")
+           && __builtin_cpu_supports("avx512vnni");
+}
+
+/* One key/value head's keys and values, repacked for the products (padded keys: zero codes and scales).
+ * keys: [padded / 16][D / 4][16 keys][4 codes], the layout vpdpbusd reads 16 keys from;
+ * values: [padded / 2][D][2 keys] int16, the layout vpdpwssd reads 16 features of two keys from;
+ * key_offsets: 128 * the sum of each key's codes; key_scales, value_scales, value_inverses (1 / scale) per key. */
+typedef struct {
+    int8_t *keys;
+    int16_t *values;
+    int32_t *key_offsets;
+    float *key_scales, *value_scales, *value_inverses;
+} packed_head;
+
+typedef struct {
+    const int8_t *qc;
+    const float *qs;
+    int64_t batch, queries, heads, kv_heads, dim, keys, padded, sinks, window, keep_first, offset, blocks;
+    const int8_t *kc, *vc;
+    int64_t kc_b, kc_t, kc_h, vc_b, vc_t, vc_h;
+    const float *ks, *vs;
+    int64_t ks_b, ks_t, ks_h, vs_b, vs_t, vs_h;
+    int8_t *packed_keys;
+    int16_t *packed_values;
+    float *scalars; /* per (batch row, kv head): key_offsets (as int32), key_scales, value_scales, value_inverses */
+    float *out;
+    int failed;
+} attention_args;
+
+static packed_head head_of(const attention_args *a, int64_t pair) {
+    packed_head p;
+    p.keys = a->packed_keys + pair * a->padded * a->dim;
+    p.values = a->packed_values + pair * a->padded * a->dim;
+    float *s = a->scalars + pair * 4 * a->padded;
+    p.key_offsets = (int32_t *)s;
+    p.key_scales = s + a->padded;
+    p.value_scales = s + 2 * a->padded;
+    p.value_inverses = s + 3 * a->padded;
+    return p;
+}
+
+static void pack_tasks(void *context, int64_t begin, int64_t end) {
+    const attention_args *a = context;
+    int64_t dim = a->dim;
+    for (int64_t pair = begin; pair < end; pair++) {
+        int64_t b = pair / a->kv_heads, h = pair % a->kv_heads;
+        packed_head p = head_of(a, pair);
+        memset(p.keys, 0, (size_t)(a->padded * dim));
+        memset(p.values, 0, sizeof(int16_t) * (size_t)(a->padded * dim));
+        memset(p.key_offsets, 0, sizeof(float) * 4 * (size_t)a->padded);
+        for (int64_t t = 0; t < a->keys; t++) {
+            const int8_t *k = a->kc + b * a->kc_b + t * a->kc_t + h * a->kc_h;
+            const int8_t *v = a->vc + b * a->vc_b + t * a->vc_t + h * a->vc_h;
+            int32_t sum = 0;
+            for (int64_t d = 0; d < dim; d++) {
+                p.keys[((t / 16) * (dim / 4) + d / 4) * 64 + (t % 16) * 4 + d % 4] = k[d];
+                p.values[((t / 2) * dim + d) * 2 + t % 2] = v[d];
+                sum += k[d];
+            }
+            p.key_offsets[t] = 128 * sum;
+            p.key_scales[t] = a->ks[b * a->ks_b + t * a->ks_t + h * a->ks_h];
+            p.value_scales[t] = a->vs[b * a->vs_b + t * a->vs_t + h * a->vs_h];
+            p.value_inverses[t] = 1.0f / p.value_scales[t];
+        }
+    }
+}
+
+/* which of the 16 keys from key index k0 on the query at position pos sees */
+VNNI static inline __mmask16 visible(const attention_args *a, int64_t k0, int64_t pos) {
+    __m512i index = _mm512_add_epi32(_mm512_set1_epi32((int32_t)k0), _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+    __m512i position = _mm512_sub_epi32(index, _mm512_set1_epi32((int32_t)a->sinks));
+    __mmask16 exists = _mm512_cmplt_epi32_mask(index, _mm512_set1_epi32((int32_t)a->keys));
+    __mmask16 sink = _mm512_cmplt_epi32_mask(index, _mm512_set1_epi32((int32_t)a->sinks));
+    __mmask16 causal = _mm512_cmple_epi32_mask(position, _mm512_set1_epi32((int32_t)pos));
+    __mmask16 near = a->window < 0 ? (__mmask16)0xFFFF : _mm512_cmpge_epi32_mask(position, _mm512_set1_epi32((int32_t)(pos - a->window)));
+    __mmask16 kept = _mm512_cmplt_epi32_mask(position, _mm512_set1_epi32((int32_t)a->keep_first));
+    return exists & (sink | (causal & (near | kept)));
+}
+
+/* scores [rows][TILE] of rows r0 .. r0 + ROWS - 1 over the tile from key k0: int32 products, then scaled */
+VNNI static inline __attribute__((always_inline)) void tile_scores(const int64_t dim, const uint8_t *queries, const float *query_scales,
+                                                                   const packed_head *p, int64_t k0, int64_t r0, float *scores) {
+    __m512i acc[ROWS][TILE / 16];
+    for (int r = 0; r < ROWS; r++)
+        for (int s = 0; s < TILE / 16; s++) acc[r][s] = _mm512_setzero_si512();
+    const int8_t *keys = p->keys + (k0 / 16) * 16 * dim;
+    for (int64_t d4 = 0; d4 < dim / 4; d4++) {
+        __m512i k[TILE / 16];
+        for (int s = 0; s < TILE / 16; s++) k[s] = _mm512_loadu_si512(keys + (s * (dim / 4) + d4) * 64);
+        for (int r = 0; r < ROWS; r++) {
+            __m512i q = _mm512_set1_epi32(*(const int32_t *)(queries + (r0 + r) * dim + 4 * d4));
+            for (int s = 0; s < TILE / 16; s++) acc[r][s] = _mm512_dpbusd_epi32(acc[r][s], q, k[s]);
+        }
+    }
+    for (int s = 0; s < TILE / 16; s++) {
+        __m512i offsets = _mm512_loadu_si512(p->key_offsets + k0 + 16 * s);
+        __m512 key_scales = _mm512_loadu_ps(p->key_scales + k0 + 16 * s);
+        for (int r = 0; r < ROWS; r++) {
+            __m512 products = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[r][s], offsets));
+            _mm512_storeu_ps(scores + (r0 + r) * TILE + 16 * s,
+                             _mm512_mul_ps(products, _mm512_mul_ps(key_scales, _mm512_set1_ps(query_scales[r0 + r]))));
+        }
+    }
+}
+
+/* totals[r][dim] = the int32 sums over the tile from key k0 of weights[r][key] times the value codes, rows r0 .. + ROWS,
+ * features f0 .. f0 + 63 */
+VNNI static inline __attribute__((always_inline)) void tile_values(const int64_t dim, const int16_t *weights, const packed_head *p,
+                                                                   int64_t k0, int64_t r0, int64_t f0, __m512i acc[ROWS][4]) {
+    for (int r = 0; r < ROWS; r++)
+        for (int c = 0; c < 4; c++) acc[r][c] = _mm512_setzero_si512();
+    const int16_t *values = p->values + k0 * dim;
+    for (int64_t pair = 0; pair < TILE / 2; pair++) {
+        __m512i v[4];
+        for (int c = 0; c < 4; c++) v[c] = _mm512_loadu_si512(values + (pair * dim + f0 + 16 * c) * 2);
+        for (int r = 0; r < ROWS; r++) {
+            __m512i w = _mm512_set1_epi32(*(const int32_t *)(weights + (r0 + r) * TILE + 2 * pair));
+            for (int c = 0; c < 4; c++) acc[r][c] = _mm512_dpwssd_epi32(acc[r][c], w, v[c]);
+        }
+    }
+}
+
+/* one work item: the queries i0 .. i0 + n - 1 of key/value head h in batch row b, all G query heads */
+VNNI static inline __attribute__((always_inline)) void attend_block(const attention_args *a, const int64_t dim, int64_t b, int64_t h,
+                                                                    int64_t i0, int64_t n, uint8_t *queries, float *query_scales,
+                                                                    float *scores, int16_t *weights, float *outputs, float *state) {
+    int64_t group = a->heads / a->kv_heads, rows = n * group, padded_rows = (rows + ROWS - 1) / ROWS * ROWS;
+    float *top = state, *total = state + padded_rows, *rescale = state + 2 * padded_rows, *unit = state + 3 * padded_rows;
+    packed_head p = head_of(a, b * a->kv_heads + h);
+    for (int64_t r = 0; r < padded_rows; r++) {  /* row r: query i0 + r / G, head h * G + r % G; padding repeats the last */
+        int64_t row = r < rows ? r : rows - 1, i = i0 + row / group, head = h * group + row % group;
+        const int8_t *q = a->qc + ((b * a->queries + i) * a->heads + head) * dim;
+        for (int64_t d = 0; d < dim; d++) queries[r * dim + d] = (uint8_t)(q[d] + 128);
+        query_scales[r] = a->qs[(b * a->queries + i) * a->heads + head];
+        top[r] = -INFINITY, total[r] = 0.0f;
+    }
+    memset(outputs, 0, sizeof(float) * (size_t)(padded_rows * dim));
+    int64_t first = a->offset + i0, last = a->offset + i0 + n - 1;  /* positions of the block's queries */
+    /* key ranges: sinks and kept first keys, then the window (one range where they meet) */
+    int64_t kept_end = a->sinks + (a->keep_first < last + 1 ? a->keep_first : last + 1);
+    int64_t window_start = a->sinks + (a->window < 0 || first - a->window < 0 ? 0 : first - a->window);
+    int64_t ranges[2][2] = {{0, kept_end}, {window_start, a->sinks + last + 1}};
+    if (window_start <= kept_end) ranges[0][1] = 0, ranges[1][0] = 0;
+    int64_t covered = 0;
+    for (int range = 0; range < 2; range++) {
+        int64_t start = ranges[range][0] / 16 * 16;
+        if (start < covered) start = covered;
+        for (int64_t k0 = start; k0 < ranges[range][1]; k0 += TILE) {
+            covered = k0 + TILE;
+            for (int64_t r0 = 0; r0 < padded_rows; r0 += ROWS) tile_scores(dim, queries, query_scales, &p, k0, r0, scores);
+            __mmask16 masks[TILE / 16] = {0};
+            int64_t masked_position = -1;
+            for (int64_t r = 0; r < padded_rows; r++) {  /* online softmax, the weights rounded on the tile's scale */
+                float *s = scores + r * TILE;
+                int64_t pos = a->offset + i0 + (r < rows ? r : rows - 1) / group;
+                if (pos != masked_position)  /* the G rows of one query share its masks */
+                    for (int c = 0; c < TILE / 16; c++) masks[c] = visible(a, k0 + 16 * c, pos);
+                masked_position = pos;
+                __m512 best = _mm512_set1_ps(-INFINITY);
+                for (int c = 0; c < TILE / 16; c++) {
+                    __m512 x = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), masks[c], _mm512_loadu_ps(s + 16 * c));
+                    _mm512_storeu_ps(s + 16 * c, x);
+                    best = _mm512_max_ps(best, x);
+                }
+                float tile_top = _mm512_reduce_max_ps(best), new_top = tile_top > top[r] ? tile_top : top[r];
+                rescale[r] = new_top == -INFINITY ? 1.0f : expf(top[r] - new_top);
+                unit[r] = 0.0f;
+                int16_t *w = weights + r * TILE;
+                if (tile_top == -INFINITY) {
+                    memset(w, 0, sizeof(int16_t) * TILE);
+                    continue;
+                }
+                top[r] = new_top;
+                __m512 e[TILE / 16], largest = _mm512_setzero_ps();
+                for (int c = 0; c < TILE / 16; c++) {
+                    e[c] = _mm512_mul_ps(exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(s + 16 * c), _mm512_set1_ps(new_top))),
+                                         _mm512_loadu_ps(p.value_scales + k0 + 16 * c));
+                    largest = _mm512_max_ps(largest, e[c]);
+                }
+                float heaviest = _mm512_reduce_max_ps(largest);
+                if (heaviest == 0.0f) {
+                    memset(w, 0, sizeof(int16_t) * TILE);
+                    continue;
+                }
+                __m512 to_units = _mm512_set1_ps(WEIGHT_MAX / heaviest), sum = _mm512_setzero_ps();
+                for (int c = 0; c < TILE / 16; c++) {
+                    __m512i u = _mm512_cvt_roundps_epi32(_mm512_mul_ps(e[c], to_units), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+                    _mm256_storeu_si256((__m256i *)(w + 16 * c), _mm512_cvtsepi32_epi16(u));
+                    sum = _mm512_fmadd_ps(_mm512_cvtepi32_ps(u), _mm512_loadu_ps(p.value_inverses + k0 + 16 * c), sum);
+                }
+                unit[r] = heaviest / WEIGHT_MAX;
+                total[r] = total[r] * rescale[r] + unit[r] * _mm512_reduce_add_ps(sum);
+            }
+            for (int64_t r0 = 0; r0 < padded_rows; r0 += ROWS)
+                for (int64_t f0 = 0; f0 < dim; f0 += 64) {
+                    __m512i acc[ROWS][4];
+                    tile_values(dim, weights, &p, k0, r0, f0, acc);
+                    for (int r = 0; r < ROWS; r++)
+                        for (int c = 0; c < 4 && f0 + 16 * c < dim; c++) {
+                            float *o = outputs + (r0 + r) * dim + f0 + 16 * c;
+                            _mm512_storeu_ps(o, _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r][c]), _mm512_set1_ps(unit[r0 + r]),
+                                                                _mm512_mul_ps(_mm512_loadu_ps(o), _mm512_set1_ps(rescale[r0 + r]))));
+                        }
+                }
+        }
+    }
+    for (int64_t r = 0; r < rows; r++) {
+        int64_t i = i0 + r / group, head = h * group + r % group;
+        float *o = a->out + ((b * a->queries + i) * a->heads + head) * dim;
+        for (int64_t d = 0; d < dim; d++) o[d] = outputs[r * dim + d] / total[r];
+    }
+}
+
+VNNI static void attend_tasks(void *context, int64_t begin, int64_t end) {
+    attention_args *a = context;
+    int64_t dim = a->dim, rows = (QUERY_BLOCK * (a->heads / a->kv_heads) + ROWS - 1) / ROWS * ROWS;
+    char *scratch = malloc((size_t)(rows * dim + 4 * rows + 4 * rows * TILE + 2 * rows * TILE + 4 * rows * dim + 16 * rows + 256));
+    if (!scratch) {
+        a->failed = 1;
+        return;
+    }
+    uint8_t *queries = (uint8_t *)scratch;
+    float *query_scales = (float *)(scratch + rows * dim);
+    float *scores = query_scales + rows;
+    int16_t *weights = (int16_t *)(scores + rows * TILE);
+    float *outputs = (float *)(weights + rows * TILE);
+    float *state = outputs + rows * dim;
+    for (int64_t item = begin; item < end; item++) {
+        int64_t block = item % a->blocks, pair = item / a->blocks, b = pair / a->kv_heads, h = pair % a->kv_heads;
+        int64_t i0 = block * QUERY_BLOCK, n = a->queries - i0 < QUERY_BLOCK ? a->queries - i0 : QUERY_BLOCK;
+        if (dim == 64) attend_block(a, 64, b, h, i0, n, queries, query_scales, scores, weights, outputs, state);
+        else if (dim == 128) attend_block(a, 128, b, h, i0, n, queries, query_scales, scores, weights, outputs, state);
+        else attend_block(a, dim, b, h, i0, n, queries, query_scales, scores, weights, outputs, state);
+    }
+    free(scratch);
+}
+
+/* Returns 0, or 1 where memory for the packed keys and values could not be allocated. */
+int sb_integer_attention(const int8_t *qc, const float *qs, int64_t batch, int64_t queries, int64_t heads, int64_t dim,
+                         const int8_t *kc, int64_t kc_b, int64_t kc_t, int64_t kc_h, const float *ks, int64_t ks_b, int64_t ks_t,
+                         int64_t ks_h, const int8_t *vc, int64_t vc_b, int64_t vc_t, int64_t vc_h, const float *vs, int64_t vs_b,
+                         int64_t vs_t, int64_t vs_h, int64_t kv_heads, int64_t keys, int64_t sinks, int64_t window,
+                         int64_t keep_first, float *out, int threads) {
+    attention_args a = {qc, qs, batch, queries, heads, kv_heads, dim, keys, 0, sinks, window, keep_first,
+                        keys - sinks - queries, (queries + QUERY_BLOCK - 1) / QUERY_BLOCK, kc, vc, kc_b, kc_t, kc_h,
+                        vc_b, vc_t, vc_h, ks, vs, ks_b, ks_t, ks_h, vs_b, vs_t, vs_h, NULL, NULL, NULL, out, 0};
+    a.padded = (keys + 15) / 16 * 16 + TILE;  /* a tile may start at any multiple of 16 below keys */
+    int64_t pairs = batch * kv_heads;
+    a.packed_keys = malloc((size_t)(pairs * a.padded * dim));
+    a.packed_values = malloc(sizeof(int16_t) * (size_t)(pairs * a.padded * dim + 128));  /* + 128: a head size not a multiple of
+                                                                                   * 64 reads past its last feature */
+    a.scalars = malloc(sizeof(float) * 4 * (size_t)(pairs * a.padded));
+    int failed = !a.packed_keys || !a.packed_values || !a.scalars;
+    if (!failed) {
+        sb_parallel_for(pack_tasks, &a, pairs, threads);
+        sb_parallel_for(attend_tasks, &a, pairs * a.blocks, threads);
+        failed = a.failed;
+    }
+    free(a.packed_keys);
+    free(a.packed_values);
+    free(a.scalars);
+    return failed;
+}

@@ -1,0 +1,156 @@
+"""The integer attention kernel (``ops/kernels/integer_attention.c``): spike-count queries times int8 keys, against the
+dense masked softmax of tests/reference_impl.py in fp64 over the same dequantised numbers (W8ASpike's simulation), and
+against a product computed by hand in integers.
+
+Its scores equal the fp32 products up to rounding; its one approximation is the 15-bit rounding of each tile's
+weights (at most 1.5e-5 of the tile's largest weight each), so outputs agree to about 2e-4 of their largest value.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from reference_impl import assert_close, attention_reference, int8_rows_rounded, randomize_, sink_attention_reference
+from spikingbrain import SpikingBrainConfig, SpikingBrainForCausalLM
+from spikingbrain.ops import integer_attention as kernel_module
+from spikingbrain.ops.attention import Int8Rows
+from spikingbrain.ops.integer_attention import SPIKE_COUNT_LIMIT, integer_attention, integer_attention_applies
+from spikingbrain.spiking.apply import spikify
+from spikingbrain.spiking.int8 import set_integer_matmul
+from spikingbrain.spiking.neuron import spike_counts
+
+pytestmark = pytest.mark.skipif(kernel_module._library() is None, reason="no AVX-512 VNNI on this machine")
+
+TOL = 5e-4
+
+
+def _inputs(B, Tq, Tk, H, Hkv, D, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, Tq, H, D, generator=gen)
+    k, v = 2 * torch.randn(B, Tk, Hkv, D, generator=gen), torch.randn(B, Tk, Hkv, D, generator=gen)
+    counts, thresholds = spike_counts(q, 3.0)
+    return q, counts, thresholds, k, v
+
+
+@pytest.mark.parametrize("B,Tq,Tk,H,Hkv,D,window,keep_first", [
+    (1, 100, 100, 9, 3, 64, None, 0),  # full causal attention, the shipped model's heads
+    (2, 37, 90, 4, 2, 32, None, 0),  # a cached prefix
+    (1, 300, 300, 9, 3, 64, 50, 0),  # a sliding window
+    (1, 500, 1000, 9, 3, 64, 200, 30),  # a window with kept first keys, a cached prefix
+    (2, 70, 70, 8, 1, 16, 9, 70),  # every key kept: plain causal attention
+    (1, 257, 400, 8, 2, 128, 130, 3),  # SpikingBrain-7B's head size
+    (1, 20, 45, 6, 3, 80, 4, 0),  # a head size that is not a multiple of 64
+])
+def test_matches_dense_attention_over_the_dequantised_numbers(B, Tq, Tk, H, Hkv, D, window, keep_first):
+    q, counts, thresholds, k, v = _inputs(B, Tq, Tk, H, Hkv, D)
+    with torch.inference_mode():
+        assert integer_attention_applies(q, counts, k, v)
+        got = integer_attention(counts, thresholds, k, v, window, keep_first=keep_first)
+    n_keys = None if window is None else window + 1
+    expected = attention_reference(counts.double() * thresholds.double(), int8_rows_rounded(k), int8_rows_rounded(v), n_keys,
+                                   keep_first=keep_first)
+    assert_close(got, expected, TOL, "integer attention")
+
+
+def test_sink_keys_are_seen_by_every_query():
+    q, counts, thresholds, k, v = _inputs(2, 60, 80, 4, 2, 32, seed=1)
+    n = 3
+    k[1, :n], v[1, :n] = k[0, :n], v[0, :n]  # sink keys are the model's, the same for every batch row
+    with torch.inference_mode():
+        got = integer_attention(counts, thresholds, k, v, 10, num_sinks=n, keep_first=2)
+    rk, rv = int8_rows_rounded(k), int8_rows_rounded(v)
+    expected = sink_attention_reference(counts.double() * thresholds.double(), rk[:, n:], rv[:, n:], rk[0, :n], rv[0, :n],
+                                        n_keys=11, keep_first=2)
+    assert_close(got, expected, TOL, "with sinks")
+
+
+def test_scores_are_integer_products_computed_by_hand():
+    """Two queries of one head over three keys: each score is (counts . codes) x threshold x key scale / sqrt(D)."""
+    D = 16
+    counts = torch.zeros(1, 2, 1, D, dtype=torch.int32)
+    counts[0, 0, 0, :4] = torch.tensor([3, -1, 0, 2])
+    counts[0, 1, 0, :4] = torch.tensor([-127, 5, 1, 0])
+    thresholds = torch.tensor([0.25, 0.125]).view(1, 2, 1, 1)
+    codes = torch.zeros(1, 3, 1, D, dtype=torch.int8)
+    codes[0, :, 0, :4] = torch.tensor([[1, 2, 3, 4], [-5, 0, 7, 127], [0, -127, 2, -1]], dtype=torch.int8)
+    key_scales = torch.tensor([0.01, 0.02, 0.005]).view(1, 3, 1)
+    value_codes = torch.eye(3, D, dtype=torch.int8).mul(100).view(1, 3, 1, D)  # value j: 100 x unit vector j
+    value_scales = torch.tensor([0.5, 1.0, 2.0]).view(1, 3, 1)
+    with torch.inference_mode():
+        got = integer_attention(counts, thresholds, Int8Rows(codes, key_scales), Int8Rows(value_codes, value_scales))
+    dots = [[3 * 1 - 1 * 2 + 2 * 4, 3 * -5 + 2 * 127, 3 * 0 - 1 * -127 + 2 * -1],  # query 0's integer products
+            [-127 * 1 + 5 * 2 + 3, -127 * -5 + 7, 5 * -127 + 2]]
+    for i, position in enumerate((1, 2)):  # the queries sit at the last positions: query 0 sees keys 0 and 1
+        scores = [dots[i][j] * float(thresholds[0, i]) * float(key_scales[0, j, 0]) / math.sqrt(D) for j in range(position + 1)]
+        top = max(scores)
+        weights = [math.exp(s - top) for s in scores]
+        expected = [w / sum(weights) * 100 * float(value_scales[0, j, 0]) for j, w in enumerate(weights)]
+        assert got[0, i, 0, :3].tolist() == pytest.approx(expected + [0.0] * (3 - len(expected)), rel=1e-4, abs=1e-6)
+
+
+def test_the_weights_sum_to_one_despite_their_rounding():
+    """Equal values: the output is that value to fp32 precision, whatever the rounded weights."""
+    q, counts, thresholds, k, _ = _inputs(1, 200, 300, 4, 2, 64, seed=2)
+    v = Int8Rows(torch.full((1, 300, 2, 64), 77, dtype=torch.int8), torch.full((1, 300, 2), 0.03))
+    with torch.inference_mode():
+        got = integer_attention(counts, thresholds, k, v, 100, keep_first=5)
+    assert_close(got, torch.full_like(got, 77 * 0.03), 2e-6, "equal values")
+
+
+def test_threads_give_the_same_output():
+    q, counts, thresholds, k, v = _inputs(2, 150, 400, 9, 3, 64, seed=3)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        with torch.inference_mode():
+            one = integer_attention(counts, thresholds, k, v, 120)
+            torch.set_num_threads(2)
+            assert torch.equal(integer_attention(counts, thresholds, k, v, 120), one)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_what_the_kernel_does_not_take():
+    q, counts, thresholds, k, v = _inputs(1, 8, 8, 2, 1, 16)
+    with torch.inference_mode():
+        assert not integer_attention_applies(q.double(), counts, k, v)  # fp64: the simulation, exactly
+        assert not integer_attention_applies(q[:, :1], counts[:, :1], k, v)  # one query: the decode kernel
+        wide = counts.clone()
+        wide[0, 0, 0, 0] = SPIKE_COUNT_LIMIT + 1
+        assert not integer_attention_applies(q, wide, k, v)
+        assert not integer_attention_applies(q[..., :8], counts[..., :8], k[..., :8], v[..., :8])  # D not a multiple of 16
+    assert not integer_attention_applies(q, counts, k, v)  # gradients on
+
+
+def _w8aspike_model(**overrides) -> SpikingBrainForCausalLM:
+    config = SpikingBrainConfig(
+        vocab_size=97, hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
+        num_hidden_layers=3, layer_mixers=["swa", "gla", "full"], sliding_window=6, keep_first_tokens=2,
+        gla_chunk_size=16, max_position_embeddings=4096, pad_token_id=0, **overrides,
+    )
+    model = randomize_(SpikingBrainForCausalLM(config), 0).eval()
+    spikify(model, k=3, spike_query=True, int8_kv=True)
+    return model
+
+
+@pytest.mark.parametrize("overrides", [{}, {"num_sink_tokens": 2}])
+def test_a_w8aspike_model_attends_in_integers_as_its_simulation(monkeypatch, overrides):
+    model = _w8aspike_model(**overrides)
+    calls = []
+    original = kernel_module.integer_attention
+    monkeypatch.setattr("spikingbrain.model.mixers.integer_attention", lambda *a, **kw: calls.append(1) or original(*a, **kw))
+    ids = torch.randint(3, 97, (2, 40), generator=torch.Generator().manual_seed(5))
+    with torch.inference_mode():
+        integer = model(ids).logits
+        assert len(calls) == 2  # the window layer and the full one
+        cache = model.new_cache()
+        streamed = torch.cat([model(ids[:, :17], cache=cache, use_cache=True).logits,
+                              model(ids[:, 17:], cache=cache, use_cache=True).logits], 1)
+        set_integer_matmul(model, False)
+        simulated = model(ids).logits
+    assert len(calls) == 6
+    assert_close(integer, simulated, TOL, "integer attention against the simulation")
+    assert_close(streamed, integer, 1e-5, "streamed prefill")
