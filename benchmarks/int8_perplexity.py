@@ -4,9 +4,10 @@ Usage: python benchmarks/int8_perplexity.py [--model spikingbrain-smollm2] [--co
        [--context 2048] [--group-size 0] [--json runs/int8-perplexity.json]
 
 Variants (round-to-nearest INT8 weights of ``--group-size``, no calibration): ``dense`` (fp32);
-``w8`` (INT8 weights, plain inputs); ``w8aspike_integer`` (spiking k = 3, the integer path);
+``w8`` (INT8 weights, plain inputs); ``w8aspike_integer`` (spiking k = 3 and, as the release, spiked queries
+and int8 keys and values (``--float-attention``: fp32 ones); the integer path, its attention in integers too);
 ``w8aspike_simulated`` (the same model with the integer path off: the spiked input times the
-dequantised weight). Text: the first ``--tokens`` tokens of the corpus's ``held_out.jsonl``.
+dequantised weight, attention in fp32 over the dequantised query, keys and values). Text: the first ``--tokens`` tokens of the corpus's ``held_out.jsonl``.
 Each integer product equals the simulation's up to fp32 rounding, but over 30 layers such a
 difference can move a later layer's spike count across a rounding boundary, so the two
 perplexities are close, not equal (``integer_over_simulated`` in the JSON).
@@ -27,6 +28,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--context", type=int, default=2048)
     parser.add_argument("--group-size", type=int, default=0, help="INT8 weight group (0: per output channel)")
+    parser.add_argument("--float-attention", action="store_true",
+                        help="W8ASpike attention of fp32 queries, keys and values (default: spiked queries, int8 keys and values)")
     parser.add_argument("--json", default="runs/int8-perplexity.json")
     args = parser.parse_args()
 
@@ -49,7 +52,7 @@ def main() -> None:
     ids = joined_token_ids(load_documents([held_out]), load_tokenizer(args.model), args.tokens)
     w8 = copy.deepcopy(dense)
     quantize_model_int8(w8, group_size=args.group_size)
-    w8aspike = spikify(copy.deepcopy(dense), k=3)
+    w8aspike = spikify(copy.deepcopy(dense), k=3, spike_query=not args.float_attention, int8_kv=not args.float_attention)
     quantize_model_int8(w8aspike, group_size=args.group_size)
     start = time.perf_counter()
     for name, model, integer in (("dense", dense, True), ("w8", w8, True), ("w8aspike_integer", w8aspike, True),

@@ -4,9 +4,9 @@ Usage: python benchmarks/int8_prefill.py [--model spikingbrain-smollm2] [--lengt
 
 Variants, each timed on the same prompt of every length (``model(ids, use_cache=True,
 logits_to_keep=1)`` under ``torch.inference_mode()``, streaming prefill as the model does it):
-``fp32_dense``; ``int8_spiking_integer`` (W8ASpike: INT8 group weights, spiking k = 3, the
-integer path with fused passes); ``int8_spiking_simulated`` (the same weights, fp32
-simulation); with ``--teacher``, that Transformer run by transformers (SDPA, fp32) too, so that
+``fp32_dense``; ``int8_spiking_integer`` (W8ASpike: INT8 group weights, spiking k = 3, as the release spiked
+queries and int8 keys and values, the integer path with fused passes and integer attention);
+``int8_spiking_simulated`` (the same model, fp32 simulation); with ``--teacher``, that Transformer run by transformers (SDPA, fp32) too, so that
 the time to first token of each variant is compared with the teacher's in the same run
 (``ttft_speedup``: the teacher's seconds over the variant's). With ``--layer-shape`` also one
 projection alone: fp32 linear, integer path with torch.compile'd passes and with eager passes.
@@ -48,8 +48,9 @@ def smollm2_shaped(window: int) -> SpikingBrainForCausalLM:
     return SpikingBrainForCausalLM(config).eval()
 
 
-def models(model_ref: str | None, window: int, group_size: int) -> dict[str, SpikingBrainForCausalLM]:
-    """The dense fp32 model and its W8ASpike copy (round-to-nearest INT8 weights, spiking k = 3)."""
+def models(model_ref: str | None, window: int, group_size: int, float_attention: bool = False) -> dict[str, SpikingBrainForCausalLM]:
+    """The dense fp32 model and its W8ASpike copy (round-to-nearest INT8 weights, spiking k = 3; as released, spiked
+    queries and int8 keys and values, unless ``float_attention``)."""
     if model_ref:
         from spikingbrain.model.loading import load_model
 
@@ -59,20 +60,25 @@ def models(model_ref: str | None, window: int, group_size: int) -> dict[str, Spi
     else:
         dense = smollm2_shaped(window)
     w8aspike = copy.deepcopy(dense)
-    spikify(w8aspike, k=3)
+    spikify(w8aspike, k=3, spike_query=not float_attention, int8_kv=not float_attention)
     quantize_model_int8(w8aspike, group_size=group_size)
     return {"dense": dense, "w8aspike": w8aspike}
 
 
-def time_prefill(model, length: int, repeats: int, max_seconds: float, warmup: int = 1) -> dict:
-    """Median seconds of a streaming prefill of ``length`` random tokens, after ``warmup`` untimed ones (compiling)."""
-    ids = torch.randint(3, model.config.vocab_size, (1, length), generator=torch.Generator().manual_seed(length))
+def time_prefill(model, length: int, repeats: int, max_seconds: float, warmup: int = 1, warmup_length: int | None = None) -> dict:
+    """Median seconds of a streaming prefill of ``length`` random tokens, after ``warmup`` untimed ones (compiling) of
+    ``warmup_length`` tokens (None: ``length``)."""
+    vocab = model.config.vocab_size
 
-    def prefill():
-        model(ids, use_cache=True, logits_to_keep=1)
+    def prompt(n: int) -> torch.Tensor:
+        return torch.randint(3, vocab, (1, n), generator=torch.Generator().manual_seed(n))
 
+    ids = prompt(length)
     with torch.inference_mode():
-        timing = time_call(prefill, repeats=repeats, warmup=warmup, max_seconds=max_seconds)
+        for _ in range(warmup if warmup_length else 0):
+            model(prompt(warmup_length), use_cache=True, logits_to_keep=1)
+        timing = time_call(lambda: model(ids, use_cache=True, logits_to_keep=1), repeats=repeats,
+                           warmup=0 if warmup_length else warmup, max_seconds=max_seconds)
     return {"seconds": timing["median_s"], "tokens_per_s": length / timing["median_s"], "runs": timing["runs"],
             "cpu_per_wall": timing["cpu_per_wall"]}
 
@@ -105,7 +111,7 @@ def plot(result: dict, path: Path) -> Path:
     rows = result["prefill"]
     labels = [format_length(r["length"]) for r in rows]
     fig, ax = plt.subplots(figsize=(7, 4))
-    variants = VARIANTS + (("teacher_sdpa",) if "teacher_sdpa" in rows[0] else ())
+    variants = [v for v in VARIANTS + ("teacher_sdpa",) if v in rows[0]]
     width = 0.8 / len(variants)
     for i, variant in enumerate(variants):
         ax.bar([j + i * width for j in range(len(rows))], [r[variant]["tokens_per_s"] for r in rows], width, label=variant)
@@ -132,17 +138,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-seconds", type=float, default=120.0, help="stop repeating a measurement after this long")
     parser.add_argument("--layer-shape", default="4096,576,1536", help="M,K,N of the single-projection measurement ('' skips it)")
     parser.add_argument("--teacher", default=None, help="also time this Transformer with transformers' SDPA (e.g. default)")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"which of {', '.join(VARIANTS)} to time")
+    parser.add_argument("--warmup-length", default=None,
+                        help="warm each variant up on a prompt this long (e.g. 4k) instead of one of the timed length")
+    parser.add_argument("--float-attention", action="store_true",
+                        help="attention of fp32 queries, keys and values (default: as the release, spiked queries times int8 keys "
+                             "and values, which the integer path computes in integers)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", default="runs/bench-int8-prefill")
     args = parser.parse_args(argv)
 
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    if not variants or set(variants) - set(VARIANTS):
+        raise SystemExit(f"--variants {args.variants!r}: choose from {', '.join(VARIANTS)}")
+    warmup_length = parse_lengths(args.warmup_length)[0] if args.warmup_length else None
     threads = set_threads(args.threads)
     result = {"command": command_line(), "machine": {**machine_info(), "torch_threads": threads},
               "load_average_before": load_average(), "settings": vars(args)}
     if args.layer_shape:
         result["layer"] = time_layer(tuple(int(v) for v in args.layer_shape.split(",")), args.group_size, args.repeats)
         print(f"layer {result['layer']}", file=sys.stderr)
-    built = models(args.model, args.window, args.group_size)
+    built = models(args.model, args.window, args.group_size, args.float_attention)
     teacher = load_baseline(args.teacher) if args.teacher else None
     result["prefill"] = []
     out = Path(args.out)
@@ -150,15 +166,18 @@ def main(argv: list[str] | None = None) -> int:
     result["files"] = {"json": str(out / "int8_prefill.json")}
     for length in parse_lengths(args.lengths):
         row = {"length": length}
-        row["fp32_dense"] = time_prefill(built["dense"], length, args.repeats, args.max_seconds)
-        for variant, integer in (("int8_spiking_integer", True), ("int8_spiking_simulated", False)):
-            set_integer_matmul(built["w8aspike"], integer)
-            row[variant] = time_prefill(built["w8aspike"], length, args.repeats, args.max_seconds)
-        row["integer_over_dense"] = row["int8_spiking_integer"]["tokens_per_s"] / row["fp32_dense"]["tokens_per_s"]
-        line = ", ".join(f"{v} {row[v]['tokens_per_s']:.0f} tok/s" for v in VARIANTS) + f", integer / dense {row['integer_over_dense']:.2f}x"
+        for variant in variants:
+            model = built["dense" if variant == "fp32_dense" else "w8aspike"]
+            if variant != "fp32_dense":
+                set_integer_matmul(model, variant == "int8_spiking_integer")
+            row[variant] = time_prefill(model, length, args.repeats, args.max_seconds, warmup_length=warmup_length)
+        line = ", ".join(f"{v} {row[v]['tokens_per_s']:.0f} tok/s" for v in variants)
+        if {"int8_spiking_integer", "fp32_dense"} <= set(variants):
+            row["integer_over_dense"] = row["int8_spiking_integer"]["tokens_per_s"] / row["fp32_dense"]["tokens_per_s"]
+            line += f", integer / dense {row['integer_over_dense']:.2f}x"
         if teacher is not None:
             row["teacher_sdpa"] = time_prefill(teacher, length, args.repeats, args.max_seconds, warmup=0)  # nothing to compile
-            row["ttft_speedup"] = {v: row["teacher_sdpa"]["seconds"] / row[v]["seconds"] for v in VARIANTS}
+            row["ttft_speedup"] = {v: row["teacher_sdpa"]["seconds"] / row[v]["seconds"] for v in variants}
             line += ", TTFT against the teacher " + ", ".join(f"{v} {x:.2f}x" for v, x in row["ttft_speedup"].items())
         print(f"{format_length(length)}: {line}", file=sys.stderr)
         result["prefill"].append(row)
