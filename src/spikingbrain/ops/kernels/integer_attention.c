@@ -26,9 +26,11 @@
 
 #define VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
 
-/* keys per tile of the online softmax (a multiple of 16; with 15-bit weights and 7-bit value codes a tile's int32 sums
+/* keys per tile of the online softmax (a multiple of 64; with 15-bit weights and 7-bit value codes a tile's int32 sums
  * stay below 2^31 up to 1024 keys) */
-#define TILE 64
+#ifndef TILE
+#define TILE 128
+#endif
 /* queries of one key/value head per work item: the G * QUERY_BLOCK rows share every key and value tile they read */
 #define QUERY_BLOCK 16
 /* rows whose scores and weighted values are summed at once (their accumulators stay in registers) */
@@ -117,28 +119,32 @@ VNNI static inline __mmask16 visible(const attention_args *a, int64_t k0, int64_
     return exists & (sink | (causal & (near | kept)));
 }
 
-/* scores [rows][TILE] of rows r0 .. r0 + ROWS - 1 over the tile from key k0: int32 products, then scaled */
+/* scores [rows][TILE] of rows r0 .. r0 + ROWS - 1 over the tile from key k0: int32 products, then scaled; 64 keys at
+ * a time (16 accumulators in registers) */
 VNNI static inline __attribute__((always_inline)) void tile_scores(const int64_t dim, const uint8_t *queries, const float *query_scales,
                                                                    const packed_head *p, int64_t k0, int64_t r0, float *scores) {
-    __m512i acc[ROWS][TILE / 16];
-    for (int r = 0; r < ROWS; r++)
-        for (int s = 0; s < TILE / 16; s++) acc[r][s] = _mm512_setzero_si512();
-    const int8_t *keys = p->keys + (k0 / 16) * 16 * dim;
-    for (int64_t d4 = 0; d4 < dim / 4; d4++) {
-        __m512i k[TILE / 16];
-        for (int s = 0; s < TILE / 16; s++) k[s] = _mm512_loadu_si512(keys + (s * (dim / 4) + d4) * 64);
-        for (int r = 0; r < ROWS; r++) {
-            __m512i q = _mm512_set1_epi32(*(const int32_t *)(queries + (r0 + r) * dim + 4 * d4));
-            for (int s = 0; s < TILE / 16; s++) acc[r][s] = _mm512_dpbusd_epi32(acc[r][s], q, k[s]);
+    for (int64_t part = 0; part < TILE; part += 64) {
+        __m512i acc[ROWS][4];
+        for (int r = 0; r < ROWS; r++)
+            for (int s = 0; s < 4; s++) acc[r][s] = _mm512_setzero_si512();
+        const int8_t *keys = p->keys + (k0 + part) * dim;
+        for (int64_t d4 = 0; d4 < dim / 4; d4++) {
+            __m512i k[4];
+            for (int s = 0; s < 4; s++) k[s] = _mm512_loadu_si512(keys + (s * (dim / 4) + d4) * 64);
+            for (int r = 0; r < ROWS; r++) {
+                __m512i q = _mm512_set1_epi32(*(const int32_t *)(queries + (r0 + r) * dim + 4 * d4));
+                for (int s = 0; s < 4; s++) acc[r][s] = _mm512_dpbusd_epi32(acc[r][s], q, k[s]);
+            }
         }
-    }
-    for (int s = 0; s < TILE / 16; s++) {
-        __m512i offsets = _mm512_loadu_si512(p->key_offsets + k0 + 16 * s);
-        __m512 key_scales = _mm512_loadu_ps(p->key_scales + k0 + 16 * s);
-        for (int r = 0; r < ROWS; r++) {
-            __m512 products = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[r][s], offsets));
-            _mm512_storeu_ps(scores + (r0 + r) * TILE + 16 * s,
-                             _mm512_mul_ps(products, _mm512_mul_ps(key_scales, _mm512_set1_ps(query_scales[r0 + r]))));
+        for (int s = 0; s < 4; s++) {
+            int64_t key = k0 + part + 16 * s;
+            __m512i offsets = _mm512_loadu_si512(p->key_offsets + key);
+            __m512 key_scales = _mm512_loadu_ps(p->key_scales + key);
+            for (int r = 0; r < ROWS; r++) {
+                __m512 products = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[r][s], offsets));
+                _mm512_storeu_ps(scores + (r0 + r) * TILE + part + 16 * s,
+                                 _mm512_mul_ps(products, _mm512_mul_ps(key_scales, _mm512_set1_ps(query_scales[r0 + r]))));
+            }
         }
     }
 }
@@ -203,7 +209,7 @@ VNNI static inline __attribute__((always_inline)) void attend_block(const attent
                     best = _mm512_max_ps(best, x);
                 }
                 float tile_top = _mm512_reduce_max_ps(best), new_top = tile_top > top[r] ? tile_top : top[r];
-                rescale[r] = new_top == -INFINITY ? 1.0f : expf(top[r] - new_top);
+                rescale[r] = new_top == top[r] ? 1.0f : expf(top[r] - new_top);  /* (-inf: nothing seen yet, nothing to rescale) */
                 unit[r] = 0.0f;
                 int16_t *w = weights + r * TILE;
                 if (tile_top == -INFINITY) {
