@@ -3,10 +3,8 @@
 
 The query of a W8ASpike attention layer is ``counts · threshold`` (one threshold per token and head) and its keys
 and values are int8 codes times a scale per token and head, so each score is an integer product times two scales.
-The kernel sums those products in int32 and runs the softmax in fp32. The weighted values are summed in integers too:
-within each tile of 128 keys, a query's weights (times the values' scales) are rounded to 15-bit integers on the
-tile's own scale, and the denominator sums the rounded weights. That rounding (relative 1.5e-5 of a tile's largest
-weight) is the one departure from the fp32 simulation, whose scores and sums it otherwise equals up to fp32 rounding.
+The kernel sums those products in int32 (VNNI), runs the softmax online in fp32 over tiles of 128 keys, and sums the
+weighted values in fp32 over the dequantised values: the simulation's numbers up to fp32 rounding.
 
 Shapes and positions follow :func:`~spikingbrain.ops.attention.sliding_window_attention`: queries at the last ``Tq``
 key positions, ``num_sinks`` sink keys in front, ``keep_first`` first keys visible to every later query.

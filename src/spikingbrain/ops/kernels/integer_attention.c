@@ -1,13 +1,11 @@
-/* Causal softmax attention of many queries (a prefill) in integers, with AVX-512 VNNI: W8ASpike's attention, whose
- * query is a spike count times a threshold and whose keys and values are int8 codes times a scale per key and head.
+/* Causal softmax attention of many queries (a prefill) with integer scores, with AVX-512 VNNI: W8ASpike's attention,
+ * whose query is a spike count times a threshold and whose keys and values are int8 codes times a scale per key and head.
  *
  * Scores: the int8 counts times the int8 key codes, summed in int32 by vpdpbusd (the counts offset by 128 to make them
  * unsigned, and 128 times each key's code sum taken off again), times the query's and the key's scale: the same
  * numbers as the fp32 product of the dequantised query and key, up to fp32 rounding. Softmax: online, in fp32, over
- * tiles of TILE keys. Weighted values: within a tile, each weight times its value's scale is rounded to a 15-bit integer
- * on the tile's own scale (its largest weight is 32767), multiplied by the int8 value codes widened to int16 and summed
- * in int32 by vpdpwssd, then added in fp32; the softmax denominator sums the same rounded weights, so each query's
- * weights still sum to one. That rounding is the kernel's one departure from the fp32 computation.
+ * tiles of TILE keys (no score matrix in memory). Weighted values: in fp32, over the dequantised values (code times
+ * scale, the simulation's numbers).
  *
  * Queries: counts [B, Tq, H, D] int8 (contiguous) and scales [B, Tq, H] fp32 (threshold times the softmax scale).
  * Keys and values: int8 codes [B, Tk, Hkv, D] and fp32 scales [B, Tk, Hkv], given by their strides (each key's D codes
@@ -26,8 +24,7 @@
 
 #define VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
 
-/* keys per tile of the online softmax (a multiple of 64; with 15-bit weights and 7-bit value codes a tile's int32 sums
- * stay below 2^31 up to 1024 keys) */
+/* keys per tile of the online softmax (a multiple of 64) */
 #ifndef TILE
 #define TILE 128
 #endif
@@ -35,7 +32,6 @@
 #define QUERY_BLOCK 16
 /* rows whose scores and weighted values are summed at once (their accumulators stay in registers) */
 #define ROWS 4
-#define WEIGHT_MAX 32767.0f
 
 int sb_integer_attention_supported(void) {
     __builtin_cpu_init();
@@ -45,13 +41,13 @@ int sb_integer_attention_supported(void) {
 
 /* One key/value head's keys and values, repacked for the products (padded keys: zero codes and scales).
  * keys: [padded / 16][D / 4][16 keys][4 codes], the layout vpdpbusd reads 16 keys from;
- * values: [padded / 2][D][2 keys] int16, the layout vpdpwssd reads 16 features of two keys from;
- * key_offsets: 128 * the sum of each key's codes; key_scales, value_scales, value_inverses (1 / scale) per key. */
+ * values: [padded][D] fp32, each code times its scale;
+ * key_offsets: 128 * the sum of each key's codes; key_scales per key. */
 typedef struct {
     int8_t *keys;
-    int16_t *values;
+    float *values;
     int32_t *key_offsets;
-    float *key_scales, *value_scales, *value_inverses;
+    float *key_scales;
 } packed_head;
 
 typedef struct {
@@ -63,8 +59,8 @@ typedef struct {
     const float *ks, *vs;
     int64_t ks_b, ks_t, ks_h, vs_b, vs_t, vs_h;
     int8_t *packed_keys;
-    int16_t *packed_values;
-    float *scalars; /* per (batch row, kv head): key_offsets (as int32), key_scales, value_scales, value_inverses */
+    float *packed_values;
+    float *scalars; /* per (batch row, kv head): key_offsets (as int32), then key_scales */
     float *out;
     int failed;
 } attention_args;
@@ -73,11 +69,9 @@ static packed_head head_of(const attention_args *a, int64_t pair) {
     packed_head p;
     p.keys = a->packed_keys + pair * a->padded * a->dim;
     p.values = a->packed_values + pair * a->padded * a->dim;
-    float *s = a->scalars + pair * 4 * a->padded;
+    float *s = a->scalars + pair * 2 * a->padded;
     p.key_offsets = (int32_t *)s;
     p.key_scales = s + a->padded;
-    p.value_scales = s + 2 * a->padded;
-    p.value_inverses = s + 3 * a->padded;
     return p;
 }
 
@@ -88,21 +82,20 @@ static void pack_tasks(void *context, int64_t begin, int64_t end) {
         int64_t b = pair / a->kv_heads, h = pair % a->kv_heads;
         packed_head p = head_of(a, pair);
         memset(p.keys, 0, (size_t)(a->padded * dim));
-        memset(p.values, 0, sizeof(int16_t) * (size_t)(a->padded * dim));
-        memset(p.key_offsets, 0, sizeof(float) * 4 * (size_t)a->padded);
+        memset(p.values, 0, sizeof(float) * (size_t)(a->padded * dim));
+        memset(p.key_offsets, 0, sizeof(float) * 2 * (size_t)a->padded);
         for (int64_t t = 0; t < a->keys; t++) {
             const int8_t *k = a->kc + b * a->kc_b + t * a->kc_t + h * a->kc_h;
             const int8_t *v = a->vc + b * a->vc_b + t * a->vc_t + h * a->vc_h;
             int32_t sum = 0;
+            float value_scale = a->vs[b * a->vs_b + t * a->vs_t + h * a->vs_h];
             for (int64_t d = 0; d < dim; d++) {
                 p.keys[((t / 16) * (dim / 4) + d / 4) * 64 + (t % 16) * 4 + d % 4] = k[d];
-                p.values[((t / 2) * dim + d) * 2 + t % 2] = v[d];
+                p.values[t * dim + d] = (float)v[d] * value_scale;
                 sum += k[d];
             }
             p.key_offsets[t] = 128 * sum;
             p.key_scales[t] = a->ks[b * a->ks_b + t * a->ks_t + h * a->ks_h];
-            p.value_scales[t] = a->vs[b * a->vs_b + t * a->vs_t + h * a->vs_h];
-            p.value_inverses[t] = 1.0f / p.value_scales[t];
         }
     }
 }
@@ -149,19 +142,19 @@ VNNI static inline __attribute__((always_inline)) void tile_scores(const int64_t
     }
 }
 
-/* totals[r][dim] = the int32 sums over the tile from key k0 of weights[r][key] times the value codes, rows r0 .. + ROWS,
- * features f0 .. f0 + 63 */
-VNNI static inline __attribute__((always_inline)) void tile_values(const int64_t dim, const int16_t *weights, const packed_head *p,
-                                                                   int64_t k0, int64_t r0, int64_t f0, __m512i acc[ROWS][4]) {
+/* acc[r][c] = the sums over the tile from key k0 of weights[r][key] times the values, rows r0 .. r0 + ROWS - 1, features
+ * f0 + 16 c .. + 15 */
+VNNI static inline __attribute__((always_inline)) void tile_values(const int64_t dim, const float *weights, const packed_head *p,
+                                                                   int64_t k0, int64_t r0, int64_t f0, __m512 acc[ROWS][4]) {
     for (int r = 0; r < ROWS; r++)
-        for (int c = 0; c < 4; c++) acc[r][c] = _mm512_setzero_si512();
-    const int16_t *values = p->values + k0 * dim;
-    for (int64_t pair = 0; pair < TILE / 2; pair++) {
-        __m512i v[4];
-        for (int c = 0; c < 4; c++) v[c] = _mm512_loadu_si512(values + (pair * dim + f0 + 16 * c) * 2);
+        for (int c = 0; c < 4; c++) acc[r][c] = _mm512_setzero_ps();
+    const float *values = p->values + k0 * dim;
+    for (int64_t key = 0; key < TILE; key++) {
+        __m512 v[4];
+        for (int c = 0; c < 4; c++) v[c] = _mm512_loadu_ps(values + key * dim + f0 + 16 * c);
         for (int r = 0; r < ROWS; r++) {
-            __m512i w = _mm512_set1_epi32(*(const int32_t *)(weights + (r0 + r) * TILE + 2 * pair));
-            for (int c = 0; c < 4; c++) acc[r][c] = _mm512_dpwssd_epi32(acc[r][c], w, v[c]);
+            __m512 w = _mm512_set1_ps(weights[(r0 + r) * TILE + key]);
+            for (int c = 0; c < 4; c++) acc[r][c] = _mm512_fmadd_ps(w, v[c], acc[r][c]);
         }
     }
 }
@@ -169,9 +162,9 @@ VNNI static inline __attribute__((always_inline)) void tile_values(const int64_t
 /* one work item: the queries i0 .. i0 + n - 1 of key/value head h in batch row b, all G query heads */
 VNNI static inline __attribute__((always_inline)) void attend_block(const attention_args *a, const int64_t dim, int64_t b, int64_t h,
                                                                     int64_t i0, int64_t n, uint8_t *queries, float *query_scales,
-                                                                    float *scores, int16_t *weights, float *outputs, float *state) {
+                                                                    float *scores, float *weights, float *outputs, float *state) {
     int64_t group = a->heads / a->kv_heads, rows = n * group, padded_rows = (rows + ROWS - 1) / ROWS * ROWS;
-    float *top = state, *total = state + padded_rows, *rescale = state + 2 * padded_rows, *unit = state + 3 * padded_rows;
+    float *top = state, *total = state + padded_rows, *rescale = state + 2 * padded_rows;
     packed_head p = head_of(a, b * a->kv_heads + h);
     for (int64_t r = 0; r < padded_rows; r++) {  /* row r: query i0 + r / G, head h * G + r % G; padding repeats the last */
         int64_t row = r < rows ? r : rows - 1, i = i0 + row / group, head = h * group + row % group;
@@ -196,7 +189,7 @@ VNNI static inline __attribute__((always_inline)) void attend_block(const attent
             for (int64_t r0 = 0; r0 < padded_rows; r0 += ROWS) tile_scores(dim, queries, query_scales, &p, k0, r0, scores);
             __mmask16 masks[TILE / 16] = {0};
             int64_t masked_position = -1;
-            for (int64_t r = 0; r < padded_rows; r++) {  /* online softmax, the weights rounded on the tile's scale */
+            for (int64_t r = 0; r < padded_rows; r++) {  /* online softmax */
                 float *s = scores + r * TILE;
                 int64_t pos = a->offset + i0 + (r < rows ? r : rows - 1) / group;
                 if (pos != masked_position)  /* the G rows of one query share its masks */
@@ -210,42 +203,28 @@ VNNI static inline __attribute__((always_inline)) void attend_block(const attent
                 }
                 float tile_top = _mm512_reduce_max_ps(best), new_top = tile_top > top[r] ? tile_top : top[r];
                 rescale[r] = new_top == top[r] ? 1.0f : expf(top[r] - new_top);  /* (-inf: nothing seen yet, nothing to rescale) */
-                unit[r] = 0.0f;
-                int16_t *w = weights + r * TILE;
+                float *w = weights + r * TILE;
                 if (tile_top == -INFINITY) {
-                    memset(w, 0, sizeof(int16_t) * TILE);
+                    memset(w, 0, sizeof(float) * TILE);
                     continue;
                 }
                 top[r] = new_top;
-                __m512 e[TILE / 16], largest = _mm512_setzero_ps();
+                __m512 sum = _mm512_setzero_ps();
                 for (int c = 0; c < TILE / 16; c++) {
-                    e[c] = _mm512_mul_ps(exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(s + 16 * c), _mm512_set1_ps(new_top))),
-                                         _mm512_loadu_ps(p.value_scales + k0 + 16 * c));
-                    largest = _mm512_max_ps(largest, e[c]);
+                    __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(s + 16 * c), _mm512_set1_ps(new_top)));
+                    _mm512_storeu_ps(w + 16 * c, e);
+                    sum = _mm512_add_ps(sum, e);
                 }
-                float heaviest = _mm512_reduce_max_ps(largest);
-                if (heaviest == 0.0f) {
-                    memset(w, 0, sizeof(int16_t) * TILE);
-                    continue;
-                }
-                __m512 to_units = _mm512_set1_ps(WEIGHT_MAX / heaviest), sum = _mm512_setzero_ps();
-                for (int c = 0; c < TILE / 16; c++) {
-                    __m512i u = _mm512_cvt_roundps_epi32(_mm512_mul_ps(e[c], to_units), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-                    _mm256_storeu_si256((__m256i *)(w + 16 * c), _mm512_cvtsepi32_epi16(u));
-                    sum = _mm512_fmadd_ps(_mm512_cvtepi32_ps(u), _mm512_loadu_ps(p.value_inverses + k0 + 16 * c), sum);
-                }
-                unit[r] = heaviest / WEIGHT_MAX;
-                total[r] = total[r] * rescale[r] + unit[r] * _mm512_reduce_add_ps(sum);
+                total[r] = total[r] * rescale[r] + _mm512_reduce_add_ps(sum);
             }
             for (int64_t r0 = 0; r0 < padded_rows; r0 += ROWS)
                 for (int64_t f0 = 0; f0 < dim; f0 += 64) {
-                    __m512i acc[ROWS][4];
+                    __m512 acc[ROWS][4];
                     tile_values(dim, weights, &p, k0, r0, f0, acc);
                     for (int r = 0; r < ROWS; r++)
                         for (int c = 0; c < 4 && f0 + 16 * c < dim; c++) {
                             float *o = outputs + (r0 + r) * dim + f0 + 16 * c;
-                            _mm512_storeu_ps(o, _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r][c]), _mm512_set1_ps(unit[r0 + r]),
-                                                                _mm512_mul_ps(_mm512_loadu_ps(o), _mm512_set1_ps(rescale[r0 + r]))));
+                            _mm512_storeu_ps(o, _mm512_fmadd_ps(_mm512_loadu_ps(o), _mm512_set1_ps(rescale[r0 + r]), acc[r][c]));
                         }
                 }
         }
@@ -260,7 +239,7 @@ VNNI static inline __attribute__((always_inline)) void attend_block(const attent
 VNNI static void attend_tasks(void *context, int64_t begin, int64_t end) {
     attention_args *a = context;
     int64_t dim = a->dim, rows = (QUERY_BLOCK * (a->heads / a->kv_heads) + ROWS - 1) / ROWS * ROWS;
-    char *scratch = malloc((size_t)(rows * dim + 4 * rows + 4 * rows * TILE + 2 * rows * TILE + 4 * rows * dim + 16 * rows + 256));
+    char *scratch = malloc((size_t)(rows * dim + 4 * rows + 4 * rows * TILE + 4 * rows * TILE + 4 * rows * dim + 16 * rows + 256));
     if (!scratch) {
         a->failed = 1;
         return;
@@ -268,7 +247,7 @@ VNNI static void attend_tasks(void *context, int64_t begin, int64_t end) {
     uint8_t *queries = (uint8_t *)scratch;
     float *query_scales = (float *)(scratch + rows * dim);
     float *scores = query_scales + rows;
-    int16_t *weights = (int16_t *)(scores + rows * TILE);
+    float *weights = scores + rows * TILE;
     float *outputs = (float *)(weights + rows * TILE);
     float *state = outputs + rows * dim;
     for (int64_t item = begin; item < end; item++) {
@@ -293,9 +272,9 @@ int sb_integer_attention(const int8_t *qc, const float *qs, int64_t batch, int64
     a.padded = (keys + 15) / 16 * 16 + TILE;  /* a tile may start at any multiple of 16 below keys */
     int64_t pairs = batch * kv_heads;
     a.packed_keys = malloc((size_t)(pairs * a.padded * dim));
-    a.packed_values = malloc(sizeof(int16_t) * (size_t)(pairs * a.padded * dim + 128));  /* + 128: a head size not a multiple of
+    a.packed_values = malloc(sizeof(float) * (size_t)(pairs * a.padded * dim + 128));  /* + 128: a head size not a multiple of
                                                                                    * 64 reads past its last feature */
-    a.scalars = malloc(sizeof(float) * 4 * (size_t)(pairs * a.padded));
+    a.scalars = malloc(sizeof(float) * 2 * (size_t)(pairs * a.padded));
     int failed = !a.packed_keys || !a.packed_values || !a.scalars;
     if (!failed) {
         sb_parallel_for(pack_tasks, &a, pairs, threads);
