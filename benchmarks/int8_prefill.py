@@ -73,12 +73,11 @@ def time_prefill(model, length: int, repeats: int, max_seconds: float, warmup: i
     def prompt(n: int) -> torch.Tensor:
         return torch.randint(3, vocab, (1, n), generator=torch.Generator().manual_seed(n))
 
-    ids = prompt(length)
+    ids, warmup_ids = prompt(length), prompt(warmup_length or length)
     with torch.inference_mode():
-        for _ in range(warmup if warmup_length else 0):
-            model(prompt(warmup_length), use_cache=True, logits_to_keep=1)
-        timing = time_call(lambda: model(ids, use_cache=True, logits_to_keep=1), repeats=repeats,
-                           warmup=0 if warmup_length else warmup, max_seconds=max_seconds)
+        for _ in range(warmup):
+            model(warmup_ids, use_cache=True, logits_to_keep=1)
+        timing = time_call(lambda: model(ids, use_cache=True, logits_to_keep=1), repeats=repeats, warmup=0, max_seconds=max_seconds)
     return {"seconds": timing["median_s"], "tokens_per_s": length / timing["median_s"], "runs": timing["runs"],
             "cpu_per_wall": timing["cpu_per_wall"]}
 

@@ -199,7 +199,7 @@ class SoftmaxAttention(_Mixer):
         self.norm = RMSNorm(config.head_dim, eps=config.rms_norm_eps) if output_norm else None
         self.query_spike_k: float | None = None  # W8ASpike options, set by spiking.spikify
         self.int8_kv = False
-        self.integer_attention = True  # with both: the integer kernel where it applies (False: the fp32 simulation)
+        self.attention_in_integers = True  # with both: the integer kernel where it applies (False: the fp32 simulation)
 
     def sink_keys_values(self, proj: _Mixer) -> tuple[torch.Tensor, torch.Tensor]:
         """Sink keys and values ``[1, n, Hkv, D]`` through ``proj``'s k/v projections (no rotation)."""
@@ -209,12 +209,11 @@ class SoftmaxAttention(_Mixer):
     def heads(self, x, q, k, v, inputs, cache: WindowKV | FullKV | None, proj: _Mixer) -> torch.Tensor:
         B = x.shape[0]
         q, k = rotate_query_key(q, k, inputs.cos, inputs.sin)
-        spikes = None
+        spikes = None  # (counts, thresholds) of a spiked query without gradients, for the integer attention kernel
         if self.query_spike_k and torch.is_grad_enabled():  # threshold per token and head
             q = spike_quantize(q, self.query_spike_k)
-        elif self.query_spike_k:  # the counts too, for the integer attention kernel
+        elif self.query_spike_k:
             spikes = spike_counts(q, self.query_spike_k)
-            q = spikes[0].to(q.dtype) * spikes[1]
         n = 0 if self.sinks is None else self.sinks.shape[0]
         if n and (cache is None or cache.sinks is None):
             sinks = self.sink_keys_values(proj)
@@ -232,9 +231,12 @@ class SoftmaxAttention(_Mixer):
             # attended, which is only right without a padding mask
             k, v = cache.extend(k, v) if self.window is None else cache.extend(k, v, ring=inputs.key_mask is None)
         mask = inputs.mask_of_keys(k.shape[1] - n, self.keep_first)
-        if self.int8_kv and self.integer_attention and spikes is not None and mask is None and integer_attention_applies(q, spikes[0], k, v):
+        if self.int8_kv and self.attention_in_integers and spikes is not None and mask is None \
+                and integer_attention_applies(q, spikes[0], k, v):
             o = integer_attention(*spikes, k, v, self.window, num_sinks=n, keep_first=self.keep_first)  # W8ASpike in integers
         else:
+            if spikes is not None:  # the query a projection of the spikes sees: counts times threshold
+                q = spikes[0].to(q.dtype) * spikes[1]
             if self.int8_kv and not isinstance(k, Int8Rows):  # at use time, per token and head; the cache keeps the
                 k, v = fake_quantize_int8(k), fake_quantize_int8(v)  # unquantized values (an int8 ring holds these codes)
             if self.window is None:

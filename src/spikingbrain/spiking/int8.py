@@ -556,13 +556,13 @@ def set_integer_matmul(model: nn.Module, enabled: bool | None) -> int:
     """Choose the integer path (and W8's fused decode product) of every ``Int8Linear`` in ``model``: None (the default)
     where it is faster (per-channel weights; with groups of 128 the simulation ran faster on this project's CPU), True
     for every layer, False for none (the fp32 simulation: the dequantised weight); returns how many. W8ASpike
-    attention layers (those with an ``integer_attention`` switch) follow: False computes their attention in fp32 too."""
+    attention layers (those with an ``attention_in_integers`` switch) follow: False computes their attention in fp32 too."""
     layers = [m for m in model.modules() if isinstance(m, Int8Linear)]
     for layer in layers:
         layer.integer_matmul = None if enabled is None else bool(enabled)
     for module in model.modules():
-        if hasattr(module, "integer_attention"):
-            module.integer_attention = enabled is not False
+        if hasattr(module, "attention_in_integers"):
+            module.attention_in_integers = enabled is not False
     return len(layers)
 
 

@@ -239,7 +239,8 @@ VNNI static inline __attribute__((always_inline)) void attend_block(const attent
 VNNI static void attend_tasks(void *context, int64_t begin, int64_t end) {
     attention_args *a = context;
     int64_t dim = a->dim, rows = (QUERY_BLOCK * (a->heads / a->kv_heads) + ROWS - 1) / ROWS * ROWS;
-    char *scratch = malloc((size_t)(rows * dim + 4 * rows + 4 * rows * TILE + 4 * rows * TILE + 4 * rows * dim + 16 * rows + 256));
+    /* the rows' query codes, then floats: query scales, scores, weights, outputs, and three per-row states */
+    char *scratch = malloc((size_t)rows * dim + sizeof(float) * (size_t)(rows + 2 * rows * TILE + rows * dim + 3 * rows));
     if (!scratch) {
         a->failed = 1;
         return;
@@ -248,7 +249,7 @@ VNNI static void attend_tasks(void *context, int64_t begin, int64_t end) {
     float *query_scales = (float *)(scratch + rows * dim);
     float *scores = query_scales + rows;
     float *weights = scores + rows * TILE;
-    float *outputs = (float *)(weights + rows * TILE);
+    float *outputs = weights + rows * TILE;
     float *state = outputs + rows * dim;
     for (int64_t item = begin; item < end; item++) {
         int64_t block = item % a->blocks, pair = item / a->blocks, b = pair / a->kv_heads, h = pair % a->kv_heads;
