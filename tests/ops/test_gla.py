@@ -1,10 +1,12 @@
-"""GLA kernels (naive, chunked, recurrent) against the published recurrence written in tests/reference_impl.py.
+"""GLA kernels (naive, chunked, recurrent, the C recurrence) against the published recurrence written in
+tests/reference_impl.py.
 
 Tolerances. The reference runs in fp64; the kernels compute in fp32. The token loops
 (naive, recurrent) only multiply by decays exp(g) <= 1 and add, so every output is a sum
 of at most T*K bounded products each carrying a relative rounding error of about
 2^-24 ~ 6e-8; with T <= 150 and K = 8 errors of random sign stay near 1e-6 and we allow
-2e-5 relative to the output's magnitude (``assert_close`` scales by max(1, max|expected|)).
+2e-5 relative to the output's magnitude (``assert_close`` scales by max(1, max|expected|)). The C recurrence
+(``kernel_gla``) does the same operations in fp32, with its sums over K in another order.
 The chunked kernel forms each decay between positions j < i of one chunk as
 exp(b_i - b_j) from the in-chunk cumulative sums b of g. Both sums carry an absolute
 rounding error of about |b| * 2^-24, so a decay factor is off by a relative
@@ -22,7 +24,13 @@ import torch
 import torch.nn.functional as F
 
 from reference_impl import assert_close, gla_reference
-from spikingbrain.ops import chunk_gla, naive_gla, recurrent_gla
+from spikingbrain.ops import chunk_gla, gla_kernel, kernel_gla, naive_gla, prefill_gla, recurrent_gla
+from spikingbrain.ops import gla as gla_module
+
+#: the C recurrence where this machine builds and runs it (AVX-512 and a C compiler)
+HAS_KERNEL = gla_module._recurrence_library() is not None
+needs_kernel = pytest.mark.skipif(not HAS_KERNEL, reason="no AVX-512 or no C compiler: the GLA kernel is off here")
+FP32_KERNELS = [("naive", naive_gla, {}), ("recurrent", recurrent_gla, {})] + ([("kernel", kernel_gla, {})] if HAS_KERNEL else [])
 
 FP32_TOL = 2e-5
 FP64_TOL = 1e-10
@@ -80,9 +88,7 @@ HEADS = [(6, 2), (3, 3)]
 def test_all_kernels_match_the_recurrence(H, Hkv, T, with_state):
     q, k, v, g, s0 = make_inputs(2, T, H, Hkv, with_state=with_state, seed=T)
     ref_o, ref_s, _ = gla_reference(q, k, v, g, initial_state=s0)
-    for name, kernel, kwargs in [
-        ("naive", naive_gla, {}),
-        ("recurrent", recurrent_gla, {}),
+    for name, kernel, kwargs in FP32_KERNELS + [
         ("chunk16", chunk_gla, {"chunk_size": 16}),
         ("chunk32", chunk_gla, {"chunk_size": 32}),
         ("chunk64", chunk_gla, {"chunk_size": 64}),
@@ -107,11 +113,7 @@ def test_strong_decays_stay_finite_and_exact(decay, chunk_size):
     if decay == "strong":
         assert g.max() < -15  # really ~ -20 per step
     ref_o, ref_s, _ = gla_reference(q, k, v, g, initial_state=s0)
-    for name, kernel, kwargs in [
-        ("naive", naive_gla, {}),
-        ("recurrent", recurrent_gla, {}),
-        ("chunk", chunk_gla, {"chunk_size": chunk_size}),
-    ]:
+    for name, kernel, kwargs in FP32_KERNELS + [("chunk", chunk_gla, {"chunk_size": chunk_size})]:
         o, s = kernel(q, k, v, g, initial_state=s0, output_final_state=True, **kwargs)
         check(o, s, ref_o, ref_s, tolerance(kernel, g, kwargs), f"{name} {decay}")
 
@@ -170,7 +172,7 @@ def test_bf16_inputs_keep_an_fp32_state():
 def test_custom_scale_and_no_final_state():
     q, k, v, g, _ = make_inputs(1, 20, 6, 2, seed=8)
     ref_o, _, _ = gla_reference(q, k, v, g, scale=0.3)
-    for kernel in (naive_gla, recurrent_gla, chunk_gla):
+    for kernel in (naive_gla, recurrent_gla, chunk_gla, *[f for _, f, _ in FP32_KERNELS[2:]]):
         o, s = kernel(q, k, v, g, scale=0.3)
         assert s is None
         assert_close(o, ref_o, FP32_TOL, f"{kernel.__name__} scale=0.3")
@@ -178,7 +180,7 @@ def test_custom_scale_and_no_final_state():
 
 def test_empty_sequence_returns_the_initial_state():
     q, k, v, g, s0 = make_inputs(2, 0, 6, 2, with_state=True)
-    for kernel in (naive_gla, recurrent_gla, chunk_gla):
+    for kernel in (naive_gla, recurrent_gla, chunk_gla, prefill_gla):
         o, s = kernel(q, k, v, g, initial_state=s0, output_final_state=True)
         assert o.shape == (2, 0, 6, V), kernel.__name__
         assert torch.equal(s, s0), kernel.__name__
@@ -210,10 +212,54 @@ def test_shape_errors_raise_value_error():
         "key dim": lambda f: f(q[..., :4], k, v, g),
         "initial_state": lambda f: f(q, k, v, g, initial_state=s0[..., :3]),
     }
-    for kernel in (naive_gla, recurrent_gla, chunk_gla):
+    for kernel in (naive_gla, recurrent_gla, chunk_gla, prefill_gla):
         for what, call in bad_calls.items():
             with pytest.raises(ValueError):
                 call(kernel)
                 pytest.fail(f"{kernel.__name__} accepted {what}")
     with pytest.raises(ValueError, match="sub_chunk_size"):
         chunk_gla(q, k, v, g, chunk_size=24, sub_chunk_size=16)
+
+
+@needs_kernel
+@pytest.mark.parametrize("t1", [1, 37, 149])
+def test_kernel_split_with_carried_state_equals_one_call(t1):
+    """A prefill in pieces (streamed chunks) carries the kernel's final state into the next call."""
+    q, k, v, g, s0 = make_inputs(2, 150, 6, 2, decay="mixed", with_state=True, seed=t1)
+    ref_o, ref_s, _ = gla_reference(q, k, v, g, initial_state=s0)
+    first, mid = kernel_gla(q[:, :t1], k[:, :t1], v[:, :t1], g[:, :t1], initial_state=s0, output_final_state=True)
+    second, last = kernel_gla(q[:, t1:], k[:, t1:], v[:, t1:], g[:, t1:], initial_state=mid, output_final_state=True)
+    check(torch.cat((first, second), dim=1), last, ref_o, ref_s, FP32_TOL, f"kernel split at {t1}")
+
+
+@needs_kernel
+@pytest.mark.parametrize("K_,V_,H,Hkv", [(64, 64, 9, 3), (16, 40, 4, 1), (5, 33, 2, 2), (128, 16, 10, 2)])
+def test_kernel_head_sizes_and_groups(K_, V_, H, Hkv):
+    """Value heads not a multiple of the kernel's 32-column blocks, odd key sizes, 1 to 5 query heads per group."""
+    gen = torch.Generator().manual_seed(K_ + V_)
+    q, k = torch.randn(2, 70, H, K_, generator=gen), torch.randn(2, 70, Hkv, K_, generator=gen)
+    v, s0 = torch.randn(2, 70, Hkv, V_, generator=gen), torch.randn(2, Hkv, K_, V_, generator=gen)
+    g = F.logsigmoid(2 * torch.randn(2, 70, Hkv, K_, generator=gen)) / 16
+    ref_o, ref_s, _ = gla_reference(q, k, v, g, initial_state=s0)
+    o, s = kernel_gla(q, k, v, g, initial_state=s0, output_final_state=True)
+    check(o, s, ref_o, ref_s, FP32_TOL, f"kernel K={K_} V={V_} H={H} Hkv={Hkv}")
+    assert torch.equal(s0, s0.clone()) and not torch.equal(s, s0)  # the caller's initial state is not overwritten
+
+
+@needs_kernel
+def test_prefill_takes_the_kernel_only_where_it_applies(monkeypatch):
+    """fp32 without gradients takes the C recurrence; fp64, gradients and the switch turned off take chunk_gla."""
+    calls = []
+    monkeypatch.setattr(gla_module, "kernel_gla", lambda *a, **kw: calls.append("kernel") or kernel_gla(*a, **kw))
+    monkeypatch.setattr(gla_module, "chunk_gla", lambda *a, **kw: calls.append("chunk") or chunk_gla(*a, **kw))
+    q, k, v, g, s0 = make_inputs(1, 30, 6, 2, with_state=True, seed=11)
+    with torch.no_grad():
+        prefill_gla(q, k, v, g, initial_state=s0)
+        prefill_gla(*(t.double() for t in (q, k, v, g)))
+        gla_kernel(False)
+        try:
+            prefill_gla(q, k, v, g)
+        finally:
+            gla_kernel(True)
+    prefill_gla(q.requires_grad_(True), k, v, g)
+    assert calls == ["kernel", "chunk", "chunk", "chunk"]

@@ -32,7 +32,7 @@ import torch.distributed as dist
 
 from ..model.cache import FullKV, SpikingBrainCache, WindowKV
 from ..model.mixers import GatedLinearAttention, SoftmaxAttention
-from ..ops import apply_rotary, chunk_gla
+from ..ops import apply_rotary, prefill_gla
 from .comm import Traffic, all_gather_counted, backend_for, init_from_env, launch, launched_by_torchrun
 from .options import DEFAULT_TIMEOUT_S
 
@@ -78,7 +78,7 @@ class _Exchange:
         g = mixer.log_decay(x, k)
         q, k = mixer.feature_map(q), mixer.feature_map(k)
         sub = math.gcd(mixer.chunk_size, 16)
-        o, local = chunk_gla(q, k, v, g, output_final_state=True, chunk_size=mixer.chunk_size, sub_chunk_size=sub)
+        o, local = prefill_gla(q, k, v, g, output_final_state=True, chunk_size=mixer.chunk_size, sub_chunk_size=sub)
         B, T, H, K = q.shape
         Hkv, V = k.shape[2], v.shape[3]
         cum = g.float().cumsum(1)  # [B, T, Hkv, K] log decay from the piece start

@@ -10,7 +10,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..ops import (
-    causal_attention, chunk_delta_rule, chunk_gla, recurrent_delta_rule, recurrent_gla, rotate_query_key, sliding_window_attention,
+    causal_attention, chunk_delta_rule, prefill_gla, recurrent_delta_rule, recurrent_gla, rotate_query_key, sliding_window_attention,
 )
 from ..ops.attention import Int8Rows
 from ..ops.integer_attention import integer_attention, integer_attention_applies
@@ -170,7 +170,7 @@ class GatedLinearAttention(_Mixer):
         if self.delta:
             kernel = recurrent_delta_rule if step else chunk_delta_rule
         else:
-            kernel = recurrent_gla if step else chunk_gla
+            kernel = recurrent_gla if step else prefill_gla  # the C recurrence on CPU, else chunked
         kwargs = {}
         if not step:  # any chunk size: the sub-chunk (at most 16) must divide it
             kwargs = {"chunk_size": self.chunk_size, "sub_chunk_size": math.gcd(self.chunk_size, 16)}

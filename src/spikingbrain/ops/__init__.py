@@ -2,7 +2,7 @@
 
 from .attention import causal_attention, sliding_window_attention
 from .delta_rule import chunk_delta_rule, recurrent_delta_rule
-from .gla import chunk_gla, naive_gla, recurrent_gla
+from .gla import chunk_gla, gla_kernel, kernel_gla, naive_gla, prefill_gla, recurrent_gla
 from .int8 import int8_matmul_available
 from .rotary import apply_rotary, rotary_cos_sin, rotary_inv_freq, rotate_query_key
 
@@ -12,8 +12,11 @@ __all__ = [
     "causal_attention",
     "chunk_delta_rule",
     "chunk_gla",
+    "gla_kernel",
+    "kernel_gla",
     "int8_matmul_available",
     "naive_gla",
+    "prefill_gla",
     "recurrent_delta_rule",
     "recurrent_gla",
     "rotary_cos_sin",

@@ -1,4 +1,4 @@
-"""Gated linear attention (GLA) kernels in plain PyTorch.
+"""Gated linear attention (GLA) kernels in plain PyTorch, and its recurrence as a C kernel for CPU prefills.
 
 Conventions follow flash-linear-attention: sequence-first tensors, log-space gates,
 functions return ``(o, final_state)``.
@@ -17,9 +17,15 @@ with ``H / Hkv`` times less state. States are always fp32.
 
 from __future__ import annotations
 
+import ctypes
+import functools
+
 import torch
 
-__all__ = ["naive_gla", "chunk_gla", "recurrent_gla"]
+from .native import load_kernel
+from .threads import kernel_threads
+
+__all__ = ["naive_gla", "chunk_gla", "recurrent_gla", "kernel_gla", "gla_kernel_applies", "prefill_gla", "gla_kernel"]
 
 
 def _check_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor) -> tuple[int, ...]:
@@ -217,3 +223,67 @@ def chunk_gla(q, k, v, g, scale=None, initial_state=None, output_final_state=Fal
     ).view(B, Hkv, N, G, C, V)
     o = o.permute(0, 2, 4, 1, 3, 5).reshape(B, N * C, H, V)[:, :T]
     return o.to(v.dtype), (S if output_final_state else None)
+
+
+class _KernelSwitch:
+    """Whether :func:`prefill_gla` may take the C recurrence (:func:`gla_kernel`)."""
+
+    enabled = True
+
+
+def gla_kernel(enabled: bool) -> None:
+    """Let prefills take the C recurrence where it applies (True, the default), or always ``chunk_gla`` (False)."""
+    _KernelSwitch.enabled = bool(enabled)
+
+
+@functools.cache
+def _recurrence_library() -> ctypes.CDLL | None:
+    """The built ``kernels/gla_recurrence.c`` where this CPU has AVX-512, else None."""
+    lib = load_kernel("gla_recurrence")
+    if lib is None or not lib.sb_gla_recurrence_supported():
+        return None
+    lib.sb_gla_recurrence.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 6 + [ctypes.c_int]
+    lib.sb_gla_recurrence.restype = ctypes.c_int
+    return lib
+
+
+#: the largest key head size the C recurrence takes (its state slice lives in a fixed local buffer)
+KERNEL_MAX_KEY_DIM = 512
+
+
+def gla_kernel_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor) -> bool:
+    """Whether :func:`kernel_gla` takes these inputs: fp32 on a CPU with AVX-512, no gradient wanted, a key head size
+    up to :data:`KERNEL_MAX_KEY_DIM`."""
+    tensors = (q, k, v, g)
+    if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in tensors) or q.shape[-1] > KERNEL_MAX_KEY_DIM:
+        return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return False
+    return _recurrence_library() is not None
+
+
+def kernel_gla(q, k, v, g, scale=None, initial_state=None, output_final_state=False):
+    """GLA by its token recurrence in C (``kernels/gla_recurrence.c``): the outputs of :func:`naive_gla`, with a
+    ``[K, V]`` state per key/value head and no repeats; for prefills on CPU (check :func:`gla_kernel_applies`)."""
+    B, T, H, Hkv, K, V = _check_shapes(q, k, v, g)
+    scale = K**-0.5 if scale is None else scale
+    state = _initial_state(initial_state, B, Hkv, K, V, q).clone().contiguous()
+    out = torch.empty(B, T, H, V)
+    q = (q * scale).contiguous()  # as the reference scales it, before the products
+    k, v = k.contiguous(), v.contiguous()
+    decay = g.exp().contiguous()
+    failed = _recurrence_library().sb_gla_recurrence(
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), decay.data_ptr(), state.data_ptr(), out.data_ptr(), B, T, H, Hkv, K, V,
+        kernel_threads(),
+    )
+    if failed:
+        raise ValueError(f"the GLA kernel takes key head sizes up to {KERNEL_MAX_KEY_DIM}, got {K}")
+    return out, (state if output_final_state else None)
+
+
+def prefill_gla(q, k, v, g, scale=None, initial_state=None, output_final_state=False, chunk_size=64, sub_chunk_size=16):
+    """GLA over many tokens: the C recurrence (:func:`kernel_gla`) where it applies and is on (:func:`gla_kernel`),
+    else :func:`chunk_gla` (on GPUs, with gradients, in other dtypes)."""
+    if _KernelSwitch.enabled and gla_kernel_applies(q, k, v, g):
+        return kernel_gla(q, k, v, g, scale, initial_state, output_final_state)
+    return chunk_gla(q, k, v, g, scale, initial_state, output_final_state, chunk_size, sub_chunk_size)
