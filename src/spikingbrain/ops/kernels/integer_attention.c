@@ -112,10 +112,20 @@ VNNI static inline __mmask16 visible(const attention_args *a, int64_t k0, int64_
     return exists & (sink | (causal & (near | kept)));
 }
 
+/* whether every query at positions first .. last sees every key of the tile from key index k0 (no mask needed) */
+static inline int tile_visible(const attention_args *a, int64_t k0, int64_t first, int64_t last) {
+    int64_t low = k0 - a->sinks, high = k0 + TILE - 1 - a->sinks;  /* the tile's key positions */
+    if (k0 + TILE > a->keys || low < 0 || high > first) return 0;
+    return a->window < 0 || low >= last - a->window || high < a->keep_first;
+}
+
 /* scores [rows][TILE] of rows r0 .. r0 + ROWS - 1 over the tile from key k0: int32 products, then scaled; 64 keys at
- * a time (16 accumulators in registers) */
+ * a time (16 accumulators in registers). tops[r]: each row's largest score in the tile (before any mask). */
 VNNI static inline __attribute__((always_inline)) void tile_scores(const int64_t dim, const uint8_t *queries, const float *query_scales,
-                                                                   const packed_head *p, int64_t k0, int64_t r0, float *scores) {
+                                                                   const packed_head *p, int64_t k0, int64_t r0, float *scores,
+                                                                   float *tops) {
+    __m512 best[ROWS];
+    for (int r = 0; r < ROWS; r++) best[r] = _mm512_set1_ps(-INFINITY);
     for (int64_t part = 0; part < TILE; part += 64) {
         __m512i acc[ROWS][4];
         for (int r = 0; r < ROWS; r++)
@@ -135,11 +145,13 @@ VNNI static inline __attribute__((always_inline)) void tile_scores(const int64_t
             __m512 key_scales = _mm512_loadu_ps(p->key_scales + key);
             for (int r = 0; r < ROWS; r++) {
                 __m512 products = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[r][s], offsets));
-                _mm512_storeu_ps(scores + (r0 + r) * TILE + part + 16 * s,
-                                 _mm512_mul_ps(products, _mm512_mul_ps(key_scales, _mm512_set1_ps(query_scales[r0 + r]))));
+                __m512 x = _mm512_mul_ps(products, _mm512_mul_ps(key_scales, _mm512_set1_ps(query_scales[r0 + r])));
+                _mm512_storeu_ps(scores + (r0 + r) * TILE + part + 16 * s, x);
+                best[r] = _mm512_max_ps(best[r], x);
             }
         }
     }
+    for (int r = 0; r < ROWS; r++) tops[r0 + r] = _mm512_reduce_max_ps(best[r]);
 }
 
 /* acc[r][c] = the sums over the tile from key k0 of weights[r][key] times the values, rows r0 .. r0 + ROWS - 1, features
@@ -164,7 +176,7 @@ VNNI static inline __attribute__((always_inline)) void attend_block(const attent
                                                                     int64_t i0, int64_t n, uint8_t *queries, float *query_scales,
                                                                     float *scores, float *weights, float *outputs, float *state) {
     int64_t group = a->heads / a->kv_heads, rows = n * group, padded_rows = (rows + ROWS - 1) / ROWS * ROWS;
-    float *top = state, *total = state + padded_rows, *rescale = state + 2 * padded_rows;
+    float *top = state, *total = state + padded_rows, *rescale = state + 2 * padded_rows, *tile_tops = state + 3 * padded_rows;
     packed_head p = head_of(a, b * a->kv_heads + h);
     for (int64_t r = 0; r < padded_rows; r++) {  /* row r: query i0 + r / G, head h * G + r % G; padding repeats the last */
         int64_t row = r < rows ? r : rows - 1, i = i0 + row / group, head = h * group + row % group;
@@ -186,22 +198,27 @@ VNNI static inline __attribute__((always_inline)) void attend_block(const attent
         if (start < covered) start = covered;
         for (int64_t k0 = start; k0 < ranges[range][1]; k0 += TILE) {
             covered = k0 + TILE;
-            for (int64_t r0 = 0; r0 < padded_rows; r0 += ROWS) tile_scores(dim, queries, query_scales, &p, k0, r0, scores);
+            for (int64_t r0 = 0; r0 < padded_rows; r0 += ROWS) tile_scores(dim, queries, query_scales, &p, k0, r0, scores, tile_tops);
+            int whole = tile_visible(a, k0, first, last);
             __mmask16 masks[TILE / 16] = {0};
             int64_t masked_position = -1;
             for (int64_t r = 0; r < padded_rows; r++) {  /* online softmax */
                 float *s = scores + r * TILE;
-                int64_t pos = a->offset + i0 + (r < rows ? r : rows - 1) / group;
-                if (pos != masked_position)  /* the G rows of one query share its masks */
-                    for (int c = 0; c < TILE / 16; c++) masks[c] = visible(a, k0 + 16 * c, pos);
-                masked_position = pos;
-                __m512 best = _mm512_set1_ps(-INFINITY);
-                for (int c = 0; c < TILE / 16; c++) {
-                    __m512 x = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), masks[c], _mm512_loadu_ps(s + 16 * c));
-                    _mm512_storeu_ps(s + 16 * c, x);
-                    best = _mm512_max_ps(best, x);
+                float tile_top = tile_tops[r];
+                if (!whole) {  /* mask the scores this row does not see, and take their largest again */
+                    int64_t pos = a->offset + i0 + (r < rows ? r : rows - 1) / group;
+                    if (pos != masked_position)  /* the G rows of one query share its masks */
+                        for (int c = 0; c < TILE / 16; c++) masks[c] = visible(a, k0 + 16 * c, pos);
+                    masked_position = pos;
+                    __m512 best = _mm512_set1_ps(-INFINITY);
+                    for (int c = 0; c < TILE / 16; c++) {
+                        __m512 x = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), masks[c], _mm512_loadu_ps(s + 16 * c));
+                        _mm512_storeu_ps(s + 16 * c, x);
+                        best = _mm512_max_ps(best, x);
+                    }
+                    tile_top = _mm512_reduce_max_ps(best);
                 }
-                float tile_top = _mm512_reduce_max_ps(best), new_top = tile_top > top[r] ? tile_top : top[r];
+                float new_top = tile_top > top[r] ? tile_top : top[r];
                 rescale[r] = new_top == top[r] ? 1.0f : expf(top[r] - new_top);  /* (-inf: nothing seen yet, nothing to rescale) */
                 float *w = weights + r * TILE;
                 if (tile_top == -INFINITY) {
@@ -239,8 +256,8 @@ VNNI static inline __attribute__((always_inline)) void attend_block(const attent
 VNNI static void attend_tasks(void *context, int64_t begin, int64_t end) {
     attention_args *a = context;
     int64_t dim = a->dim, rows = (QUERY_BLOCK * (a->heads / a->kv_heads) + ROWS - 1) / ROWS * ROWS;
-    /* the rows' query codes, then floats: query scales, scores, weights, outputs, and three per-row states */
-    char *scratch = malloc((size_t)rows * dim + sizeof(float) * (size_t)(rows + 2 * rows * TILE + rows * dim + 3 * rows));
+    /* the rows' query codes, then floats: query scales, scores, weights, outputs, and four per-row states */
+    char *scratch = malloc((size_t)rows * dim + sizeof(float) * (size_t)(rows + 2 * rows * TILE + rows * dim + 4 * rows));
     if (!scratch) {
         a->failed = 1;
         return;
