@@ -1,5 +1,5 @@
-"""Decode rows of per-channel INT8 layers through the VNNI kernel, against the same layers' ``torch._int_mm`` product
-(bit for bit: the same integer sums and fp32 scaling) and the fp64 simulation.
+"""Decode rows and prefill rows of per-channel INT8 layers through the VNNI kernels, against the same layers'
+``torch._int_mm`` product (bit for bit: the same integer sums and fp32 scaling) and the fp64 simulation.
 
 References: ``row_kernel(False)`` gives the ``torch._int_mm`` path (tests/spiking/test_integer_path.py checks it against
 hand-summed integers); the simulation is the quantized input times the dequantised weight in fp64.
@@ -14,7 +14,7 @@ import torch
 
 from reference_impl import assert_close
 from spikingbrain import SpikingBrainConfig, SpikingBrainForCausalLM
-from spikingbrain.ops.int8 import int8_matmul_available, vnni_rows_available
+from spikingbrain.ops.int8 import int8_matmul_available, vnni_codes_product, vnni_pack_int8_weight, vnni_rows_available
 from spikingbrain.spiking import int8
 from spikingbrain.spiking.int8 import Int8Head, Int8Linear, quantize_activations_int8, quantize_model_int8
 from spikingbrain.spiking.neuron import SpikingInput, spike_quantize
@@ -82,8 +82,36 @@ def test_grouped_weights_more_rows_and_gradients_keep_the_int_mm_product():
     int8.set_integer_matmul(grouped, True)
     x = torch.randn(1, 2, 256)
     assert _calls(lambda: grouped(SpikingInput(x, 3.0)))[1] == 4  # one product per weight group
-    per_channel = _layer(256, 24, 0, seed=1)
-    assert _calls(lambda: per_channel(SpikingInput(torch.randn(1, 9, 256), 3.0)))[1] == 1  # 9 rows: not decode rows
+    assert _calls(lambda: grouped(SpikingInput(torch.randn(1, 9, 256), 3.0)))[1] == 4  # prefill rows too
+
+
+@pytest.mark.parametrize("rows,in_features,out_features", [(9, 256, 24), (50, 300, 40), (100, 576, 960), (13, 1536, 576)])
+def test_prefill_rows_take_the_counts_kernel_and_equal_the_int_mm_product(rows, in_features, out_features):
+    """More than decode rows: the counting pass, then the kernel's product of the counts (tiles of 6 rows by 64 outputs
+    and their edges), bit for bit the ``torch._int_mm`` product and its scaling, with counts beyond ±127 added in fp32."""
+    layer = _layer(in_features, out_features, 0, seed=rows)
+    x = torch.randn(2, rows, in_features, generator=torch.Generator().manual_seed(rows))
+    x[..., 5] = 1.5e3  # a massive-activation channel: its counts pass ±127
+    got, int_mm, _ = _calls(lambda: layer(SpikingInput(x, 3.0)))
+    expected, int_mm_off, _ = _by_int_mm(lambda: layer(SpikingInput(x, 3.0)))
+    assert (int_mm, int_mm_off) == (0, 1)
+    assert torch.equal(got, expected)
+    simulated = torch.nn.functional.linear(spike_quantize(x, 3.0).double(), layer.dequantized_weight().double(), layer.bias.double())
+    assert_close(got, simulated, 1e-6, "counts kernel against the simulation")
+
+
+def test_the_counts_kernel_computes_a_hand_checked_product():
+    """Codes at the ends of the int8 range, a bias, one scale per row: ``s_m · scale_n · Σ_k codes · W + bias_n``."""
+    weight = vnni_pack_int8_weight(torch.tensor([[1, -2, 3, 0], [127, 0, -127, 5]], dtype=torch.int8), torch.tensor([1.0, 0.25]),
+                                   torch.tensor([0.5, 0.0]))
+    codes = torch.tensor([[2, 3, 0, 127], [-127, 1, 127, -1]], dtype=torch.int8).repeat(7, 1)  # 14 rows: a tile and edges
+    scales = torch.tensor([0.5, 2.0]).repeat(7)
+    y = vnni_codes_product(codes, scales, weight)
+    first = [0.5 * (2 - 6) + 0.5, 0.125 * (254 + 635)]
+    second = [2.0 * (-127 - 2 + 381) + 0.5, 0.5 * (-16129 - 16129 - 5)]
+    assert torch.equal(y, torch.tensor([first, second]).repeat(7, 1))
+    with pytest.raises(ValueError, match="int8 CPU codes of 4 features"):
+        vnni_codes_product(codes.float(), scales, weight)
 
 
 def test_the_int8_head_takes_the_kernel_for_decode_rows():

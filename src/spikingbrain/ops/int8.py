@@ -16,7 +16,7 @@ from .threads import kernel_threads
 __all__ = [
     "int8_matmul_available", "OneDnnInt8Weight", "onednn_int8_linear_available", "onednn_pack_int8_weight", "onednn_int8_row_product",
     "VNNI_MAX_ROWS", "VnniInt8Weight", "vnni_rows_available", "vnni_pack_int8_weight", "vnni_int8_rows_product",
-    "vnni_checked_rows_product", "ClippedColumns",
+    "vnni_checked_rows_product", "vnni_codes_product", "ClippedColumns",
 ]
 
 
@@ -103,6 +103,8 @@ def _vnni_library() -> ctypes.CDLL | None:
     lib.sb_pack.restype = None
     lib.sb_rows.argtypes = [_P, _I, _I, _P, _P, _P, _P, _P, _P, _I, ctypes.c_int, _P, _P, _P, ctypes.c_float, ctypes.c_float, ctypes.c_float]
     lib.sb_rows.restype = _I
+    lib.sb_codes_product.argtypes = [_P, _I, _I, _P, _P, _P, _P, _P, _P, _I, ctypes.c_int]
+    lib.sb_codes_product.restype = ctypes.c_int
     return lib
 
 
@@ -175,6 +177,23 @@ def vnni_checked_rows_product(rows: torch.Tensor, row_scales: torch.Tensor | Non
         return y, clipped, None
     count = int(columns[k])
     return y, clipped, ClippedColumns(columns[:count], excess[: count * m].view(count, m).t())
+
+
+def vnni_codes_product(codes: torch.Tensor, row_scales: torch.Tensor, weight: VnniInt8Weight) -> torch.Tensor:
+    """``s_m · scales · (codes_m @ Wᵀ) + bias`` in fp32 for int8 ``codes`` ``[M, K]`` within ±127 made by the caller (a
+    prefill's spike counts, clipped) and one scale ``s_m`` per row (``row_scales`` ``[M]`` or ``[M, 1]``): the product and
+    dequantisation of ``torch._int_mm`` and the integer path's fp32 scaling, in one pass."""
+    m, k = codes.shape
+    scales = row_scales.reshape(-1).float().contiguous()
+    if codes.dtype != torch.int8 or codes.device.type != "cpu" or k != weight.in_features or scales.numel() != m:
+        raise ValueError(f"the VNNI int8 kernel takes int8 CPU codes of {weight.in_features} features and one scale per row; "
+                         f"got {tuple(codes.shape)} {codes.dtype} on {codes.device}, {scales.numel()} scales")
+    codes = codes.contiguous()
+    y = torch.empty(m, weight.out_features)
+    if _vnni_library().sb_codes_product(codes.data_ptr(), m, k, scales.data_ptr(), *weight.addresses, y.data_ptr(),
+                                        weight.out_features, kernel_threads()):
+        raise MemoryError(f"the VNNI int8 kernel could not allocate its row buffers ({k} features)")
+    return y
 
 
 @functools.cache

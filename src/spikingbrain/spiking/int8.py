@@ -41,7 +41,9 @@ Decode rows (up to ``VNNI_MAX_ROWS``) of layers with one scale per output channe
 (``ops.int8``, ``ops/kernels/int8_rows.c``) where the CPU has it and a C compiler built it: one call quantizes the
 rows (W8A8's per-token scale found in the kernel, or the spiking threshold given), multiplies in int32 and
 dequantises, equal to the ``torch._int_mm`` path bit for bit. Rows with a count beyond ±127 take the two-plane
-product above; ``row_kernel(False)`` turns the kernel off.
+product above. Prefill rows of such layers keep the counting pass above and then go through the same kernel's
+product of counts (``vnni_codes_product``), which multiplies and dequantises in one pass (no int32 products in
+memory), equal to ``torch._int_mm`` and the fused dequantisation bit for bit. ``row_kernel(False)`` turns both off.
 
 The output head (``lm_head: true`` in the settings): ``Int8Head``, W8A8 with one scale per output channel, untied
 from the embeddings (which stay fp32). Its decode rows take the VNNI kernel, or oneDNN's int8 linear one row at a
@@ -64,7 +66,7 @@ from torch import nn
 
 from ..ops.int8 import (
     VNNI_MAX_ROWS, VnniInt8Weight, int8_matmul_available, onednn_int8_linear_available, onednn_int8_row_product, onednn_pack_int8_weight,
-    vnni_checked_rows_product, vnni_pack_int8_weight, vnni_rows_available,
+    vnni_checked_rows_product, vnni_codes_product, vnni_pack_int8_weight, vnni_rows_available,
 )
 from .apply import DEFAULT_TARGETS, current_spiking, spikify, spiking_linears
 from .neuron import THRESHOLD_RANGE, SpikingInput, adaptive_threshold, check_firing_k, round_half_up, spike_quantize
@@ -189,8 +191,8 @@ class _RowKernel:
 
 
 def row_kernel(enabled: bool) -> None:
-    """Let decode rows of per-channel layers take the VNNI kernel where it runs (True, the default), or always the
-    ``torch._int_mm`` product (False)."""
+    """Let per-channel layers multiply through our VNNI kernels where they run (True, the default): decode rows from
+    the input, prefill rows from their counts; or always through the ``torch._int_mm`` product (False)."""
     _RowKernel.enabled = bool(enabled)
 
 
@@ -398,15 +400,25 @@ class ProductGroup:
         return self._layout[1:]
 
     def _product(self, counts: _Counts) -> torch.Tensor:
-        groups, scales, bias = self._integer_layout()
         rows = counts.low.shape[0]
-        products = torch.empty(len(groups), rows, scales.shape[-1], dtype=torch.int32, device=counts.low.device)
-        for g, (cols, codes_t) in enumerate(groups):
-            torch._int_mm(counts.low[:, cols], codes_t, out=products[g])
-        y = (_dequantize if rows <= DECODE_MAX_ROWS else _fused_dequantize)(products, counts.threshold, scales, bias)
+        if rows > DECODE_MAX_ROWS and self._vnni_prefill(counts):  # the product and its scaling in one kernel pass
+            y = vnni_codes_product(counts.low, counts.threshold, self._vnni_weight())
+        else:
+            groups, scales, bias = self._integer_layout()
+            products = torch.empty(len(groups), rows, scales.shape[-1], dtype=torch.int32, device=counts.low.device)
+            for g, (cols, codes_t) in enumerate(groups):
+                torch._int_mm(counts.low[:, cols], codes_t, out=products[g])
+            y = (_dequantize if rows <= DECODE_MAX_ROWS else _fused_dequantize)(products, counts.threshold, scales, bias)
         if counts.columns.numel():  # counts beyond ±127 (massive-activation channels): what the clipped plane missed, in fp32
             y.addmm_(counts.excess.to(y.dtype), self._outlier_weight(counts.columns, y.dtype).t())
         return y
+
+    def _vnni_prefill(self, counts: _Counts) -> bool:
+        """Whether these counts' product goes through the VNNI kernel: fp32 thresholds on CPU, one scale per output
+        channel, input features in multiples of 4."""
+        first = self.members[0]
+        return (_RowKernel.enabled and counts.threshold.dtype == torch.float32 and counts.low.device.type == "cpu"
+                and first.group_size >= first.in_features and first.in_features % 4 == 0 and vnni_rows_available())
 
     def _outlier_weight(self, columns: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """The members' dequantised weights of input ``columns`` ``[ΣN, len(columns)]``, kept while the same columns come again."""

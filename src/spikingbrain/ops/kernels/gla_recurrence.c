@@ -95,6 +95,6 @@ int sb_gla_recurrence(const float *q, const float *k, const float *v, const floa
                       int64_t tokens, int64_t heads, int64_t kv_heads, int64_t key_dim, int64_t value_dim, int threads) {
     if (key_dim > MAX_KEY_DIM) return 1;
     gla_args a = {q, k, v, decay, state, out, tokens, heads, kv_heads, key_dim, value_dim, (value_dim + BLOCK - 1) / BLOCK};
-    sb_parallel_for(gla_tasks, &a, batch * kv_heads * a.blocks, threads);
+    sb_parallel_for_then_sleep(gla_tasks, &a, batch * kv_heads * a.blocks, threads);
     return 0;
 }

@@ -189,3 +189,96 @@ VNNI int64_t sb_rows(const float *x, int64_t rows, int64_t n_in, const float *ro
     free(xq);
     return clipped;
 }
+
+/* Products of many rows (a prefill) whose int8 codes the caller has made (spike counts clipped to +-127):
+ * y[m] = s_m * scale_n * (codes_m . W_n) + bias_n, dequantised as the rows above. Work items are blocks of
+ * PREFILL_ROW_BLOCK rows; in each, every group of four output blocks (64 channels) is multiplied with PREFILL_ROWS rows
+ * at a time, 24 accumulators in registers, the weight's four blocks read once per PREFILL_ROWS rows. */
+#define PREFILL_ROWS 6
+#define PREFILL_ROW_BLOCK 48
+
+struct codes_product {
+    const int8_t *codes;
+    int64_t rows, n_in;
+    const int8_t *packed;
+    const int32_t *offsets;
+    const float *scales, *bias, *row_scales;
+    float *y;
+    int64_t n_out;
+    int failed;
+};
+
+/* PREFILL_ROWS rows from r0 (unsigned codes xq, rows of n_in) against the four output blocks from b0, stored. The 24
+ * accumulators are named variables: GCC keeps an array of them on the stack. */
+#define ROW_DOT(a0, a1, a2, a3, r)                                                    \
+    {                                                                                  \
+        __m512i x = _mm512_set1_epi32(*(const int32_t *)(xq + (r) * p->n_in + 4 * j)); \
+        a0 = _mm512_dpbusd_epi32(a0, x, w0);                                           \
+        a1 = _mm512_dpbusd_epi32(a1, x, w1);                                           \
+        a2 = _mm512_dpbusd_epi32(a2, x, w2);                                           \
+        a3 = _mm512_dpbusd_epi32(a3, x, w3);                                           \
+    }
+VNNI static void codes_tile(const struct codes_product *p, const uint8_t *xq, int64_t r0, int64_t b0) {
+    int64_t stride = (p->n_in / 4) * 64;
+    const int8_t *weight = p->packed + b0 * stride;
+    __m512i z = _mm512_setzero_si512();
+    __m512i a00 = z, a01 = z, a02 = z, a03 = z, a10 = z, a11 = z, a12 = z, a13 = z, a20 = z, a21 = z, a22 = z, a23 = z;
+    __m512i a30 = z, a31 = z, a32 = z, a33 = z, a40 = z, a41 = z, a42 = z, a43 = z, a50 = z, a51 = z, a52 = z, a53 = z;
+    for (int64_t j = 0; j < p->n_in / 4; j++) {
+        const int8_t *w = weight + j * 64;
+        __m512i w0 = _mm512_loadu_si512((const void *)w), w1 = _mm512_loadu_si512((const void *)(w + stride));
+        __m512i w2 = _mm512_loadu_si512((const void *)(w + 2 * stride)), w3 = _mm512_loadu_si512((const void *)(w + 3 * stride));
+        ROW_DOT(a00, a01, a02, a03, 0)
+        ROW_DOT(a10, a11, a12, a13, 1)
+        ROW_DOT(a20, a21, a22, a23, 2)
+        ROW_DOT(a30, a31, a32, a33, 3)
+        ROW_DOT(a40, a41, a42, a43, 4)
+        ROW_DOT(a50, a51, a52, a53, 5)
+    }
+    __m512i acc[PREFILL_ROWS][4] = {{a00, a01, a02, a03}, {a10, a11, a12, a13}, {a20, a21, a22, a23},
+                                    {a30, a31, a32, a33}, {a40, a41, a42, a43}, {a50, a51, a52, a53}};
+    for (int r = 0; r < PREFILL_ROWS; r++)
+        for (int b = 0; b < 4; b++)
+            store_block(acc[r][b], p->offsets, p->scales, p->bias, p->row_scales[r0 + r], p->y + (r0 + r) * p->n_out, (b0 + b) * 16,
+                        p->n_out);
+}
+#undef ROW_DOT
+
+/* one row (unsigned codes xq) against output blocks b0 .. b0 + blocks - 1, stored: the edges of codes_tile's grid */
+VNNI static void codes_row(const struct codes_product *p, const uint8_t *xq, int64_t r0, int64_t b0, int64_t blocks) {
+    int64_t stride = (p->n_in / 4) * 64;
+    for (int64_t b = b0; b < b0 + blocks; b++) {
+        __m512i acc;
+        dot_block(xq, 1, p->n_in, p->packed + b * stride, &acc);
+        store_block(acc, p->offsets, p->scales, p->bias, p->row_scales[r0], p->y + r0 * p->n_out, b * 16, p->n_out);
+    }
+}
+
+VNNI static void codes_row_blocks(void *context, int64_t begin, int64_t end) {
+    struct codes_product *p = context;
+    uint8_t *xq = malloc((size_t)(PREFILL_ROW_BLOCK * p->n_in));
+    if (!xq) {
+        p->failed = 1;
+        return;
+    }
+    int64_t blocks = (p->n_out + 15) / 16;
+    for (int64_t item = begin; item < end; item++) {
+        int64_t m0 = item * PREFILL_ROW_BLOCK, rows = p->rows - m0 < PREFILL_ROW_BLOCK ? p->rows - m0 : PREFILL_ROW_BLOCK;
+        for (int64_t i = 0; i < rows * p->n_in; i++) xq[i] = (uint8_t)(p->codes[m0 * p->n_in + i] + 128);
+        for (int64_t b0 = 0; b0 < blocks; b0 += 4) {
+            int64_t nb = blocks - b0 < 4 ? blocks - b0 : 4, r = 0;
+            if (nb == 4)
+                for (; r + PREFILL_ROWS <= rows; r += PREFILL_ROWS) codes_tile(p, xq + r * p->n_in, m0 + r, b0);
+            for (; r < rows; r++) codes_row(p, xq + r * p->n_in, m0 + r, b0, nb);
+        }
+    }
+    free(xq);
+}
+
+/* codes [rows, n_in] int8 (within +-127), row_scales [rows], y [rows, n_out]. Returns 0, or -1 where memory ran out. */
+VNNI int sb_codes_product(const int8_t *codes, int64_t rows, int64_t n_in, const float *row_scales, const int8_t *packed,
+                          const int32_t *offsets, const float *scales, const float *bias, float *y, int64_t n_out, int threads) {
+    struct codes_product p = {codes, rows, n_in, packed, offsets, scales, bias, row_scales, y, n_out, 0};
+    sb_parallel_for_then_sleep(codes_row_blocks, &p, (rows + PREFILL_ROW_BLOCK - 1) / PREFILL_ROW_BLOCK, threads);
+    return p.failed ? -1 : 0;
+}

@@ -296,7 +296,7 @@ int sb_integer_attention(const int8_t *qc, const float *qs, int64_t batch, int64
     int failed = !a.packed_keys || !a.packed_values || !a.scalars;
     if (!failed) {
         sb_parallel_for(pack_tasks, &a, pairs, threads);
-        sb_parallel_for(attend_tasks, &a, pairs * a.blocks, threads);
+        sb_parallel_for_then_sleep(attend_tasks, &a, pairs * a.blocks, threads);
         failed = a.failed;
     }
     free(a.packed_keys);

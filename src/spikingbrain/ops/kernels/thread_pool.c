@@ -1,6 +1,7 @@
-/* The decode kernels' worker pool (thread_pool.h). Workers start on first use, up to the most threads a call asked for.
+/* The kernels' worker pool (thread_pool.h). Workers start on first use, up to the most threads a call asked for.
  * A call publishes its task, then gives each worker it needs a new call number in that worker's slot; a worker polls its
- * slot for POLL_NS after its last task, then sleeps on a condition variable until a call signals it. Each part is
+ * slot for POLL_NS after its last task (none after a sb_parallel_for_then_sleep loop), then sleeps on a condition
+ * variable until a call signals it. Each part is
  * claimed before it runs, by its worker or by the caller: after its own part the caller runs every part no worker has
  * claimed yet, so a worker that is asleep or off its core (a busy machine) delays nobody, and one that comes late finds
  * its part taken. A loop never has more parts than this process may use CPUs: polling workers beyond them would take
@@ -37,6 +38,7 @@ static sb_task job_task;
 static void *job_context;
 static int64_t job_items;
 static int job_parts;
+static long job_poll_ns; /* how long a worker polls after this loop's part */
 
 static long now_ns(void) {
     struct timespec t;
@@ -59,10 +61,10 @@ static int claim(int part, long call) {
 
 static void *worker_main(void *arg) {
     int part = (int)(intptr_t)arg;
-    long seen = first_seen[part];
+    long seen = first_seen[part], poll = POLL_NS;
     for (;;) {
         long started = now_ns(), current;
-        while ((current = atomic_load(&slots[part])) == seen && now_ns() - started < POLL_NS) __builtin_ia32_pause();
+        while ((current = atomic_load(&slots[part])) == seen && now_ns() - started < poll) __builtin_ia32_pause();
         if (current == seen) {
             pthread_mutex_lock(&sleep_lock);
             atomic_fetch_add(&sleepers, 1);
@@ -71,6 +73,7 @@ static void *worker_main(void *arg) {
             pthread_mutex_unlock(&sleep_lock);
         }
         seen = current;
+        poll = job_poll_ns;
         if (claim(part, current)) {  /* the job is this call's: its caller waits for the part */
             run_part(part);
             atomic_store(&finished[part], current);
@@ -116,7 +119,7 @@ static int usable_cpus(void) {
     return count > 0 ? count : 1;
 }
 
-void sb_parallel_for(sb_task task, void *context, int64_t items, int threads) {
+static void parallel_for(sb_task task, void *context, int64_t items, int threads, long poll_ns) {
     static int cpus;
     if (cpus == 0) cpus = usable_cpus();
     if (threads > cpus) threads = cpus;
@@ -127,7 +130,7 @@ void sb_parallel_for(sb_task task, void *context, int64_t items, int threads) {
     }
     int parts = 1 + ensure_workers(threads - 1);
     if (parts > items) parts = (int)items;
-    job_task = task, job_context = context, job_items = items, job_parts = parts;
+    job_task = task, job_context = context, job_items = items, job_parts = parts, job_poll_ns = poll_ns;
     long call = atomic_fetch_add(&calls, 1) + 1;
     for (int part = 1; part < parts; part++) atomic_store(&slots[part], call); /* seq_cst: the job above is visible first */
     if (atomic_load(&sleepers) > 0) {
@@ -143,4 +146,12 @@ void sb_parallel_for(sb_task task, void *context, int64_t items, int threads) {
             while (atomic_load(&finished[part]) != call) __builtin_ia32_pause();
     }
     pthread_mutex_unlock(&busy);
+}
+
+void sb_parallel_for(sb_task task, void *context, int64_t items, int threads) {
+    parallel_for(task, context, items, threads, POLL_NS);
+}
+
+void sb_parallel_for_then_sleep(sb_task task, void *context, int64_t items, int threads) {
+    parallel_for(task, context, items, threads, 0);
 }
