@@ -268,8 +268,12 @@ VNNI static void attend_tasks(void *context, int64_t begin, int64_t end) {
     float *weights = scores + rows * TILE;
     float *outputs = weights + rows * TILE;
     float *state = outputs + rows * dim;
+    int64_t items = a->blocks * a->batch * a->kv_heads;
     for (int64_t item = begin; item < end; item++) {
-        int64_t block = item % a->blocks, pair = item / a->blocks, b = pair / a->kv_heads, h = pair % a->kv_heads;
+        /* zig-zag: items 0, 1, 2, 3, ... are blocks 0, last, 1, last - 1, ... of the (head, query block) order, so that
+         * each worker's contiguous part holds early queries (few keys under the causal mask) and late ones alike */
+        int64_t order = item % 2 ? items - 1 - item / 2 : item / 2;
+        int64_t block = order % a->blocks, pair = order / a->blocks, b = pair / a->kv_heads, h = pair % a->kv_heads;
         int64_t i0 = block * QUERY_BLOCK, n = a->queries - i0 < QUERY_BLOCK ? a->queries - i0 : QUERY_BLOCK;
         if (dim == 64) attend_block(a, 64, b, h, i0, n, queries, query_scales, scores, weights, outputs, state);
         else if (dim == 128) attend_block(a, 128, b, h, i0, n, queries, query_scales, scores, weights, outputs, state);
