@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from ..ops.memory import keep_freed_memory
 from .checkpoint import CheckpointError, read_config
 from .config import SpikingBrainConfig
 from .hf_import import TRANSFORMER_FAMILIES, load_transformer
@@ -34,7 +35,10 @@ def read_source_config(folder: Path) -> tuple[dict, bool]:
 
 def load_model(ref: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> SpikingBrainForCausalLM:
     """A SpikingBrain model (eval mode) for any supported reference; Llama-family folders load as all-``full`` layers,
-    released W8ASpike folders as INT8 spiking models (:mod:`.w8aspike_release`)."""
+    released W8ASpike folders as INT8 spiking models (:mod:`.w8aspike_release`). On CPU, the process keeps freed memory
+    for reuse from here on (:func:`~spikingbrain.ops.memory.keep_freed_memory`)."""
+    if torch.device(device).type == "cpu":
+        keep_freed_memory()
     folder = resolve_folder(ref)
     raw, native = read_source_config(folder)
     if raw["model_type"] == GLAswaConfig.model_type and is_w8aspike_release(folder):

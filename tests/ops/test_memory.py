@@ -1,0 +1,46 @@
+"""Freed memory kept for reuse (``ops/memory.py``): large blocks allocated, freed and allocated again, as a prefill's
+layers do, take fresh pages (one page fault per 4 KiB touched) under glibc's own adapting threshold for a few rounds,
+and hardly any once ``keep_freed_memory`` has fixed it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from spikingbrain.ops import memory
+
+pytestmark = pytest.mark.skipif(memory._mallopt() is None, reason="not glibc: no mallopt")
+
+_ROUNDS = """
+import resource, sys, torch
+from spikingbrain.ops.memory import keep_freed_memory
+if sys.argv[1] == "keep":
+    assert keep_freed_memory()
+torch.set_num_threads(1)
+faults = [0] * 12
+for i in range(12):  # three blocks of 6, 9 and 3 MiB, filled, then freed
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    blocks = [torch.ones(n // 4) for n in (6 << 20, 9 << 20, 3 << 20)]
+    faults[i] = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    del blocks
+print(sum(faults[2:]))
+"""
+
+
+def _faults_after_two_rounds(mode: str) -> int:
+    """Page faults of rounds 3-12 in a fresh process (``mode``: keep, or glibc's default)."""
+    done = subprocess.run([sys.executable, "-c", _ROUNDS, mode], capture_output=True, text=True, timeout=120, check=True)
+    return int(done.stdout.split()[-1])
+
+
+def test_freed_blocks_are_reused_without_page_faults():
+    kept, default = _faults_after_two_rounds("keep"), _faults_after_two_rounds("default")
+    assert default >= 1536  # at least one 6 MiB block on fresh pages: the cost being removed
+    assert kept * 4 <= default, (kept, default)
+
+
+def test_the_environment_switch_turns_it_off(monkeypatch):
+    monkeypatch.setenv("SPIKINGBRAIN_KEEP_FREED_MEMORY", "0")
+    assert memory.keep_freed_memory() is False
