@@ -267,7 +267,7 @@ def kernel_gla(q, k, v, g, scale=None, initial_state=None, output_final_state=Fa
     ``[K, V]`` state per key/value head and no repeats; for prefills on CPU (check :func:`gla_kernel_applies`)."""
     B, T, H, Hkv, K, V = _check_shapes(q, k, v, g)
     scale = K**-0.5 if scale is None else scale
-    state = _initial_state(initial_state, B, Hkv, K, V, q).clone().contiguous()
+    state = _initial_state(initial_state, B, Hkv, K, V, q).clone(memory_format=torch.contiguous_format)  # the kernel writes it
     out = torch.empty(B, T, H, V)
     q = (q * scale).contiguous()  # as the reference scales it, before the products
     k, v = k.contiguous(), v.contiguous()

@@ -414,11 +414,8 @@ class ProductGroup:
         return y
 
     def _vnni_prefill(self, counts: _Counts) -> bool:
-        """Whether these counts' product goes through the VNNI kernel: fp32 thresholds on CPU, one scale per output
-        channel, input features in multiples of 4."""
-        first = self.members[0]
-        return (_RowKernel.enabled and counts.threshold.dtype == torch.float32 and counts.low.device.type == "cpu"
-                and first.group_size >= first.in_features and first.in_features % 4 == 0 and vnni_rows_available())
+        """Whether these counts' product goes through the VNNI kernel: fp32 thresholds on CPU, a layout it takes."""
+        return counts.threshold.dtype == torch.float32 and counts.low.device.type == "cpu" and self.members[0]._vnni_layout()
 
     def _outlier_weight(self, columns: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """The members' dequantised weights of input ``columns`` ``[ΣN, len(columns)]``, kept while the same columns come again."""
@@ -515,9 +512,13 @@ class Int8Linear(nn.Module):
         return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
 
     def _vnni_rows(self, flat: torch.Tensor) -> bool:
-        """Whether rows ``flat`` go through the VNNI kernel: a few fp32 rows, one scale per output channel."""
-        return (_RowKernel.enabled and flat.shape[0] <= VNNI_MAX_ROWS and flat.dtype == torch.float32 and self.group_size >= self.in_features
-                and self.in_features % 4 == 0 and vnni_rows_available())
+        """Whether rows ``flat`` go through the VNNI kernel from the input: a few fp32 rows, a layout it takes."""
+        return flat.shape[0] <= VNNI_MAX_ROWS and flat.dtype == torch.float32 and self._vnni_layout()
+
+    def _vnni_layout(self) -> bool:
+        """Whether this layer's products may take the VNNI kernel: it is on (``row_kernel``) and runs here, one scale per
+        output channel, input features in multiples of 4."""
+        return _RowKernel.enabled and self.group_size >= self.in_features and self.in_features % 4 == 0 and vnni_rows_available()
 
     def own_tensors(self) -> tuple[torch.Tensor, ...]:
         """The codes, the scales and (where there is one) the bias: what packed layouts are built from. Read from the

@@ -3,8 +3,8 @@
  *     S_t = diag(decay_t) S_{t-1} + k_t^T v_t,        o_t = q_t S_t
  *
  * for every key/value head, S [K, V] in fp32, query heads h * G .. h * G + G - 1 reading head h's state. The state of
- * one head is cut into blocks of 16 value columns, which are independent: a work item is one (batch row, head, block),
- * its K x 16 slice of the state kept in a local buffer (K <= MAX_KEY_DIM) while it runs over every token. Per token and
+ * one head is cut into blocks of BLOCK (32) value columns, which are independent: a work item is one (batch row, head,
+ * block), its K x 32 slice of the state kept in a local buffer (K <= MAX_KEY_DIM) while it runs over every token. Per token and
  * key channel: one multiply by the decay, one rank-one update, and an FMA into each query head's output; nothing of
  * size T x T or K x K exists. Each state element is updated as decay * S + k * v with the two products rounded
  * separately (as the token-by-token reference computes it); the outputs' sums over K differ from any other kernel's
