@@ -35,7 +35,8 @@ def _faults_after_two_rounds(mode: str) -> int:
     """Page faults of rounds 3-12 in a fresh process (``mode``: keep, or glibc's default, whatever the caller's
     environment set for malloc)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
-    done = subprocess.run([sys.executable, "-c", _ROUNDS, mode], capture_output=True, text=True, timeout=120, check=True, env=env)
+    command = [sys.executable, "-c", _ROUNDS, mode]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, check=True, env=env)
     return int(done.stdout.split()[-1])
 
 
