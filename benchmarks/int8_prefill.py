@@ -6,7 +6,8 @@ Variants, each timed on the same prompt of every length (``model(ids, use_cache=
 logits_to_keep=1)`` under ``torch.inference_mode()``, streaming prefill as the model does it):
 ``fp32_dense``; ``int8_spiking_integer`` (W8ASpike: INT8 group weights, spiking k = 3, as the release spiked
 queries and int8 keys and values, the integer path with fused passes and integer attention);
-``int8_spiking_simulated`` (the same model, fp32 simulation); with ``--teacher``, that Transformer run by transformers (SDPA, fp32) too, so that
+``int8_spiking_simulated`` (the same model, fp32 simulation); ``int8_spiking_integer_bf16`` (the integer path
+with the attention kernel's weighted values in bf16, an option that needs AVX-512 BF16; not timed unless named); with ``--teacher``, that Transformer run by transformers (SDPA, fp32) too, so that
 the time to first token of each variant is compared with the teacher's in the same run
 (``ttft_speedup``: the teacher's seconds over the variant's). With ``--layer-shape`` also one
 projection alone: fp32 linear, integer path with torch.compile'd passes and with eager passes.
@@ -32,10 +33,11 @@ from spikingbrain.runtime.lengths import format_length, parse_lengths
 from spikingbrain.runtime.machine import load_average, machine_info, set_threads
 from spikingbrain.runtime.records import command_line, write_json
 from spikingbrain.spiking.apply import spikify, unspikify
-from spikingbrain.spiking.int8 import fused_passes, quantize_model_int8, set_integer_matmul
+from spikingbrain.spiking.int8 import fused_passes, quantize_model_int8, set_bf16_attention_values, set_integer_matmul
 from spikingbrain.spiking.neuron import SpikingInput
 
-VARIANTS = ("fp32_dense", "int8_spiking_integer", "int8_spiking_simulated")
+VARIANTS = ("fp32_dense", "int8_spiking_integer", "int8_spiking_simulated", "int8_spiking_integer_bf16")
+DEFAULT_VARIANTS = VARIANTS[:3]
 
 
 def smollm2_shaped(window: int) -> SpikingBrainForCausalLM:
@@ -137,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-seconds", type=float, default=120.0, help="stop repeating a measurement after this long")
     parser.add_argument("--layer-shape", default="4096,576,1536", help="M,K,N of the single-projection measurement ('' skips it)")
     parser.add_argument("--teacher", default=None, help="also time this Transformer with transformers' SDPA (e.g. default)")
-    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"which of {', '.join(VARIANTS)} to time")
+    parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help=f"which of {', '.join(VARIANTS)} to time")
     parser.add_argument("--warmup-length", default=None,
                         help="warm each variant up on a prompt this long (e.g. 4k) instead of one of the timed length")
     parser.add_argument("--float-attention", action="store_true",
@@ -168,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
         for variant in variants:
             model = built["dense" if variant == "fp32_dense" else "w8aspike"]
             if variant != "fp32_dense":
-                set_integer_matmul(model, variant == "int8_spiking_integer")
+                set_integer_matmul(model, variant.startswith("int8_spiking_integer"))
+                set_bf16_attention_values(model, variant == "int8_spiking_integer_bf16")
             row[variant] = time_prefill(model, length, args.repeats, args.max_seconds, warmup_length=warmup_length)
         line = ", ".join(f"{v} {row[v]['tokens_per_s']:.0f} tok/s" for v in variants)
         if {"int8_spiking_integer", "fp32_dense"} <= set(variants):

@@ -3,7 +3,8 @@ dense masked softmax of tests/reference_impl.py in fp64 over the same dequantise
 against a product computed by hand in integers.
 
 Its scores equal the fp32 products up to rounding, its softmax uses a polynomial exp (relative error about 1e-7) and
-its weighted sums are fp32, so outputs agree to 1e-5 of their largest value.
+its weighted sums are fp32, so outputs agree to 1e-5 of their largest value. With ``bf16_values`` each weight times its
+value's scale is rounded to bf16 (at most 2^-9 of itself), so outputs agree to 2^-9 of the largest value.
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ from reference_impl import assert_close, attention_reference, int8_rows_rounded,
 from spikingbrain import SpikingBrainConfig, SpikingBrainForCausalLM
 from spikingbrain.ops import integer_attention as kernel_module
 from spikingbrain.ops.attention import Int8Rows
-from spikingbrain.ops.integer_attention import SPIKE_COUNT_LIMIT, integer_attention, integer_attention_applies
+from spikingbrain.ops.integer_attention import SPIKE_COUNT_LIMIT, bf16_values_supported, integer_attention, integer_attention_applies
 from spikingbrain.spiking.apply import spikify
-from spikingbrain.spiking.int8 import set_integer_matmul
+from spikingbrain.spiking.int8 import set_bf16_attention_values, set_integer_matmul
 from spikingbrain.spiking.neuron import spike_counts
 
 pytestmark = pytest.mark.skipif(kernel_module._library() is None, reason="no AVX-512 VNNI on this machine")
@@ -123,6 +124,68 @@ def test_what_the_kernel_does_not_take():
         assert not integer_attention_applies(q, wide, k, v)
         assert not integer_attention_applies(q[..., :8], counts[..., :8], k[..., :8], v[..., :8])  # D not a multiple of 16
     assert not integer_attention_applies(q, counts, k, v)  # gradients on
+
+
+needs_bf16 = pytest.mark.skipif(not bf16_values_supported(), reason="no AVX-512 BF16 on this machine")
+
+
+@needs_bf16
+@pytest.mark.parametrize("B,Tq,Tk,H,Hkv,D,window,keep_first", [
+    (1, 300, 300, 9, 3, 64, 50, 0),
+    (1, 500, 1000, 9, 3, 64, 200, 30),
+    (1, 257, 400, 8, 2, 128, 130, 3),
+    (2, 20, 45, 6, 3, 80, None, 0),  # a head size that is not a multiple of 64, batch rows
+])
+def test_bf16_values_match_dense_attention_within_their_rounding(B, Tq, Tk, H, Hkv, D, window, keep_first):
+    q, counts, thresholds, k, v = _inputs(B, Tq, Tk, H, Hkv, D, seed=4)
+    with torch.inference_mode():
+        got = integer_attention(counts, thresholds, k, v, window, keep_first=keep_first, bf16_values=True)
+    values = int8_rows_rounded(v)
+    expected = attention_reference(counts.double() * thresholds.double(), int8_rows_rounded(k), values,
+                                   None if window is None else window + 1, keep_first=keep_first)
+    error = (got.double() - expected).abs().max().item()
+    assert error <= 2**-9 * values.abs().max().item(), error
+
+
+@needs_bf16
+def test_bf16_values_round_each_weight_times_its_scale_by_hand():
+    """One query over two keys with equal scores (weights 1 and 1): value scales 1 + 2^-10 (bf16: 1) and 3 (exact)."""
+    D = 16
+    counts, thresholds = torch.zeros(1, 2, 1, D, dtype=torch.int32), torch.ones(1, 2, 1, 1)
+    keys = Int8Rows(torch.zeros(1, 2, 1, D, dtype=torch.int8), torch.ones(1, 2, 1))
+    values = Int8Rows(torch.eye(2, D, dtype=torch.int8).mul(100).view(1, 2, 1, D), torch.tensor([1 + 2**-10, 3.0]).view(1, 2, 1))
+    with torch.inference_mode():
+        rounded = integer_attention(counts, thresholds, keys, values, bf16_values=True)
+        exact = integer_attention(counts, thresholds, keys, values)
+    assert rounded[0, 1, 0, :2].tolist() == [50.0, 150.0]  # (100 x 1, 100 x 3) / 2
+    assert exact[0, 1, 0, :2].tolist() == pytest.approx([50 * (1 + 2**-10), 150.0], rel=1e-6)
+
+
+@needs_bf16
+def test_a_model_switches_to_bf16_values_and_back(monkeypatch):
+    """The switch reaches each attention layer's kernel call; switched back, the logits are the exact path's again (a
+    spiking model's own check against its simulation is the test above: a 2^-9 rounding moves spike counts)."""
+    model = _w8aspike_model()
+    calls = []
+    original = kernel_module.integer_attention
+    monkeypatch.setattr("spikingbrain.model.mixers.integer_attention",
+                        lambda *a, **kw: calls.append(kw["bf16_values"]) or original(*a, **kw))
+    ids = torch.randint(3, 97, (2, 40), generator=torch.Generator().manual_seed(6))
+    with torch.inference_mode():
+        integer = model(ids).logits
+        assert set_bf16_attention_values(model, True) == 2  # the window layer and the full one
+        rounded = model(ids).logits
+        set_bf16_attention_values(model, False)
+        again = model(ids).logits
+    assert calls == [False, False, True, True, False, False]
+    assert torch.equal(again, integer) and not torch.equal(rounded, integer)
+
+
+def test_bf16_values_are_refused_where_the_cpu_lacks_them(monkeypatch):
+    monkeypatch.setattr("spikingbrain.spiking.int8.bf16_values_supported", lambda: False)
+    with pytest.raises(RuntimeError, match="AVX-512 VNNI and BF16"):
+        set_bf16_attention_values(_w8aspike_model(), True)
+    assert set_bf16_attention_values(_w8aspike_model(), False) == 2
 
 
 def _w8aspike_model(**overrides) -> SpikingBrainForCausalLM:

@@ -200,6 +200,7 @@ class SoftmaxAttention(_Mixer):
         self.query_spike_k: float | None = None  # W8ASpike options, set by spiking.spikify
         self.int8_kv = False
         self.attention_in_integers = True  # with both: the integer kernel where it applies (False: the fp32 simulation)
+        self.bf16_attention_values = False  # the kernel's weighted values in bf16 (an option: faster, not the simulation's)
 
     def sink_keys_values(self, proj: _Mixer) -> tuple[torch.Tensor, torch.Tensor]:
         """Sink keys and values ``[1, n, Hkv, D]`` through ``proj``'s k/v projections (no rotation)."""
@@ -233,7 +234,8 @@ class SoftmaxAttention(_Mixer):
         mask = inputs.mask_of_keys(k.shape[1] - n, self.keep_first)
         if self.int8_kv and self.attention_in_integers and spikes is not None and mask is None \
                 and integer_attention_applies(q, spikes[0], k, v):
-            o = integer_attention(*spikes, k, v, self.window, num_sinks=n, keep_first=self.keep_first)  # W8ASpike in integers
+            o = integer_attention(*spikes, k, v, self.window, num_sinks=n, keep_first=self.keep_first,  # W8ASpike in integers
+                                  bf16_values=self.bf16_attention_values)
         else:
             if spikes is not None:  # the query a projection of the spikes sees: counts times threshold
                 q = spikes[0].to(q.dtype) * spikes[1]
