@@ -18,6 +18,7 @@ from reference_impl import spike_reference
 from spikingbrain.cli import main
 from spikingbrain.eval.perplexity import perplexity, text_token_ids
 from spikingbrain.model.loading import load_model, load_tokenizer
+from spikingbrain.ops.integer_attention import bf16_values_supported
 from spikingbrain.spiking.events import read_events
 from spikingbrain.spiking.int8 import Int8Head, Int8Linear
 
@@ -88,6 +89,14 @@ def test_quantize_writes_a_smaller_int8_spiking_folder(tmp_path, pair, text, cap
         assert json.loads(capsys.readouterr().out).get("window_kv_dtype") == dtype
         reloaded = load_model(folder)
         assert reloaded.config.spiking["int8_kv"] and reloaded.config.window_kv_dtype == dtype
+    # --attention-values bfloat16: saved in the config; the folder's attention layers sum values in bf16 where the CPU can
+    folder = tmp_path / "bf16-values"
+    assert main(args[:4] + [str(folder)] + args[5:] + ["--spike-query", "--int8-kv", "--attention-values", "bfloat16"]) == 0
+    assert json.loads(capsys.readouterr().out)["attention_values_dtype"] == "bfloat16"
+    layers = [m for m in load_model(folder).modules() if hasattr(m, "bf16_attention_values")]
+    assert layers and {m.bf16_attention_values for m in layers} == {bf16_values_supported()}
+    assert main(args[:4] + [str(tmp_path / "refused")] + args[5:] + ["--attention-values", "bfloat16"]) == 2
+    assert "--spike-query --int8-kv" in capsys.readouterr().err
 
 
 def test_quantize_w8a8_writes_a_folder_that_reloads_as_w8a8(tmp_path, pair, text, capsys):

@@ -188,6 +188,19 @@ def test_bf16_values_are_refused_where_the_cpu_lacks_them(monkeypatch):
     assert set_bf16_attention_values(_w8aspike_model(), False) == 2
 
 
+def test_a_config_asks_for_bf16_values_and_falls_back_with_a_warning(monkeypatch):
+    """``attention_values_dtype: bfloat16`` (a quantize folder's config) switches the layers at construction; where the
+    CPU lacks AVX-512 BF16 they keep fp32 values and say so; an unknown dtype is refused by name."""
+    assert {m.bf16_attention_values for m in _w8aspike_model(attention_values_dtype="bfloat16").modules()
+            if hasattr(m, "bf16_attention_values")} == {bf16_values_supported()}
+    monkeypatch.setattr("spikingbrain.model.mixers.bf16_values_supported", lambda: False)
+    with pytest.warns(UserWarning, match="attention_values_dtype: bfloat16 needs a CPU with AVX-512 VNNI and BF16"):
+        model = _w8aspike_model(attention_values_dtype="bfloat16")
+    assert not any(getattr(m, "bf16_attention_values", False) for m in model.modules())
+    with pytest.raises(ValueError, match="attention_values_dtype='float16'"):
+        _w8aspike_model(attention_values_dtype="float16")
+
+
 def _w8aspike_model(**overrides) -> SpikingBrainForCausalLM:
     config = SpikingBrainConfig(
         vocab_size=97, hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,

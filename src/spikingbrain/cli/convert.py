@@ -114,7 +114,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         group_size=args.group_size, samples=args.samples, sample_tokens=args.sample_tokens, spiking_k=args.spiking_k,
         spike_query=args.spike_query, int8_kv=args.int8_kv, int8_weights=args.int8_weights,
         context=args.context, max_tokens=args.max_tokens, activations=args.activations, lm_head=args.lm_head,
-        window_kv_dtype=None if args.window_kv == "model" else args.window_kv,
+        window_kv_dtype=None if args.window_kv == "model" else args.window_kv, attention_values_dtype=args.attention_values,
     )
     print_result(result, args.json)
     return 0
@@ -143,6 +143,10 @@ def register_quantize(subparsers) -> None:
                         "reads) or as int8 codes with a scale per position and head (about a quarter), or in the model's "
                         "dtype; the attention stays fp32. Default: int8 with --int8-kv (the exact codes it attends), else "
                         "the model's dtype")
+    p.add_argument("--attention-values", choices=["float32", "bfloat16"], default="float32",
+                   help="with --spike-query --int8-kv: sum the integer attention's weighted values in fp32 (the "
+                        "simulation's numbers) or in bf16 (faster prefill where the CPU has AVX-512 BF16; each weight "
+                        "rounded by up to 2^-9 of itself)")
     p.add_argument("--eval-text", default=None, help="report perplexity on this text before and after")
     p.add_argument("--context", type=int, default=2048, help="perplexity window")
     p.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens of --eval-text")

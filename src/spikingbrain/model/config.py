@@ -23,12 +23,22 @@ WINDOW_SEMANTICS = ("flash", "sdpa")
 #: float16 (half the bytes each decode step reads) or int8 (codes with one fp32 scale per position and head: about a
 #: quarter); each key is rounded once, when it enters the cache, and the attention itself stays fp32.
 WINDOW_KV_DTYPES = (None, "float16", "int8")
+#: How W8ASpike's integer attention kernel sums its weighted values: in fp32 (the simulation's numbers) or, where the
+#: CPU has AVX-512 BF16, each weight times its value's scale rounded to bf16 (faster; see ``ops.integer_attention``).
+ATTENTION_VALUES_DTYPES = ("float32", "bfloat16")
 
 
 def checked_window_kv_dtype(value: str | None) -> str | None:
     """``value`` if it is one of ``WINDOW_KV_DTYPES``, else a ValueError naming it and the choices."""
     if value not in WINDOW_KV_DTYPES:
         raise ValueError(f"window_kv_dtype={value!r}; use one of {list(WINDOW_KV_DTYPES)} (None: the model's dtype)")
+    return value
+
+
+def checked_attention_values_dtype(value: str) -> str:
+    """``value`` if it is one of ``ATTENTION_VALUES_DTYPES``, else a ValueError naming it and the choices."""
+    if value not in ATTENTION_VALUES_DTYPES:
+        raise ValueError(f"attention_values_dtype={value!r}; use one of {list(ATTENTION_VALUES_DTYPES)}")
     return value
 
 
@@ -47,6 +57,7 @@ class SpikingBrainConfig(PretrainedConfig):
     query) unless ``window_semantics="sdpa"`` (W keys, as in the release's SDPA fallback).
     ``keep_first_tokens`` first positions of a sequence stay visible to every sliding-window
     query after the window has passed them (StreamingLLM's attention sinks; 0 = plain window).
+    ``window_kv_dtype`` and ``attention_values_dtype``: see ``WINDOW_KV_DTYPES`` and ``ATTENTION_VALUES_DTYPES``.
     GLA options: ``gla_feature_map`` on q and k; ``gla_gate="lowrank"`` (7B: gate of rank
     ``gla_gate_rank`` with log decay ``logsigmoid(gate) / gla_gate_normalizer``; rank 0: one
     full-rank ``gk_proj`` linear, the released W8ASpike layout) or
@@ -81,6 +92,7 @@ class SpikingBrainConfig(PretrainedConfig):
         window_semantics: str = "flash",
         keep_first_tokens: int = 0,
         window_kv_dtype: str | None = None,
+        attention_values_dtype: str = "float32",
         gla_feature_map: str = "relu",
         gla_gate: str = "lowrank",
         gla_gate_rank: int = 16,
@@ -128,6 +140,7 @@ class SpikingBrainConfig(PretrainedConfig):
         self.window_semantics = window_semantics
         self.keep_first_tokens = keep_first_tokens
         self.window_kv_dtype = checked_window_kv_dtype(window_kv_dtype)
+        self.attention_values_dtype = checked_attention_values_dtype(attention_values_dtype)
         self.gla_feature_map = gla_feature_map
         self.gla_gate = gla_gate
         self.gla_gate_rank = gla_gate_rank

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -13,7 +14,7 @@ from ..ops import (
     causal_attention, chunk_delta_rule, prefill_gla, recurrent_delta_rule, recurrent_gla, rotate_query_key, sliding_window_attention,
 )
 from ..ops.attention import Int8Rows
-from ..ops.integer_attention import integer_attention, integer_attention_applies
+from ..ops.integer_attention import bf16_values_supported, integer_attention, integer_attention_applies
 from ..spiking.int8 import fake_quantize_int8
 from ..spiking.neuron import spike_counts, spike_quantize
 from .cache import FullKV, GLAState, ParallelState, RowCaches, WindowKV, stack_states, unstack_states
@@ -25,6 +26,15 @@ __all__ = ["MixerInputs", "GatedLinearAttention", "SoftmaxAttention", "ParallelH
 
 #: Up to this many new tokens, GLA runs the token-by-token recurrence instead of the chunked kernel.
 RECURRENT_MAX_TOKENS = 16
+
+
+def bf16_values_available(config: SpikingBrainConfig) -> bool:
+    """Whether this CPU sums attention values in bf16, as ``config.attention_values_dtype`` asks; warns where not."""
+    if bf16_values_supported():
+        return True
+    warnings.warn("attention_values_dtype: bfloat16 needs a CPU with AVX-512 VNNI and BF16; this one lacks them, so the "
+                  "integer attention sums its values in float32 (exact, slower)", stacklevel=2)
+    return False
 
 
 @dataclass
@@ -200,7 +210,8 @@ class SoftmaxAttention(_Mixer):
         self.query_spike_k: float | None = None  # W8ASpike options, set by spiking.spikify
         self.int8_kv = False
         self.attention_in_integers = True  # with both: the integer kernel where it applies (False: the fp32 simulation)
-        self.bf16_attention_values = False  # the kernel's weighted values in bf16 (an option: faster, not the simulation's)
+        # the kernel's weighted values in bf16 (an option: faster, not the simulation's); exact where the CPU lacks bf16
+        self.bf16_attention_values = config.attention_values_dtype == "bfloat16" and bf16_values_available(config)
 
     def sink_keys_values(self, proj: _Mixer) -> tuple[torch.Tensor, torch.Tensor]:
         """Sink keys and values ``[1, n, Hkv, D]`` through ``proj``'s k/v projections (no rotation)."""
