@@ -141,14 +141,14 @@ static inline int tile_visible(const attention_args *a, int64_t k0, int64_t firs
     return a->window < 0 || low >= last - a->window || high < a->keep_first;
 }
 
-/* one row's query codes (4 at a time, from d4) against the four key groups k0 .. k3 */
+/* one row's query codes (4 at a time, from d4) against the four groups of 16 keys keys0 .. keys3 */
 #define SCORE_DOT(a0, a1, a2, a3, r)                                                           \
     {                                                                                          \
         __m512i q = _mm512_set1_epi32(*(const int32_t *)(queries + (r0 + (r)) * dim + 4 * d4)); \
-        a0 = _mm512_dpbusd_epi32(a0, q, k0);                                                   \
-        a1 = _mm512_dpbusd_epi32(a1, q, k1);                                                   \
-        a2 = _mm512_dpbusd_epi32(a2, q, k2);                                                   \
-        a3 = _mm512_dpbusd_epi32(a3, q, k3);                                                   \
+        a0 = _mm512_dpbusd_epi32(a0, q, keys0);                                                \
+        a1 = _mm512_dpbusd_epi32(a1, q, keys1);                                                \
+        a2 = _mm512_dpbusd_epi32(a2, q, keys2);                                                \
+        a3 = _mm512_dpbusd_epi32(a3, q, keys3);                                                \
     }
 
 /* scores [rows][TILE] of rows r0 .. r0 + 3 (ROWS is 4) over the tile from key k0: int32 products, then scaled; 64 keys at
@@ -165,8 +165,9 @@ VNNI static inline __attribute__((always_inline)) void tile_scores(const int64_t
         __m512i a20 = z, a21 = z, a22 = z, a23 = z, a30 = z, a31 = z, a32 = z, a33 = z;
         const int8_t *keys = p->keys + (k0 + part) * dim;
         for (int64_t d4 = 0; d4 < dim / 4; d4++) {
-            __m512i k0 = _mm512_loadu_si512(keys + d4 * 64), k1 = _mm512_loadu_si512(keys + (dim / 4 + d4) * 64);
-            __m512i k2 = _mm512_loadu_si512(keys + (2 * (dim / 4) + d4) * 64), k3 = _mm512_loadu_si512(keys + (3 * (dim / 4) + d4) * 64);
+            __m512i keys0 = _mm512_loadu_si512(keys + d4 * 64), keys1 = _mm512_loadu_si512(keys + (dim / 4 + d4) * 64);
+            __m512i keys2 = _mm512_loadu_si512(keys + (2 * (dim / 4) + d4) * 64);
+            __m512i keys3 = _mm512_loadu_si512(keys + (3 * (dim / 4) + d4) * 64);
             SCORE_DOT(a00, a01, a02, a03, 0)
             SCORE_DOT(a10, a11, a12, a13, 1)
             SCORE_DOT(a20, a21, a22, a23, 2)
