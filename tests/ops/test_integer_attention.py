@@ -182,10 +182,13 @@ def test_a_model_switches_to_bf16_values_and_back(monkeypatch):
 
 
 def test_bf16_values_are_refused_where_the_cpu_lacks_them(monkeypatch):
-    monkeypatch.setattr("spikingbrain.spiking.int8.bf16_values_supported", lambda: False)
+    monkeypatch.setattr("spikingbrain.ops.integer_attention.bf16_values_supported", lambda: False)
     with pytest.raises(RuntimeError, match="AVX-512 VNNI and BF16"):
         set_bf16_attention_values(_w8aspike_model(), True)
     assert set_bf16_attention_values(_w8aspike_model(), False) == 2
+    _, counts, thresholds, k, v = _inputs(1, 8, 8, 2, 1, 16)
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="leave them off"):
+        integer_attention(counts, thresholds, k, v, bf16_values=True)
 
 
 def test_a_config_asks_for_bf16_values_and_falls_back_with_a_warning(monkeypatch):

@@ -28,8 +28,8 @@ __all__ = ["MixerInputs", "GatedLinearAttention", "SoftmaxAttention", "ParallelH
 RECURRENT_MAX_TOKENS = 16
 
 
-def bf16_values_available(config: SpikingBrainConfig) -> bool:
-    """Whether this CPU sums attention values in bf16, as ``config.attention_values_dtype`` asks; warns where not."""
+def bf16_values_available() -> bool:
+    """Whether this CPU sums attention values in bf16, as ``attention_values_dtype: bfloat16`` asks; warns where not."""
     if bf16_values_supported():
         return True
     warnings.warn("attention_values_dtype: bfloat16 needs a CPU with AVX-512 VNNI and BF16; this one lacks them, so the "
@@ -211,7 +211,7 @@ class SoftmaxAttention(_Mixer):
         self.int8_kv = False
         self.attention_in_integers = True  # with both: the integer kernel where it applies (False: the fp32 simulation)
         # the kernel's weighted values in bf16 (an option: faster, not the simulation's); exact where the CPU lacks bf16
-        self.bf16_attention_values = config.attention_values_dtype == "bfloat16" and bf16_values_available(config)
+        self.bf16_attention_values = config.attention_values_dtype == "bfloat16" and bf16_values_available()
 
     def sink_keys_values(self, proj: _Mixer) -> tuple[torch.Tensor, torch.Tensor]:
         """Sink keys and values ``[1, n, Hkv, D]`` through ``proj``'s k/v projections (no rotation)."""

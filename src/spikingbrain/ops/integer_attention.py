@@ -24,7 +24,7 @@ from .attention import Int8Rows
 from .native import load_kernel
 from .threads import kernel_threads
 
-__all__ = ["integer_attention", "integer_attention_applies", "bf16_values_supported", "SPIKE_COUNT_LIMIT"]
+__all__ = ["integer_attention", "integer_attention_applies", "bf16_values_supported", "require_bf16_values", "SPIKE_COUNT_LIMIT"]
 
 #: the largest query spike count (in magnitude) the kernel multiplies: counts are int8
 SPIKE_COUNT_LIMIT = 127
@@ -48,6 +48,13 @@ def bf16_values_supported() -> bool:
     return _library() is not None and bool(_library().sb_integer_attention_bf16_supported())
 
 
+def require_bf16_values() -> None:
+    """A RuntimeError where :func:`bf16_values_supported` says no."""
+    if not bf16_values_supported():
+        raise RuntimeError("bf16 attention values need a CPU with AVX-512 VNNI and BF16; this one lacks them: leave them "
+                           "off (fp32 values, the default)")
+
+
 def integer_attention_applies(query: torch.Tensor, counts: torch.Tensor, k, v) -> bool:
     """Whether the kernel takes the spiking ``query`` with these ``counts``: an fp32 query on a CPU with AVX-512 VNNI,
     more than one query (a decode step has its own kernel), counts within :data:`SPIKE_COUNT_LIMIT`, a head size that
@@ -67,8 +74,8 @@ def integer_attention(counts: torch.Tensor, thresholds: torch.Tensor, k, v, wind
     all keys (``window=None``) or a sliding window of ``window + 1``; fp32 ``[B, Tq, H, D]``. ``bf16_values``: the
     weighted values in bf16 (see the module's text; :func:`bf16_values_supported`). Check
     :func:`integer_attention_applies` first."""
-    if bf16_values and not bf16_values_supported():
-        raise RuntimeError("bf16_values needs a CPU with AVX-512 BF16, which this one lacks; leave it off here")
+    if bf16_values:
+        require_bf16_values()
     B, Tq, H, D = counts.shape
     k, v = (x if isinstance(x, Int8Rows) else Int8Rows.quantized(x) for x in (k, v))
     if k.shape != v.shape or k.shape[0] != B or k.shape[3] != D or H % k.shape[2] or k.shape[1] - num_sinks < Tq:

@@ -68,7 +68,7 @@ from ..ops.int8 import (
     VNNI_MAX_ROWS, VnniInt8Weight, int8_matmul_available, onednn_int8_linear_available, onednn_int8_row_product, onednn_pack_int8_weight,
     vnni_checked_rows_product, vnni_codes_product, vnni_pack_int8_weight, vnni_rows_available,
 )
-from ..ops.integer_attention import bf16_values_supported
+from ..ops.integer_attention import require_bf16_values
 from .apply import DEFAULT_TARGETS, current_spiking, spikify, spiking_linears
 from .neuron import THRESHOLD_RANGE, SpikingInput, adaptive_threshold, check_firing_k, round_half_up, spike_quantize
 
@@ -584,8 +584,8 @@ def set_bf16_attention_values(model: nn.Module, enabled: bool) -> int:
     """Let the integer attention kernel of every W8ASpike attention layer in ``model`` sum its weighted values in bf16
     (``enabled``) or in fp32, the simulation's numbers (the default); returns how many layers. bf16 halves that part's
     instructions and rounds each weight by up to 2^-9 of itself; it needs AVX-512 BF16."""
-    if enabled and not bf16_values_supported():
-        raise RuntimeError("bf16 attention values need a CPU with AVX-512 VNNI and BF16; this one lacks them")
+    if enabled:
+        require_bf16_values()
     layers = [m for m in model.modules() if hasattr(m, "bf16_attention_values")]
     for layer in layers:
         layer.bf16_attention_values = bool(enabled)
