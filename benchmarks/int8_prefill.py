@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--max-seconds", type=float, default=120.0, help="stop repeating a measurement after this long")
     parser.add_argument("--layer-shape", default="4096,576,1536", help="M,K,N of the single-projection measurement ('' skips it)")
-    parser.add_argument("--teacher", default=None, help="also time this Transformer with transformers' SDPA (e.g. default)")
+    parser.add_argument("--teacher", default=None, help="also time this Transformer with transformers' SDPA (e.g. default; none: no teacher)")
     parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help=f"which of {', '.join(VARIANTS)} to time")
     parser.add_argument("--warmup-length", default=None,
                         help="warm each variant up on a prompt this long (e.g. 4k) instead of one of the timed length")
@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         result["layer"] = time_layer(tuple(int(v) for v in args.layer_shape.split(",")), args.group_size, args.repeats)
         print(f"layer {result['layer']}", file=sys.stderr)
     built = models(args.model, args.window, args.group_size, args.float_attention)
-    teacher = load_baseline(args.teacher) if args.teacher else None
+    teacher = load_baseline(args.teacher) if args.teacher not in (None, "none") else None
     result["prefill"] = []
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -39,7 +39,7 @@ def load_baseline(ref: str):
     except Exception as err:  # transformers raises many types for a folder it cannot read
         raise ValueError(
             f"the baseline {ref!r} ({folder}) could not be loaded with transformers (attn_implementation='sdpa'): "
-            f"{type(err).__name__}: {err}; pass --baseline with a Llama-family folder, 'default', or 'none'"
+            f"{type(err).__name__}: {err}; give a Llama-family folder or 'default'"
         ) from err
     return model.eval()
 
@@ -69,7 +69,7 @@ def load_candidates(ours_ref: str, baseline_ref: str | None, also: list[str] = (
         try:
             baseline = load_baseline(baseline_ref)
         except (ValueError, OSError) as err:
-            notes.append(f"baseline skipped: {err}")
+            notes.append(f"baseline skipped: {err} (with --baseline; 'none' skips it)")
     candidates = make_candidates(ours, ours_ref, baseline, baseline_ref)
     candidates += [_ours(f"also{i}", load_model(ref), ref) for i, ref in enumerate(also, 1)]
     return candidates, notes
