@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 
 from reference_impl import randomize_
@@ -182,3 +183,39 @@ def test_distance_decay_init_sets_each_kv_head_from_the_teacher():
         assert "decay_init 'teacher'" in str(err) and "grid" in str(err)
     else:
         raise AssertionError("an unknown decay_init was accepted")
+
+
+def test_multiscale_gate_bias_gives_log_spaced_half_lives():
+    from spikingbrain.convert.calibrate import gate_bias_for_half_life, multiscale_gate_bias
+
+    # hand-computed: half-life 16 with normalizer 16 -> log sigmoid(b) = -ln 2 -> sigmoid(b) = 1/2 -> b = 0
+    assert abs(float(gate_bias_for_half_life(torch.tensor([16.0]), 16)[0])) < 1e-12
+    model = tiny_model(["gla"], seed=7).double()
+    mixer = model.model.layers[0].attn
+    D = mixer.head_dim  # 8: half-lives 2 * 8192^(i / 7)
+    with torch.no_grad():
+        for layer in mixer.gk_proj:
+            layer.weight.zero_()
+        mixer.gate_bias.copy_(multiscale_gate_bias(D, mixer.gate_normalizer).repeat(mixer.num_kv_heads))
+        x = torch.randn(1, 3, 32, dtype=torch.float64)
+        k = torch.zeros(1, 3, mixer.num_kv_heads, D, dtype=torch.float64)
+        log_decay = mixer.log_decay(x, k).double()[0, 0]  # [kv heads, D], through the layer's own gate (fp32)
+    half_lives = torch.log(torch.tensor(0.5, dtype=torch.float64)) / log_decay
+    expected = torch.tensor([2 * 8192 ** (i / (D - 1)) for i in range(D)], dtype=torch.float64)
+    assert torch.allclose(half_lives, expected.expand_as(half_lives), rtol=1e-4)
+    with pytest.raises(ValueError, match="shortest <= longest"):
+        multiscale_gate_bias(D, 16, (100.0, 10.0))
+
+
+def test_multiscale_decay_init_sets_every_kv_head_and_still_fits_the_norms():
+    from spikingbrain.convert.calibrate import multiscale_gate_bias
+
+    teacher = tiny_model(["full", "full"], seed=8).double()
+    student = tiny_model(["gla", "gla"], seed=9).double()
+    ids = torch.randint(0, 97, (2, 24), generator=torch.Generator().manual_seed(3))
+    multiscale = calibrate_gla(student, teacher, ids, decay_init="multiscale")
+    for i in (0, 1):
+        mixer = student.model.layers[i].attn
+        expected = multiscale_gate_bias(mixer.head_dim, mixer.gate_normalizer)
+        assert torch.allclose(mixer.gate_bias.view(mixer.num_kv_heads, -1), expected.expand(mixer.num_kv_heads, -1), atol=1e-12)
+        assert 0 < multiscale[i] <= 1 + 1e-9  # the least-squares norm never does worse than skipping the layer (error 1)

@@ -127,6 +127,8 @@ def test_config_and_checkpoint_errors(tmp_path, pair, capsys):
         load_train_config(cfg, ["stages.0.kind=finetune"])
     with pytest.raises(ValueError, match="seed = 'abc': expected int"):
         load_train_config(cfg, ["seed=abc"])
+    with pytest.raises(ValueError, match=r"stages\[0\].decay_init='teacher'; use one of \['grid', 'distance', 'multiscale'\]"):
+        load_train_config(cfg, ["stages.0.decay_init=teacher"])
     with pytest.raises(ValueError, match="'nope' does not exist"):
         load_train_config(cfg, ["nope.lr=1"])
     with pytest.raises(ValueError, match="config file not found"):
@@ -473,3 +475,23 @@ def test_a_run_started_from_a_delta_holds_the_model_that_delta_rebuilds(tmp_path
         cfg = load_train_config(write_config(tmp_path / f"{name}.yaml", pair, tmp_path / name, calibrate=False, **overrides))
         with pytest.raises(TrainingError, match=message):
             Trainer(cfg, progress=False)
+
+
+def test_a_multiscale_calibration_is_in_the_delta(tmp_path, pair):
+    # a run of the calibrate stage alone: its delta carries the gate biases it set (log-spaced half-lives) beside the
+    # norm weights it fitted, and rebuilds the calibrated student
+    from spikingbrain.convert.calibrate import multiscale_gate_bias
+
+    cfg = load_train_config(write_config(tmp_path / "c.yaml", pair, tmp_path / "run"), ["stages.0.decay_init=multiscale"])
+    cfg.stages = cfg.stages[:1]
+    trainer = Trainer(cfg, progress=False)
+    trainer.run()
+    _, _, tensors, _ = read_delta(tmp_path / "run" / "delta.safetensors")
+    gla = [i for i, m in enumerate(trainer.student.config.layer_mixers) if m == "gla"]
+    assert gla
+    for i in gla:
+        mixer = trainer.student.model.layers[i].attn
+        name = next(n for n in tensors if n.startswith(f"model.layers.{i}.attn.gk_proj") and n.endswith("bias"))
+        expected = multiscale_gate_bias(mixer.head_dim, mixer.gate_normalizer).float().repeat(mixer.num_kv_heads)
+        assert torch.equal(tensors[name], expected)
+        assert f"model.layers.{i}.attn.g_norm.weight" in tensors

@@ -5,12 +5,16 @@ For every GLA layer (parallel hybrid layers are left as they are), from the teac
 normalised output ``n`` best explains ``o`` after a least-squares scale per head and channel;
 with ``decay_init="distance"`` the bias instead makes a geometric decay's mean
 look-back equal the mean query-key distance of the teacher's softmax weights in that head (keys past
-the first ``skip_first``, which act as attention sinks); (2) the output-norm weight of channel ``d`` becomes ``w_d = Σ n_d o_d / Σ n_d²`` over tokens and
+the first ``skip_first``, which act as attention sinks); with ``decay_init="multiscale"`` every key-value head's
+channels get half-lives log-spaced from :data:`MULTISCALE_HALF_LIVES`' shortest to its longest (some channels local,
+some that can hold a token for thousands of steps); (2) the output-norm weight of channel ``d`` becomes ``w_d = Σ n_d o_d / Σ n_d²`` over tokens and
 heads, the scale that minimises ``|w n - o|²`` (0 where the two are uncorrelated, so a layer
 never starts worse than skipping attention).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -18,13 +22,18 @@ from ..model.mixers import GatedLinearAttention
 from ..model.modeling import SpikingBrainForCausalLM
 from ..ops.rotary import apply_rotary
 
-__all__ = ["calibrate_gla", "GATE_BIAS_GRID", "DECAY_INITS", "mean_attention_distance", "gate_bias_for_distance"]
+__all__ = ["calibrate_gla", "GATE_BIAS_GRID", "DECAY_INITS", "MULTISCALE_HALF_LIVES", "mean_attention_distance",
+           "gate_bias_for_distance", "gate_bias_for_half_life", "multiscale_gate_bias"]
 
 #: Gate biases tried per head: decay per step sigmoid(b)^(1/16) from 0.61 (b=-8) to 0.99998 (b=8).
 GATE_BIAS_GRID = (-8.0, -6.0, -4.0, -2.0, 0.0, 2.0, 4.0, 6.0, 8.0)
 
-#: How ``calibrate_gla`` chooses the gate biases: the grid search, or the teacher's attention distances.
-DECAY_INITS = ("grid", "distance")
+#: How ``calibrate_gla`` chooses the gate biases: the grid search, the teacher's attention distances, or fixed half-lives
+#: log-spaced over each head's channels.
+DECAY_INITS = ("grid", "distance", "multiscale")
+
+#: Shortest and longest half-life (tokens) of ``decay_init="multiscale"``: 2 keeps the grid's range (decay >= 0.61 a step)
+MULTISCALE_HALF_LIVES = (2.0, 16384.0)
 
 
 def _teacher_attention(teacher: SpikingBrainForCausalLM, ids: torch.Tensor, layers: list[int]) -> dict[int, list]:
@@ -77,6 +86,23 @@ def gate_bias_for_distance(distance: torch.Tensor, normalizer: float, low: float
     return torch.logit(power).clamp(low, high)
 
 
+def gate_bias_for_half_life(half_life: torch.Tensor, normalizer: float) -> torch.Tensor:
+    """The gate bias ``b`` whose decay per step ``a = sigmoid(b)^(1/normalizer)`` halves a state in ``half_life`` steps:
+    ``log sigmoid(b) = -normalizer ln 2 / half_life``, so ``b = -log(exp(normalizer ln 2 / half_life) - 1)``."""
+    rate = normalizer * math.log(2) / half_life.double()
+    return -torch.log(torch.expm1(rate))
+
+
+def multiscale_gate_bias(head_dim: int, normalizer: float, half_lives: tuple[float, float] = MULTISCALE_HALF_LIVES) -> torch.Tensor:
+    """Gate biases ``[head_dim]`` of one key-value head whose channels' half-lives run log-spaced from ``half_lives[0]``
+    (channel 0) to ``half_lives[1]`` (the last channel)."""
+    shortest, longest = half_lives
+    if not 0 < shortest <= longest:
+        raise ValueError(f"multiscale half-lives must satisfy 0 < shortest <= longest, got {half_lives}")
+    steps = torch.linspace(0.0, 1.0, head_dim, dtype=torch.float64)
+    return gate_bias_for_half_life(shortest * (longest / shortest) ** steps, normalizer)
+
+
 def _normalised_output(mixer: GatedLinearAttention, x, inputs) -> torch.Tensor:
     """The mixer's per-head output after an RMSNorm of weight 1, ``[tokens, heads, D]`` in fp64."""
     seen = {}
@@ -120,7 +146,10 @@ def calibrate_gla(
             per_kv_head = heads.view(mixer.num_kv_heads, -1).mean(-1)
             bias = gate_bias_for_distance(per_kv_head, mixer.gate_normalizer)
             mixer.gate_bias.copy_(bias.to(mixer.gate_bias.dtype).repeat_interleave(mixer.head_dim))
-        elif gate_grid and not mixer.key_tied:  # a key-tied gate has no parameters to fit
+        elif decay_init == "multiscale" and not mixer.key_tied:
+            bias = multiscale_gate_bias(mixer.head_dim, mixer.gate_normalizer).repeat(mixer.num_kv_heads)
+            mixer.gate_bias.copy_(bias.to(mixer.gate_bias.dtype))
+        elif decay_init == "grid" and gate_grid and not mixer.key_tied:  # a key-tied gate has no parameters to fit
             bias = mixer.gate_bias
             group = mixer.num_heads // mixer.num_kv_heads
             scores = []

@@ -55,6 +55,10 @@ class StageConfig:
     #: Share of a micro-batch's loss carried by the answer tokens of chat examples (the plain-text tokens carry the rest),
     #: e.g. 0.5 so that a few answer tokens are not drowned by thousands of text tokens; None: every scored token counts once.
     answer_share: float | None = None
+    #: How a calibrate stage sets the GLA gate biases (``convert.calibrate.DECAY_INITS``): ``grid`` (the bias per head
+    #: that best explains the teacher's output), ``distance`` (the teacher's attention distances) or ``multiscale``
+    #: (half-lives log-spaced over each head's channels, from 2 to 16,384 tokens).
+    decay_init: str = "grid"
 
 
 @dataclass
@@ -104,6 +108,8 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the field and the fix for any bad value."""
+        from ..convert.calibrate import DECAY_INITS
+
         if not self.stages:
             raise ValueError("config: 'stages' is empty; add at least one stage (kind: transfer or distill)")
         for i, stage in enumerate(self.stages):
@@ -121,6 +127,8 @@ class TrainConfig:
             for key in ("steps", "seq_len", "batch_size", "grad_accum"):
                 if getattr(stage, key) < 1:
                     raise ValueError(f"{where}.{key} must be >= 1, got {getattr(stage, key)}")
+            if stage.decay_init not in DECAY_INITS:
+                raise ValueError(f"{where}.decay_init={stage.decay_init!r}; use one of {list(DECAY_INITS)}")
             if stage.kind == "calibrate" and stage.steps != 1:
                 raise ValueError(f"{where}: a calibrate stage is closed-form; set steps: 1 (got {stage.steps})")
             if stage.lr <= 0:

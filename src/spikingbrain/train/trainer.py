@@ -574,8 +574,9 @@ class Trainer:
         """One closed-form step: fit GLA output-norm scales on one training batch (see ``calibrate_gla``)."""
         rows, _ = self._packed(stage)
         ids = next(iter(PackedBatches(rows, stage.batch_size, seed=self.config.seed + 1000 * self.stage_index)))
-        errors = calibrate_gla(self.student, self.teacher, ids.to(self.device))
+        errors = calibrate_gla(self.student, self.teacher, ids.to(self.device), decay_init=stage.decay_init)
         self.ever_trained |= {f"model.layers.{i}.attn.g_norm.weight" for i in errors}
+        self.ever_trained |= self._gate_bias_names(errors)  # set by the calibration too (a delta must carry them)
         self.tokens_seen += ids.numel()
         self.stage_step, self.global_step = 1, self.global_step + 1
         record = {"step": self.global_step, "stage": stage.name or stage.kind, "stage_step": 1, "tokens_seen": self.tokens_seen}
@@ -583,6 +584,12 @@ class Trainer:
         record.update(self.evaluate())
         self._log(record)
         bar.update(1)
+
+    def _gate_bias_names(self, layers) -> set[str]:
+        """Parameter names of the gate biases of GLA ``layers`` (none for key-tied gates, which have no parameters)."""
+        biases = {id(self.student.model.layers[i].attn.gate_bias) for i in layers
+                  if not self.student.model.layers[i].attn.key_tied}
+        return {name for name, p in self.student.named_parameters() if id(p) in biases}
 
     def _run_stage(self, stage: StageConfig, state: dict | None, bar) -> None:
         config = self.config
