@@ -129,6 +129,8 @@ def test_config_and_checkpoint_errors(tmp_path, pair, capsys):
         load_train_config(cfg, ["seed=abc"])
     with pytest.raises(ValueError, match=r"stages\[0\].decay_init='teacher'; use one of \['grid', 'distance', 'multiscale'\]"):
         load_train_config(cfg, ["stages.0.decay_init=teacher"])
+    with pytest.raises(ValueError, match=r"stages\[1\].decay_init='multiscale' is read by calibrate stages only"):
+        load_train_config(cfg, ["stages.1.decay_init=multiscale"])
     with pytest.raises(ValueError, match="'nope' does not exist"):
         load_train_config(cfg, ["nope.lr=1"])
     with pytest.raises(ValueError, match="config file not found"):

@@ -78,19 +78,23 @@ def mean_attention_distance(attention, x: torch.Tensor, inputs, skip_first: int 
     return torch.stack(means).mean(0)
 
 
+def _gate_bias_for_log_decay(log_decay: torch.Tensor, normalizer: float) -> torch.Tensor:
+    """The gate bias ``b`` whose decay per step ``a = sigmoid(b)^(1/normalizer)`` has ``log a = log_decay`` (<= 0):
+    ``log sigmoid(b) = normalizer log a``, so ``b = -log(exp(-normalizer log a) - 1)``."""
+    return -torch.log(torch.expm1(-normalizer * log_decay.double()))
+
+
 def gate_bias_for_distance(distance: torch.Tensor, normalizer: float, low: float = -8.0, high: float = 8.0) -> torch.Tensor:
     """The gate bias ``b`` whose decay per step ``a = sigmoid(b)^(1/normalizer)`` has mean look-back
     ``a / (1 - a)`` equal to ``distance`` (so ``a = m / (1 + m)``), clamped to ``[low, high]``."""
-    decay = distance.double() / (1 + distance.double())
-    power = (normalizer * torch.log(decay.clamp_min(1e-300))).exp().clamp(1e-12, 1 - 1e-12)
-    return torch.logit(power).clamp(low, high)
+    distance = distance.double()
+    return _gate_bias_for_log_decay(torch.log(distance / (1 + distance)), normalizer).clamp(low, high)
 
 
 def gate_bias_for_half_life(half_life: torch.Tensor, normalizer: float) -> torch.Tensor:
-    """The gate bias ``b`` whose decay per step ``a = sigmoid(b)^(1/normalizer)`` halves a state in ``half_life`` steps:
-    ``log sigmoid(b) = -normalizer ln 2 / half_life``, so ``b = -log(exp(normalizer ln 2 / half_life) - 1)``."""
-    rate = normalizer * math.log(2) / half_life.double()
-    return -torch.log(torch.expm1(rate))
+    """The gate bias ``b`` whose decay per step ``a = sigmoid(b)^(1/normalizer)`` halves a state in ``half_life`` steps
+    (``log a = -ln 2 / half_life``)."""
+    return _gate_bias_for_log_decay(-math.log(2) / half_life.double(), normalizer)
 
 
 def multiscale_gate_bias(head_dim: int, normalizer: float, half_lives: tuple[float, float] = MULTISCALE_HALF_LIVES) -> torch.Tensor:

@@ -129,6 +129,9 @@ class TrainConfig:
                     raise ValueError(f"{where}.{key} must be >= 1, got {getattr(stage, key)}")
             if stage.decay_init not in DECAY_INITS:
                 raise ValueError(f"{where}.decay_init={stage.decay_init!r}; use one of {list(DECAY_INITS)}")
+            if stage.decay_init != "grid" and stage.kind != "calibrate":
+                raise ValueError(f"{where}.decay_init={stage.decay_init!r} is read by calibrate stages only (this one is "
+                                 f"{stage.kind!r}); set it on the calibrate stage")
             if stage.kind == "calibrate" and stage.steps != 1:
                 raise ValueError(f"{where}: a calibrate stage is closed-form; set steps: 1 (got {stage.steps})")
             if stage.lr <= 0:
